@@ -1,0 +1,36 @@
+# tokenwarden: `make run` starts everything on local defaults; `make test` runs every test.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: run test services tools build lint fmt check-fmt clean-test-dbs bench-ledger bench-index bench-snapshots
+
+## Start Postgres and Redis if none is running (installing them if missing).
+services:
+	@scripts/services.sh
+
+## Install anvil, solc and deno from npm into node_modules.
+tools:
+	@scripts/node-tools.sh
+
+build:
+	$(CARGO) build --release --locked
+
+## Start the whole stack on local defaults and show it working.
+run: services tools
+	@scripts/run-demo.sh
+
+## Run every test against real Postgres, Redis and anvil.
+test: services tools clean-test-dbs
+	$(CARGO) test --locked --all-targets -- --test-threads=$${TEST_THREADS:-8}
+
+## Drop databases left behind by earlier test runs.
+clean-test-dbs:
+	@psql -h 127.0.0.1 -U postgres -d postgres -Atc "select datname from pg_database where datname like 'tw_test_%'" \
+	  | while read -r db; do psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists $$db with (force)" >/dev/null; done
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets --locked -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all

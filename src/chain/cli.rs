@@ -1,0 +1,16 @@
+//! `tokenwarden index …`: indexer status and reconciliation against the chain.
+
+use clap::Subcommand;
+
+/// `tokenwarden index` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum IndexCommand {
+    /// Per token: checkpoint, chain head, lag.
+    Status,
+    /// Compare stored balances and owners with balanceOf/ownerOf at the checkpoint block;
+    /// exits non-zero on any mismatch.
+    Reconcile {
+        #[arg(long)]
+        chain_id: Option<u64>,
+    },
+}

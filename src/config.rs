@@ -1,0 +1,241 @@
+//! Typed configuration.
+//!
+//! Sources, later ones overriding earlier ones:
+//! 1. `config/default.toml`, compiled into the binary so a bare `tokenwarden` works anywhere;
+//! 2. an optional file named by `--config`;
+//! 3. environment variables `TOKENWARDEN__SECTION__KEY` (double underscores).
+//!
+//! Secrets are never read from files: sections that need one (database password inside the URL,
+//! API keys) take them from the environment. Unknown keys are errors, so a typo fails at start
+//! with the key's name instead of being silently ignored.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// The default configuration, embedded at build time.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// A configuration problem, naming the key and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The sources could not be read or did not match the expected types.
+    #[error("configuration could not be loaded: {0}")]
+    Load(#[from] config::ConfigError),
+    /// A value has the right type but is not acceptable.
+    #[error("invalid configuration key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+impl ConfigError {
+    /// Shorthand for [`ConfigError::Invalid`].
+    pub fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The whole configuration of one `tokenwarden` process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub redis: RedisConfig,
+    pub queue: crate::queue::QueueConfig,
+    pub ledger: crate::ledger::LedgerConfig,
+    pub chain: crate::chain::ChainSection,
+    pub snapshots: crate::snapshots::SnapshotsConfig,
+    pub maintenance: crate::maintenance::MaintenanceConfig,
+    pub http: HttpConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+/// Postgres connection settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// Connection URL. A password belongs in `TOKENWARDEN__DATABASE__URL`, never in a file.
+    pub url: String,
+    pub max_connections: u32,
+    pub acquire_timeout_secs: u64,
+}
+
+/// Redis connection settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    pub url: String,
+    /// Prefix of every key tokenwarden touches, so several deployments (or tests) share one Redis.
+    pub prefix: String,
+}
+
+/// The operations HTTP endpoint (`/healthz`, `/readyz`, `/metrics`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    pub enabled: bool,
+    pub listen: String,
+}
+
+impl HttpConfig {
+    /// The parsed listen address.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.listen
+            .parse()
+            .map_err(|e| ConfigError::invalid("http.listen", format!("{e}: {:?}", self.listen)))
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+/// Human-readable lines for a terminal, or one JSON object per line for log collectors.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+impl Config {
+    /// Loads defaults, then `file` if given, then the environment, and validates the result.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    /// Like [`Config::load`], with the environment given explicitly (tests use this).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let env_map: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("TOKENWARDEN__"))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("TOKENWARDEN")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("chain.chains")
+                .with_list_parse_key("chain.tokens")
+                .source(Some(env_map)),
+        );
+        let cfg: Config = builder.build()?.try_deserialize()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values that types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.database.url.starts_with("postgres://")
+            && !self.database.url.starts_with("postgresql://")
+        {
+            return Err(ConfigError::invalid(
+                "database.url",
+                "must start with postgres:// or postgresql://",
+            ));
+        }
+        if self.database.max_connections == 0 {
+            return Err(ConfigError::invalid(
+                "database.max_connections",
+                "must be at least 1",
+            ));
+        }
+        if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("rediss://") {
+            return Err(ConfigError::invalid(
+                "redis.url",
+                "must start with redis:// or rediss://",
+            ));
+        }
+        if self.redis.prefix.is_empty() || self.redis.prefix.contains(char::is_whitespace) {
+            return Err(ConfigError::invalid(
+                "redis.prefix",
+                "must be non-empty and contain no whitespace",
+            ));
+        }
+        if self.http.enabled {
+            self.http.listen_addr()?;
+        }
+        self.queue.validate()?;
+        self.ledger.validate()?;
+        self.chain.validate()?;
+        self.snapshots.validate()?;
+        self.maintenance.validate()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let cfg = Config::load_with_env(None, env(&[])).expect("defaults are valid");
+        assert_eq!(cfg.redis.prefix, "tokenwarden");
+        assert_eq!(cfg.telemetry.format, LogFormat::Human);
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys() {
+        let cfg = Config::load_with_env(
+            None,
+            env(&[
+                ("TOKENWARDEN__REDIS__PREFIX", "other"),
+                ("TOKENWARDEN__DATABASE__MAX_CONNECTIONS", "3"),
+                ("TOKENWARDEN__TELEMETRY__FORMAT", "json"),
+            ]),
+        )
+        .expect("overrides are valid");
+        assert_eq!(cfg.redis.prefix, "other");
+        assert_eq!(cfg.database.max_connections, 3);
+        assert_eq!(cfg.telemetry.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn invalid_value_names_the_key() {
+        let err = Config::load_with_env(None, env(&[("TOKENWARDEN__DATABASE__URL", "mysql://x")]))
+            .expect_err("mysql url is rejected");
+        assert!(err.to_string().contains("database.url"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let err = Config::load_with_env(
+            None,
+            env(&[("TOKENWARDEN__DATABASE__MAX_CONNECTIONS", "many")]),
+        )
+        .expect_err("non-numeric is rejected");
+        assert!(err.to_string().contains("max_connections"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_an_error() {
+        let err = Config::load_with_env(None, env(&[("TOKENWARDEN__DATABASE__URLL", "x")]))
+            .expect_err("typo is rejected");
+        assert!(err.to_string().contains("urll"), "{err}");
+    }
+}

@@ -1,0 +1,76 @@
+//! The `tokenwarden` binary: the worker and its operator commands.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use tokenwarden::chain::cli::IndexCommand;
+use tokenwarden::config::Config;
+use tokenwarden::ledger::cli::CreditsCommand;
+use tokenwarden::maintenance::cli::AnomaliesCommand;
+use tokenwarden::queue::cli::DeadLettersCommand;
+use tokenwarden::snapshots::cli::SnapshotCommand;
+
+#[derive(Debug, Parser)]
+#[command(name = "tokenwarden", version, about)]
+struct Cli {
+    /// Extra TOML configuration file, applied over the built-in defaults and under the
+    /// TOKENWARDEN__* environment variables.
+    #[arg(long, global = true, env = "TOKENWARDEN_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the worker: queue consumers, indexers, scheduler and the operations endpoint.
+    Run,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Put one job on its stream; with --wait, wait up to that many ms for its outcome.
+    Enqueue {
+        job_type: String,
+        json: String,
+        #[arg(long)]
+        wait: Option<u64>,
+    },
+    /// Balances, grants and history.
+    #[command(subcommand)]
+    Credits(CreditsCommand),
+    /// Jobs the queue could not process.
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(DeadLettersCommand),
+    /// Chain indexer status and reconciliation.
+    #[command(subcommand)]
+    Index(IndexCommand),
+    /// Holder snapshots.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Usage anomalies.
+    #[command(subcommand)]
+    Anomalies(AnomaliesCommand),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let cfg = Config::load(cli.config.as_deref()).context("invalid configuration")?;
+    tokenwarden::telemetry::init(&cfg.telemetry);
+    match cli.command {
+        Command::Run => tokenwarden::worker::run(cfg).await?,
+        Command::Migrate => {
+            let pool = tokenwarden::store::connect_postgres(&cfg.database).await?;
+            tokenwarden::store::migrate(&pool).await?;
+            println!("migrations applied");
+        }
+        Command::Enqueue { .. }
+        | Command::Credits(_)
+        | Command::DeadLetters(_)
+        | Command::Index(_)
+        | Command::Snapshot(_)
+        | Command::Anomalies(_) => anyhow::bail!("not implemented yet"),
+    }
+    Ok(())
+}

@@ -1,0 +1,29 @@
+//! `tokenwarden snapshot …`: create, inspect, check and compare holder snapshots.
+
+use clap::Subcommand;
+
+/// `tokenwarden snapshot` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a snapshot now (source `goldrush` or `index`).
+    Create {
+        #[arg(long)]
+        source: String,
+        #[arg(long)]
+        chain: String,
+        #[arg(long)]
+        token: String,
+        #[arg(long)]
+        block_height: Option<u64>,
+    },
+    /// Show a snapshot's summary.
+    Show { id: uuid::Uuid },
+    /// Does `wallet` hold at least `min_amount` whole tokens in the snapshot?
+    Check {
+        id: uuid::Uuid,
+        wallet: String,
+        min_amount: String,
+    },
+    /// Holders that joined, left or changed between two snapshots.
+    Diff { from: uuid::Uuid, to: uuid::Uuid },
+}

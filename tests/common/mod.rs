@@ -1,0 +1,203 @@
+//! Shared test harness: real Postgres, real Redis, real anvil.
+//!
+//! Each test gets its own database (created from scratch and migrated) and its own Redis key
+//! prefix, so tests run in parallel without seeing each other. A missing service fails the test
+//! with a message saying what to start; nothing is skipped.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokenwarden::config::Config;
+
+/// Admin connection used to create per-test databases.
+pub fn admin_url() -> String {
+    std::env::var("TOKENWARDEN_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+/// Redis used by tests.
+pub fn redis_url() -> String {
+    std::env::var("TOKENWARDEN_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
+}
+
+/// The repository root (where Cargo.toml is).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Path of the built `tokenwarden` binary, for tests that run worker processes.
+pub fn tokenwarden_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tokenwarden"))
+}
+
+/// One test's isolated environment: a fresh migrated database and a unique Redis prefix.
+pub struct TestEnv {
+    pub db_name: String,
+    pub db_url: String,
+    pub pool: PgPool,
+    pub redis_url: String,
+    pub redis_prefix: String,
+}
+
+impl TestEnv {
+    /// Creates and migrates a fresh database; panics with instructions if a service is down.
+    pub async fn new() -> TestEnv {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let db_name = format!("tw_test_{}", &id[..16]);
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(&admin_url())
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "PostgreSQL is not reachable at {} ({e}). Start it with `make services` \
+                     or set TOKENWARDEN_TEST_DATABASE_URL.",
+                    admin_url()
+                )
+            });
+        sqlx::query(&format!("CREATE DATABASE {db_name}"))
+            .execute(&admin)
+            .await
+            .expect("create test database");
+        admin.close().await;
+        let db_url = replace_db_name(&admin_url(), &db_name);
+        let pool = PgPoolOptions::new()
+            .max_connections(20)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect(&db_url)
+            .await
+            .expect("connect to test database");
+        tokenwarden::store::migrate(&pool)
+            .await
+            .expect("migrations apply to a fresh database");
+
+        let redis_url = redis_url();
+        let client = redis::Client::open(redis_url.as_str()).expect("redis url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "Redis is not reachable at {redis_url} ({e}). Start it with `make services` \
+                     or set TOKENWARDEN_TEST_REDIS_URL."
+                )
+            });
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .expect("redis PING");
+        TestEnv {
+            db_name,
+            db_url,
+            pool,
+            redis_url,
+            redis_prefix: format!("twtest:{}", &id[..16]),
+        }
+    }
+
+    /// A configuration pointing at this test's database and Redis prefix.
+    pub fn config(&self) -> Config {
+        Config::load_with_env(None, self.env_vars()).expect("test config is valid")
+    }
+
+    /// Environment variables that point a child `tokenwarden` process at this test's stores.
+    pub fn env_vars(&self) -> Vec<(String, String)> {
+        vec![
+            ("TOKENWARDEN__DATABASE__URL".into(), self.db_url.clone()),
+            ("TOKENWARDEN__REDIS__URL".into(), self.redis_url.clone()),
+            ("TOKENWARDEN__REDIS__PREFIX".into(), self.redis_prefix.clone()),
+            ("TOKENWARDEN__HTTP__ENABLED".into(), "false".into()),
+        ]
+    }
+
+    /// A fresh multiplexed Redis connection.
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.redis_url.as_str())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis connection")
+    }
+}
+
+/// Replaces the database name in a Postgres URL.
+pub fn replace_db_name(url: &str, db: &str) -> String {
+    let mut u = url::Url::parse(url).expect("valid postgres url");
+    u.set_path(&format!("/{db}"));
+    u.to_string()
+}
+
+/// Polls `cond` until it returns `Some`, or panics after `timeout` with `what` in the message.
+/// Tests wait on conditions, never on fixed sleeps.
+pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut cond: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A `tokenwarden` child process that is killed when dropped.
+pub struct Child(pub std::process::Child);
+
+impl Child {
+    /// Starts `tokenwarden <args>` with the test environment.
+    pub fn spawn(env: &TestEnv, args: &[&str], extra_env: &[(&str, &str)]) -> Child {
+        let mut cmd = std::process::Command::new(tokenwarden_bin());
+        cmd.args(args);
+        for (k, v) in env.env_vars() {
+            cmd.env(k, v);
+        }
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        cmd.stdin(std::process::Stdio::null());
+        Child(cmd.spawn().expect("spawn tokenwarden"))
+    }
+
+    /// Sends a signal (e.g. "KILL", "TERM") to the process.
+    pub fn signal(&self, sig: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.0.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Waits for exit with a deadline; panics if the process is still running after it.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!("process did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
