@@ -34,3 +34,15 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+## Ledger benchmark: whole path (Redis → worker → Postgres), with the seed design as baseline.
+bench-ledger: services tools
+	@scripts/bench-ledger.sh
+
+## Indexer benchmark: 200k+ Transfer logs on anvil, logs/s vs one eth_getLogs, RSS, head lag.
+bench-index: services tools
+	@scripts/bench-index.sh
+
+## Snapshot benchmark: 1,000,000-holder GoldRush crawl from the local mock.
+bench-snapshots: services tools
+	@scripts/bench-snapshots.sh

@@ -65,12 +65,16 @@ async fn main() -> anyhow::Result<()> {
             tokenwarden::store::migrate(&pool).await?;
             println!("migrations applied");
         }
-        Command::Enqueue { .. }
-        | Command::Credits(_)
-        | Command::DeadLetters(_)
-        | Command::Index(_)
-        | Command::Snapshot(_)
-        | Command::Anomalies(_) => anyhow::bail!("not implemented yet"),
+        Command::Enqueue {
+            job_type,
+            json,
+            wait,
+        } => tokenwarden::queue::cli::enqueue(&cfg, &job_type, &json, wait).await?,
+        Command::Credits(cmd) => tokenwarden::ledger::cli::run(cmd, &cfg).await?,
+        Command::DeadLetters(cmd) => tokenwarden::queue::cli::run(cmd, &cfg).await?,
+        Command::Index(cmd) => tokenwarden::chain::cli::run(cmd, &cfg).await?,
+        Command::Snapshot(cmd) => tokenwarden::snapshots::cli::run(cmd, &cfg).await?,
+        Command::Anomalies(cmd) => tokenwarden::maintenance::cli::run(cmd, &cfg).await?,
     }
     Ok(())
 }

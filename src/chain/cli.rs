@@ -14,3 +14,16 @@ pub enum IndexCommand {
         chain_id: Option<u64>,
     },
 }
+
+/// Why a `chain` command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("not implemented yet")]
+    NotImplemented,
+}
+
+/// Runs one command and prints its result on stdout.
+pub async fn run(cmd: IndexCommand, cfg: &crate::config::Config) -> Result<(), CliError> {
+    let _ = (cmd, cfg);
+    Err(CliError::NotImplemented)
+}

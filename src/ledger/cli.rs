@@ -23,3 +23,16 @@ pub enum CreditsCommand {
         limit: i64,
     },
 }
+
+/// Why a `ledger` command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("not implemented yet")]
+    NotImplemented,
+}
+
+/// Runs one command and prints its result on stdout.
+pub async fn run(cmd: CreditsCommand, cfg: &crate::config::Config) -> Result<(), CliError> {
+    let _ = (cmd, cfg);
+    Err(CliError::NotImplemented)
+}

@@ -13,3 +13,16 @@ pub enum AnomaliesCommand {
     /// Mark an anomaly resolved, lifting any block it imposed.
     Resolve { id: i64 },
 }
+
+/// Why a `maintenance` command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("not implemented yet")]
+    NotImplemented,
+}
+
+/// Runs one command and prints its result on stdout.
+pub async fn run(cmd: AnomaliesCommand, cfg: &crate::config::Config) -> Result<(), CliError> {
+    let _ = (cmd, cfg);
+    Err(CliError::NotImplemented)
+}

@@ -5,6 +5,9 @@
 //! Any Redis client enqueues with one `XADD`; the entry fields are documented in `jobs/`.
 
 pub mod cli;
+pub mod job;
+
+pub use job::{JobError, JobFuture, JobHandler};
 
 use serde::Deserialize;
 

@@ -27,3 +27,16 @@ pub enum SnapshotCommand {
     /// Holders that joined, left or changed between two snapshots.
     Diff { from: uuid::Uuid, to: uuid::Uuid },
 }
+
+/// Why a `snapshots` command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("not implemented yet")]
+    NotImplemented,
+}
+
+/// Runs one command and prints its result on stdout.
+pub async fn run(cmd: SnapshotCommand, cfg: &crate::config::Config) -> Result<(), CliError> {
+    let _ = (cmd, cfg);
+    Err(CliError::NotImplemented)
+}

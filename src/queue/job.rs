@@ -1,0 +1,32 @@
+//! The handler side of the job contract: what a job type must provide to be served by the queue.
+
+use std::future::Future;
+use std::pin::Pin;
+
+/// The future a handler returns: the reply sent to the caller, or why the job failed.
+pub type JobFuture = Pin<Box<dyn Future<Output = Result<serde_json::Value, JobError>> + Send>>;
+
+/// How a job failed, which decides what the queue does with its stream entry.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The payload is not acceptable (bad JSON shape, bad values). The entry is acknowledged,
+    /// kept in the dead-letter store with this reason, and the caller gets a `rejected` reply.
+    /// Retrying would give the same answer.
+    #[error("rejected: {0}")]
+    Rejected(String),
+    /// A transient failure (database or network down). The entry is left pending and
+    /// redelivered later, up to the delivery limit.
+    #[error("retryable: {0}")]
+    Retryable(String),
+}
+
+/// One job type's handler. The queue calls [`JobHandler::handle`] with the entry's parsed
+/// `payload` object and acknowledges the entry only after the returned future resolves, so
+/// everything the handler committed before resolving is durable before the ack.
+pub trait JobHandler: Send + Sync + 'static {
+    /// The stream suffix: the job lives on `{prefix}:jobs:{job_type}`.
+    fn job_type(&self) -> &'static str;
+    /// Validates `payload` and does the work. The returned JSON is the reply; if the payload
+    /// carried a `request_id`, the queue pushes it to that request's reply list.
+    fn handle(&self, payload: serde_json::Value) -> JobFuture;
+}
