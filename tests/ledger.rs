@@ -1290,3 +1290,68 @@ async fn model_based_both_doors_agree_with_the_model() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Benchmark (ignored by default): Ledger::apply throughput with batches of 1,000.
+// cargo test --release --test ledger -- --ignored bench_ledger_apply --nocapture
+// ---------------------------------------------------------------------------------------------
+
+async fn bench_run(l: &Ledger, users: &[UserId], total: usize, workers: usize) -> f64 {
+    let per_worker = total / workers;
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let l = l.clone();
+        let users = users.to_vec();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(w as u64);
+            let mut done = 0;
+            while done < per_worker {
+                let n = 1000.min(per_worker - done);
+                let ops: Vec<LedgerOp> = (0..n)
+                    .map(|_| consume(rid(), users[rng.random_range(0..users.len())], 1))
+                    .collect();
+                let out = l.apply(&ops).await.expect("apply");
+                assert!(out.iter().all(|o| o.status == OutcomeStatus::Consumed));
+                done += n;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("bench worker");
+    }
+    (per_worker * workers) as f64 / started.elapsed().as_secs_f64()
+}
+
+#[tokio::test]
+#[ignore = "benchmark: run explicitly"]
+async fn bench_ledger_apply() {
+    let env = TestEnv::new().await;
+    let l = ledger(&env);
+    let total: usize = std::env::var("LEDGER_BENCH_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+
+    let hot = vec![uid()];
+    l.apply(&[grant(rid(), hot[0], 1_000_000_000_000)])
+        .await
+        .unwrap();
+    let many: Vec<UserId> = (0..10_000).map(|_| uid()).collect();
+    let grants: Vec<LedgerOp> = many
+        .iter()
+        .map(|u| grant(rid(), *u, 1_000_000_000))
+        .collect();
+    l.apply(&grants).await.unwrap();
+
+    for (name, users) in [("one hot user", &hot), ("10,000 users", &many)] {
+        for workers in [1, 2, 4] {
+            let rate = bench_run(&l, users, total, workers).await;
+            println!(
+                "Ledger::apply, batches of 1000, {name}, {workers} concurrent batch(es): {rate:.0} consumptions/s"
+            );
+        }
+    }
+    let hot_balance = account(&env.pool, hot[0].0).await.unwrap().0;
+    assert_eq!(hot_balance, 1_000_000_000_000 - 3 * total as i64);
+}
