@@ -6,8 +6,10 @@
 //! one operation. Both doors therefore give the same outcome for the same request.
 
 pub mod cli;
+mod store;
 mod types;
 
+pub use store::{AccountView, HistoryEntry, Ledger, LedgerError};
 pub use types::*;
 
 use serde::Deserialize;
