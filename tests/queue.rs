@@ -236,3 +236,50 @@ async fn retryable_failures_end_in_a_dead_letter_at_the_delivery_limit() {
     assert_eq!(calls.load(Ordering::SeqCst), 3);
     w.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_cli_refuses_unknown_job_types_and_times_out_clearly() {
+    let env = TestEnv::new().await;
+    let out = std::process::Command::new(common::tokenwarden_bin())
+        .args(["enqueue", "consume_tokenz", "{}"])
+        .envs(env.env_vars())
+        .output()
+        .expect("run enqueue");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown job type `consume_tokenz`"), "{err}");
+    assert!(err.contains("consume_tokens, grant_tokens"), "{err}");
+    let mut r = env.redis().await;
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(format!("{}:jobs:consume_tokenz", env.redis_prefix))
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0, "nothing was enqueued");
+
+    // No worker running: --wait gives up after the wait with a clear message.
+    let rid = uuid::Uuid::new_v4();
+    let out = std::process::Command::new(common::tokenwarden_bin())
+        .args([
+            "enqueue",
+            "cleanup_locks",
+            &format!(r#"{{"request_id":"{rid}"}}"#),
+            "--wait",
+            "200",
+        ])
+        .envs(env.env_vars())
+        .output()
+        .expect("run enqueue");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("no reply for request {rid} within 200 ms")),
+        "{err}"
+    );
+    let len: i64 = redis::cmd("XLEN")
+        .arg(format!("{}:jobs:cleanup_locks", env.redis_prefix))
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(len, 1, "the job stays queued");
+}
