@@ -273,3 +273,106 @@ fn snapshot_chain_accepts_names_and_numeric_ids() {
         assert!(errs.is_empty(), "chain {chain} rejected: {errs:?}");
     }
 }
+
+fn ledger_config() -> tokenwarden::ledger::LedgerConfig {
+    tokenwarden::config::Config::load_with_env(None, Vec::<(String, String)>::new())
+        .expect("default config is valid")
+        .ledger
+}
+
+/// The worker parses ledger payloads with `ledger::jobs::parse`; every ledger example must pass
+/// it, with the values the example shows.
+#[test]
+fn worker_parser_accepts_every_ledger_example() {
+    use tokenwarden::ledger::LedgerOp;
+    use tokenwarden::ledger::jobs::{LedgerJobKind, parse};
+
+    let cfg = ledger_config();
+    for kind in LedgerJobKind::ALL {
+        let t = kind.job_type();
+        assert!(JOB_TYPES.contains(&t), "{t} is in the catalogue");
+        let ex = example(t);
+        let op = parse(kind, ex.clone(), &cfg)
+            .unwrap_or_else(|e| panic!("worker rejects {t}.example.json: {e}"));
+        assert_eq!(
+            op.request_id().0.to_string(),
+            ex["request_id"].as_str().expect("example has a request_id"),
+            "{t}"
+        );
+        match (&op, kind) {
+            (LedgerOp::Consume { amount, .. }, LedgerJobKind::Consume)
+            | (LedgerOp::Grant { amount, .. }, LedgerJobKind::Grant)
+            | (LedgerOp::Hold { amount, .. }, LedgerJobKind::Hold)
+            | (LedgerOp::Settle { amount, .. }, LedgerJobKind::Settle) => {
+                assert_eq!(Some(amount.get()), ex["amount"].as_i64(), "{t} amount");
+            }
+            (LedgerOp::Release { hold_id, .. }, LedgerJobKind::Release) => {
+                assert_eq!(Some(hold_id.0.to_string().as_str()), ex["hold_id"].as_str());
+            }
+            (op, kind) => panic!("{kind:?} parsed into the wrong operation: {op:?}"),
+        }
+    }
+}
+
+/// Payloads the schemas reject are rejected by the worker's parser as well, so schema and
+/// worker agree on both sides of the line.
+#[test]
+fn worker_parser_rejects_what_the_schemas_reject() {
+    use tokenwarden::ledger::jobs::{LedgerJobKind, parse};
+
+    let cfg = ledger_config();
+    let cases: Vec<(LedgerJobKind, Value)> = vec![
+        (
+            LedgerJobKind::Consume,
+            variant("consume_tokens", |m| {
+                m.insert("surprise".into(), json!(1));
+            }),
+        ),
+        (
+            LedgerJobKind::Consume,
+            variant("consume_tokens", |m| {
+                m.insert("amount".into(), json!(0));
+            }),
+        ),
+        (
+            LedgerJobKind::Consume,
+            variant("consume_tokens", |m| {
+                m.insert("operation_type".into(), json!("x".repeat(101)));
+            }),
+        ),
+        (
+            LedgerJobKind::Grant,
+            variant("grant_tokens", |m| {
+                m.remove("reason");
+            }),
+        ),
+        (
+            LedgerJobKind::Hold,
+            variant("hold_tokens", |m| {
+                m.insert("ttl_secs".into(), json!(0));
+            }),
+        ),
+        (
+            LedgerJobKind::Settle,
+            variant("settle_hold", |m| {
+                m.insert("amount".into(), json!(-1));
+            }),
+        ),
+        (
+            LedgerJobKind::Release,
+            variant("release_hold", |m| {
+                m.insert("hold_id".into(), json!(42));
+            }),
+        ),
+    ];
+    for (kind, payload) in cases {
+        assert!(
+            !errors(kind.job_type(), &payload).is_empty(),
+            "schema accepts {payload}"
+        );
+        assert!(
+            parse(kind, payload.clone(), &cfg).is_err(),
+            "worker accepts {payload}"
+        );
+    }
+}
