@@ -29,18 +29,22 @@ async fn deno_client_consumes_grants_and_holds_through_a_running_worker() {
     // consumer group exists on the consume stream.
     let stream = format!("{}:jobs:consume_tokens", env.redis_prefix);
     let redis = env.redis().await;
-    wait_until(Duration::from_secs(60), "the worker's consumer group", || {
-        let stream = stream.clone();
-        let mut redis = redis.clone();
-        async move {
-            let groups: redis::RedisResult<Vec<redis::Value>> = redis::cmd("XINFO")
-                .arg("GROUPS")
-                .arg(&stream)
-                .query_async(&mut redis)
-                .await;
-            groups.ok().filter(|g| !g.is_empty()).map(|_| ())
-        }
-    })
+    wait_until(
+        Duration::from_secs(60),
+        "the worker's consumer group",
+        || {
+            let stream = stream.clone();
+            let mut redis = redis.clone();
+            async move {
+                let groups: redis::RedisResult<Vec<redis::Value>> = redis::cmd("XINFO")
+                    .arg("GROUPS")
+                    .arg(&stream)
+                    .query_async(&mut redis)
+                    .await;
+                groups.ok().filter(|g| !g.is_empty()).map(|_| ())
+            }
+        },
+    )
     .await;
 
     let deno = repo_root().join("node_modules/.bin/deno");

@@ -28,9 +28,17 @@ use uuid::Uuid;
 #[command(about = "Ledger benchmark: whole path vs the seed design's one-call-per-debit")]
 struct Args {
     /// Admin Postgres URL; a fresh database `tw_bench_*` is created next to it and dropped after.
-    #[arg(long, env = "TOKENWARDEN_BENCH_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    #[arg(
+        long,
+        env = "TOKENWARDEN_BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
     admin_url: String,
-    #[arg(long, env = "TOKENWARDEN_BENCH_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long,
+        env = "TOKENWARDEN_BENCH_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
     redis_url: String,
     /// The `tokenwarden` binary to run as the worker (default: next to this binary).
     #[arg(long)]
@@ -79,7 +87,10 @@ async fn main() -> Result<()> {
     bench.teardown(&args).await;
     let report = result?;
     report.print(&args);
-    println!("\ntotal bench time: {:.1} s", started.elapsed().as_secs_f64());
+    println!(
+        "\ntotal bench time: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -172,7 +183,10 @@ impl Bench {
             .await?;
         tokenwarden::store::migrate(&pool).await?;
         let clk = Command::new("getconf").arg("CLK_TCK").output()?;
-        let clk_tck: f64 = String::from_utf8_lossy(&clk.stdout).trim().parse().unwrap_or(100.0);
+        let clk_tck: f64 = String::from_utf8_lossy(&clk.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(100.0);
         Ok(Bench {
             db_name,
             db_url,
@@ -226,23 +240,38 @@ impl Bench {
 
     async fn run(&self, args: &Args) -> Result<Report> {
         let mut report = Report::default();
-        for setting in ["synchronous_commit", "fsync", "wal_sync_method", "server_version"] {
+        for setting in [
+            "synchronous_commit",
+            "fsync",
+            "wal_sync_method",
+            "server_version",
+        ] {
             let v: String = sqlx::query_scalar("SELECT current_setting($1)")
                 .bind(setting)
                 .fetch_one(&self.pool)
                 .await?;
             report.settings.push((setting.to_string(), v));
         }
-        println!("granting {START_BALANCE} credits to 1 + {} users ...", self.users.len());
+        println!(
+            "granting {START_BALANCE} credits to 1 + {} users ...",
+            self.users.len()
+        );
         self.grant_all().await?;
 
-        println!("baseline: seed design, one consume_tokens_atomic per debit, {} connections", args.baseline_connections);
+        println!(
+            "baseline: seed design, one consume_tokens_atomic per debit, {} connections",
+            args.baseline_connections
+        );
         let cpu = self.cpu_snapshot(&[]).await;
         report.baseline_hot = Some(self.baseline(args, true).await?);
-        report.cpu.push(("baseline hot user".into(), self.cpu_since(&cpu, &[]).await));
+        report
+            .cpu
+            .push(("baseline hot user".into(), self.cpu_since(&cpu, &[]).await));
         let cpu = self.cpu_snapshot(&[]).await;
         report.baseline_spread = Some(self.baseline(args, false).await?);
-        report.cpu.push(("baseline 10k users".into(), self.cpu_since(&cpu, &[]).await));
+        report
+            .cpu
+            .push(("baseline 10k users".into(), self.cpu_since(&cpu, &[]).await));
         if args.baseline_only {
             return Ok(report);
         }
@@ -253,13 +282,22 @@ impl Bench {
             self.warm_up(&mut workers).await?;
             let cpu = self.cpu_snapshot(&pids).await;
             report.ours_hot = Some(self.throughput(args, true, &mut workers).await?);
-            report.cpu.push(("tokenwarden hot user".into(), self.cpu_since(&cpu, &pids).await));
+            report.cpu.push((
+                "tokenwarden hot user".into(),
+                self.cpu_since(&cpu, &pids).await,
+            ));
             let cpu = self.cpu_snapshot(&pids).await;
             report.ours_spread = Some(self.throughput(args, false, &mut workers).await?);
-            report.cpu.push(("tokenwarden 10k users".into(), self.cpu_since(&cpu, &pids).await));
+            report.cpu.push((
+                "tokenwarden 10k users".into(),
+                self.cpu_since(&cpu, &pids).await,
+            ));
             let cpu = self.cpu_snapshot(&pids).await;
             report.latency = Some(self.latency(args).await?);
-            report.cpu.push(("tokenwarden latency run".into(), self.cpu_since(&cpu, &pids).await));
+            report.cpu.push((
+                "tokenwarden latency run".into(),
+                self.cpu_since(&cpu, &pids).await,
+            ));
             anyhow::Ok(())
         }
         .await;
@@ -359,7 +397,11 @@ impl Bench {
         for i in 0..args.workers {
             let log = log_dir.join(format!("{}-worker{i}.log", self.db_name));
             let out = std::fs::File::create(&log)?;
-            println!("starting worker {i}: {} run (log {})", bin.display(), log.display());
+            println!(
+                "starting worker {i}: {} run (log {})",
+                bin.display(),
+                log.display()
+            );
             let child = Command::new(&bin)
                 .arg("run")
                 .env("TOKENWARDEN__DATABASE__URL", &self.db_url)
@@ -394,7 +436,11 @@ impl Bench {
         let deadline = Instant::now() + Duration::from_secs(60);
         let rid = Uuid::new_v4();
         let _: String = conn
-            .xadd(self.stream(), "*", &[("payload", self.payload(rid, self.hot_user))])
+            .xadd(
+                self.stream(),
+                "*",
+                &[("payload", self.payload(rid, self.hot_user))],
+            )
             .await?;
         loop {
             check_alive(workers)?;
@@ -415,11 +461,18 @@ impl Bench {
     /// group has acknowledged every one (acks follow the Postgres commit and the reply push).
     async fn throughput(&self, args: &Args, hot: bool, workers: &mut [Child]) -> Result<Rate> {
         let label = if hot { "hot user" } else { "10k users" };
-        println!("tokenwarden {label}: enqueueing {} consume jobs ...", args.jobs);
+        println!(
+            "tokenwarden {label}: enqueueing {} consume jobs ...",
+            args.jobs
+        );
         let payloads: Vec<(Uuid, String)> = (0..args.jobs)
             .map(|i| {
                 let rid = Uuid::new_v4();
-                let user = if hot { self.hot_user } else { self.users[i % self.users.len()] };
+                let user = if hot {
+                    self.hot_user
+                } else {
+                    self.users[i % self.users.len()]
+                };
                 (rid, self.payload(rid, user))
             })
             .collect();
@@ -441,8 +494,12 @@ impl Bench {
                     let mut pipe = redis::pipe();
                     let now_ms = chrono::Utc::now().timestamp_millis().to_string();
                     for (_, body) in part {
-                        pipe.xadd(&stream, "*", &[("payload", body.as_str()), ("enqueued_at", now_ms.as_str())])
-                            .ignore();
+                        pipe.xadd(
+                            &stream,
+                            "*",
+                            &[("payload", body.as_str()), ("enqueued_at", now_ms.as_str())],
+                        )
+                        .ignore();
                     }
                     let () = pipe.query_async(&mut conn).await?;
                 }
@@ -475,7 +532,10 @@ impl Bench {
                 bail!("{label}: all entries acknowledged but no reply for the last request");
             }
         } else {
-            println!("{label}: NOT complete after {} s; draining", args.phase_timeout_secs);
+            println!(
+                "{label}: NOT complete after {} s; draining",
+                args.phase_timeout_secs
+            );
             let mut conn = self.redis().await?;
             let _: i64 = redis::cmd("XTRIM")
                 .arg(self.stream())
@@ -505,7 +565,12 @@ impl Bench {
     }
 
     async fn group_pending(&self) -> Result<u64> {
-        Ok(self.group_info().await?.get("pending").copied().unwrap_or(0))
+        Ok(self
+            .group_info()
+            .await?
+            .get("pending")
+            .copied()
+            .unwrap_or(0))
     }
 
     async fn group_info(&self) -> Result<HashMap<String, u64>> {
@@ -515,7 +580,10 @@ impl Bench {
             .arg(self.stream())
             .query_async(&mut conn)
             .await?;
-        let group = groups.into_iter().next().context("the worker created no consumer group")?;
+        let group = groups
+            .into_iter()
+            .next()
+            .context("the worker created no consumer group")?;
         Ok(group
             .into_iter()
             .filter_map(|(k, v)| match v {
@@ -542,9 +610,7 @@ impl Bench {
         let permits = Arc::new(Semaphore::new(waiters));
         let sender = self.redis().await?;
         let hist = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(
-            1,
-            60_000_000,
-            3,
+            1, 60_000_000, 3,
         )?));
         let replied = Arc::new(AtomicU64::new(0));
         let timeouts = Arc::new(AtomicU64::new(0));
@@ -569,7 +635,11 @@ impl Bench {
             tasks.push(tokio::spawn(async move {
                 let now_ms = chrono::Utc::now().timestamp_millis().to_string();
                 let _: String = sender
-                    .xadd(&stream, "*", &[("payload", body.as_str()), ("enqueued_at", now_ms.as_str())])
+                    .xadd(
+                        &stream,
+                        "*",
+                        &[("payload", body.as_str()), ("enqueued_at", now_ms.as_str())],
+                    )
                     .await?;
                 let _permit = permits.acquire().await.map_err(|_| {
                     redis::RedisError::from((redis::ErrorKind::Client, "waiter pool closed"))
@@ -599,7 +669,10 @@ impl Bench {
             t.await??;
         }
         let secs = start.elapsed().as_secs_f64();
-        let hist = hist.lock().map_err(|_| anyhow::anyhow!("histogram lock poisoned"))?.clone();
+        let hist = hist
+            .lock()
+            .map_err(|_| anyhow::anyhow!("histogram lock poisoned"))?
+            .clone();
         Ok(Latency {
             sent: total,
             replied: replied.load(Ordering::Relaxed),
@@ -653,8 +726,14 @@ impl Bench {
     }
 
     async fn redis_ticks(&self) -> u64 {
-        let Ok(mut conn) = self.redis().await else { return 0 };
-        let info: String = redis::cmd("INFO").arg("server").query_async(&mut conn).await.unwrap_or_default();
+        let Ok(mut conn) = self.redis().await else {
+            return 0;
+        };
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
         info.lines()
             .find_map(|l| l.strip_prefix("process_id:"))
             .and_then(|p| p.trim().parse::<u32>().ok())
@@ -674,9 +753,13 @@ struct CpuSample {
 
 /// utime + stime of a process, in clock ticks (0 if it is gone).
 fn proc_ticks(pid: u32) -> u64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0 };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
     // The command name may contain spaces; fields after the closing parenthesis are fixed.
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0 };
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0;
+    };
     let f: Vec<&str> = rest.split_whitespace().collect();
     let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     n(11) + n(12)
@@ -684,7 +767,9 @@ fn proc_ticks(pid: u32) -> u64 {
 
 /// CPU ticks of every `postgres` process on the machine (all databases, so other load shows).
 fn postgres_ticks() -> u64 {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/comm"))
@@ -697,9 +782,17 @@ fn postgres_ticks() -> u64 {
 
 /// (busy, total) ticks of the whole machine from /proc/stat.
 fn machine_ticks() -> (u64, u64) {
-    let Ok(stat) = std::fs::read_to_string("/proc/stat") else { return (0, 0) };
-    let Some(cpu) = stat.lines().next() else { return (0, 0) };
-    let v: Vec<u64> = cpu.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return (0, 0);
+    };
+    let Some(cpu) = stat.lines().next() else {
+        return (0, 0);
+    };
+    let v: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
     let total: u64 = v.iter().take(8).sum();
     let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
     (total.saturating_sub(idle), total)
@@ -735,7 +828,9 @@ impl Report {
         }
         println!(
             "machine: {} cores; worker processes: {}; jobs per throughput phase: {}; users: {}",
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
             args.workers,
             args.jobs,
             args.users
@@ -746,7 +841,11 @@ impl Report {
                     .enqueue_secs
                     .map(|e| format!(", enqueue took {e:.2} s"))
                     .unwrap_or_default();
-                let partial = if r.complete { "" } else { " (INCOMPLETE: phase timed out)" };
+                let partial = if r.complete {
+                    ""
+                } else {
+                    " (INCOMPLETE: phase timed out)"
+                };
                 println!(
                     "{name:<44} {:>10.0} debits/s  ({} debits in {:.2} s{enq}){partial}",
                     r.per_sec(),
@@ -756,10 +855,22 @@ impl Report {
             }
         };
         println!("\n-- throughput --");
-        line("baseline (seed design, 32 conns) hot user", &self.baseline_hot);
-        line("baseline (seed design, 32 conns) 10k users", &self.baseline_spread);
-        line("tokenwarden (Redis→worker→Postgres) hot user", &self.ours_hot);
-        line("tokenwarden (Redis→worker→Postgres) 10k users", &self.ours_spread);
+        line(
+            "baseline (seed design, 32 conns) hot user",
+            &self.baseline_hot,
+        );
+        line(
+            "baseline (seed design, 32 conns) 10k users",
+            &self.baseline_spread,
+        );
+        line(
+            "tokenwarden (Redis→worker→Postgres) hot user",
+            &self.ours_hot,
+        );
+        line(
+            "tokenwarden (Redis→worker→Postgres) 10k users",
+            &self.ours_spread,
+        );
         let ratio = |a: &Option<Rate>, b: &Option<Rate>| match (a, b) {
             (Some(a), Some(b)) if b.per_sec() > 0.0 => format!("{:.1}x", a.per_sec() / b.per_sec()),
             _ => "n/a".into(),
@@ -771,7 +882,10 @@ impl Report {
         );
         if let Some(l) = &self.latency {
             let q = |p: f64| l.hist.value_at_quantile(p) as f64 / 1000.0;
-            println!("\n-- enqueue→reply latency, open loop {} req/s, 10k users --", l.offered_rate);
+            println!(
+                "\n-- enqueue→reply latency, open loop {} req/s, 10k users --",
+                l.offered_rate
+            );
             println!(
                 "sent {} in {:.1} s, replied {}, timeouts {}",
                 l.sent, l.secs, l.replied, l.timeouts
@@ -799,7 +913,11 @@ impl Report {
             "phase", "wall s", "worker", "postgres", "redis", "bench", "machine busy"
         );
         for (name, c) in &self.cpu {
-            let busy = if c.machine_total > 0.0 { 100.0 * c.machine_busy / c.machine_total } else { 0.0 };
+            let busy = if c.machine_total > 0.0 {
+                100.0 * c.machine_busy / c.machine_total
+            } else {
+                0.0
+            };
             println!(
                 "{name:<26} {:>7.2} {:>8.2} {:>9.2} {:>7.2} {:>7.2} {:>11.0}%",
                 c.wall, c.worker, c.postgres, c.redis, c.bench, busy
