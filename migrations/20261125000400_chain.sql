@@ -74,11 +74,21 @@ CREATE TABLE public.chain_checkpoints (
     CHECK (finalized_block <= block_number)
 );
 
+-- Internal: a chain whose indexer stopped on a fault it must not resolve by itself (a reorg
+-- deeper than reorg_depth). While a row exists no replica indexes that chain; an operator
+-- deletes it after repairing the index (see docs/readme/chain.md).
+CREATE TABLE public.chain_indexer_faults (
+    chain_id    bigint      PRIMARY KEY,
+    reason      text        NOT NULL,
+    at_block    bigint      NOT NULL,
+    detected_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
 DO $$
 DECLARE t text;
 BEGIN
     FOREACH t IN ARRAY ARRAY['chain_tokens', 'chain_transfers', 'token_balances', 'nft_owners',
-                             'chain_blocks', 'chain_checkpoints']
+                             'chain_blocks', 'chain_checkpoints', 'chain_indexer_faults']
     LOOP
         EXECUTE format('ALTER TABLE public.%I ENABLE ROW LEVEL SECURITY', t);
         EXECUTE format('CREATE POLICY %I ON public.%I FOR SELECT TO anon, authenticated USING (true)',

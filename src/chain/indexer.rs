@@ -48,6 +48,8 @@ pub enum IndexerError {
     DeepReorg { at: u64, depth: u64 },
     #[error("fetch task failed: {0}")]
     Task(String),
+    #[error("stopped by a recorded fault: {0}")]
+    Stopped(String),
 }
 
 impl IndexerError {
@@ -86,9 +88,24 @@ pub async fn run_chain(p: IndexerParams) {
                     metrics::gauge!("tokenwarden_indexer_stopped", "chain_id" => label.clone())
                         .set(1.0);
                     tracing::error!(chain_id, error = %e, "CHAIN INDEXER STOPPED");
-                    // Keep the lease so no other replica resumes from a state we know is
-                    // inconsistent with the chain; stop at shutdown.
-                    p.shutdown.cancelled().await;
+                    let at = match &e {
+                        IndexerError::DeepReorg { at, .. } => *at,
+                        _ => 0,
+                    };
+                    // Recorded so no replica resumes from a state known to disagree with the
+                    // chain; balances stay at the last good checkpoint.
+                    if let Err(db) =
+                        sink::record_fault(lease.conn(), chain_id, at, &e.to_string()).await
+                    {
+                        tracing::error!(chain_id, error = %db, "cannot record the indexer fault");
+                    }
+                    lease.release().await;
+                    return;
+                }
+                Err(IndexerError::Stopped(reason)) => {
+                    metrics::gauge!("tokenwarden_indexer_stopped", "chain_id" => label.clone())
+                        .set(1.0);
+                    tracing::error!(chain_id, reason, "chain indexer is stopped by a recorded fault (chain_indexer_faults); not indexing");
                     lease.release().await;
                     return;
                 }
@@ -179,6 +196,9 @@ impl Indexer {
     }
 
     async fn run(&mut self, lease: &mut Lease) -> Result<(), IndexerError> {
+        if let Some(reason) = sink::fault(lease.conn(), self.chain_id()).await? {
+            return Err(IndexerError::Stopped(reason));
+        }
         if !self.metadata_done {
             let metas = self.read_metadata().await;
             sink::upsert_tokens(lease.conn(), self.chain_id(), &metas).await?;

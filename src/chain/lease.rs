@@ -52,7 +52,14 @@ impl Lease {
     }
 
     async fn try_once(database_url: &str, chain_id: u64) -> Result<Option<Lease>, sqlx::Error> {
-        let mut conn = PgConnection::connect(database_url).await?;
+        // The application name lets operators (and tests) see which process leads which chain
+        // in pg_stat_activity.
+        let opts: sqlx::postgres::PgConnectOptions = database_url.parse()?;
+        let opts = opts.application_name(&format!(
+            "tokenwarden-indexer-{chain_id}-pid{}",
+            std::process::id()
+        ));
+        let mut conn = PgConnection::connect_with(&opts).await?;
         let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(lock_key(chain_id))
             .fetch_one(&mut conn)

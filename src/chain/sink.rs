@@ -522,3 +522,33 @@ pub async fn undo_from(
     tx.commit().await.map_err(db("commit reorg undo"))?;
     Ok(changes)
 }
+
+/// A recorded stop of a chain's indexer (see `chain_indexer_faults`).
+pub async fn fault(conn: &mut PgConnection, chain_id: u64) -> Result<Option<String>, SinkError> {
+    sqlx::query_scalar("SELECT reason FROM public.chain_indexer_faults WHERE chain_id = $1")
+        .bind(i64_of(chain_id)?)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db("read indexer fault"))
+}
+
+/// Records that a chain's indexer stopped and why; every replica then stays off that chain.
+pub async fn record_fault(
+    conn: &mut PgConnection,
+    chain_id: u64,
+    at_block: u64,
+    reason: &str,
+) -> Result<(), SinkError> {
+    sqlx::query(
+        "INSERT INTO public.chain_indexer_faults (chain_id, reason, at_block) VALUES ($1, $2, $3) \
+         ON CONFLICT (chain_id) DO UPDATE SET reason = EXCLUDED.reason, at_block = EXCLUDED.at_block, \
+         detected_at = pg_catalog.now()",
+    )
+    .bind(i64_of(chain_id)?)
+    .bind(reason)
+    .bind(i64_of(at_block)?)
+    .execute(&mut *conn)
+    .await
+    .map_err(db("record indexer fault"))?;
+    Ok(())
+}
