@@ -5,6 +5,8 @@
 //! with a message saying what to start; nothing is skipped.
 #![allow(dead_code)]
 
+pub mod anvil;
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -61,7 +63,7 @@ impl TestEnv {
                     admin_url()
                 )
             });
-        sqlx::query(&format!("CREATE DATABASE {db_name}"))
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
             .execute(&admin)
             .await
             .expect("create test database");
