@@ -109,8 +109,15 @@ impl Anvil {
     /// Sends one transaction calling `to` with `data`, waits for it to be mined, and asserts
     /// it succeeded.
     pub async fn send(&self, to: Address, data: Vec<u8>) {
+        // The nonce is read from the chain each time: anvil_reorg replaces history (and nonces).
+        let nonce = self
+            .provider
+            .get_transaction_count(self.sender)
+            .await
+            .expect("nonce");
         let tx = TransactionRequest::default()
             .from(self.sender)
+            .nonce(nonce)
             .to(to)
             .input(Bytes::from(data).into())
             .gas_limit(900_000_000);
