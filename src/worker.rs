@@ -63,6 +63,7 @@ pub fn job_registry(ctx: &AppContext) -> crate::queue::JobRegistry {
 /// jobs finish within `queue.shutdown_grace_secs` and returns.
 pub async fn run(cfg: Config) -> Result<(), WorkerError> {
     let ctx = AppContext::connect(cfg).await?;
+    let indexers = crate::chain::spawn_indexers(&ctx);
     tracing::info!("tokenwarden worker started");
     let signal_token = ctx.shutdown.clone();
     tokio::spawn(async move {
@@ -73,6 +74,9 @@ pub async fn run(cfg: Config) -> Result<(), WorkerError> {
     let registry = job_registry(&ctx);
     let queue = crate::queue::run_consumers(&ctx, registry).await;
     ctx.shutdown.cancel();
+    for h in indexers {
+        let _ = h.await;
+    }
     queue.map_err(|e| WorkerError::Other(e.to_string()))?;
     tracing::info!("tokenwarden worker stopped");
     Ok(())
