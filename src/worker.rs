@@ -47,10 +47,14 @@ pub enum WorkerError {
 /// Runs the worker until a shutdown signal arrives.
 pub async fn run(cfg: Config) -> Result<(), WorkerError> {
     let ctx = AppContext::connect(cfg).await?;
+    let indexers = crate::chain::spawn_indexers(&ctx);
     tracing::info!("tokenwarden worker started");
     shutdown_signal().await;
     tracing::info!("shutdown signal received");
     ctx.shutdown.cancel();
+    for h in indexers {
+        let _ = h.await;
+    }
     Ok(())
 }
 
