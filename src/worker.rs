@@ -47,10 +47,24 @@ pub enum WorkerError {
 /// Runs the worker until a shutdown signal arrives.
 pub async fn run(cfg: Config) -> Result<(), WorkerError> {
     let ctx = AppContext::connect(cfg).await?;
+    let maintenance = crate::maintenance::MaintenanceJobs::new(&ctx);
+    let ops = crate::maintenance::http::spawn(ctx.clone())
+        .await
+        .map_err(|e| WorkerError::Other(e.to_string()))?;
+    let scheduler = ctx
+        .cfg
+        .maintenance
+        .enabled
+        .then(|| crate::maintenance::scheduler::spawn(ctx.clone(), maintenance.handlers()));
     tracing::info!("tokenwarden worker started");
     shutdown_signal().await;
     tracing::info!("shutdown signal received");
     ctx.shutdown.cancel();
+    if let Some(scheduler) = scheduler {
+        let _ = scheduler.await;
+    }
+    // Everything has drained; the endpoint (answering readyz = 503 since the signal) goes too.
+    ops.abort();
     Ok(())
 }
 
