@@ -5,6 +5,8 @@
 //! with a message saying what to start; nothing is skipped.
 #![allow(dead_code)]
 
+pub mod ops;
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
