@@ -44,7 +44,19 @@ pub enum WorkerError {
     Other(String),
 }
 
-/// Runs the worker until a shutdown signal arrives.
+/// The job handlers this process serves: one line per handler. A job type without a line
+/// here is not consumed (its stream just grows).
+pub fn job_registry(ctx: &AppContext) -> crate::queue::JobRegistry {
+    #[allow(unused_mut)]
+    let mut jobs = crate::queue::JobRegistry::new();
+    let _ = ctx;
+    // jobs.register(crate::snapshots::SnapshotJob::new(ctx));      (integrator)
+    // jobs.register(crate::maintenance::CleanupLocksJob::new(ctx)); (integrator)
+    jobs
+}
+
+/// Runs the worker until a shutdown signal arrives, then stops taking new work, lets in-flight
+/// jobs finish within `queue.shutdown_grace_secs` and returns.
 pub async fn run(cfg: Config) -> Result<(), WorkerError> {
     let ctx = AppContext::connect(cfg).await?;
     let maintenance = crate::maintenance::MaintenanceJobs::new(&ctx);
@@ -57,14 +69,25 @@ pub async fn run(cfg: Config) -> Result<(), WorkerError> {
         .enabled
         .then(|| crate::maintenance::scheduler::spawn(ctx.clone(), maintenance.handlers()));
     tracing::info!("tokenwarden worker started");
-    shutdown_signal().await;
-    tracing::info!("shutdown signal received");
+    let signal_token = ctx.shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown signal received");
+        signal_token.cancel();
+    });
+    let mut registry = job_registry(&ctx);
+    for handler in maintenance.handlers() {
+        registry.register_arc(handler);
+    }
+    let queue = crate::queue::run_consumers(&ctx, registry).await;
     ctx.shutdown.cancel();
     if let Some(scheduler) = scheduler {
         let _ = scheduler.await;
     }
     // Everything has drained; the endpoint (answering readyz = 503 since the signal) goes too.
     ops.abort();
+    queue.map_err(|e| WorkerError::Other(e.to_string()))?;
+    tracing::info!("tokenwarden worker stopped");
     Ok(())
 }
 

@@ -25,7 +25,7 @@ fn only_cleanup(expr: &str) -> Vec<(&'static str, String)> {
         ),
         ("TOKENWARDEN__MAINTENANCE__SCHEDULES__PRUNE", String::new()),
         ("TOKENWARDEN__MAINTENANCE__METRICS_SAMPLE_SECS", "1".into()),
-        ("TOKENWARDEN__MAINTENANCE__SHUTDOWN_GRACE_SECS", "5".into()),
+        ("TOKENWARDEN__QUEUE__SHUTDOWN_GRACE_SECS", "5".into()),
     ]
 }
 
@@ -223,6 +223,7 @@ async fn health_ready_and_metrics_over_http() {
         "tokenwarden_anomalies_total",
         "tokenwarden_queue_depth",
         "tokenwarden_queue_pending",
+        "tokenwarden_dead_letters",
         "tokenwarden_queue_oldest_age_seconds",
     ];
     let samples = wait_until(

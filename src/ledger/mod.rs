@@ -5,7 +5,9 @@
 //! synchronous SQL door (`consume_tokens_atomic`, `add_tokens`, the hold functions) calls it with
 //! one operation. Both doors therefore give the same outcome for the same request.
 
+pub mod batcher;
 pub mod cli;
+pub mod jobs;
 mod types;
 
 pub use types::*;

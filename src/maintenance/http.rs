@@ -66,7 +66,7 @@ pub async fn spawn(ctx: AppContext) -> Result<tokio::task::JoinHandle<()>, HttpE
         .route("/metrics", get(metrics_text))
         .with_state(state);
     tracing::info!(%addr, "operations endpoint listening");
-    let grace = Duration::from_secs(ctx.cfg.maintenance.shutdown_grace_secs);
+    let grace = Duration::from_secs(ctx.cfg.queue.shutdown_grace_secs);
     let shutdown = ctx.shutdown.clone();
     Ok(tokio::spawn(async move {
         let stop = async move {

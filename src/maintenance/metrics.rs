@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use super::jobs::{acked_floor, job_streams, now_ms, parse_stream_id, value_map};
+use super::jobs::{acked_floor, job_streams, now_ms, parse_stream_id};
 use crate::worker::AppContext;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -77,10 +77,6 @@ fn describe() {
         "Entries in a job stream (XLEN), by job type"
     );
     describe_gauge!(
-        "tokenwarden_queue_pending",
-        "Entries delivered but not acknowledged, by job type"
-    );
-    describe_gauge!(
         "tokenwarden_queue_oldest_age_seconds",
         "Age of the oldest entry not yet acknowledged, by job type"
     );
@@ -90,7 +86,7 @@ fn describe() {
     );
 }
 
-/// Starts the periodic sampler (queue depth / pending / oldest age per stream, dead letters)
+/// Starts the periodic sampler (queue depth and oldest unacknowledged entry age per stream, dead letters; the queue itself records pending and lag)
 /// and the recorder's upkeep. Ends when `ctx.shutdown` is cancelled.
 pub fn spawn_sampler(ctx: AppContext, handle: PrometheusHandle) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -145,19 +141,6 @@ async fn sample_stream(
         .await
         .map_err(|e| e.to_string())?;
     metrics::gauge!("tokenwarden_queue_depth", "job_type" => job.to_string()).set(len as f64);
-    let mut pending_total = 0u64;
-    let groups: Vec<redis::Value> = redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(stream)
-        .query_async(conn)
-        .await
-        .map_err(|e| e.to_string())?;
-    for g in groups {
-        let m = value_map(g);
-        pending_total += m.get("pending").and_then(|p| p.parse().ok()).unwrap_or(0);
-    }
-    metrics::gauge!("tokenwarden_queue_pending", "job_type" => job.to_string())
-        .set(pending_total as f64);
     // The oldest entry not acknowledged by every group: the first at or after the floor.
     let oldest_ms = match acked_floor(conn, stream)
         .await

@@ -30,9 +30,6 @@ pub use anomalies::{AnomalyRule, Finding, RuleFuture, Severity, WindowCountRule}
 pub struct MaintenanceConfig {
     /// Runs the scheduler in `run`. The jobs stay available on their streams either way.
     pub enabled: bool,
-    /// Seconds that scheduled runs in flight get to finish after SIGTERM before they are
-    /// abandoned (their tick is then recorded as failed).
-    pub shutdown_grace_secs: u64,
     pub schedules: Schedules,
     pub retention: RetentionConfig,
     pub anomalies: AnomaliesConfig,

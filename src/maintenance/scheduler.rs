@@ -82,7 +82,7 @@ async fn run(ctx: AppContext, handlers: Vec<Arc<dyn JobHandler>>) {
     runs.drain(
         &ctx.pool,
         &replica,
-        Duration::from_secs(ctx.cfg.maintenance.shutdown_grace_secs),
+        Duration::from_secs(ctx.cfg.queue.shutdown_grace_secs),
     )
     .await;
 }

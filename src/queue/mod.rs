@@ -3,43 +3,157 @@
 //! delivery limit and a dead-letter store, and reply lists for callers that wait.
 //!
 //! Any Redis client enqueues with one `XADD`; the entry fields are documented in `jobs/`.
+//!
+//! Why our own transport and not apalis-redis: its keys are an undocumented internal format,
+//! one undecodable payload ends the worker, and a backlog over ~8,000 due jobs wedges every
+//! worker of a queue (`shared/reference/queue-apalis.md`). Redis streams are a documented
+//! protocol every client speaks. The stream consumer is an apalis [`Backend`](apalis_core::backend::Backend)
+//! ([`backend::StreamBackend`]), so handlers run as apalis workers under an apalis `Monitor`.
+//!
+//! | module | concern |
+//! |---|---|
+//! | [`job`] | the handler contract ([`JobHandler`], [`JobError`]) |
+//! | [`registry`] | which handler serves which job type |
+//! | [`entry`] | one stream entry and how its payload is read |
+//! | [`reader`] | XREADGROUP, reclaiming idle entries, the delivery limit, lease renewal |
+//! | [`acker`] | batched XACK + reply pushes |
+//! | [`dead_letter`] | the `dead_letters` table |
+//! | [`backend`] | the apalis backend over the reader and the acker |
+//! | [`consumer`] | what happens to one entry, and the Monitor running every job type |
+//! | [`cli`] | `tokenwarden enqueue` and `tokenwarden dead-letters` |
 
+pub mod acker;
+pub mod backend;
 pub mod cli;
+pub mod consumer;
+pub mod dead_letter;
+pub mod entry;
 pub mod job;
+pub mod reader;
+pub mod registry;
 
+pub use consumer::run_consumers;
 pub use job::{JobError, JobFuture, JobHandler};
+pub use registry::JobRegistry;
 
 use serde::Deserialize;
 
 use crate::config::ConfigError;
 
+/// Every job type of the public catalogue (`jobs/`, WIRE.md). `tokenwarden enqueue` refuses
+/// anything else, so a typo does not create a stream nobody consumes.
+pub const KNOWN_JOB_TYPES: &[&str] = &[
+    "consume_tokens",
+    "grant_tokens",
+    "hold_tokens",
+    "settle_hold",
+    "release_hold",
+    "snapshot_create",
+    "cleanup_locks",
+    "detect_anomalies",
+    "prune",
+];
+
+/// The stream a job type lives on.
+pub fn stream_key(prefix: &str, job_type: &str) -> String {
+    format!("{prefix}:jobs:{job_type}")
+}
+
+/// The list a caller waiting for `request_id` BLPOPs.
+pub fn reply_key(prefix: &str, request_id: &str) -> String {
+    format!("{prefix}:reply:{request_id}")
+}
+
+/// The hash keeping the last retryable error of each pending entry of a stream, so the
+/// dead letter written at the delivery limit carries the real reason.
+pub fn last_error_key(prefix: &str, job_type: &str) -> String {
+    format!("{prefix}:lasterr:{job_type}")
+}
+
+/// Why the transport failed (Redis or Postgres unreachable, or a reply Redis did not expect).
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("redis {what} failed: {source}")]
+    Redis {
+        what: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    #[error("postgres {what} failed: {source}")]
+    Postgres {
+        what: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl QueueError {
+    pub(crate) fn redis(what: impl Into<String>) -> impl FnOnce(redis::RedisError) -> Self {
+        let what = what.into();
+        move |source| QueueError::Redis { what, source }
+    }
+    pub(crate) fn pg(what: impl Into<String>) -> impl FnOnce(sqlx::Error) -> Self {
+        let what = what.into();
+        move |source| QueueError::Postgres { what, source }
+    }
+}
+
 /// `[queue]` configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueConfig {
+    /// Consumer group shared by every `run` replica.
     pub group: String,
+    /// Entries read per XREADGROUP call.
     pub read_count: usize,
+    /// How long one XREADGROUP blocks waiting for new entries (ms).
     pub block_ms: u64,
+    /// An entry pending this long is presumed abandoned and redelivered (ms).
     pub claim_idle_ms: u64,
+    /// After this many deliveries an entry goes to the dead-letter store.
     pub max_deliveries: u32,
+    /// Reply lists expire after this many seconds.
     pub reply_ttl_secs: u64,
+    /// Jobs in flight per job type and process.
     pub concurrency: usize,
+    /// On SIGTERM, how long in-flight jobs get to finish before the process exits anyway (s).
+    pub shutdown_grace_secs: u64,
 }
 
 impl QueueConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.group.is_empty() {
-            return Err(ConfigError::invalid("queue.group", "must not be empty"));
+        if self.group.is_empty() || self.group.contains(char::is_whitespace) {
+            return Err(ConfigError::invalid(
+                "queue.group",
+                "must be non-empty and contain no whitespace",
+            ));
         }
-        if self.read_count == 0 {
+        if self.read_count == 0 || self.read_count > 100_000 {
             return Err(ConfigError::invalid(
                 "queue.read_count",
-                "must be at least 1",
+                "must be between 1 and 100000",
+            ));
+        }
+        if self.block_ms == 0 {
+            return Err(ConfigError::invalid("queue.block_ms", "must be at least 1"));
+        }
+        if self.claim_idle_ms < 10 {
+            return Err(ConfigError::invalid(
+                "queue.claim_idle_ms",
+                "must be at least 10",
             ));
         }
         if self.max_deliveries == 0 {
             return Err(ConfigError::invalid(
                 "queue.max_deliveries",
+                "must be at least 1",
+            ));
+        }
+        if self.reply_ttl_secs == 0 {
+            return Err(ConfigError::invalid(
+                "queue.reply_ttl_secs",
                 "must be at least 1",
             ));
         }
@@ -50,5 +164,10 @@ impl QueueConfig {
             ));
         }
         Ok(())
+    }
+
+    /// How often a reader looks for abandoned entries and renews its own leases.
+    pub fn claim_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis((self.claim_idle_ms / 3).clamp(5, 5_000))
     }
 }

@@ -1,0 +1,312 @@
+//! The five ledger job types on the queue: payload parsing and validation (WIRE.md, schemas in
+//! `jobs/`), and the [`JobHandler`]s that hand valid operations to the [`Batcher`].
+//!
+//! Payloads are parsed with `deny_unknown_fields`; amounts must be integers in 1..=i64::MAX
+//! (zero, negative, fractional and overflowing values are rejected); text fields and
+//! `metadata` have size limits. Anything invalid is a [`JobError::Rejected`] with a reason
+//! naming the field, so the caller's `rejected` reply and the dead letter say what was wrong.
+
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::batcher::Batcher;
+use super::{Credits, LedgerConfig, LedgerOp, RequestId, UserId};
+use crate::queue::{JobError, JobFuture, JobHandler, JobRegistry};
+
+/// Which ledger operation a job type carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LedgerJobKind {
+    Consume,
+    Grant,
+    Hold,
+    Settle,
+    Release,
+}
+
+impl LedgerJobKind {
+    pub const ALL: [LedgerJobKind; 5] = [
+        LedgerJobKind::Consume,
+        LedgerJobKind::Grant,
+        LedgerJobKind::Hold,
+        LedgerJobKind::Settle,
+        LedgerJobKind::Release,
+    ];
+
+    /// The job type (stream suffix).
+    pub fn job_type(self) -> &'static str {
+        match self {
+            LedgerJobKind::Consume => "consume_tokens",
+            LedgerJobKind::Grant => "grant_tokens",
+            LedgerJobKind::Hold => "hold_tokens",
+            LedgerJobKind::Settle => "settle_hold",
+            LedgerJobKind::Release => "release_hold",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsumePayload {
+    request_id: Uuid,
+    user_id: Uuid,
+    amount: Credits,
+    operation_type: String,
+    #[serde(default)]
+    metadata: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantPayload {
+    request_id: Uuid,
+    user_id: Uuid,
+    amount: Credits,
+    reason: String,
+    #[serde(default)]
+    metadata: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HoldPayload {
+    request_id: Uuid,
+    user_id: Uuid,
+    amount: Credits,
+    operation_type: String,
+    #[serde(default)]
+    ttl_secs: Option<u64>,
+    #[serde(default)]
+    metadata: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SettlePayload {
+    request_id: Uuid,
+    hold_id: Uuid,
+    amount: Credits,
+    #[serde(default)]
+    metadata: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleasePayload {
+    request_id: Uuid,
+    hold_id: Uuid,
+    #[serde(default)]
+    metadata: Option<serde_json::Value>,
+}
+
+/// Parses and validates one ledger job payload. The error is the rejection reason.
+pub fn parse(
+    kind: LedgerJobKind,
+    payload: serde_json::Value,
+    cfg: &LedgerConfig,
+) -> Result<LedgerOp, String> {
+    let job = kind.job_type();
+    let bad = |e: serde_json::Error| format!("invalid {job} payload: {e}");
+    Ok(match kind {
+        LedgerJobKind::Consume => {
+            let p: ConsumePayload = serde_json::from_value(payload).map_err(bad)?;
+            LedgerOp::Consume {
+                request_id: RequestId(p.request_id),
+                user_id: UserId(p.user_id),
+                amount: p.amount,
+                operation_type: text("operation_type", p.operation_type, 100)?,
+                metadata: metadata(p.metadata, cfg)?,
+            }
+        }
+        LedgerJobKind::Grant => {
+            let p: GrantPayload = serde_json::from_value(payload).map_err(bad)?;
+            LedgerOp::Grant {
+                request_id: RequestId(p.request_id),
+                user_id: UserId(p.user_id),
+                amount: p.amount,
+                reason: text("reason", p.reason, 200)?,
+                metadata: metadata(p.metadata, cfg)?,
+            }
+        }
+        LedgerJobKind::Hold => {
+            let p: HoldPayload = serde_json::from_value(payload).map_err(bad)?;
+            let ttl_secs = match p.ttl_secs {
+                None => cfg.default_hold_ttl_secs,
+                Some(t) if t >= 1 && t <= u64::from(cfg.max_hold_ttl_secs) => t as u32,
+                Some(t) => {
+                    return Err(format!(
+                        "ttl_secs must be between 1 and {} (ledger.max_hold_ttl_secs), got {t}",
+                        cfg.max_hold_ttl_secs
+                    ));
+                }
+            };
+            LedgerOp::Hold {
+                request_id: RequestId(p.request_id),
+                user_id: UserId(p.user_id),
+                amount: p.amount,
+                operation_type: text("operation_type", p.operation_type, 100)?,
+                ttl_secs,
+                metadata: metadata(p.metadata, cfg)?,
+            }
+        }
+        LedgerJobKind::Settle => {
+            let p: SettlePayload = serde_json::from_value(payload).map_err(bad)?;
+            LedgerOp::Settle {
+                request_id: RequestId(p.request_id),
+                hold_id: RequestId(p.hold_id),
+                amount: p.amount,
+                metadata: metadata(p.metadata, cfg)?,
+            }
+        }
+        LedgerJobKind::Release => {
+            let p: ReleasePayload = serde_json::from_value(payload).map_err(bad)?;
+            LedgerOp::Release {
+                request_id: RequestId(p.request_id),
+                hold_id: RequestId(p.hold_id),
+                metadata: metadata(p.metadata, cfg)?,
+            }
+        }
+    })
+}
+
+fn text(field: &str, v: String, max_chars: usize) -> Result<String, String> {
+    let n = v.chars().count();
+    if n == 0 || n > max_chars {
+        return Err(format!(
+            "{field} must be 1 to {max_chars} characters, got {n}"
+        ));
+    }
+    Ok(v)
+}
+
+fn metadata(v: Option<serde_json::Value>, cfg: &LedgerConfig) -> Result<serde_json::Value, String> {
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(serde_json::Value::Object(Default::default())),
+        Some(m @ serde_json::Value::Object(_)) => {
+            let size = m.to_string().len();
+            if size > cfg.metadata_max_bytes {
+                return Err(format!(
+                    "metadata is {size} bytes of JSON, over the limit of {} (ledger.metadata_max_bytes)",
+                    cfg.metadata_max_bytes
+                ));
+            }
+            Ok(m)
+        }
+        Some(_) => Err("metadata must be a JSON object".into()),
+    }
+}
+
+/// Serves one ledger job type: validate, then apply through the batcher.
+pub struct LedgerJob {
+    kind: LedgerJobKind,
+    batcher: Batcher,
+    cfg: LedgerConfig,
+}
+
+impl LedgerJob {
+    pub fn new(kind: LedgerJobKind, batcher: Batcher, cfg: LedgerConfig) -> Self {
+        Self { kind, batcher, cfg }
+    }
+}
+
+impl JobHandler for LedgerJob {
+    fn job_type(&self) -> &'static str {
+        self.kind.job_type()
+    }
+
+    fn handle(&self, payload: serde_json::Value) -> JobFuture {
+        let op = parse(self.kind, payload, &self.cfg);
+        let batcher = self.batcher.clone();
+        Box::pin(async move {
+            let op = op.map_err(JobError::Rejected)?;
+            let outcome = batcher.apply(op).await.map_err(JobError::Retryable)?;
+            serde_json::to_value(&outcome)
+                .map_err(|e| JobError::Retryable(format!("cannot encode outcome: {e}")))
+        })
+    }
+}
+
+/// Registers the five ledger job types, all sharing `batcher`.
+pub fn register(jobs: &mut JobRegistry, batcher: &Batcher, cfg: &LedgerConfig) {
+    for kind in LedgerJobKind::ALL {
+        jobs.register(LedgerJob::new(kind, batcher.clone(), cfg.clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cfg() -> LedgerConfig {
+        LedgerConfig {
+            max_batch: 1000,
+            metadata_max_bytes: 64,
+            default_hold_ttl_secs: 600,
+            max_hold_ttl_secs: 3600,
+        }
+    }
+
+    fn consume(extra: serde_json::Value) -> Result<LedgerOp, String> {
+        let mut p = json!({
+            "request_id": Uuid::new_v4(), "user_id": Uuid::new_v4(),
+            "amount": 5, "operation_type": "chat"
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            p[k] = v.clone();
+        }
+        parse(LedgerJobKind::Consume, p, &cfg())
+    }
+
+    #[test]
+    fn valid_consume_parses() {
+        let op = consume(json!({"metadata": {"model": "x"}})).unwrap();
+        assert!(matches!(op, LedgerOp::Consume { amount, .. } if amount.get() == 5));
+    }
+
+    #[test]
+    fn bad_amounts_are_rejected() {
+        for (amount, needle) in [
+            (json!(0), "positive"),
+            (json!(-3), "positive"),
+            (json!(1.5), "amount"),
+            (json!("5"), "amount"),
+            (json!(9223372036854775808u64), "amount"),
+            (json!(1e30), "amount"),
+        ] {
+            let err = consume(json!({ "amount": amount })).unwrap_err();
+            assert!(
+                err.contains(needle) || err.contains("i64"),
+                "{amount}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_and_missing_fields_are_rejected() {
+        let err = consume(json!({"surprise": 1})).unwrap_err();
+        assert!(err.contains("unknown field `surprise`"), "{err}");
+        let err = parse(
+            LedgerJobKind::Consume,
+            json!({"request_id": Uuid::new_v4()}),
+            &cfg(),
+        )
+        .unwrap_err();
+        assert!(err.contains("missing field"), "{err}");
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let err = consume(json!({"metadata": {"k": "x".repeat(100)}})).unwrap_err();
+        assert!(err.contains("metadata is"), "{err}");
+        let err = consume(json!({"metadata": [1]})).unwrap_err();
+        assert!(err.contains("metadata must be a JSON object"), "{err}");
+        let err = consume(json!({"operation_type": ""})).unwrap_err();
+        assert!(err.contains("operation_type"), "{err}");
+        let err = consume(json!({"user_id": "not-a-uuid"})).unwrap_err();
+        assert!(err.contains("UUID") || err.contains("uuid"), "{err}");
+        let hold = json!({"request_id": Uuid::new_v4(), "user_id": Uuid::new_v4(),
+            "amount": 1, "operation_type": "x", "ttl_secs": 7200});
+        let err = parse(LedgerJobKind::Hold, hold, &cfg()).unwrap_err();
+        assert!(err.contains("ttl_secs"), "{err}");
+    }
+}

@@ -1,0 +1,172 @@
+//! Batched acknowledgements and reply pushes.
+//!
+//! Handlers finish one by one, but XACK and LPUSH are cheap only in bulk: one task per process
+//! drains every finished entry that has arrived and sends one pipeline (`XACK` per stream with
+//! all ids, `LPUSH` + `EXPIRE` per reply). Entries reach this task only after their handler's
+//! future resolved, i.e. after its Postgres commit. If Redis refuses the pipeline even after
+//! retries, the entries stay pending and are redelivered: their handlers are idempotent by
+//! request id, so the caller gets the same outcome again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use backon::{ExponentialBuilder, Retryable};
+use redis::aio::ConnectionManager;
+use tokio::sync::{mpsc, oneshot};
+
+/// Largest number of finished entries sent in one pipeline.
+const MAX_PIPELINE: usize = 4096;
+
+/// A finished entry: acknowledge it and, if it has one, push its reply.
+#[derive(Debug)]
+pub struct Ack {
+    pub job_type: Arc<str>,
+    pub stream: Arc<str>,
+    pub id: String,
+    /// `(request_id, reply JSON)`.
+    pub reply: Option<(String, String)>,
+    /// The entry failed before (retryable): drop its recorded last error.
+    pub clear_last_error: bool,
+    /// Enqueue time (unix ms), for the latency histogram.
+    pub enqueued_ms: Option<u64>,
+}
+
+enum Msg {
+    Ack(Ack),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Sends finished entries to the acknowledgement task. Cheap to clone.
+#[derive(Clone)]
+pub struct AckerHandle {
+    tx: mpsc::UnboundedSender<Msg>,
+}
+
+impl AckerHandle {
+    /// Queues `ack`; it is sent with the next pipeline.
+    pub fn ack(&self, ack: Ack) {
+        if self.tx.send(Msg::Ack(ack)).is_err() {
+            tracing::warn!("acknowledgement task has stopped; the entry will be redelivered");
+        }
+    }
+
+    /// Resolves once every ack queued before this call has been sent to Redis (or given up).
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Flush(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Starts the acknowledgement task. It ends when every [`AckerHandle`] is dropped.
+pub fn spawn(
+    redis: ConnectionManager,
+    prefix: String,
+    group: String,
+    reply_ttl_secs: u64,
+) -> (AckerHandle, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(run(redis, prefix, group, reply_ttl_secs, rx));
+    (AckerHandle { tx }, task)
+}
+
+async fn run(
+    redis: ConnectionManager,
+    prefix: String,
+    group: String,
+    reply_ttl_secs: u64,
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+) {
+    let ttl = i64::try_from(reply_ttl_secs).unwrap_or(i64::MAX);
+    let mut buf = Vec::with_capacity(MAX_PIPELINE);
+    loop {
+        buf.clear();
+        if rx.recv_many(&mut buf, MAX_PIPELINE).await == 0 {
+            return;
+        }
+        let mut acks = Vec::with_capacity(buf.len());
+        let mut flushes = Vec::new();
+        for msg in buf.drain(..) {
+            match msg {
+                Msg::Ack(a) => acks.push(a),
+                Msg::Flush(tx) => flushes.push(tx),
+            }
+        }
+        if !acks.is_empty() {
+            send(&redis, &prefix, &group, ttl, &acks).await;
+        }
+        for f in flushes {
+            let _ = f.send(());
+        }
+    }
+}
+
+async fn send(redis: &ConnectionManager, prefix: &str, group: &str, ttl: i64, acks: &[Ack]) {
+    let mut pipe = redis::pipe();
+    // Replies first: a caller must never find its entry acknowledged but no reply pushed.
+    for a in acks {
+        if let Some((request_id, json)) = &a.reply {
+            let key = super::reply_key(prefix, request_id);
+            pipe.cmd("LPUSH").arg(&key).arg(json).ignore();
+            pipe.cmd("EXPIRE").arg(&key).arg(ttl).ignore();
+        }
+    }
+    let mut by_stream: HashMap<&str, Vec<&str>> = HashMap::new();
+    let mut cleared: HashMap<&str, Vec<&str>> = HashMap::new();
+    for a in acks {
+        by_stream.entry(&a.stream).or_default().push(&a.id);
+        if a.clear_last_error {
+            cleared.entry(&a.job_type).or_default().push(&a.id);
+        }
+    }
+    for (stream, ids) in &by_stream {
+        pipe.cmd("XACK").arg(*stream).arg(group).arg(ids).ignore();
+    }
+    for (job_type, ids) in &cleared {
+        pipe.cmd("HDEL")
+            .arg(super::last_error_key(prefix, job_type))
+            .arg(ids)
+            .ignore();
+    }
+    let pipe = &pipe;
+    let result = (|| {
+        let mut conn = redis.clone();
+        async move { pipe.query_async::<()>(&mut conn).await }
+    })
+    .retry(
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(20))
+            .with_max_delay(Duration::from_secs(1))
+            .with_max_times(5)
+            .with_jitter(),
+    )
+    .notify(|e, after| tracing::warn!(error = %e, ?after, "ack pipeline failed; retrying"))
+    .await;
+    match result {
+        Ok(()) => {
+            let now = now_ms();
+            for a in acks {
+                if let Some(t) = a.enqueued_ms {
+                    let secs = now.saturating_sub(t) as f64 / 1000.0;
+                    metrics::histogram!("tokenwarden_job_latency_seconds", "job_type" => a.job_type.to_string())
+                        .record(secs);
+                }
+            }
+        }
+        Err(e) => tracing::error!(
+            error = %e,
+            entries = acks.len(),
+            "could not acknowledge entries; they stay pending and will be redelivered"
+        ),
+    }
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

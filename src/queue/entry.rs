@@ -1,0 +1,244 @@
+//! One stream entry as the worker received it, and how its `payload` field is read.
+
+use std::sync::Arc;
+
+/// One entry of `{prefix}:jobs:{job_type}`, delivered to this consumer.
+#[derive(Debug, Clone)]
+pub struct StreamEntry {
+    /// The job type (stream suffix).
+    pub job_type: Arc<str>,
+    /// The stream key.
+    pub stream: Arc<str>,
+    /// The entry id (`<ms>-<seq>`).
+    pub id: String,
+    /// The raw fields, in no particular order.
+    pub fields: Vec<(String, Vec<u8>)>,
+    /// How many times the entry has been delivered, this delivery included.
+    pub deliveries: u64,
+}
+
+/// Why an entry cannot be handed to its handler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Malformed {
+    pub reason: String,
+    /// The payload's `request_id`, when one could be read, so the caller still gets a reply.
+    pub request_id: Option<String>,
+}
+
+/// A payload that is a JSON object.
+#[derive(Debug, Clone)]
+pub struct Payload {
+    pub value: serde_json::Value,
+    /// The payload's `request_id` when it is a UUID string: the reply goes to its list.
+    pub request_id: Option<String>,
+}
+
+impl StreamEntry {
+    /// The raw bytes of field `name`.
+    pub fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// Reads the `payload` field: it must exist, be UTF-8 JSON, and be an object.
+    pub fn payload(&self) -> Result<Payload, Malformed> {
+        let Some(raw) = self.field("payload") else {
+            return Err(Malformed {
+                reason: "stream entry has no `payload` field".into(),
+                request_id: None,
+            });
+        };
+        let value: serde_json::Value = match serde_json::from_slice(raw) {
+            Ok(v) => v,
+            Err(e) => {
+                return Err(Malformed {
+                    reason: format!("payload is not valid JSON: {e}"),
+                    request_id: None,
+                });
+            }
+        };
+        let request_id = request_id_of(&value);
+        if !value.is_object() {
+            return Err(Malformed {
+                reason: format!("payload must be a JSON object, got {}", json_kind(&value)),
+                request_id,
+            });
+        }
+        Ok(Payload { value, request_id })
+    }
+
+    /// The fields as a JSON object (values as text; bytes that are not UTF-8 are replaced), for
+    /// the dead-letter store.
+    pub fn fields_json(&self) -> serde_json::Value {
+        let map: serde_json::Map<String, serde_json::Value> = self
+            .fields
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    serde_json::Value::String(String::from_utf8_lossy(v).into_owned()),
+                )
+            })
+            .collect();
+        serde_json::Value::Object(map)
+    }
+
+    /// When the job was enqueued (unix ms): the `enqueued_at` field when it is a number, else
+    /// the time part of the entry id (set by Redis at XADD).
+    pub fn enqueued_ms(&self) -> Option<u64> {
+        self.field("enqueued_at")
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .or_else(|| id_ms(&self.id))
+    }
+}
+
+/// The millisecond part of a stream id.
+pub fn id_ms(id: &str) -> Option<u64> {
+    id.split('-').next().and_then(|ms| ms.parse().ok())
+}
+
+/// The `request_id` of a payload, when it is a string holding a UUID.
+pub fn request_id_of(value: &serde_json::Value) -> Option<String> {
+    let s = value.get("request_id")?.as_str()?;
+    uuid::Uuid::parse_str(s).ok().map(|_| s.to_string())
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// One raw entry: id and fields.
+pub type RawEntry = (String, Vec<(String, Vec<u8>)>);
+
+/// Parses the entry list of an XCLAIM reply, or of one stream in an XREADGROUP reply:
+/// `[[id, [field, value, ...]], ...]`. Entries deleted from the stream come back as `nil`
+/// (or with `nil` fields) and are returned with no fields, ids kept, so they can be
+/// acknowledged.
+pub fn parse_entries(v: redis::Value) -> Vec<RawEntry> {
+    let redis::Value::Array(items) = v else {
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let redis::Value::Array(mut pair) = item else {
+            continue;
+        };
+        if pair.len() < 2 {
+            continue;
+        }
+        let fields_v = pair.swap_remove(1);
+        let Some(id) = text(pair.swap_remove(0)) else {
+            continue;
+        };
+        let mut fields = Vec::new();
+        if let redis::Value::Array(kv) = fields_v {
+            let mut it = kv.into_iter();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                if let Some(k) = text(k) {
+                    fields.push((k, bytes(v)));
+                }
+            }
+        }
+        out.push((id, fields));
+    }
+    out
+}
+
+/// Parses an XREADGROUP reply (one stream read): the entries of the first stream, or none
+/// when the read timed out (`nil`).
+pub fn parse_read_reply(v: redis::Value) -> Vec<RawEntry> {
+    let redis::Value::Array(streams) = v else {
+        return Vec::new();
+    };
+    for s in streams {
+        if let redis::Value::Array(mut pair) = s {
+            if pair.len() == 2 {
+                return parse_entries(pair.swap_remove(1));
+            }
+        }
+    }
+    Vec::new()
+}
+
+fn text(v: redis::Value) -> Option<String> {
+    String::from_utf8(bytes(v)).ok()
+}
+
+fn bytes(v: redis::Value) -> Vec<u8> {
+    match v {
+        redis::Value::BulkString(b) => b,
+        redis::Value::SimpleString(s) => s.into_bytes(),
+        redis::Value::VerbatimString { text, .. } => text.into_bytes(),
+        redis::Value::Int(i) => i.to_string().into_bytes(),
+        redis::Value::Double(d) => d.to_string().into_bytes(),
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(fields: &[(&str, &str)]) -> StreamEntry {
+        StreamEntry {
+            job_type: "t".into(),
+            stream: "p:jobs:t".into(),
+            id: "1700000000000-0".into(),
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                .collect(),
+            deliveries: 1,
+        }
+    }
+
+    #[test]
+    fn missing_payload_is_malformed() {
+        let e = entry(&[("other", "x")]);
+        let m = e.payload().unwrap_err();
+        assert!(m.reason.contains("no `payload`"), "{}", m.reason);
+        assert_eq!(m.request_id, None);
+    }
+
+    #[test]
+    fn non_json_and_non_object_are_malformed() {
+        assert!(
+            entry(&[("payload", "{nope")])
+                .payload()
+                .unwrap_err()
+                .reason
+                .contains("not valid JSON")
+        );
+        let m = entry(&[("payload", "[1,2]")]).payload().unwrap_err();
+        assert!(m.reason.contains("an array"), "{}", m.reason);
+    }
+
+    #[test]
+    fn request_id_is_read_only_when_it_is_a_uuid() {
+        let id = uuid::Uuid::new_v4().to_string();
+        let p = entry(&[("payload", &format!(r#"{{"request_id":"{id}"}}"#))])
+            .payload()
+            .unwrap();
+        assert_eq!(p.request_id.as_deref(), Some(id.as_str()));
+        let p = entry(&[("payload", r#"{"request_id":"abc"}"#)])
+            .payload()
+            .unwrap();
+        assert_eq!(p.request_id, None);
+    }
+
+    #[test]
+    fn enqueued_at_field_wins_over_the_id() {
+        assert_eq!(entry(&[]).enqueued_ms(), Some(1_700_000_000_000));
+        assert_eq!(entry(&[("enqueued_at", "42")]).enqueued_ms(), Some(42));
+    }
+}
