@@ -46,6 +46,7 @@ struct Tick {
     claimed_by: String,
     status: String,
     missed_ticks: i32,
+    #[allow(dead_code)] // shown in assertion messages
     error: Option<String>,
 }
 
@@ -295,4 +296,152 @@ async fn readyz_fails_when_redis_is_unreachable() {
     assert_eq!(get(port, "/healthz").await.map(|r| r.0), Some(200));
     w.signal("TERM");
     assert!(w.wait_exit(Duration::from_secs(30)).success());
+}
+
+async fn app_context(env: &TestEnv, extra: &[(&str, &str)]) -> tokenwarden::worker::AppContext {
+    let mut vars = env.env_vars();
+    vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let cfg = tokenwarden::config::Config::load_with_env(None, vars).expect("test config");
+    tokenwarden::worker::AppContext::connect(cfg)
+        .await
+        .expect("connect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_payloads_are_validated() {
+    use tokenwarden::queue::{JobError, JobHandler};
+    let env = TestEnv::new().await;
+    let ctx = app_context(&env, &[]).await;
+    let jobs = tokenwarden::maintenance::MaintenanceJobs::new(&ctx);
+    for handler in jobs.handlers() {
+        for bad in [
+            serde_json::json!({"unexpected": 1}),
+            serde_json::json!({"request_id": "not-a-uuid"}),
+            serde_json::json!([]),
+        ] {
+            match handler.handle(bad.clone()).await {
+                Err(JobError::Rejected(reason)) => {
+                    assert!(reason.contains(handler.job_type()), "{reason}")
+                }
+                other => panic!("{} accepted {bad}: {other:?}", handler.job_type()),
+            }
+        }
+    }
+    // With a request id (as `tokenwarden enqueue … --wait` sends) the payload is fine.
+    let reply = jobs
+        .prune
+        .handle(serde_json::json!({"request_id": uuid::Uuid::new_v4()}))
+        .await
+        .expect("prune with a request id");
+    assert_eq!(reply["dead_letters_deleted"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_removes_only_old_and_acknowledged_data() {
+    let env = TestEnv::new().await;
+    let ctx = app_context(&env, &[]).await;
+    for age_days in [40, 1] {
+        sqlx::query(
+            "INSERT INTO dead_letters (job_type, stream, entry_id, fields, reason, deliveries, created_at) \
+             VALUES ('consume_tokens', 's', '1-0', '{}'::jsonb, 'bad', 1, now() - make_interval(days => $1))",
+        )
+        .bind(age_days)
+        .execute(&env.pool)
+        .await
+        .expect("insert dead letter");
+        sqlx::query(
+            "INSERT INTO scheduler_ticks (job, scheduled_at, claimed_by, claimed_at, status) \
+             VALUES ('prune', now() - make_interval(days => $1), 'r', now() - make_interval(days => $1), 'succeeded')",
+        )
+        .bind(age_days)
+        .execute(&env.pool)
+        .await
+        .expect("insert tick");
+    }
+    // A consumed stream: 1000-0 acknowledged, 1001-0 delivered but pending, 1002-0 never
+    // delivered, one fresh entry. Only 1000-0 is both old and acknowledged.
+    let mut r = env.redis().await;
+    let consumed = format!("{}:jobs:consume_tokens", env.redis_prefix);
+    let untouched = format!("{}:jobs:grant_tokens", env.redis_prefix);
+    for id in ["1000-0", "1001-0", "1002-0", "*"] {
+        let _: String = redis::cmd("XADD")
+            .arg(&consumed)
+            .arg(id)
+            .arg("payload")
+            .arg("{}")
+            .query_async(&mut r)
+            .await
+            .expect("xadd");
+        let _: String = redis::cmd("XADD")
+            .arg(&untouched)
+            .arg(id)
+            .arg("payload")
+            .arg("{}")
+            .query_async(&mut r)
+            .await
+            .expect("xadd");
+    }
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&consumed)
+        .arg("tokenwarden")
+        .arg("0")
+        .query_async(&mut r)
+        .await
+        .expect("create group");
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("tokenwarden")
+        .arg("c1")
+        .arg("COUNT")
+        .arg(2)
+        .arg("STREAMS")
+        .arg(&consumed)
+        .arg(">")
+        .query_async(&mut r)
+        .await
+        .expect("read two");
+    let _: i64 = redis::cmd("XACK")
+        .arg(&consumed)
+        .arg("tokenwarden")
+        .arg("1000-0")
+        .query_async(&mut r)
+        .await
+        .expect("ack one");
+
+    let jobs = tokenwarden::maintenance::MaintenanceJobs::new(&ctx);
+    let report = jobs.prune.run().await.expect("prune");
+    assert_eq!(report.dead_letters_deleted, 1, "{report:?}");
+    assert_eq!(report.ticks_deleted, 1, "{report:?}");
+    assert_eq!(report.stream_entries_trimmed, 1, "{report:?}");
+    assert_eq!(report.streams_trimmed, 1, "only the stream with a group: {report:?}");
+
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 1);
+    let ids = |stream: String| {
+        let mut r = r.clone();
+        async move {
+            let v: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+                .arg(&stream)
+                .arg("-")
+                .arg("+")
+                .query_async(&mut r)
+                .await
+                .expect("xrange");
+            v.into_iter().map(|(id, _)| id).collect::<Vec<_>>()
+        }
+    };
+    let consumed_ids = ids(consumed).await;
+    assert_eq!(&consumed_ids[..2], &["1001-0", "1002-0"], "{consumed_ids:?}");
+    assert_eq!(consumed_ids.len(), 3);
+    assert_eq!(ids(untouched).await.len(), 4, "no group: nothing may go");
+    // A second run has nothing left to remove.
+    let again = jobs.prune.run().await.expect("prune again");
+    assert_eq!(
+        (again.dead_letters_deleted, again.ticks_deleted, again.stream_entries_trimmed),
+        (0, 0, 0)
+    );
 }

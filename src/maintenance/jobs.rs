@@ -24,6 +24,12 @@ pub struct MaintenancePayload {
 
 /// Validates a maintenance payload, rejecting anything but an optional `request_id`.
 pub fn parse_payload(job: &str, payload: serde_json::Value) -> Result<MaintenancePayload, JobError> {
+    // serde accepts a JSON array for a struct (fields by position); the wire format says object.
+    if !payload.is_object() {
+        return Err(JobError::Rejected(format!(
+            "invalid {job} payload: expected a JSON object, got {payload}"
+        )));
+    }
     serde_json::from_value(payload)
         .map_err(|e| JobError::Rejected(format!("invalid {job} payload: {e}")))
 }
