@@ -194,9 +194,9 @@ async fn ticks_missed_while_down_run_once_at_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_ready_and_metrics_over_http() {
     let env = TestEnv::new().await;
-    // A stream with one entry, so the queue gauges have something to sample.
+    // A stream with one entry that no handler consumes, so the queue gauges sample a depth.
     let mut r = env.redis().await;
-    let stream = format!("{}:jobs:prune", env.redis_prefix);
+    let stream = format!("{}:jobs:unserved_job_type", env.redis_prefix);
     let _: String = redis::cmd("XADD")
         .arg(&stream)
         .arg("*")
@@ -243,9 +243,13 @@ async fn health_ready_and_metrics_over_http() {
     )
     .await;
     assert_eq!(
-        sum(&samples, "tokenwarden_queue_depth", &[("job_type", "prune")]),
+        sum(
+            &samples,
+            "tokenwarden_queue_depth",
+            &[("job_type", "unserved_job_type")]
+        ),
         1.0,
-        "depth of the prune stream"
+        "depth of the unserved stream"
     );
     for rule in ["request_burst", "spend_spike"] {
         assert!(

@@ -251,6 +251,8 @@ impl MaintenanceJobs {
     /// Like [`MaintenanceJobs::new`], with more anomaly rules (e.g. the access module's
     /// verification-storm rule) evaluated by the same detection job.
     pub fn with_extra_rules(ctx: &AppContext, extra: Vec<Arc<dyn AnomalyRule>>) -> Self {
+        // The rules' zero-valued counters must land in the Prometheus recorder, not the no-op one.
+        self::metrics::install();
         let alerter = anomalies::Alerter::from_config(&ctx.cfg.maintenance.alerts);
         let mut rules = anomalies::builtin_rules(&ctx.cfg.maintenance.anomalies);
         rules.extend(extra);
