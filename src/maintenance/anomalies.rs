@@ -126,12 +126,11 @@ impl WindowCountRule {
              SELECT user_id, window_start, n FROM w WHERE n >= $4 ORDER BY user_id, window_start",
             events = self.events_sql
         );
-        let since: DateTime<Utc> = sqlx::query_scalar(
-            "SELECT now() - make_interval(secs => $1::double precision / 1e6)",
-        )
-        .bind(lookback_us)
-        .fetch_one(pool)
-        .await?;
+        let since: DateTime<Utc> =
+            sqlx::query_scalar("SELECT now() - make_interval(secs => $1::double precision / 1e6)")
+                .bind(lookback_us)
+                .fetch_one(pool)
+                .await?;
         let rows: Vec<(Uuid, DateTime<Utc>, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(since)
             .bind(&self.extra)

@@ -66,11 +66,7 @@ pub async fn run(cmd: AnomaliesCommand, cfg: &crate::config::Config) -> Result<(
 }
 
 /// Open anomalies (or all), newest first.
-pub async fn list(
-    pool: &sqlx::PgPool,
-    all: bool,
-    limit: i64,
-) -> Result<Vec<AnomalyRow>, CliError> {
+pub async fn list(pool: &sqlx::PgPool, all: bool, limit: i64) -> Result<Vec<AnomalyRow>, CliError> {
     sqlx::query_as(
         "SELECT id, user_id, rule, severity, window_start, window_end, details, detected_at, \
                 resolved_at \

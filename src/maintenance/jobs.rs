@@ -23,7 +23,10 @@ pub struct MaintenancePayload {
 }
 
 /// Validates a maintenance payload, rejecting anything but an optional `request_id`.
-pub fn parse_payload(job: &str, payload: serde_json::Value) -> Result<MaintenancePayload, JobError> {
+pub fn parse_payload(
+    job: &str,
+    payload: serde_json::Value,
+) -> Result<MaintenancePayload, JobError> {
     // serde accepts a JSON array for a struct (fields by position); the wire format says object.
     if !payload.is_object() {
         return Err(JobError::Rejected(format!(
@@ -229,7 +232,10 @@ pub(crate) async fn acked_floor(
     for g in groups {
         let map = value_map(g);
         let name = map.get("name").cloned().unwrap_or_default();
-        let Some(last) = map.get("last-delivered-id").and_then(|s| parse_stream_id(s)) else {
+        let Some(last) = map
+            .get("last-delivered-id")
+            .and_then(|s| parse_stream_id(s))
+        else {
             continue;
         };
         // Entries up to last-delivered are delivered; the first still pending bounds them.

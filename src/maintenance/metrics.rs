@@ -71,7 +71,10 @@ fn describe() {
         "tokenwarden_locks_released_total",
         "Expired holds released by the cleanup job"
     );
-    describe_counter!("tokenwarden_pruned_total", "Rows or entries pruned, by kind");
+    describe_counter!(
+        "tokenwarden_pruned_total",
+        "Rows or entries pruned, by kind"
+    );
     describe_gauge!(
         "tokenwarden_queue_depth",
         "Entries in a job stream (XLEN), by job type"
@@ -142,18 +145,14 @@ async fn sample_stream(
         .map_err(|e| e.to_string())?;
     metrics::gauge!("tokenwarden_queue_depth", "job_type" => job.to_string()).set(len as f64);
     // The oldest entry not acknowledged by every group: the first at or after the floor.
-    let oldest_ms = match acked_floor(conn, stream)
-        .await
-        .map_err(|e| e.to_string())?
-    {
+    let oldest_ms = match acked_floor(conn, stream).await.map_err(|e| e.to_string())? {
         Some((ms, seq)) => first_id_from(conn, stream, &format!("{ms}-{seq}")).await?,
         None => first_id_from(conn, stream, "-").await?,
     };
     let age = oldest_ms
         .map(|ms| now_ms().saturating_sub(ms) as f64 / 1000.0)
         .unwrap_or(0.0);
-    metrics::gauge!("tokenwarden_queue_oldest_age_seconds", "job_type" => job.to_string())
-        .set(age);
+    metrics::gauge!("tokenwarden_queue_oldest_age_seconds", "job_type" => job.to_string()).set(age);
     Ok(())
 }
 

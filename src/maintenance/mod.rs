@@ -61,7 +61,12 @@ impl Schedules {
 
     /// The parsed schedule of `job`, `None` when it is disabled or unknown.
     pub fn schedule(&self, job: &str) -> Option<cron::Schedule> {
-        let expr = self.entries().into_iter().find(|(j, _)| *j == job)?.1.trim();
+        let expr = self
+            .entries()
+            .into_iter()
+            .find(|(j, _)| *j == job)?
+            .1
+            .trim();
         if expr.is_empty() {
             return None;
         }

@@ -104,7 +104,11 @@ impl RunTracker {
         if set.is_empty() {
             return;
         }
-        tracing::info!(runs = set.len(), ?grace, "waiting for scheduled runs in flight");
+        tracing::info!(
+            runs = set.len(),
+            ?grace,
+            "waiting for scheduled runs in flight"
+        );
         let all_done = async { while set.join_next().await.is_some() {} };
         if tokio::time::timeout(grace, all_done).await.is_err() {
             set.abort_all();
@@ -210,7 +214,10 @@ async fn tick_loop(
     }
 }
 
-async fn last_recorded_tick(pool: &PgPool, job: &str) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+async fn last_recorded_tick(
+    pool: &PgPool,
+    job: &str,
+) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
     sqlx::query_scalar("SELECT max(scheduled_at) FROM public.scheduler_ticks WHERE job = $1")
         .bind(job)
         .fetch_one(pool)
@@ -287,7 +294,11 @@ enum RunOutcome {
     Skipped,
 }
 
-async fn guarded_run(pool: &PgPool, handler: Arc<dyn JobHandler>, tick: DateTime<Utc>) -> RunOutcome {
+async fn guarded_run(
+    pool: &PgPool,
+    handler: Arc<dyn JobHandler>,
+    tick: DateTime<Utc>,
+) -> RunOutcome {
     let job = handler.job_type();
     // A transaction-scoped lock: if this task is aborted mid-run, dropping the transaction
     // rolls it back and frees the lock; a session lock would stay with the pooled connection.

@@ -70,7 +70,9 @@ pub fn parse_prometheus(text: &str) -> (Vec<Sample>, HashMap<String, String>) {
         let mut labels = HashMap::new();
         let mut rest = &line[name_end..];
         if let Some(inner) = rest.strip_prefix('{') {
-            let close = inner.find('}').unwrap_or_else(|| panic!("unclosed {{ in {line:?}"));
+            let close = inner
+                .find('}')
+                .unwrap_or_else(|| panic!("unclosed {{ in {line:?}"));
             let body = &inner[..close];
             rest = &inner[close + 1..];
             let mut body = body;
