@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod anvil;
+pub mod ops;
 
 use std::future::Future;
 use std::path::PathBuf;
