@@ -33,7 +33,9 @@ chain_up() { curl -sf -X POST -H 'content-type: application/json' \
 if chain_up; then
     echo "using the chain already answering at $ANVIL_URL"
 else
-    node_modules/.bin/anvil --port 8545 --block-time 1 --silent > .tw/anvil.log 2>&1 &
+    # The native binary, not the node shim in .bin: killing the shim would orphan anvil.
+    anvil_bin=$(ls node_modules/@foundry-rs/anvil-*/bin/anvil 2>/dev/null | head -1)
+    "${anvil_bin:-node_modules/.bin/anvil}" --port 8545 --block-time 1 --silent > .tw/anvil.log 2>&1 &
     pids+=($!)
     for _ in $(seq 1 100); do chain_up && break; sleep 0.1; done
     chain_up || { echo "anvil did not start; see .tw/anvil.log"; exit 1; }
