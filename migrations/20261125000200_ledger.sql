@@ -597,46 +597,43 @@ BEGIN
          WHERE x.d AND NOT x.isnew AND l.hold_id = x.id;
     END IF;
 
-    -- History: one row per op that changed a balance, in arrival order. `decided` = first
-    -- time this id was seen (not a replay, not a conflict).
-    INSERT INTO public.token_balance_history
-           (user_id, request_id, hold_id, kind, amount, balance_after, held_after,
-            operation_type, metadata, created_at)
-    SELECT z.usr, z.rid, z.hid, z.hk, z.amt, z.b, z.hd, z.op, z.m, v_now
-      FROM (
-        SELECT x.ord, x.rid,
+    -- Outcomes of the ops decided here (first sight of the id: not a replay, not a conflict)
+    -- and their history rows (one per op that changed a balance, in arrival order), from one
+    -- pass over the arrays.
+    WITH decided AS MATERIALIZED (
+        SELECT x.ord, x.rid, x.k, x.h, x.a, x.l, x.ttl, x.m, x.st, x.b, x.hd, x.r,
                CASE WHEN x.k IN ('consume', 'grant', 'hold') THEN x.u ELSE x.ou END AS usr,
-               CASE WHEN x.k = 'hold' THEN x.rid WHEN x.k IN ('settle', 'release') THEN x.h
-                    END AS hid,
                CASE x.st WHEN 'consumed' THEN 'consume' WHEN 'granted' THEN 'grant'
                          WHEN 'held' THEN 'hold' WHEN 'settled' THEN 'settle'
                          WHEN 'released' THEN 'release'
                          WHEN 'hold_expired' THEN CASE WHEN x.expired THEN 'expire' END
                     END AS hk,
-               coalesce(x.hamt, x.a) AS amt, x.b, x.hd, coalesce(x.oop, x.l) AS op, x.m
+               coalesce(x.hamt, x.a) AS hamt, coalesce(x.oop, x.l) AS hop
           FROM unnest(p_request_ids, p_kinds, p_user_ids, p_hold_ids, p_amounts, p_labels,
-                      op_meta, o_status, o_balance, o_held, o_user, o_expired, o_hist_amount,
-                      o_optype, ex_status, op_first)
+                      p_ttl_secs, op_meta, o_status, o_balance, o_held, o_reason, o_user,
+                      o_expired, o_hist_amount, o_optype, ex_status, op_first)
                WITH ORDINALITY
-               AS x(rid, k, u, h, a, l, m, st, b, hd, ou, expired, hamt, oop, exst, first, ord)
-         WHERE x.exst IS NULL AND x.first = x.ord
-      ) z
-     WHERE z.hk IS NOT NULL
-     ORDER BY z.ord;
-
+               AS x(rid, k, u, h, a, l, ttl, m, st, b, hd, r, ou, expired, hamt, oop, exst,
+                    first, ord)
+         WHERE x.rid IS NOT NULL AND x.exst IS NULL AND x.first = x.ord
+           AND x.k IN ('consume', 'grant', 'hold', 'settle', 'release')
+    ), history AS (
+        INSERT INTO public.token_balance_history
+               (user_id, request_id, hold_id, kind, amount, balance_after, held_after,
+                operation_type, metadata, created_at)
+        SELECT d.usr, d.rid,
+               CASE WHEN d.k = 'hold' THEN d.rid WHEN d.k IN ('settle', 'release') THEN d.h END,
+               d.hk, d.hamt,
+               d.b, d.hd, d.hop, d.m, v_now
+          FROM decided d
+         WHERE d.hk IS NOT NULL
+         ORDER BY d.ord
+    )
     INSERT INTO public.ledger_requests
            (request_id, kind, user_id, hold_id, amount, label, ttl_secs, metadata, status,
             balance_after, held_after, reason, created_at)
-    SELECT x.rid, x.k,
-           CASE WHEN x.k IN ('consume', 'grant', 'hold') THEN x.u ELSE x.ou END,
-           x.h, x.a, x.l, x.ttl, x.m, x.st, x.b, x.hd, x.r, v_now
-      FROM unnest(p_request_ids, p_kinds, p_user_ids, p_hold_ids, p_amounts, p_labels,
-                  p_ttl_secs, op_meta, o_status, o_balance, o_held, o_reason, o_user,
-                  ex_status, op_first)
-           WITH ORDINALITY
-           AS x(rid, k, u, h, a, l, ttl, m, st, b, hd, r, ou, exst, first, ord)
-     WHERE x.rid IS NOT NULL AND x.exst IS NULL AND x.first = x.ord
-       AND x.k IN ('consume', 'grant', 'hold', 'settle', 'release');
+    SELECT d.rid, d.k, d.usr, d.h, d.a, d.l, d.ttl, d.m, d.st, d.b, d.hd, d.r, v_now
+      FROM decided d;
 
     RETURN QUERY
     SELECT x.rid, x.st, x.b, x.h, x.r
