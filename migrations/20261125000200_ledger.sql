@@ -576,7 +576,8 @@ BEGIN
        SET balance = x.b, held = x.h, lifetime_granted = x.g, lifetime_consumed = x.c,
            updated_at = v_now
       FROM unnest(a_user, a_balance, a_held, a_granted, a_consumed) AS x(u, b, h, g, c)
-     WHERE c.user_id = x.u
+     WHERE c.user_id = ANY (a_user)  -- lets the planner fetch only these rows
+       AND c.user_id = x.u
        AND (c.balance, c.held, c.lifetime_granted, c.lifetime_consumed)
            IS DISTINCT FROM (x.b, x.h, x.g, x.c);
 
