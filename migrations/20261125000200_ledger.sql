@@ -167,6 +167,9 @@ SET search_path = ''
 -- Plan every statement with the real arrays: a cached generic plan guesses 10 elements per
 -- array and may pick nested loops that are quadratic in the batch size.
 SET plan_cache_mode = force_custom_plan
+-- Every table access here is by key: a sequential scan of accounts (live and dead versions) per
+-- batch costs more than the batch's index probes once the table has a few thousand rows.
+SET enable_seqscan = off
 AS $fn$
 #variable_conflict use_column
 DECLARE
