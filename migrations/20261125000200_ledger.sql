@@ -148,7 +148,7 @@ GRANT SELECT ON public.credit_accounts, public.ledger_requests, public.token_bal
 -- quadratically.
 -- ---------------------------------------------------------------------------------------------
 
-CREATE FUNCTION public.tw_ledger_apply(
+CREATE FUNCTION public.tw_ledger_apply_core(
     p_request_ids uuid[],
     p_kinds text[],
     p_user_ids uuid[],
@@ -164,9 +164,6 @@ RETURNS TABLE (request_id uuid, status text, balance bigint, held bigint, reason
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = ''
--- Plan every statement with the real arrays: a cached generic plan guesses 10 elements per
--- array and may pick nested loops that are quadratic in the batch size.
-SET plan_cache_mode = force_custom_plan
 -- Every table access here is by key: a sequential scan of accounts (live and dead versions) per
 -- batch costs more than the batch's index probes once the table has a few thousand rows.
 SET enable_seqscan = off
@@ -647,6 +644,33 @@ BEGIN
 END
 $fn$;
 
+-- The batch entry point. Same rules (it IS tw_ledger_apply_core), planned for the real batch:
+-- a cached generic plan guesses a few elements per array and may pick nested loops that are
+-- quadratic in the batch size, so every statement gets a custom plan here. The single-operation
+-- SQL door (tw_ledger_apply_one) calls the core with cached generic plans, right for one op.
+CREATE FUNCTION public.tw_ledger_apply(
+    p_request_ids uuid[],
+    p_kinds text[],
+    p_user_ids uuid[],
+    p_amounts bigint[],
+    p_labels text[],
+    p_hold_ids uuid[],
+    p_ttl_secs integer[],
+    p_metadata jsonb[],
+    p_metadata_max_bytes integer DEFAULT 4096,
+    p_max_ttl_secs integer DEFAULT 86400
+)
+RETURNS TABLE (request_id uuid, status text, balance bigint, held bigint, reason text)
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = ''
+SET plan_cache_mode = force_custom_plan
+AS $fn$
+    SELECT * FROM public.tw_ledger_apply_core(p_request_ids, p_kinds, p_user_ids, p_amounts,
+                                              p_labels, p_hold_ids, p_ttl_secs, p_metadata,
+                                              p_metadata_max_bytes, p_max_ttl_secs);
+$fn$;
+
 -- ---------------------------------------------------------------------------------------------
 -- cleanup_expired_locks(): expire every open hold past its expires_at, return its tokens to the
 -- balance and write one 'expire' history row per hold (request_id = the hold id). Returns how
@@ -737,6 +761,8 @@ RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = ''
+-- One operation: cached generic plans fit (see tw_ledger_apply) and save planning per call.
+SET plan_cache_mode = force_generic_plan
 AS $fn$
 DECLARE
     r record;
@@ -745,7 +771,7 @@ BEGIN
     FOR attempt IN 1 .. 3 LOOP
         BEGIN
             SELECT * INTO r
-              FROM public.tw_ledger_apply(
+              FROM public.tw_ledger_apply_core(
                   ARRAY[p_request_id], ARRAY[p_kind], ARRAY[p_user_id], ARRAY[p_amount],
                   ARRAY[p_label], ARRAY[p_hold_id], ARRAY[p_ttl_secs], ARRAY[p_metadata],
                   4096, 86400);
@@ -837,6 +863,7 @@ $fn$;
 -- act on any account. Supabase's default privileges grant EXECUTE to anon/authenticated, so
 -- revoke from them explicitly too.
 REVOKE ALL ON FUNCTION
+    public.tw_ledger_apply_core(uuid[], text[], uuid[], bigint[], text[], uuid[], integer[], jsonb[], integer, integer),
     public.tw_ledger_apply(uuid[], text[], uuid[], bigint[], text[], uuid[], integer[], jsonb[], integer, integer),
     public.tw_ledger_apply_one(uuid, text, uuid, bigint, text, uuid, integer, jsonb),
     public.cleanup_expired_locks(),
