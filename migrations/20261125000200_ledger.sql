@@ -1,7 +1,8 @@
 -- Credits ledger: accounts, durable request outcomes, append-only history, holds, anomalies,
 -- and the SQL functions that apply ledger operations.
 --
--- The rules live in ONE function, public.tw_ledger_apply (a batch of operations). The queue path
+-- The rules live in ONE function, public.tw_ledger_apply_core (a batch of operations), entered
+-- through public.tw_ledger_apply. The queue path
 -- (Rust `Ledger::apply`) calls it with up to `ledger.max_batch` operations per transaction; the
 -- synchronous SQL door (consume_tokens_atomic, add_tokens, hold_tokens, settle_hold, release_hold)
 -- calls it with one. Both doors therefore give identical outcomes.
@@ -128,7 +129,8 @@ GRANT SELECT ON public.credit_accounts, public.ledger_requests, public.token_bal
     public.token_consumption_locks, public.token_anomalies TO anon, authenticated, service_role;
 
 -- ---------------------------------------------------------------------------------------------
--- tw_ledger_apply: the one implementation of the ledger rules.
+-- tw_ledger_apply_core: the one implementation of the ledger rules, reached through
+-- tw_ledger_apply (batches) and tw_ledger_apply_one (the SQL door), defined below.
 --
 -- Input: parallel arrays, one element per operation, applied in array (arrival) order, each
 -- operation seeing the effects of the previous ones.
@@ -741,8 +743,8 @@ END
 $fn$;
 
 -- ---------------------------------------------------------------------------------------------
--- The synchronous SQL door. Each function applies ONE operation through tw_ledger_apply and
--- returns a jsonb:
+-- The synchronous SQL door. Each function applies ONE operation through the same rules
+-- (tw_ledger_apply_core) and returns a jsonb:
 --   {"success": bool, "status": text, "request_id": uuid, "balance": int|null,
 --    "held": int|null, "error": text|null (= status when success is false),
 --    "reason": text|null}  (+ "hold_id" for hold_tokens)
