@@ -63,7 +63,9 @@ CREATE TABLE public.token_balance_history (
     metadata       jsonb NOT NULL DEFAULT '{}'::jsonb,
     created_at     timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
-CREATE INDEX token_balance_history_user_idx ON public.token_balance_history (user_id, id DESC);
+-- Ascending: new rows land at the end of their user's range, where B-tree splits stay dense
+-- (newest-first reads scan it backwards just as fast).
+CREATE INDEX token_balance_history_user_idx ON public.token_balance_history (user_id, id);
 
 -- Holds (two-phase consumption). hold_id = the request id of the hold operation.
 CREATE TABLE public.token_consumption_locks (
