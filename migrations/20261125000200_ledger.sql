@@ -131,8 +131,8 @@ GRANT SELECT ON public.credit_accounts, public.ledger_requests, public.token_bal
     public.token_consumption_locks, public.token_anomalies TO anon, authenticated, service_role;
 
 -- ---------------------------------------------------------------------------------------------
--- tw_ledger_apply_core: the one implementation of the ledger rules, reached through
--- tw_ledger_apply (batches) and tw_ledger_apply_one (the SQL door), defined below.
+-- tw_ledger_apply_core: the one implementation of the ledger rules, reached only through
+-- tw_ledger_apply (defined below), which both doors call.
 --
 -- Input: parallel arrays, one element per operation, applied in array (arrival) order, each
 -- operation seeing the effects of the previous ones.
@@ -648,10 +648,11 @@ BEGIN
 END
 $fn$;
 
--- The batch entry point. Same rules (it IS tw_ledger_apply_core), planned for the real batch:
--- a cached generic plan guesses a few elements per array and may pick nested loops that are
--- quadratic in the batch size, so every statement gets a custom plan here. The single-operation
--- SQL door (tw_ledger_apply_one) calls the core with cached generic plans, right for one op.
+-- The entry point of both doors. Same rules (it IS tw_ledger_apply_core), planned for the
+-- batch at hand: for a large batch a cached generic plan guesses a few elements per array and
+-- may pick nested loops that are quadratic in the batch size, so large batches get a custom
+-- plan per statement; small ones (the SQL door, a quiet queue) reuse cached generic plans and
+-- skip the planning. The SET clause keeps the choice local to this call.
 CREATE FUNCTION public.tw_ledger_apply(
     p_request_ids uuid[],
     p_kinds text[],
@@ -665,14 +666,20 @@ CREATE FUNCTION public.tw_ledger_apply(
     p_max_ttl_secs integer DEFAULT 86400
 )
 RETURNS TABLE (request_id uuid, status text, balance bigint, held bigint, reason text)
-LANGUAGE sql
+LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = ''
 SET plan_cache_mode = force_custom_plan
 AS $fn$
+BEGIN
+    IF coalesce(pg_catalog.array_length(p_request_ids, 1), 0) <= 8 THEN
+        PERFORM pg_catalog.set_config('plan_cache_mode', 'force_generic_plan', true);
+    END IF;
+    RETURN QUERY
     SELECT * FROM public.tw_ledger_apply_core(p_request_ids, p_kinds, p_user_ids, p_amounts,
                                               p_labels, p_hold_ids, p_ttl_secs, p_metadata,
                                               p_metadata_max_bytes, p_max_ttl_secs);
+END
 $fn$;
 
 -- ---------------------------------------------------------------------------------------------
@@ -745,8 +752,8 @@ END
 $fn$;
 
 -- ---------------------------------------------------------------------------------------------
--- The synchronous SQL door. Each function applies ONE operation through the same rules
--- (tw_ledger_apply_core) and returns a jsonb:
+-- The synchronous SQL door. Each function applies ONE operation through tw_ledger_apply (the
+-- same entry point as the queue path) and returns a jsonb:
 --   {"success": bool, "status": text, "request_id": uuid, "balance": int|null,
 --    "held": int|null, "error": text|null (= status when success is false),
 --    "reason": text|null}  (+ "hold_id" for hold_tokens)
@@ -765,8 +772,6 @@ RETURNS jsonb
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = ''
--- One operation: cached generic plans fit (see tw_ledger_apply) and save planning per call.
-SET plan_cache_mode = force_generic_plan
 AS $fn$
 DECLARE
     r record;
@@ -775,7 +780,7 @@ BEGIN
     FOR attempt IN 1 .. 3 LOOP
         BEGIN
             SELECT * INTO r
-              FROM public.tw_ledger_apply_core(
+              FROM public.tw_ledger_apply(
                   ARRAY[p_request_id], ARRAY[p_kind], ARRAY[p_user_id], ARRAY[p_amount],
                   ARRAY[p_label], ARRAY[p_hold_id], ARRAY[p_ttl_secs], ARRAY[p_metadata],
                   4096, 86400);
