@@ -1,7 +1,8 @@
 -- Credits ledger: accounts, durable request outcomes, append-only history, holds, anomalies,
 -- and the SQL functions that apply ledger operations.
 --
--- The rules live in ONE function, public.tw_ledger_apply (a batch of operations). The queue path
+-- The rules live in ONE function, public.tw_ledger_apply_core (a batch of operations), entered
+-- through public.tw_ledger_apply. The queue path
 -- (Rust `Ledger::apply`) calls it with up to `ledger.max_batch` operations per transaction; the
 -- synchronous SQL door (consume_tokens_atomic, add_tokens, hold_tokens, settle_hold, release_hold)
 -- calls it with one. Both doors therefore give identical outcomes.
@@ -62,7 +63,9 @@ CREATE TABLE public.token_balance_history (
     metadata       jsonb NOT NULL DEFAULT '{}'::jsonb,
     created_at     timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
-CREATE INDEX token_balance_history_user_idx ON public.token_balance_history (user_id, id DESC);
+-- Ascending: new rows land at the end of their user's range, where B-tree splits stay dense
+-- (newest-first reads scan it backwards just as fast).
+CREATE INDEX token_balance_history_user_idx ON public.token_balance_history (user_id, id);
 
 -- Holds (two-phase consumption). hold_id = the request id of the hold operation.
 CREATE TABLE public.token_consumption_locks (
@@ -128,7 +131,8 @@ GRANT SELECT ON public.credit_accounts, public.ledger_requests, public.token_bal
     public.token_consumption_locks, public.token_anomalies TO anon, authenticated, service_role;
 
 -- ---------------------------------------------------------------------------------------------
--- tw_ledger_apply: the one implementation of the ledger rules.
+-- tw_ledger_apply_core: the one implementation of the ledger rules, reached only through
+-- tw_ledger_apply (defined below), which both doors call.
 --
 -- Input: parallel arrays, one element per operation, applied in array (arrival) order, each
 -- operation seeing the effects of the previous ones.
@@ -148,7 +152,7 @@ GRANT SELECT ON public.credit_accounts, public.ledger_requests, public.token_bal
 -- quadratically.
 -- ---------------------------------------------------------------------------------------------
 
-CREATE FUNCTION public.tw_ledger_apply(
+CREATE FUNCTION public.tw_ledger_apply_core(
     p_request_ids uuid[],
     p_kinds text[],
     p_user_ids uuid[],
@@ -164,6 +168,9 @@ RETURNS TABLE (request_id uuid, status text, balance bigint, held bigint, reason
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = ''
+-- Every table access here is by key: a sequential scan of accounts (live and dead versions) per
+-- batch costs more than the batch's index probes once the table has a few thousand rows.
+SET enable_seqscan = off
 AS $fn$
 #variable_conflict use_column
 DECLARE
@@ -175,7 +182,7 @@ DECLARE
     -- per operation, from the preparation query
     op_meta jsonb[];
     op_first integer[];     -- position of the first op with this request id in the batch
-    op_dup_same boolean[];  -- this op's fields equal those of that first op
+    op_ord integer[];       -- positions, to check the aggregate kept the order
     op_reject text[];       -- validation failure, if any
     op_slot integer[];      -- account slot (consume/grant/hold)
     op_hslot integer[];     -- hold slot (hold/settle/release)
@@ -267,22 +274,29 @@ BEGIN
     END IF;
     v_users := coalesce(v_users, '{}'::uuid[]);
 
-    SELECT pg_catalog.array_agg(u.uid ORDER BY u.slot),
-           pg_catalog.array_agg(coalesce(c.balance, 0) ORDER BY u.slot),
-           pg_catalog.array_agg(coalesce(c.held, 0) ORDER BY u.slot),
-           pg_catalog.array_agg(coalesce(c.lifetime_granted, 0) ORDER BY u.slot),
-           pg_catalog.array_agg(coalesce(c.lifetime_consumed, 0) ORDER BY u.slot),
-           pg_catalog.array_agg(EXISTS (
-               SELECT 1 FROM public.token_anomalies an
-                WHERE an.user_id = u.uid AND an.severity = 'block' AND an.resolved_at IS NULL)
-               ORDER BY u.slot)
+    SELECT pg_catalog.array_agg(q.uid), pg_catalog.array_agg(q.balance),
+           pg_catalog.array_agg(q.held), pg_catalog.array_agg(q.lifetime_granted),
+           pg_catalog.array_agg(q.lifetime_consumed), pg_catalog.array_agg(q.blocked)
       INTO a_user, a_balance, a_held, a_granted, a_consumed, a_blocked
-      FROM unnest(v_users) WITH ORDINALITY AS u(uid, slot)
-      LEFT JOIN (SELECT c.user_id, c.balance, c.held, c.lifetime_granted, c.lifetime_consumed
-                   FROM public.credit_accounts c
-                  WHERE c.user_id = ANY (v_users)
-                  ORDER BY c.user_id
-                    FOR UPDATE) c ON c.user_id = u.uid;
+      FROM (
+        SELECT u.uid, coalesce(c.balance, 0) AS balance, coalesce(c.held, 0) AS held,
+               coalesce(c.lifetime_granted, 0) AS lifetime_granted,
+               coalesce(c.lifetime_consumed, 0) AS lifetime_consumed,
+               EXISTS (SELECT 1 FROM public.token_anomalies an
+                        WHERE an.user_id = u.uid AND an.severity = 'block'
+                          AND an.resolved_at IS NULL) AS blocked
+          FROM unnest(v_users) WITH ORDINALITY AS u(uid, slot)
+          LEFT JOIN (SELECT c.user_id, c.balance, c.held, c.lifetime_granted,
+                            c.lifetime_consumed
+                       FROM public.credit_accounts c
+                      WHERE c.user_id = ANY (v_users)
+                      ORDER BY c.user_id
+                        FOR UPDATE) c ON c.user_id = u.uid
+         ORDER BY u.slot
+      ) q;
+    IF coalesce(a_user, '{}'::uuid[]) <> v_users THEN
+        RAISE EXCEPTION 'tw_ledger_apply: accounts prepared out of order';
+    END IF;
 
     -- 2. Holds referenced by the batch (settle/release targets and holds created here), read
     --    under the account locks.
@@ -302,19 +316,31 @@ BEGIN
           FROM (SELECT DISTINCT CASE WHEN x.k IN ('settle', 'release') THEN x.h
                                      WHEN x.k = 'hold' THEN x.rid END AS hid
                   FROM unnest(p_kinds, p_hold_ids, p_request_ids) AS x(k, h, rid)) hx
-          LEFT JOIN public.token_consumption_locks l ON l.hold_id = hx.hid
+          LEFT JOIN LATERAL (
+            SELECT l.user_id, l.amount, l.status, l.expires_at, l.settled_amount,
+                   l.operation_type, l.metadata
+              FROM public.token_consumption_locks l
+             WHERE l.hold_id = hx.hid
+             LIMIT 1) l ON true
           LEFT JOIN unnest(a_user) WITH ORDINALITY AS au(uid, slot) ON au.uid = l.user_id
          WHERE hx.hid IS NOT NULL;
     END IF;
 
-    -- 3. Per operation: validation, duplicates within the batch, stored outcomes (read after
-    --    the locks, so a concurrent batch's commit on these accounts is visible), slots.
-    SELECT pg_catalog.array_agg(t.m ORDER BY t.ord),
-           pg_catalog.array_agg(t.first_ord::integer ORDER BY t.ord),
-           pg_catalog.array_agg(
-               (t.k, t.fu, t.h, t.a, t.l, t.ttl, t.m) IS NOT DISTINCT FROM
-               (t.f_k, t.f_fu, t.f_h, t.f_a, t.f_l, t.f_ttl, t.f_m) ORDER BY t.ord),
-           pg_catalog.array_agg(CASE
+    -- 3. Per operation: validation, first occurrence of its id in the batch, stored outcome
+    --    (read after the locks, so a concurrent batch's commit on these accounts is visible),
+    --    slots. The aggregates read a subquery sorted by position (one sort instead of one per
+    --    aggregate); the loop checks the positions came back in order.
+    SELECT pg_catalog.array_agg(q.ord), pg_catalog.array_agg(q.m),
+           pg_catalog.array_agg(q.first_ord), pg_catalog.array_agg(q.rej),
+           pg_catalog.array_agg(q.aslot), pg_catalog.array_agg(q.hslot),
+           pg_catalog.array_agg(q.status), pg_catalog.array_agg(q.same),
+           pg_catalog.array_agg(q.balance_after), pg_catalog.array_agg(q.held_after),
+           pg_catalog.array_agg(q.reason)
+      INTO op_ord, op_meta, op_first, op_reject, op_slot, op_hslot, ex_status, ex_same,
+           ex_balance, ex_held, ex_reason
+      FROM (
+        SELECT t.ord::integer AS ord, t.m, t.first_ord::integer AS first_ord,
+               CASE
                WHEN t.k IS NULL OR t.k NOT IN ('consume', 'grant', 'hold', 'settle', 'release')
                    THEN 'unknown operation kind'
                WHEN t.k IN ('consume', 'grant', 'hold') AND t.u IS NULL
@@ -339,47 +365,40 @@ BEGIN
                        pg_catalog.octet_length(t.m::text), p_metadata_max_bytes)
                WHEN t.k = 'hold' AND (t.ttl IS NULL OR t.ttl < 1 OR t.ttl > p_max_ttl_secs)
                    THEN pg_catalog.format('ttl_secs must be between 1 and %s', p_max_ttl_secs)
-               END ORDER BY t.ord),
-           pg_catalog.array_agg(au.slot::integer ORDER BY t.ord),
-           pg_catalog.array_agg(hx.slot::integer ORDER BY t.ord),
-           pg_catalog.array_agg(r.status ORDER BY t.ord),
-           pg_catalog.array_agg(
-               (t.k, t.fu, t.h, t.a, t.l, t.ttl, t.m) IS NOT DISTINCT FROM
+               END AS rej,
+               au.slot::integer AS aslot,
+               hx.slot::integer AS hslot,
+               r.status,
+               (t.k, CASE WHEN t.k IN ('consume', 'grant', 'hold') THEN t.u END,
+                t.h, t.a, t.l, t.ttl, t.m)
+               IS NOT DISTINCT FROM
                (r.kind, CASE WHEN r.kind IN ('consume', 'grant', 'hold') THEN r.user_id END,
-                r.hold_id, r.amount, r.label, r.ttl_secs, r.metadata) ORDER BY t.ord),
-           pg_catalog.array_agg(r.balance_after ORDER BY t.ord),
-           pg_catalog.array_agg(r.held_after ORDER BY t.ord),
-           pg_catalog.array_agg(r.reason ORDER BY t.ord)
-      INTO op_meta, op_first, op_dup_same, op_reject, op_slot, op_hslot, ex_status, ex_same,
-           ex_balance, ex_held, ex_reason
-      FROM (
-        SELECT y.*,
-               pg_catalog.first_value(y.ord) OVER w AS first_ord,
-               pg_catalog.first_value(y.k) OVER w AS f_k,
-               pg_catalog.first_value(y.fu) OVER w AS f_fu,
-               pg_catalog.first_value(y.h) OVER w AS f_h,
-               pg_catalog.first_value(y.a) OVER w AS f_a,
-               pg_catalog.first_value(y.l) OVER w AS f_l,
-               pg_catalog.first_value(y.ttl) OVER w AS f_ttl,
-               pg_catalog.first_value(y.m) OVER w AS f_m
+                r.hold_id, r.amount, r.label, r.ttl_secs, r.metadata) AS same,
+               r.balance_after, r.held_after, r.reason
           FROM (
-            SELECT x.ord, x.rid, x.k, x.u, x.h, x.a, x.l, x.ttl,
-                   -- the user is a field of the request only where the caller gives it
-                   CASE WHEN x.k IN ('consume', 'grant', 'hold') THEN x.u END AS fu,
-                   CASE WHEN x.m IS NULL OR pg_catalog.jsonb_typeof(x.m) = 'null'
-                        THEN '{}'::jsonb ELSE x.m END AS m
-              FROM unnest(p_request_ids, p_kinds, p_user_ids, p_hold_ids, p_amounts, p_labels,
-                          p_ttl_secs, p_metadata)
-                   WITH ORDINALITY AS x(rid, k, u, h, a, l, ttl, m, ord)
-          ) y
-        WINDOW w AS (PARTITION BY y.rid ORDER BY y.ord)
-      ) t
-      LEFT JOIN unnest(a_user) WITH ORDINALITY AS au(uid, slot)
-             ON t.k IN ('consume', 'grant', 'hold') AND au.uid = t.u
-      LEFT JOIN unnest(h_id) WITH ORDINALITY AS hx(hid, slot)
-             ON hx.hid = CASE WHEN t.k = 'hold' THEN t.rid ELSE t.h END
-      LEFT JOIN public.ledger_requests r ON r.request_id = t.rid;
-
+            SELECT y.*, pg_catalog.min(y.ord) OVER (PARTITION BY y.rid) AS first_ord
+              FROM (
+                SELECT x.ord, x.rid, x.k, x.u, x.h, x.a, x.l, x.ttl,
+                       CASE WHEN x.m IS NULL OR pg_catalog.jsonb_typeof(x.m) = 'null'
+                            THEN '{}'::jsonb ELSE x.m END AS m
+                  FROM unnest(p_request_ids, p_kinds, p_user_ids, p_hold_ids, p_amounts,
+                              p_labels, p_ttl_secs, p_metadata)
+                       WITH ORDINALITY AS x(rid, k, u, h, a, l, ttl, m, ord)
+              ) y
+          ) t
+          LEFT JOIN unnest(a_user) WITH ORDINALITY AS au(uid, slot)
+                 ON t.k IN ('consume', 'grant', 'hold') AND au.uid = t.u
+          LEFT JOIN unnest(h_id) WITH ORDINALITY AS hx(hid, slot)
+                 ON hx.hid = CASE WHEN t.k = 'hold' THEN t.rid ELSE t.h END
+          -- LATERAL + LIMIT keeps this a primary-key probe per op (never a scan of the table).
+          LEFT JOIN LATERAL (
+            SELECT r.kind, r.user_id, r.hold_id, r.amount, r.label, r.ttl_secs, r.metadata,
+                   r.status, r.balance_after, r.held_after, r.reason
+              FROM public.ledger_requests r
+             WHERE r.request_id = t.rid
+             LIMIT 1) r ON true
+         ORDER BY t.ord
+      ) q;
     o_status := pg_catalog.array_fill(NULL::text, ARRAY[n]);
     o_balance := pg_catalog.array_fill(NULL::bigint, ARRAY[n]);
     o_held := pg_catalog.array_fill(NULL::bigint, ARRAY[n]);
@@ -391,6 +410,9 @@ BEGIN
 
     -- 4. Evaluate in arrival order, in memory.
     FOR i IN 1 .. n LOOP
+        IF op_ord[i] <> i THEN
+            RAISE EXCEPTION 'tw_ledger_apply: operation % prepared out of order', i;
+        END IF;
         IF ex_status[i] IS NOT NULL THEN
             -- Seen in an earlier batch: its stored outcome, or a conflict.
             IF ex_same[i] THEN
@@ -411,8 +433,15 @@ BEGIN
         END IF;
         f := op_first[i];
         IF f <> i THEN
-            -- Seen earlier in this batch.
-            IF op_dup_same[i] THEN
+            -- Seen earlier in this batch: the same fields give the same outcome.
+            IF p_kinds[i] = p_kinds[f]
+               AND (p_kinds[i] NOT IN ('consume', 'grant', 'hold')
+                    OR p_user_ids[i] IS NOT DISTINCT FROM p_user_ids[f])
+               AND p_hold_ids[i] IS NOT DISTINCT FROM p_hold_ids[f]
+               AND p_amounts[i] IS NOT DISTINCT FROM p_amounts[f]
+               AND p_labels[i] IS NOT DISTINCT FROM p_labels[f]
+               AND p_ttl_secs[i] IS NOT DISTINCT FROM p_ttl_secs[f]
+               AND op_meta[i] = op_meta[f] THEN
                 o_status[i] := o_status[f];
                 o_balance[i] := o_balance[f];
                 o_held[i] := o_held[f];
@@ -551,7 +580,8 @@ BEGIN
        SET balance = x.b, held = x.h, lifetime_granted = x.g, lifetime_consumed = x.c,
            updated_at = v_now
       FROM unnest(a_user, a_balance, a_held, a_granted, a_consumed) AS x(u, b, h, g, c)
-     WHERE c.user_id = x.u
+     WHERE c.user_id = ANY (a_user)  -- lets the planner fetch only these rows
+       AND c.user_id = x.u
        AND (c.balance, c.held, c.lifetime_granted, c.lifetime_consumed)
            IS DISTINCT FROM (x.b, x.h, x.g, x.c);
 
@@ -572,52 +602,83 @@ BEGIN
          WHERE x.d AND NOT x.isnew AND l.hold_id = x.id;
     END IF;
 
-    -- History: one row per op that changed a balance, in arrival order. `decided` = first
-    -- time this id was seen (not a replay, not a conflict).
-    INSERT INTO public.token_balance_history
-           (user_id, request_id, hold_id, kind, amount, balance_after, held_after,
-            operation_type, metadata, created_at)
-    SELECT z.usr, z.rid, z.hid, z.hk, z.amt, z.b, z.hd, z.op, z.m, v_now
-      FROM (
-        SELECT x.ord, x.rid,
+    -- Outcomes of the ops decided here (first sight of the id: not a replay, not a conflict)
+    -- and their history rows (one per op that changed a balance, in arrival order), from one
+    -- pass over the arrays.
+    WITH decided AS MATERIALIZED (
+        SELECT x.ord, x.rid, x.k, x.h, x.a, x.l, x.ttl, x.m, x.st, x.b, x.hd, x.r,
                CASE WHEN x.k IN ('consume', 'grant', 'hold') THEN x.u ELSE x.ou END AS usr,
-               CASE WHEN x.k = 'hold' THEN x.rid WHEN x.k IN ('settle', 'release') THEN x.h
-                    END AS hid,
                CASE x.st WHEN 'consumed' THEN 'consume' WHEN 'granted' THEN 'grant'
                          WHEN 'held' THEN 'hold' WHEN 'settled' THEN 'settle'
                          WHEN 'released' THEN 'release'
                          WHEN 'hold_expired' THEN CASE WHEN x.expired THEN 'expire' END
                     END AS hk,
-               coalesce(x.hamt, x.a) AS amt, x.b, x.hd, coalesce(x.oop, x.l) AS op, x.m
+               coalesce(x.hamt, x.a) AS hamt, coalesce(x.oop, x.l) AS hop
           FROM unnest(p_request_ids, p_kinds, p_user_ids, p_hold_ids, p_amounts, p_labels,
-                      op_meta, o_status, o_balance, o_held, o_user, o_expired, o_hist_amount,
-                      o_optype, ex_status, op_first)
+                      p_ttl_secs, op_meta, o_status, o_balance, o_held, o_reason, o_user,
+                      o_expired, o_hist_amount, o_optype, ex_status, op_first)
                WITH ORDINALITY
-               AS x(rid, k, u, h, a, l, m, st, b, hd, ou, expired, hamt, oop, exst, first, ord)
-         WHERE x.exst IS NULL AND x.first = x.ord
-      ) z
-     WHERE z.hk IS NOT NULL
-     ORDER BY z.ord;
-
+               AS x(rid, k, u, h, a, l, ttl, m, st, b, hd, r, ou, expired, hamt, oop, exst,
+                    first, ord)
+         WHERE x.rid IS NOT NULL AND x.exst IS NULL AND x.first = x.ord
+           AND x.k IN ('consume', 'grant', 'hold', 'settle', 'release')
+    ), history AS (
+        INSERT INTO public.token_balance_history
+               (user_id, request_id, hold_id, kind, amount, balance_after, held_after,
+                operation_type, metadata, created_at)
+        SELECT d.usr, d.rid,
+               CASE WHEN d.k = 'hold' THEN d.rid WHEN d.k IN ('settle', 'release') THEN d.h END,
+               d.hk, d.hamt,
+               d.b, d.hd, d.hop, d.m, v_now
+          FROM decided d
+         WHERE d.hk IS NOT NULL
+         ORDER BY d.ord
+    )
     INSERT INTO public.ledger_requests
            (request_id, kind, user_id, hold_id, amount, label, ttl_secs, metadata, status,
             balance_after, held_after, reason, created_at)
-    SELECT x.rid, x.k,
-           CASE WHEN x.k IN ('consume', 'grant', 'hold') THEN x.u ELSE x.ou END,
-           x.h, x.a, x.l, x.ttl, x.m, x.st, x.b, x.hd, x.r, v_now
-      FROM unnest(p_request_ids, p_kinds, p_user_ids, p_hold_ids, p_amounts, p_labels,
-                  p_ttl_secs, op_meta, o_status, o_balance, o_held, o_reason, o_user,
-                  ex_status, op_first)
-           WITH ORDINALITY
-           AS x(rid, k, u, h, a, l, ttl, m, st, b, hd, r, ou, exst, first, ord)
-     WHERE x.rid IS NOT NULL AND x.exst IS NULL AND x.first = x.ord
-       AND x.k IN ('consume', 'grant', 'hold', 'settle', 'release');
+    SELECT d.rid, d.k, d.usr, d.h, d.a, d.l, d.ttl, d.m, d.st, d.b, d.hd, d.r, v_now
+      FROM decided d;
 
     RETURN QUERY
     SELECT x.rid, x.st, x.b, x.h, x.r
       FROM unnest(p_request_ids, o_status, o_balance, o_held, o_reason)
            WITH ORDINALITY AS x(rid, st, b, h, r, ord)
      ORDER BY x.ord;
+END
+$fn$;
+
+-- The entry point of both doors. Same rules (it IS tw_ledger_apply_core), planned for the
+-- batch at hand: for a large batch a cached generic plan guesses a few elements per array and
+-- may pick nested loops that are quadratic in the batch size, so large batches get a custom
+-- plan per statement; small ones (the SQL door, a quiet queue) reuse cached generic plans and
+-- skip the planning. The SET clause keeps the choice local to this call.
+CREATE FUNCTION public.tw_ledger_apply(
+    p_request_ids uuid[],
+    p_kinds text[],
+    p_user_ids uuid[],
+    p_amounts bigint[],
+    p_labels text[],
+    p_hold_ids uuid[],
+    p_ttl_secs integer[],
+    p_metadata jsonb[],
+    p_metadata_max_bytes integer DEFAULT 4096,
+    p_max_ttl_secs integer DEFAULT 86400
+)
+RETURNS TABLE (request_id uuid, status text, balance bigint, held bigint, reason text)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = ''
+SET plan_cache_mode = force_custom_plan
+AS $fn$
+BEGIN
+    IF coalesce(pg_catalog.array_length(p_request_ids, 1), 0) <= 8 THEN
+        PERFORM pg_catalog.set_config('plan_cache_mode', 'force_generic_plan', true);
+    END IF;
+    RETURN QUERY
+    SELECT * FROM public.tw_ledger_apply_core(p_request_ids, p_kinds, p_user_ids, p_amounts,
+                                              p_labels, p_hold_ids, p_ttl_secs, p_metadata,
+                                              p_metadata_max_bytes, p_max_ttl_secs);
 END
 $fn$;
 
@@ -691,8 +752,8 @@ END
 $fn$;
 
 -- ---------------------------------------------------------------------------------------------
--- The synchronous SQL door. Each function applies ONE operation through tw_ledger_apply and
--- returns a jsonb:
+-- The synchronous SQL door. Each function applies ONE operation through tw_ledger_apply (the
+-- same entry point as the queue path) and returns a jsonb:
 --   {"success": bool, "status": text, "request_id": uuid, "balance": int|null,
 --    "held": int|null, "error": text|null (= status when success is false),
 --    "reason": text|null}  (+ "hold_id" for hold_tokens)
@@ -811,6 +872,7 @@ $fn$;
 -- act on any account. Supabase's default privileges grant EXECUTE to anon/authenticated, so
 -- revoke from them explicitly too.
 REVOKE ALL ON FUNCTION
+    public.tw_ledger_apply_core(uuid[], text[], uuid[], bigint[], text[], uuid[], integer[], jsonb[], integer, integer),
     public.tw_ledger_apply(uuid[], text[], uuid[], bigint[], text[], uuid[], integer[], jsonb[], integer, integer),
     public.tw_ledger_apply_one(uuid, text, uuid, bigint, text, uuid, integer, jsonb),
     public.cleanup_expired_locks(),
