@@ -489,6 +489,50 @@ async fn consume_end_to_end_with_idempotent_repeat() {
         serde_json::from_slice(&out.stdout).expect("reply JSON on stdout");
     assert_eq!(printed["status"], "consumed");
     assert_eq!(printed["balance"], 65);
+
+    // Hold, settle and release go through the same path.
+    let hold = uuid::Uuid::new_v4();
+    let p = serde_json::json!({"request_id": hold, "user_id": user, "amount": 20, "operation_type": "image", "ttl_secs": 60});
+    xadd(
+        &mut r,
+        &stream(&env, "hold_tokens"),
+        &[("payload", &p.to_string())],
+    )
+    .await;
+    let rep = blpop(&mut r, &reply(&env, &hold.to_string())).await;
+    assert_eq!(
+        (
+            rep["status"].as_str(),
+            rep["balance"].as_i64(),
+            rep["held"].as_i64()
+        ),
+        (Some("held"), Some(45), Some(20)),
+        "{rep}"
+    );
+    let settle = uuid::Uuid::new_v4();
+    let p = serde_json::json!({"request_id": settle, "hold_id": hold, "amount": 12});
+    xadd(
+        &mut r,
+        &stream(&env, "settle_hold"),
+        &[("payload", &p.to_string())],
+    )
+    .await;
+    let rep = blpop(&mut r, &reply(&env, &settle.to_string())).await;
+    assert_eq!(
+        (rep["status"].as_str(), rep["balance"].as_i64()),
+        (Some("settled"), Some(53)),
+        "{rep}"
+    );
+    let release = uuid::Uuid::new_v4();
+    let p = serde_json::json!({"request_id": release, "hold_id": hold});
+    xadd(
+        &mut r,
+        &stream(&env, "release_hold"),
+        &[("payload", &p.to_string())],
+    )
+    .await;
+    let rep = blpop(&mut r, &reply(&env, &release.to_string())).await;
+    assert_eq!(rep["status"], "hold_already_resolved", "{rep}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -842,4 +886,78 @@ async fn sigterm_under_load_exits_cleanly_and_a_restart_finishes_the_work() {
     )
     .await;
     assert_exact(&env, user, granted, &jobs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_backend_is_restarted_by_the_monitor() {
+    let env = TestEnv::new().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut reg = JobRegistry::new();
+    reg.register(Echo {
+        calls: calls.clone(),
+    });
+    let w = InProcess::start(
+        config(&env, &[("TOKENWARDEN__QUEUE__BLOCK_MS", "100")]),
+        reg,
+    )
+    .await;
+    let mut r = env.redis().await;
+    let s = format!("{}:jobs:cleanup_locks", env.redis_prefix);
+    let rid = uuid::Uuid::new_v4().to_string();
+    xadd(
+        &mut r,
+        &s,
+        &[("payload", &format!(r#"{{"request_id":"{rid}"}}"#))],
+    )
+    .await;
+    blpop(&mut r, &format!("{}:reply:{rid}", env.redis_prefix)).await;
+
+    // Deleting the stream removes the group: the reader fails with NOGROUP, the apalis worker
+    // ends with a backend error, and the Monitor restarts it (new consumer, group recreated).
+    let _: i64 = redis::cmd("DEL").arg(&s).query_async(&mut r).await.unwrap();
+    wait_until(T, "group recreated by the restarted worker", || {
+        let mut r = r.clone();
+        let s = s.clone();
+        async move {
+            let v: redis::RedisResult<redis::Value> = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(&s)
+                .query_async(&mut r)
+                .await;
+            matches!(v, Ok(redis::Value::Array(g)) if !g.is_empty()).then_some(())
+        }
+    })
+    .await;
+    let rid = uuid::Uuid::new_v4().to_string();
+    xadd(
+        &mut r,
+        &s,
+        &[("payload", &format!(r#"{{"request_id":"{rid}"}}"#))],
+    )
+    .await;
+    let rep = blpop(&mut r, &format!("{}:reply:{rid}", env.redis_prefix)).await;
+    assert_eq!(rep["echo"]["request_id"], rid.as_str());
+
+    // A stream of a job type nobody registered is left alone.
+    let unknown = format!("{}:jobs:no_such_job", env.redis_prefix);
+    xadd(&mut r, &unknown, &[("payload", "{}")]).await;
+    let rid = uuid::Uuid::new_v4().to_string();
+    xadd(
+        &mut r,
+        &s,
+        &[("payload", &format!(r#"{{"request_id":"{rid}"}}"#))],
+    )
+    .await;
+    blpop(&mut r, &format!("{}:reply:{rid}", env.redis_prefix)).await;
+    let groups: redis::Value = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(&unknown)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert!(
+        matches!(groups, redis::Value::Array(ref g) if g.is_empty()),
+        "{groups:?}"
+    );
+    w.stop().await;
 }
