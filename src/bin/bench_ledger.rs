@@ -256,7 +256,9 @@ impl Bench {
             "granting {START_BALANCE} credits to 1 + {} users ...",
             self.users.len()
         );
+        let t = Instant::now();
         self.grant_all().await?;
+        println!("funded in {:.1} s", t.elapsed().as_secs_f64());
 
         println!(
             "baseline: seed design, one consume_tokens_atomic per debit, {} connections",
@@ -335,41 +337,45 @@ impl Bench {
     async fn baseline(&self, args: &Args, hot: bool) -> Result<Rate> {
         let done = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
-        let deadline = Instant::now() + Duration::from_secs(args.baseline_secs);
         let users = Arc::new(self.users.clone());
-        let start = Instant::now();
-        let mut tasks = Vec::new();
-        for c in 0..args.baseline_connections {
+        let connections = args.baseline_connections;
+        let run_for = Duration::from_secs(args.baseline_secs);
+        // Every connection warms up (plans the function) before the clock starts, like a
+        // long-running Edge Function pool would be.
+        let ready = Arc::new(tokio::sync::Barrier::new(connections + 1));
+        let mut tasks: Vec<tokio::task::JoinHandle<sqlx::Result<()>>> = Vec::new();
+        for c in 0..connections {
             let pool = self.pool.clone();
-            let done = done.clone();
-            let failed = failed.clone();
-            let users = users.clone();
+            let (done, failed, users, ready) =
+                (done.clone(), failed.clone(), users.clone(), ready.clone());
             let hot_user = self.hot_user;
-            let connections = args.baseline_connections;
             tasks.push(tokio::spawn(async move {
+                let mut conn = pool.acquire().await?;
+                for _ in 0..5 {
+                    consume_once(&mut conn, users[c % users.len()]).await?;
+                }
+                ready.wait().await;
+                let deadline = Instant::now() + run_for;
                 let mut i = c;
                 while Instant::now() < deadline {
-                    let user = if hot { hot_user } else { users[i % users.len()] };
+                    let user = if hot {
+                        hot_user
+                    } else {
+                        users[i % users.len()]
+                    };
                     i += connections;
-                    let status: Result<Option<String>, sqlx::Error> = sqlx::query_scalar(
-                        "SELECT (public.consume_tokens_atomic($1, $2, $3, $4, $5))::jsonb ->> 'status'",
-                    )
-                    .bind(Uuid::new_v4())
-                    .bind(user)
-                    .bind(1_i64)
-                    .bind("bench-baseline")
-                    .bind(serde_json::json!({}))
-                    .fetch_one(&pool)
-                    .await;
-                    match status {
-                        Ok(Some(s)) if s == "consumed" => done.fetch_add(1, Ordering::Relaxed),
+                    match consume_once(&mut conn, user).await {
+                        Ok(true) => done.fetch_add(1, Ordering::Relaxed),
                         _ => failed.fetch_add(1, Ordering::Relaxed),
                     };
                 }
+                Ok(())
             }));
         }
+        ready.wait().await;
+        let start = Instant::now();
         for t in tasks {
-            t.await?;
+            t.await??;
         }
         let secs = start.elapsed().as_secs_f64();
         let failed = failed.load(Ordering::Relaxed);
@@ -740,6 +746,22 @@ impl Bench {
             .map(proc_ticks)
             .unwrap_or(0)
     }
+}
+
+/// One seed-design debit: its own `consume_tokens_atomic` call, i.e. its own transaction and
+/// durable commit. True when the status is `consumed`.
+async fn consume_once(conn: &mut sqlx::PgConnection, user: Uuid) -> sqlx::Result<bool> {
+    let status: Option<String> = sqlx::query_scalar(
+        "SELECT (public.consume_tokens_atomic($1, $2, $3, $4, $5))::jsonb ->> 'status'",
+    )
+    .bind(Uuid::new_v4())
+    .bind(user)
+    .bind(1_i64)
+    .bind("bench-baseline")
+    .bind(serde_json::json!({}))
+    .fetch_one(conn)
+    .await?;
+    Ok(status.as_deref() == Some("consumed"))
 }
 
 struct CpuSample {
