@@ -8,8 +8,10 @@
 pub mod batcher;
 pub mod cli;
 pub mod jobs;
+mod store;
 mod types;
 
+pub use store::{AccountView, HistoryEntry, Ledger, LedgerError};
 pub use types::*;
 
 use serde::Deserialize;

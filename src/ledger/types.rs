@@ -127,3 +127,75 @@ pub struct Outcome {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
+
+impl OutcomeStatus {
+    /// Every status, for exhaustive checks.
+    pub const ALL: [OutcomeStatus; 12] = [
+        OutcomeStatus::Consumed,
+        OutcomeStatus::Granted,
+        OutcomeStatus::Held,
+        OutcomeStatus::Settled,
+        OutcomeStatus::Released,
+        OutcomeStatus::InsufficientTokens,
+        OutcomeStatus::RequestIdConflict,
+        OutcomeStatus::HoldExpired,
+        OutcomeStatus::HoldNotFound,
+        OutcomeStatus::HoldAlreadyResolved,
+        OutcomeStatus::RateLimited,
+        OutcomeStatus::Rejected,
+    ];
+
+    /// The public wire value (same strings as the SQL functions return).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutcomeStatus::Consumed => "consumed",
+            OutcomeStatus::Granted => "granted",
+            OutcomeStatus::Held => "held",
+            OutcomeStatus::Settled => "settled",
+            OutcomeStatus::Released => "released",
+            OutcomeStatus::InsufficientTokens => "insufficient_tokens",
+            OutcomeStatus::RequestIdConflict => "request_id_conflict",
+            OutcomeStatus::HoldExpired => "hold_expired",
+            OutcomeStatus::HoldNotFound => "hold_not_found",
+            OutcomeStatus::HoldAlreadyResolved => "hold_already_resolved",
+            OutcomeStatus::RateLimited => "rate_limited",
+            OutcomeStatus::Rejected => "rejected",
+        }
+    }
+
+    /// Parses a wire value; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// Whether the operation took effect (tokens moved).
+    pub fn is_success(self) -> bool {
+        matches!(
+            self,
+            OutcomeStatus::Consumed
+                | OutcomeStatus::Granted
+                | OutcomeStatus::Held
+                | OutcomeStatus::Settled
+                | OutcomeStatus::Released
+        )
+    }
+}
+
+impl std::fmt::Display for OutcomeStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl LedgerOp {
+    /// The `kind` string used by `tw_ledger_apply` and `ledger_requests.kind`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LedgerOp::Consume { .. } => "consume",
+            LedgerOp::Grant { .. } => "grant",
+            LedgerOp::Hold { .. } => "hold",
+            LedgerOp::Settle { .. } => "settle",
+            LedgerOp::Release { .. } => "release",
+        }
+    }
+}

@@ -1,0 +1,390 @@
+//! The Rust door to the ledger: batches of operations go to `tw_ledger_apply` in one
+//! transaction per chunk; reads go straight to the tables.
+
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::{LedgerConfig, LedgerOp, Outcome, OutcomeStatus, RequestId, UserId};
+
+/// Why a ledger call failed. Business outcomes (insufficient tokens, conflicts, …) are NOT
+/// errors: they are [`Outcome`]s. An error means the database could not give an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("applying a batch of {ops} ledger operations failed: {source}")]
+    Apply {
+        ops: usize,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("tw_ledger_apply returned {got} outcomes for {expected} operations")]
+    OutcomeCount { expected: usize, got: usize },
+    #[error(
+        "tw_ledger_apply returned the outcome of request {got} at position {position}, expected request {expected}"
+    )]
+    OutcomeOrder {
+        position: usize,
+        expected: Uuid,
+        got: Uuid,
+    },
+    #[error("unknown ledger status {status:?} for request {request_id}")]
+    UnknownStatus { request_id: Uuid, status: String },
+    #[error("ttl_secs {ttl} of hold {request_id} does not fit in a Postgres integer")]
+    TtlOutOfRange { request_id: Uuid, ttl: u32 },
+    #[error("reading {what} failed: {source}")]
+    Read {
+        what: String,
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+/// A user's account as shown to operators and callers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct AccountView {
+    pub user_id: Uuid,
+    /// Available balance (held tokens not included).
+    pub balance: i64,
+    /// Tokens reserved by open holds.
+    pub held: i64,
+    pub lifetime_granted: i64,
+    pub lifetime_consumed: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One row of `token_balance_history`.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct HistoryEntry {
+    pub id: i64,
+    pub user_id: Uuid,
+    pub request_id: Uuid,
+    pub hold_id: Option<Uuid>,
+    /// grant, consume, hold, settle, release, expire (refund is reserved).
+    pub kind: String,
+    pub amount: i64,
+    pub balance_after: i64,
+    pub held_after: i64,
+    pub operation_type: Option<String>,
+    pub metadata: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Handle on the ledger tables and functions. Cheap to clone (the pool is shared).
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    pool: PgPool,
+    cfg: LedgerConfig,
+}
+
+/// The parallel arrays `tw_ledger_apply` takes.
+#[derive(Default)]
+struct Columns {
+    request_ids: Vec<Uuid>,
+    kinds: Vec<&'static str>,
+    user_ids: Vec<Option<Uuid>>,
+    amounts: Vec<Option<i64>>,
+    labels: Vec<Option<String>>,
+    hold_ids: Vec<Option<Uuid>>,
+    ttl_secs: Vec<Option<i32>>,
+    metadata: Vec<serde_json::Value>,
+}
+
+impl Columns {
+    fn from_ops(ops: &[LedgerOp]) -> Result<Self, LedgerError> {
+        let mut c = Columns::default();
+        for op in ops {
+            let (user, amount, label, hold, ttl, meta) = match op {
+                LedgerOp::Consume {
+                    user_id,
+                    amount,
+                    operation_type,
+                    metadata,
+                    ..
+                } => (
+                    Some(user_id.0),
+                    Some(amount.get()),
+                    Some(operation_type.clone()),
+                    None,
+                    None,
+                    metadata,
+                ),
+                LedgerOp::Grant {
+                    user_id,
+                    amount,
+                    reason,
+                    metadata,
+                    ..
+                } => (
+                    Some(user_id.0),
+                    Some(amount.get()),
+                    Some(reason.clone()),
+                    None,
+                    None,
+                    metadata,
+                ),
+                LedgerOp::Hold {
+                    request_id,
+                    user_id,
+                    amount,
+                    operation_type,
+                    ttl_secs,
+                    metadata,
+                } => {
+                    let ttl = i32::try_from(*ttl_secs).map_err(|_| LedgerError::TtlOutOfRange {
+                        request_id: request_id.0,
+                        ttl: *ttl_secs,
+                    })?;
+                    (
+                        Some(user_id.0),
+                        Some(amount.get()),
+                        Some(operation_type.clone()),
+                        None,
+                        Some(ttl),
+                        metadata,
+                    )
+                }
+                LedgerOp::Settle {
+                    hold_id,
+                    amount,
+                    metadata,
+                    ..
+                } => (
+                    None,
+                    Some(amount.get()),
+                    None,
+                    Some(hold_id.0),
+                    None,
+                    metadata,
+                ),
+                LedgerOp::Release {
+                    hold_id, metadata, ..
+                } => (None, None, None, Some(hold_id.0), None, metadata),
+            };
+            c.request_ids.push(op.request_id().0);
+            c.kinds.push(op.kind());
+            c.user_ids.push(user);
+            c.amounts.push(amount);
+            c.labels.push(label);
+            c.hold_ids.push(hold);
+            c.ttl_secs.push(ttl);
+            c.metadata.push(meta.clone());
+        }
+        Ok(c)
+    }
+}
+
+/// A failure worth retrying the whole chunk for: serialization failure, deadlock, or two
+/// concurrent first uses of one request id (unique violation on the outcome insert; the retry
+/// finds the stored outcome).
+fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => matches!(
+            db.code().as_deref(),
+            Some("40001") | Some("40P01") | Some("23505")
+        ),
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => true,
+        _ => false,
+    }
+}
+
+fn row_to_outcome(
+    request_id: Uuid,
+    status: String,
+    balance: Option<i64>,
+    held: Option<i64>,
+    reason: Option<String>,
+) -> Result<Outcome, LedgerError> {
+    let status =
+        OutcomeStatus::parse(&status).ok_or(LedgerError::UnknownStatus { request_id, status })?;
+    Ok(Outcome {
+        request_id: RequestId(request_id),
+        status,
+        balance,
+        held,
+        reason,
+    })
+}
+
+type OutcomeRow = (Uuid, String, Option<i64>, Option<i64>, Option<String>);
+
+impl Ledger {
+    pub fn new(pool: PgPool, cfg: LedgerConfig) -> Self {
+        Ledger { pool, cfg }
+    }
+
+    /// The configuration this ledger validates with.
+    pub fn config(&self) -> &LedgerConfig {
+        &self.cfg
+    }
+
+    /// Applies `ops` in order and returns one outcome per op, aligned with the input. Ops are
+    /// sent in chunks of at most `ledger.max_batch`, each chunk one transaction (one call of
+    /// `tw_ledger_apply`); a chunk that hits a deadlock or serialization failure is retried
+    /// whole, which is safe because nothing of it was committed.
+    pub async fn apply(&self, ops: &[LedgerOp]) -> Result<Vec<Outcome>, LedgerError> {
+        let mut out = Vec::with_capacity(ops.len());
+        for chunk in ops.chunks(self.cfg.max_batch.max(1)) {
+            out.extend(self.apply_chunk(chunk).await?);
+        }
+        Ok(out)
+    }
+
+    async fn apply_chunk(&self, ops: &[LedgerOp]) -> Result<Vec<Outcome>, LedgerError> {
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let cols = Columns::from_ops(ops)?;
+        let metadata_max = i32::try_from(self.cfg.metadata_max_bytes).unwrap_or(i32::MAX);
+        let max_ttl = i32::try_from(self.cfg.max_hold_ttl_secs).unwrap_or(i32::MAX);
+        let started = Instant::now();
+        let call = || async {
+            sqlx::query_as::<_, OutcomeRow>(
+                "SELECT request_id, status, balance, held, reason \
+                 FROM public.tw_ledger_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            )
+            .bind(&cols.request_ids)
+            .bind(&cols.kinds)
+            .bind(&cols.user_ids)
+            .bind(&cols.amounts)
+            .bind(&cols.labels)
+            .bind(&cols.hold_ids)
+            .bind(&cols.ttl_secs)
+            .bind(&cols.metadata)
+            .bind(metadata_max)
+            .bind(max_ttl)
+            .fetch_all(&self.pool)
+            .await
+        };
+        let rows = call
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(5))
+                    .with_max_delay(Duration::from_millis(500))
+                    .with_max_times(8)
+                    .with_jitter(),
+            )
+            .when(is_transient)
+            .notify(|e, after| {
+                tracing::warn!(error = %e, retry_in = ?after, ops = ops.len(), "ledger batch retried");
+                metrics::counter!("tokenwarden_ledger_batch_retries_total").increment(1);
+            })
+            .await
+            .map_err(|source| LedgerError::Apply {
+                ops: ops.len(),
+                source,
+            })?;
+        metrics::histogram!("tokenwarden_ledger_batch_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("tokenwarden_ledger_batch_size").record(ops.len() as f64);
+
+        if rows.len() != ops.len() {
+            return Err(LedgerError::OutcomeCount {
+                expected: ops.len(),
+                got: rows.len(),
+            });
+        }
+        let mut out = Vec::with_capacity(rows.len());
+        for (position, ((rid, status, balance, held, reason), op)) in
+            rows.into_iter().zip(ops).enumerate()
+        {
+            let expected = op.request_id().0;
+            if rid != expected {
+                return Err(LedgerError::OutcomeOrder {
+                    position,
+                    expected,
+                    got: rid,
+                });
+            }
+            let outcome = row_to_outcome(rid, status, balance, held, reason)?;
+            metrics::counter!("tokenwarden_ledger_outcomes_total", "kind" => op.kind(), "status" => outcome.status.as_str())
+                .increment(1);
+            out.push(outcome);
+        }
+        Ok(out)
+    }
+
+    /// The user's account, or `None` if they never received credits.
+    pub async fn balance(&self, user: UserId) -> Result<Option<AccountView>, LedgerError> {
+        sqlx::query_as::<_, AccountView>(
+            "SELECT user_id, balance, held, lifetime_granted, lifetime_consumed, created_at, \
+             updated_at FROM public.credit_accounts WHERE user_id = $1",
+        )
+        .bind(user.0)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|source| LedgerError::Read {
+            what: format!("account of user {}", user.0),
+            source,
+        })
+    }
+
+    /// The user's most recent balance changes, newest first.
+    pub async fn history(
+        &self,
+        user: UserId,
+        limit: i64,
+    ) -> Result<Vec<HistoryEntry>, LedgerError> {
+        sqlx::query_as::<_, HistoryEntry>(
+            "SELECT id, user_id, request_id, hold_id, kind, amount, balance_after, held_after, \
+             operation_type, metadata, created_at FROM public.token_balance_history \
+             WHERE user_id = $1 ORDER BY id DESC LIMIT $2",
+        )
+        .bind(user.0)
+        .bind(limit.max(0))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|source| LedgerError::Read {
+            what: format!("history of user {}", user.0),
+            source,
+        })
+    }
+
+    /// The durable outcome of a request id, as first decided; `None` if the id was never seen.
+    pub async fn outcome(&self, request_id: RequestId) -> Result<Option<Outcome>, LedgerError> {
+        let row = sqlx::query_as::<_, OutcomeRow>(
+            "SELECT request_id, status, balance_after, held_after, reason \
+             FROM public.ledger_requests WHERE request_id = $1",
+        )
+        .bind(request_id.0)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|source| LedgerError::Read {
+            what: format!("outcome of request {}", request_id.0),
+            source,
+        })?;
+        row.map(|(rid, status, balance, held, reason)| {
+            row_to_outcome(rid, status, balance, held, reason)
+        })
+        .transpose()
+    }
+
+    /// Expires every open hold past its expiry (tokens return, one 'expire' history row each);
+    /// returns how many it expired.
+    pub async fn cleanup_expired_locks(&self) -> Result<u64, LedgerError> {
+        let call = || async {
+            sqlx::query_scalar::<_, i32>("SELECT public.cleanup_expired_locks()")
+                .fetch_one(&self.pool)
+                .await
+        };
+        let n = call
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(5))
+                    .with_max_times(5)
+                    .with_jitter(),
+            )
+            .when(is_transient)
+            .await
+            .map_err(|source| LedgerError::Read {
+                what: "cleanup_expired_locks()".to_string(),
+                source,
+            })?;
+        metrics::counter!("tokenwarden_ledger_holds_expired_total").increment(n.max(0) as u64);
+        Ok(n.max(0) as u64)
+    }
+}
