@@ -313,21 +313,31 @@ impl Bench {
         Ok(report)
     }
 
-    /// Funds every account through the SQL door (`add_tokens`), 1,000 grants per statement.
+    /// Funds every account through the ledger's batch path (`Ledger::apply`), 1,000 grants
+    /// per transaction.
     async fn grant_all(&self) -> Result<()> {
+        use tokenwarden::ledger::{Credits, Ledger, LedgerOp, OutcomeStatus, RequestId, UserId};
+        let cfg = tokenwarden::config::Config::load_with_env(None, Vec::<(String, String)>::new())?;
+        let ledger = Ledger::new(self.pool.clone(), cfg.ledger);
+        let amount = Credits::new(START_BALANCE).context("start balance is positive")?;
         let all: Vec<Uuid> = std::iter::once(self.hot_user)
             .chain(self.users.iter().copied())
             .collect();
         for chunk in all.chunks(1000) {
-            sqlx::query(
-                "SELECT public.add_tokens(u, $2, 'benchmark funding', '{}'::jsonb, gen_random_uuid())
-                 FROM unnest($1::uuid[]) AS u",
-            )
-            .bind(chunk)
-            .bind(START_BALANCE)
-            .execute(&self.pool)
-            .await
-            .context("funding accounts with add_tokens")?;
+            let ops: Vec<LedgerOp> = chunk
+                .iter()
+                .map(|u| LedgerOp::Grant {
+                    request_id: RequestId(Uuid::new_v4()),
+                    user_id: UserId(*u),
+                    amount,
+                    reason: "benchmark funding".into(),
+                    metadata: serde_json::json!({}),
+                })
+                .collect();
+            let outcomes = ledger.apply(&ops).await?;
+            if let Some(bad) = outcomes.iter().find(|o| o.status != OutcomeStatus::Granted) {
+                bail!("funding failed: {bad:?}");
+            }
         }
         Ok(())
     }
