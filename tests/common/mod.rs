@@ -113,7 +113,10 @@ impl TestEnv {
         vec![
             ("TOKENWARDEN__DATABASE__URL".into(), self.db_url.clone()),
             ("TOKENWARDEN__REDIS__URL".into(), self.redis_url.clone()),
-            ("TOKENWARDEN__REDIS__PREFIX".into(), self.redis_prefix.clone()),
+            (
+                "TOKENWARDEN__REDIS__PREFIX".into(),
+                self.redis_prefix.clone(),
+            ),
             ("TOKENWARDEN__HTTP__ENABLED".into(), "false".into()),
         ]
     }
