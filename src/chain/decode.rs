@@ -1,6 +1,7 @@
-//! `Transfer` logs → transfer rows. ERC-20 and ERC-721 share topic0 but differ in shape (3 topics
-//! + 32-byte data vs 4 topics + empty data), so the token's configured standard decides the
-//! decoder; a log that does not have its token's shape is rejected with a reason, never guessed.
+//! `Transfer` logs → transfer rows. ERC-20 and ERC-721 share topic0 but differ in shape (3
+//! topics and a 32-byte value vs 4 topics and no data), so the token's configured standard
+//! decides the decoder; a log that does not have its token's shape is rejected with a reason,
+//! never guessed.
 
 use std::collections::HashMap;
 

@@ -173,7 +173,7 @@ impl Indexer {
         }
         let token_list = addresses.iter().map(decode::addr_hex).collect();
         let start_block = p.tokens.iter().map(|t| t.start_block).min().unwrap_or(0);
-        let initial = p.chain.max_block_range.min(100).max(1);
+        let initial = p.chain.max_block_range.clamp(1, 100);
         Ok(Indexer {
             label: p.chain.chain_id.to_string(),
             chain: p.chain.clone(),
@@ -677,11 +677,10 @@ impl FetchJob {
 
     /// After a success: aim for `target_logs` per request, at most doubling, within the cap.
     fn grow(&self, span: u64, logs: u64) {
-        let ideal = if logs == 0 {
-            span.saturating_mul(2)
-        } else {
-            span.saturating_mul(self.target_logs) / logs
-        };
+        let ideal = span
+            .saturating_mul(self.target_logs)
+            .checked_div(logs)
+            .unwrap_or(span.saturating_mul(2));
         let next = ideal
             .clamp((span / 2).max(1), span.saturating_mul(2))
             .min(self.cap.load(Ordering::Relaxed))
