@@ -807,12 +807,38 @@ async fn sigkill_between_fetch_and_commit_loses_and_duplicates_nothing() {
         last.unwrap() < anvil.head().await,
         "the kills should land while the history is still being indexed"
     );
-    let _child = Child::spawn(&env, &["--config", &cfg, "run"], &[]);
+    let mut worker = Child::spawn(&env, &["--config", &cfg, "run"], &[]);
     wait_synced(&env, &anvil, Duration::from_secs(60)).await;
     assert_exact(&env, &anvil, &model).await;
     assert_eq!(
         stored_transfer_count(&env).await,
         chain_log_count(&anvil, &model).await
+    );
+    worker.signal("TERM");
+    assert!(
+        worker.wait_exit(Duration::from_secs(15)).success(),
+        "clean exit on SIGTERM"
+    );
+
+    // The operator commands: status, and reconcile exiting non-zero only on a mismatch.
+    let mut status = Child::spawn(&env, &["--config", &cfg, "index", "status"], &[]);
+    assert!(status.wait_exit(Duration::from_secs(30)).success());
+    let mut ok = Child::spawn(&env, &["--config", &cfg, "index", "reconcile"], &[]);
+    assert!(
+        ok.wait_exit(Duration::from_secs(60)).success(),
+        "reconcile of an exact index"
+    );
+    sqlx::query(
+        "UPDATE nft_owners SET owner = '0x00000000000000000000000000000000000000aa' \
+         WHERE token_id = (SELECT min(token_id) FROM nft_owners)",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let mut bad = Child::spawn(&env, &["--config", &cfg, "index", "reconcile"], &[]);
+    assert!(
+        !bad.wait_exit(Duration::from_secs(60)).success(),
+        "reconcile must fail on a mismatch"
     );
 }
 
