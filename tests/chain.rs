@@ -451,6 +451,31 @@ async fn random_histories_backfill_and_head_are_exact() {
             .await
             .unwrap();
     assert_eq!(report.mismatches.len(), 1, "{report:?}");
+    assert!(!report.multicall, "anvil has no Multicall3 by default");
+
+    // With Multicall3 code at its canonical address, reconciliation goes through it.
+    let runtime =
+        std::fs::read_to_string(common::repo_root().join("contracts/Multicall3Lite.runtime.bin"))
+            .unwrap();
+    anvil
+        .raw(
+            "anvil_setCode",
+            serde_json::json!([
+                format!("{:#x}", tokenwarden::chain::cli::MULTICALL3),
+                format!("0x{}", runtime.trim())
+            ]),
+        )
+        .await;
+    let report =
+        tokenwarden::chain::cli::reconcile(&env.pool, &cfg.chain.chains[0], &cfg.chain.tokens)
+            .await
+            .unwrap();
+    assert!(report.multicall, "{report:?}");
+    assert_eq!(report.mismatches.len(), 1, "{report:?}");
+    assert!(
+        report.mismatches[0].contains(&format!("{target:#x}")),
+        "{report:?}"
+    );
 }
 
 fn reorg_tx(anvil: &Anvil, to: Address, data: Vec<u8>) -> serde_json::Value {
