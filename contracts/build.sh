@@ -1,15 +1,27 @@
 #!/usr/bin/env bash
 # Compiles the test contracts with solcjs (npm `solc`, installed by `make tools`) and writes
-# <Name>.abi and <Name>.bin next to the sources. The outputs are committed so tests and the
-# benchmark need no compiler.
+# <Name>.abi, <Name>.bin (creation code) and <Name>.runtime.bin (deployed code) next to the
+# sources. The outputs are committed so tests and the benchmark need no compiler.
 set -euo pipefail
 cd "$(dirname "$0")"
 SOLC=../node_modules/.bin/solcjs
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
-for name in TestToken20 TestNft721; do
-  "$SOLC" --optimize --bin --abi -o "$out" "$name.sol" >/dev/null
-  cp "$out/${name}_sol_${name}.abi" "$name.abi"
-  cp "$out/${name}_sol_${name}.bin" "$name.bin"
+for name in TestToken20 TestNft721 Multicall3Lite; do
+  node -e '
+    const fs = require("fs");
+    const name = process.argv[1];
+    const input = {
+      language: "Solidity",
+      sources: { [name + ".sol"]: { content: fs.readFileSync(name + ".sol", "utf8") } },
+      settings: { optimizer: { enabled: true, runs: 200 },
+                  outputSelection: { "*": { "*": ["abi", "evm.bytecode.object", "evm.deployedBytecode.object"] } } },
+    };
+    const raw = require("child_process").execFileSync(process.argv[2], ["--standard-json"], { input: JSON.stringify(input) }).toString();
+    const out = JSON.parse(raw.slice(raw.indexOf("{")));
+    for (const e of out.errors || []) if (e.severity === "error") { console.error(e.formattedMessage); process.exit(1); }
+    const c = out.contracts[name + ".sol"][name];
+    fs.writeFileSync(name + ".abi", JSON.stringify(c.abi));
+    fs.writeFileSync(name + ".bin", c.evm.bytecode.object);
+    fs.writeFileSync(name + ".runtime.bin", c.evm.deployedBytecode.object);
+  ' "$name" "$SOLC"
 done
 echo "compiled: $(ls *.abi *.bin | tr '\n' ' ')"

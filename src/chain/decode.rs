@@ -1,6 +1,7 @@
-//! `Transfer` logs → transfer rows. ERC-20 and ERC-721 share topic0 but differ in shape (3 topics
-//! + 32-byte data vs 4 topics + empty data), so the token's configured standard decides the
-//! decoder; a log that does not have its token's shape is rejected with a reason, never guessed.
+//! `Transfer` logs → transfer rows. ERC-20 and ERC-721 share topic0 but differ in shape (3
+//! topics and a 32-byte value vs 4 topics and no data), so the token's configured standard
+//! decides the decoder; a log that does not have its token's shape is rejected with a reason,
+//! never guessed.
 
 use std::collections::HashMap;
 
@@ -53,7 +54,9 @@ pub enum DecodeError {
     Missing(&'static str),
     #[error("log from {0} is not a tracked token")]
     Untracked(Address),
-    #[error("log of {token} at block {block} index {index} does not match {standard:?} Transfer: {reason}")]
+    #[error(
+        "log of {token} at block {block} index {index} does not match {standard:?} Transfer: {reason}"
+    )]
     Shape {
         token: Address,
         block: u64,
@@ -70,7 +73,9 @@ pub fn decode(
     log: &Log,
     tokens: &HashMap<Address, TokenStandard>,
 ) -> Result<Option<TransferRow>, DecodeError> {
-    let block_number = log.block_number.ok_or(DecodeError::Missing("blockNumber"))?;
+    let block_number = log
+        .block_number
+        .ok_or(DecodeError::Missing("blockNumber"))?;
     if log.removed {
         return Err(DecodeError::Removed(block_number));
     }
@@ -93,7 +98,8 @@ pub fn decode(
     };
     let (from, to, value, token_id) = match standard {
         TokenStandard::Erc20 => {
-            let t = IERC20::Transfer::decode_log_data(log.data()).map_err(|e| shape(e.to_string()))?;
+            let t =
+                IERC20::Transfer::decode_log_data(log.data()).map_err(|e| shape(e.to_string()))?;
             (t.from, t.to, t.value, None)
         }
         TokenStandard::Erc721 => {

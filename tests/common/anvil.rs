@@ -43,6 +43,28 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The anvil binary. `node_modules/.bin/anvil` is a Node launcher whose child would outlive a
+/// kill of the launcher, so the platform package's binary is run directly when present.
+pub fn anvil_bin() -> std::path::PathBuf {
+    let scoped = repo_root().join("node_modules/@foundry-rs");
+    if let Ok(entries) = std::fs::read_dir(&scoped) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let bin = e.path().join("bin/anvil");
+            if name.starts_with("anvil-") && bin.exists() {
+                return bin;
+            }
+        }
+    }
+    let bin = repo_root().join("node_modules/.bin/anvil");
+    assert!(
+        bin.exists(),
+        "anvil is not installed at {}: run `make tools`",
+        bin.display()
+    );
+    bin
+}
+
 impl Anvil {
     /// Starts anvil (automine) and waits until it answers.
     pub async fn spawn() -> Anvil {
@@ -51,15 +73,16 @@ impl Anvil {
 
     /// Starts anvil with extra CLI arguments.
     pub async fn spawn_with(extra: &[&str]) -> Anvil {
-        let bin = repo_root().join("node_modules/.bin/anvil");
-        assert!(
-            bin.exists(),
-            "anvil is not installed at {}: run `make tools`",
-            bin.display()
-        );
+        let bin = anvil_bin();
         let port = free_port();
         let child = std::process::Command::new(&bin)
-            .args(["--port", &port.to_string(), "--host", "127.0.0.1", "--silent"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--host",
+                "127.0.0.1",
+                "--silent",
+            ])
             .args(["--gas-limit", "1000000000"])
             .args(extra)
             .stdout(std::process::Stdio::null())
@@ -176,7 +199,9 @@ impl Anvil {
     pub async fn owner_of(&self, token: Address, id: U256) -> Option<Address> {
         let data = TestNft721::ownerOfCall { id }.abi_encode();
         match self.provider.call(self.tx(token, data)).await {
-            Ok(out) => Some(TestNft721::ownerOfCall::abi_decode_returns(&out).expect("decode ownerOf")),
+            Ok(out) => {
+                Some(TestNft721::ownerOfCall::abi_decode_returns(&out).expect("decode ownerOf"))
+            }
             Err(_) => None,
         }
     }
@@ -197,7 +222,10 @@ impl Anvil {
 
     /// The latest block number.
     pub async fn head(&self) -> u64 {
-        self.provider.get_block_number().await.expect("block number")
+        self.provider
+            .get_block_number()
+            .await
+            .expect("block number")
     }
 
     /// The process id (for tests that must look at it).
