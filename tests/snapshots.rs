@@ -1067,3 +1067,298 @@ async fn cli_check_and_diff_print_answers_and_refuse_unknown_snapshots() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("status        complete"));
 }
+
+// ---- Own-index snapshots on anvil: the real indexer, checked against balanceOf at each block ----
+
+mod onchain {
+    use alloy::network::TransactionBuilder;
+    use alloy::primitives::{Address, Bytes, U256};
+    use alloy::providers::{Provider, ProviderBuilder};
+    use alloy::rpc::types::{BlockId, TransactionRequest};
+    use alloy::sol;
+
+    sol! {
+        #[sol(rpc)]
+        contract TestToken20 {
+            function batch(address[] from, address[] to, uint256[] value) external;
+            function balanceOf(address) external view returns (uint256);
+        }
+        #[sol(rpc)]
+        contract TestNft721 {
+            function batch(address[] from, address[] to, uint256[] id) external;
+            function balanceOf(address) external view returns (uint256);
+        }
+    }
+
+    /// anvil's first dev account (unlocked: anvil signs eth_sendTransaction for it).
+    pub const DEV: Address =
+        alloy::primitives::address!("f39Fd6e51aad88F6F4ce6aB8827279cffFb92266");
+
+    /// An anvil process on a free port, killed on drop.
+    pub struct Anvil {
+        child: std::process::Child,
+        pub url: String,
+    }
+
+    impl Drop for Anvil {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    pub async fn start_anvil() -> Anvil {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let bin = super::common::repo_root().join("node_modules/.bin/anvil");
+        let child = std::process::Command::new(&bin)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--chain-id",
+                "31337",
+                "--silent",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {} ({e}): run `make tools`", bin.display()));
+        let anvil = Anvil {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        let url = anvil.url.clone();
+        super::common::wait_until(std::time::Duration::from_secs(20), "anvil answers", || {
+            let url = url.clone();
+            async move {
+                let p = ProviderBuilder::new().connect_http(url.parse().unwrap());
+                p.get_chain_id().await.ok()
+            }
+        })
+        .await;
+        anvil
+    }
+
+    pub fn provider(url: &str) -> impl Provider + Clone {
+        ProviderBuilder::new().connect_http(url.parse().unwrap())
+    }
+
+    pub async fn deploy(p: &impl Provider, name: &str) -> Address {
+        let hex_code = std::fs::read_to_string(
+            super::common::repo_root().join(format!("contracts/{name}.bin")),
+        )
+        .expect("compiled contract");
+        let code = Bytes::from(hex::decode(hex_code.trim()).expect("hex bytecode"));
+        let tx = TransactionRequest::default()
+            .from(DEV)
+            .with_deploy_code(code);
+        let receipt = p
+            .send_transaction(tx)
+            .await
+            .expect("deploy sent")
+            .get_receipt()
+            .await
+            .expect("deploy mined");
+        assert!(receipt.status(), "deploy of {name} succeeded");
+        receipt.contract_address.expect("contract address")
+    }
+
+    /// Sends one `batch` to the ERC-20 and returns its block number.
+    pub async fn batch20(
+        p: &impl Provider,
+        token: Address,
+        moves: &[(Address, Address, u64)],
+    ) -> u64 {
+        let c = TestToken20::new(token, p);
+        let r = c
+            .batch(
+                moves.iter().map(|m| m.0).collect(),
+                moves.iter().map(|m| m.1).collect(),
+                moves.iter().map(|m| U256::from(m.2)).collect(),
+            )
+            .from(DEV)
+            .send()
+            .await
+            .expect("batch sent")
+            .get_receipt()
+            .await
+            .expect("batch mined");
+        assert!(r.status());
+        r.block_number.expect("block number")
+    }
+
+    pub async fn batch721(
+        p: &impl Provider,
+        token: Address,
+        moves: &[(Address, Address, u64)],
+    ) -> u64 {
+        let c = TestNft721::new(token, p);
+        let r = c
+            .batch(
+                moves.iter().map(|m| m.0).collect(),
+                moves.iter().map(|m| m.1).collect(),
+                moves.iter().map(|m| U256::from(m.2)).collect(),
+            )
+            .from(DEV)
+            .send()
+            .await
+            .expect("batch sent")
+            .get_receipt()
+            .await
+            .expect("batch mined");
+        assert!(r.status());
+        r.block_number.expect("block number")
+    }
+
+    /// balanceOf(holder) at `block`, through eth_call (same selector on both contracts).
+    pub async fn balance_at(
+        p: &impl Provider,
+        token: Address,
+        holder: Address,
+        block: u64,
+    ) -> U256 {
+        TestToken20::new(token, p)
+            .balanceOf(holder)
+            .block(BlockId::number(block))
+            .call()
+            .await
+            .expect("balanceOf at block")
+    }
+}
+
+#[tokio::test]
+async fn own_index_snapshots_on_anvil_equal_balance_of_at_each_block() {
+    use alloy::primitives::Address;
+    use alloy::providers::Provider;
+
+    let env = TestEnv::new().await;
+    let anvil = onchain::start_anvil().await;
+    let p = onchain::provider(&anvil.url);
+    let erc20 = onchain::deploy(&p, "TestToken20").await;
+    let nft = onchain::deploy(&p, "TestNft721").await;
+    let deployed_at = p.get_block_number().await.unwrap();
+    let h: Vec<Address> = (1..=6u64)
+        .map(|i| {
+            Address::from_word(alloy::primitives::B256::from(
+                alloy::primitives::U256::from(0xabc000 + i),
+            ))
+        })
+        .collect();
+    let z = Address::ZERO;
+    let mut blocks = vec![deployed_at];
+    // ERC-20 history: mints, transfers, burns, a self-transfer and a zero-value transfer.
+    blocks
+        .push(onchain::batch20(&p, erc20, &[(z, h[0], 1000), (z, h[1], 500), (z, h[2], 10)]).await);
+    blocks.push(
+        onchain::batch20(
+            &p,
+            erc20,
+            &[(h[0], h[1], 300), (h[2], h[3], 10), (h[1], z, 100)],
+        )
+        .await,
+    );
+    blocks.push(
+        onchain::batch20(
+            &p,
+            erc20,
+            &[(h[3], h[4], 5), (h[1], h[0], 700), (z, h[4], 1)],
+        )
+        .await,
+    );
+    blocks.push(
+        onchain::batch20(
+            &p,
+            erc20,
+            &[(h[0], h[0], 50), (h[4], h[2], 0), (h[0], h[5], 1400)],
+        )
+        .await,
+    );
+    // ERC-721 history: mints, transfers, a burn.
+    blocks.push(onchain::batch721(&p, nft, &[(z, h[0], 1), (z, h[0], 2), (z, h[0], 3)]).await);
+    blocks.push(onchain::batch721(&p, nft, &[(h[0], h[1], 1), (h[0], z, 2)]).await);
+    blocks
+        .push(onchain::batch721(&p, nft, &[(h[0], h[2], 3), (z, h[1], 4), (h[1], h[3], 1)]).await);
+    let last = *blocks.last().unwrap();
+    // Bury the history under enough blocks that it is final whatever the finality rule.
+    let _: serde_json::Value = p
+        .raw_request("anvil_mine".into(), (200u64,))
+        .await
+        .expect("anvil_mine");
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = dir.path().join("chain.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "[chain]\nenabled = true\n\n[[chain.chains]]\nchain_id = 31337\nname = \"anvil\"\n\
+             rpc_urls = [\"{}\"]\npoll_interval_ms = 100\n\n\
+             [[chain.tokens]]\nchain_id = 31337\naddress = \"{erc20:#x}\"\nstandard = \"erc20\"\nstart_block = 0\n\n\
+             [[chain.tokens]]\nchain_id = 31337\naddress = \"{nft:#x}\"\nstandard = \"erc721\"\nstart_block = 0\n",
+            anvil.url
+        ),
+    )
+    .unwrap();
+    let _worker = common::Child::spawn(&env, &["--config", cfg_path.to_str().unwrap(), "run"], &[]);
+    common::wait_until(
+        Duration::from_secs(60),
+        "indexer finalizes the history",
+        || async {
+            let f: Option<i64> = sqlx::query_scalar(
+                "SELECT finalized_block FROM chain_checkpoints WHERE chain_id = 31337",
+            )
+            .fetch_optional(&env.pool)
+            .await
+            .ok()
+            .flatten();
+            f.filter(|f| *f as u64 >= last).map(|_| ())
+        },
+    )
+    .await;
+
+    let server = MockServer::start().await;
+    let svc = service(&env, &server);
+    let mut checked = 0;
+    for token in [erc20, nft] {
+        let token_hex = format!("{token:#x}");
+        for &block in &blocks {
+            let out = svc
+                .create(&index_req("31337", &token_hex, Some(block)))
+                .await
+                .unwrap();
+            assert_eq!(out.status, SnapshotStatus::Complete, "{out:?}");
+            let rows = holder_rows(&env, out.snapshot_id).await;
+            for (holder, balance) in &rows {
+                let addr: Address = holder.parse().unwrap();
+                assert!(h.contains(&addr), "unexpected holder {holder}");
+                assert_ne!(balance, "0");
+            }
+            for addr in &h {
+                let want = onchain::balance_at(&p, token, *addr, block).await;
+                let got = rows
+                    .iter()
+                    .find(|(holder, _)| holder == &format!("{addr:#x}"))
+                    .map(|(_, b)| b.clone())
+                    .unwrap_or_else(|| "0".to_string());
+                assert_eq!(
+                    got,
+                    want.to_string(),
+                    "{token_hex} holder {addr:#x} at block {block}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 2 * blocks.len() * h.len());
+    // Above the finalized block: refused.
+    let out = svc
+        .create(&index_req(
+            "31337",
+            &format!("{erc20:#x}"),
+            Some(1_000_000_000),
+        ))
+        .await
+        .unwrap();
+    assert_failed(&out, &["above the index's finalized block"]);
+}
