@@ -376,6 +376,14 @@ async fn prune_removes_only_old_and_acknowledged_data() {
         .await
         .expect("insert tick");
     }
+    // A job's only (latest) tick is kept however old: catch-up after downtime starts from it.
+    sqlx::query(
+        "INSERT INTO scheduler_ticks (job, scheduled_at, claimed_by, claimed_at, status) \
+         VALUES ('detect_anomalies', now() - interval '40 days', 'r', now() - interval '40 days', 'succeeded')",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("insert lone tick");
     // A consumed stream: 1000-0 acknowledged, 1001-0 delivered but pending, 1002-0 never
     // delivered, one fresh entry. Only 1000-0 is both old and acknowledged.
     let mut r = env.redis().await;
@@ -455,6 +463,14 @@ async fn prune_removes_only_old_and_acknowledged_data() {
         .await
         .unwrap();
     assert_eq!(left, 1);
+    let ticks_left: i64 = sqlx::query_scalar("SELECT count(*) FROM scheduler_ticks")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        ticks_left, 2,
+        "the recent prune tick and the lone detect_anomalies tick"
+    );
     let ids = |stream: String| {
         let mut r = r.clone();
         async move {
