@@ -47,9 +47,13 @@ pub enum WorkerError {
 /// The job handlers this process serves: one line per handler. A job type without a line
 /// here is not consumed (its stream just grows).
 pub fn job_registry(ctx: &AppContext) -> crate::queue::JobRegistry {
-    #[allow(unused_mut)]
     let mut jobs = crate::queue::JobRegistry::new();
-    let _ = ctx;
+    let ledger = crate::ledger::Ledger::new(ctx.pool.clone(), ctx.cfg.ledger.clone());
+    let (batcher, _) = crate::ledger::batcher::Batcher::spawn(
+        std::sync::Arc::new(ledger),
+        ctx.cfg.ledger.max_batch,
+    );
+    crate::ledger::jobs::register(&mut jobs, &batcher, &ctx.cfg.ledger);
     // jobs.register(crate::snapshots::SnapshotJob::new(ctx));      (integrator)
     // jobs.register(crate::maintenance::CleanupLocksJob::new(ctx)); (integrator)
     jobs

@@ -106,10 +106,13 @@ async fn blpop(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> serde
 }
 
 async fn dead_letter_reasons(env: &TestEnv) -> Vec<(String, String, String)> {
-    sqlx::query_as("SELECT job_type, entry_id, reason FROM dead_letters ORDER BY id")
-        .fetch_all(&env.pool)
-        .await
-        .expect("dead letters")
+    sqlx::query_as(
+        "SELECT job_type, entry_id, reason FROM dead_letters
+         ORDER BY split_part(entry_id, '-', 1)::bigint, split_part(entry_id, '-', 2)::bigint, id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .expect("dead letters")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,5 +237,727 @@ async fn retryable_failures_end_in_a_dead_letter_at_the_delivery_limit() {
     );
     assert!(dl[0].2.contains("database down (attempt 3)"), "{dl:?}");
     assert_eq!(calls.load(Ordering::SeqCst), 3);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_cli_refuses_unknown_job_types_and_times_out_clearly() {
+    let env = TestEnv::new().await;
+    let out = std::process::Command::new(common::tokenwarden_bin())
+        .args(["enqueue", "consume_tokenz", "{}"])
+        .envs(env.env_vars())
+        .output()
+        .expect("run enqueue");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown job type `consume_tokenz`"), "{err}");
+    assert!(err.contains("consume_tokens, grant_tokens"), "{err}");
+    let mut r = env.redis().await;
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(format!("{}:jobs:consume_tokenz", env.redis_prefix))
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0, "nothing was enqueued");
+
+    // No worker running: --wait gives up after the wait with a clear message.
+    let rid = uuid::Uuid::new_v4();
+    let out = std::process::Command::new(common::tokenwarden_bin())
+        .args([
+            "enqueue",
+            "cleanup_locks",
+            &format!(r#"{{"request_id":"{rid}"}}"#),
+            "--wait",
+            "200",
+        ])
+        .envs(env.env_vars())
+        .output()
+        .expect("run enqueue");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("no reply for request {rid} within 200 ms")),
+        "{err}"
+    );
+    let len: i64 = redis::cmd("XLEN")
+        .arg(format!("{}:jobs:cleanup_locks", env.redis_prefix))
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(len, 1, "the job stays queued");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ledger jobs through the real worker binary.
+// ---------------------------------------------------------------------------------------------
+
+fn stream(env: &TestEnv, job_type: &str) -> String {
+    format!("{}:jobs:{job_type}", env.redis_prefix)
+}
+
+fn reply(env: &TestEnv, rid: &str) -> String {
+    format!("{}:reply:{rid}", env.redis_prefix)
+}
+
+fn consume_payload(rid: uuid::Uuid, user: uuid::Uuid, amount: i64) -> String {
+    serde_json::json!({"request_id": rid, "user_id": user, "amount": amount, "operation_type": "chat"})
+        .to_string()
+}
+
+/// Grants `amount` to `user` through the queue and waits for the reply.
+async fn grant(
+    env: &TestEnv,
+    r: &mut redis::aio::MultiplexedConnection,
+    user: uuid::Uuid,
+    amount: i64,
+) {
+    let rid = uuid::Uuid::new_v4();
+    let p =
+        serde_json::json!({"request_id": rid, "user_id": user, "amount": amount, "reason": "test"});
+    xadd(
+        r,
+        &stream(env, "grant_tokens"),
+        &[("payload", &p.to_string())],
+    )
+    .await;
+    let rep = blpop(r, &reply(env, &rid.to_string())).await;
+    assert_eq!(rep["status"], "granted", "{rep}");
+}
+
+/// XADDs consume jobs in pipelines of 1,000.
+async fn enqueue_consumes(
+    env: &TestEnv,
+    r: &mut redis::aio::MultiplexedConnection,
+    jobs: &[(uuid::Uuid, uuid::Uuid, i64)],
+) {
+    let s = stream(env, "consume_tokens");
+    for chunk in jobs.chunks(1000) {
+        let mut p = redis::pipe();
+        for (rid, user, amount) in chunk {
+            p.cmd("XADD")
+                .arg(&s)
+                .arg("*")
+                .arg("payload")
+                .arg(consume_payload(*rid, *user, *amount))
+                .ignore();
+        }
+        let _: () = p.query_async(r).await.expect("XADD pipeline");
+    }
+}
+
+async fn balance(env: &TestEnv, user: uuid::Uuid) -> i64 {
+    sqlx::query_scalar("SELECT balance FROM credit_accounts WHERE user_id = $1")
+        .bind(user)
+        .fetch_optional(&env.pool)
+        .await
+        .expect("balance")
+        .unwrap_or(0)
+}
+
+async fn count_requests(env: &TestEnv, kind: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM ledger_requests WHERE kind = $1")
+        .bind(kind)
+        .fetch_one(&env.pool)
+        .await
+        .expect("count")
+}
+
+/// (pending, lag) of the group on a stream.
+async fn group_state(r: &mut redis::aio::MultiplexedConnection, stream: &str) -> (usize, usize) {
+    let info: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(r)
+        .await
+        .expect("XINFO GROUPS");
+    let g = info.groups.first().expect("group exists");
+    (g.pending, g.lag.unwrap_or(usize::MAX))
+}
+
+/// Every consume job has exactly one outcome, the history has exactly one debit per consumed
+/// request, and the balance is the grant minus what was consumed.
+async fn assert_exact(
+    env: &TestEnv,
+    user: uuid::Uuid,
+    granted: i64,
+    jobs: &[(uuid::Uuid, uuid::Uuid, i64)],
+) {
+    let ids: Vec<uuid::Uuid> = jobs.iter().map(|j| j.0).collect();
+    let rows: Vec<(uuid::Uuid, String)> =
+        sqlx::query_as("SELECT request_id, status FROM ledger_requests WHERE request_id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&env.pool)
+            .await
+            .expect("outcomes");
+    assert_eq!(rows.len(), jobs.len(), "every request id has an outcome");
+    let consumed: std::collections::HashSet<uuid::Uuid> = rows
+        .iter()
+        .filter(|(_, s)| s == "consumed")
+        .map(|(id, _)| *id)
+        .collect();
+    let expected_debit: i64 = jobs
+        .iter()
+        .filter(|j| consumed.contains(&j.0))
+        .map(|j| j.2)
+        .sum();
+    let (debits, debit_sum): (i64, Option<i64>) = sqlx::query_as(
+        "SELECT count(*), sum(amount)::bigint FROM token_balance_history WHERE user_id = $1 AND kind = 'consume'",
+    )
+    .bind(user)
+    .fetch_one(&env.pool)
+    .await
+    .expect("history");
+    assert_eq!(
+        debits as usize,
+        consumed.len(),
+        "one history row per consumed request, none twice"
+    );
+    assert_eq!(debit_sum.unwrap_or(0), expected_debit);
+    assert_eq!(
+        balance(env, user).await,
+        granted - expected_debit,
+        "balance = granted - consumed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_end_to_end_with_idempotent_repeat() {
+    let env = TestEnv::new().await;
+    let _w = common::Child::spawn(&env, &["run"], &[]);
+    let mut r = env.redis().await;
+    let user = uuid::Uuid::new_v4();
+    grant(&env, &mut r, user, 100).await;
+
+    let rid = uuid::Uuid::new_v4();
+    let payload = consume_payload(rid, user, 30);
+    xadd(
+        &mut r,
+        &stream(&env, "consume_tokens"),
+        &[("payload", &payload)],
+    )
+    .await;
+    let first = blpop(&mut r, &reply(&env, &rid.to_string())).await;
+    assert_eq!(first["status"], "consumed", "{first}");
+    assert_eq!(first["balance"], 70);
+    assert_eq!(first["request_id"], rid.to_string());
+
+    // Same request id again: same reply, one debit.
+    xadd(
+        &mut r,
+        &stream(&env, "consume_tokens"),
+        &[("payload", &payload)],
+    )
+    .await;
+    let second = blpop(&mut r, &reply(&env, &rid.to_string())).await;
+    assert_eq!(second, first);
+    assert_eq!(balance(&env, user).await, 70);
+    let (status, after): (String, Option<i64>) =
+        sqlx::query_as("SELECT status, balance_after FROM ledger_requests WHERE request_id = $1")
+            .bind(rid)
+            .fetch_one(&env.pool)
+            .await
+            .expect("durable outcome");
+    assert_eq!((status.as_str(), after), ("consumed", Some(70)));
+    let debits: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM token_balance_history WHERE request_id = $1 AND kind = 'consume'",
+    )
+    .bind(rid)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(debits, 1);
+
+    // The CLI door waits for the reply and prints it.
+    let rid2 = uuid::Uuid::new_v4();
+    let out = std::process::Command::new(common::tokenwarden_bin())
+        .args([
+            "enqueue",
+            "consume_tokens",
+            &consume_payload(rid2, user, 5),
+            "--wait",
+            "10000",
+        ])
+        .envs(env.env_vars())
+        .output()
+        .expect("enqueue");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("reply JSON on stdout");
+    assert_eq!(printed["status"], "consumed");
+    assert_eq!(printed["balance"], 65);
+
+    // Hold, settle and release go through the same path.
+    let hold = uuid::Uuid::new_v4();
+    let p = serde_json::json!({"request_id": hold, "user_id": user, "amount": 20, "operation_type": "image", "ttl_secs": 60});
+    xadd(
+        &mut r,
+        &stream(&env, "hold_tokens"),
+        &[("payload", &p.to_string())],
+    )
+    .await;
+    let rep = blpop(&mut r, &reply(&env, &hold.to_string())).await;
+    assert_eq!(
+        (
+            rep["status"].as_str(),
+            rep["balance"].as_i64(),
+            rep["held"].as_i64()
+        ),
+        (Some("held"), Some(45), Some(20)),
+        "{rep}"
+    );
+    let settle = uuid::Uuid::new_v4();
+    let p = serde_json::json!({"request_id": settle, "hold_id": hold, "amount": 12});
+    xadd(
+        &mut r,
+        &stream(&env, "settle_hold"),
+        &[("payload", &p.to_string())],
+    )
+    .await;
+    let rep = blpop(&mut r, &reply(&env, &settle.to_string())).await;
+    assert_eq!(
+        (rep["status"].as_str(), rep["balance"].as_i64()),
+        (Some("settled"), Some(53)),
+        "{rep}"
+    );
+    let release = uuid::Uuid::new_v4();
+    let p = serde_json::json!({"request_id": release, "hold_id": hold});
+    xadd(
+        &mut r,
+        &stream(&env, "release_hold"),
+        &[("payload", &p.to_string())],
+    )
+    .await;
+    let rep = blpop(&mut r, &reply(&env, &release.to_string())).await;
+    assert_eq!(rep["status"], "hold_already_resolved", "{rep}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_ledger_input_is_dead_lettered_and_the_worker_keeps_going() {
+    let env = TestEnv::new().await;
+    let _w = common::Child::spawn(&env, &["run"], &[]);
+    let mut r = env.redis().await;
+    let user = uuid::Uuid::new_v4();
+    grant(&env, &mut r, user, 100).await;
+    let s = stream(&env, "consume_tokens");
+
+    // Entries whose request id cannot be read: dead letter only.
+    let unreadable = [
+        (vec![("other", "x")], "no `payload` field"),
+        (vec![("payload", "{\"request_id\": ")], "not valid JSON"),
+        (
+            vec![("payload", "\"just a string\"")],
+            "must be a JSON object",
+        ),
+    ];
+    for (fields, _) in &unreadable {
+        xadd(&mut r, &s, fields).await;
+    }
+    // Entries with a readable request id: dead letter + rejected reply.
+    let big = "x".repeat(5000);
+    let cases: Vec<(serde_json::Value, &str)> = vec![
+        (
+            serde_json::json!({"user_id": user, "amount": 1}),
+            "missing field `operation_type`",
+        ),
+        (
+            serde_json::json!({"user_id": user, "amount": 1, "operation_type": "a", "extra": 1}),
+            "unknown field `extra`",
+        ),
+        (
+            serde_json::json!({"user_id": user, "amount": "1", "operation_type": "a"}),
+            "amount must be an integer",
+        ),
+        (
+            serde_json::json!({"user_id": user, "amount": 0, "operation_type": "a"}),
+            "positive",
+        ),
+        (
+            serde_json::json!({"user_id": user, "amount": -5, "operation_type": "a"}),
+            "positive",
+        ),
+        (
+            serde_json::json!({"user_id": user, "amount": 1.5, "operation_type": "a"}),
+            "amount must be an integer",
+        ),
+        (
+            serde_json::from_str(&format!(
+                r#"{{"user_id":"{user}","amount":99999999999999999999,"operation_type":"a"}}"#
+            ))
+            .unwrap(),
+            "amount must be an integer",
+        ),
+        (
+            serde_json::json!({"user_id": "nope", "amount": 1, "operation_type": "a"}),
+            "user_id",
+        ),
+        (
+            serde_json::json!({"user_id": user, "amount": 1, "operation_type": "a", "metadata": {"blob": big}}),
+            "metadata is",
+        ),
+    ];
+    let mut rids = Vec::new();
+    for (mut p, _) in cases.clone() {
+        let rid = uuid::Uuid::new_v4();
+        p["request_id"] = serde_json::json!(rid);
+        xadd(&mut r, &s, &[("payload", &p.to_string())]).await;
+        rids.push(rid);
+    }
+    for (rid, (_, needle)) in rids.iter().zip(&cases) {
+        let rep = blpop(&mut r, &reply(&env, &rid.to_string())).await;
+        assert_eq!(rep["status"], "rejected", "{rep}");
+        let reason = rep["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains(needle), "expected {needle:?} in {reason:?}");
+    }
+    // An unknown user is not a crash: insufficient_tokens.
+    let stranger = uuid::Uuid::new_v4();
+    let rid = uuid::Uuid::new_v4();
+    xadd(
+        &mut r,
+        &s,
+        &[("payload", &consume_payload(rid, stranger, 1))],
+    )
+    .await;
+    let rep = blpop(&mut r, &reply(&env, &rid.to_string())).await;
+    assert_eq!(rep["status"], "insufficient_tokens", "{rep}");
+    // And the next good job is processed.
+    let rid = uuid::Uuid::new_v4();
+    xadd(&mut r, &s, &[("payload", &consume_payload(rid, user, 10))]).await;
+    let rep = blpop(&mut r, &reply(&env, &rid.to_string())).await;
+    assert_eq!(rep["status"], "consumed", "{rep}");
+    assert_eq!(rep["balance"], 90);
+
+    let dl = wait_until(T, "all dead letters", || async {
+        let d = dead_letter_reasons(&env).await;
+        (d.len() == unreadable.len() + cases.len()).then_some(d)
+    })
+    .await;
+    for (i, (_, needle)) in unreadable.iter().enumerate() {
+        assert!(dl[i].2.contains(needle), "{:?} lacks {needle}", dl[i]);
+    }
+    for (i, (_, needle)) in cases.iter().enumerate() {
+        let d = &dl[unreadable.len() + i];
+        assert_eq!(d.0, "consume_tokens");
+        assert!(d.2.contains(needle), "{d:?} lacks {needle}");
+    }
+    assert_eq!(
+        balance(&env, user).await,
+        90,
+        "no bad entry moved the balance"
+    );
+
+    // dead-letters list / retry / purge.
+    let out = std::process::Command::new(common::tokenwarden_bin())
+        .args([
+            "dead-letters",
+            "list",
+            "--job-type",
+            "consume_tokens",
+            "--limit",
+            "100",
+        ])
+        .envs(env.env_vars())
+        .output()
+        .expect("list");
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        dl.len()
+    );
+    let (first_id,): (i64,) = sqlx::query_as("SELECT min(id) FROM dead_letters")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let out = std::process::Command::new(common::tokenwarden_bin())
+        .args(["dead-letters", "retry", &first_id.to_string()])
+        .envs(env.env_vars())
+        .output()
+        .expect("retry");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let retried: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT retried_at FROM dead_letters WHERE id = $1")
+            .bind(first_id)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert!(retried.is_some());
+    // The retried entry (still without payload) is dead-lettered again.
+    wait_until(T, "retried entry dead-lettered again", || async {
+        let n = dead_letter_reasons(&env).await.len();
+        (n == dl.len() + 1).then_some(())
+    })
+    .await;
+    let out = std::process::Command::new(common::tokenwarden_bin())
+        .args(["dead-letters", "purge", "--older-than-days", "0"])
+        .envs(env.env_vars())
+        .output()
+        .expect("purge");
+    assert!(out.status.success());
+    assert!(dead_letter_reasons(&env).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_consumptions_for_one_user_end_exact() {
+    let env = TestEnv::new().await;
+    let _w = common::Child::spawn(&env, &["run"], &[]);
+    let mut r = env.redis().await;
+    let user = uuid::Uuid::new_v4();
+    grant(&env, &mut r, user, 600).await;
+    let jobs: Vec<_> = (0..1000)
+        .map(|_| (uuid::Uuid::new_v4(), user, 1i64))
+        .collect();
+    enqueue_consumes(&env, &mut r, &jobs).await;
+    wait_until(T, "1,000 outcomes", || async {
+        (count_requests(&env, "consume").await == 1000).then_some(())
+    })
+    .await;
+    assert_exact(&env, user, 600, &jobs).await;
+    assert_eq!(balance(&env, user).await, 0);
+    let insufficient: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM ledger_requests WHERE kind = 'consume' AND status = 'insufficient_tokens'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(insufficient, 400);
+    // Every caller got its reply.
+    for (rid, _, _) in jobs.iter().step_by(97) {
+        let rep = blpop(&mut r, &reply(&env, &rid.to_string())).await;
+        assert!(
+            rep["status"] == "consumed" || rep["status"] == "insufficient_tokens",
+            "{rep}"
+        );
+    }
+}
+
+fn random_jobs(user: uuid::Uuid, n: usize) -> Vec<(uuid::Uuid, uuid::Uuid, i64)> {
+    (0..n)
+        .map(|i| (uuid::Uuid::new_v4(), user, (i % 3) as i64 + 1))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_batch_loses_nothing_and_applies_nothing_twice() {
+    let env = TestEnv::new().await;
+    let fast = [("TOKENWARDEN__QUEUE__CLAIM_IDLE_MS", "500")];
+    let mut w = common::Child::spawn(&env, &["run"], &fast);
+    let mut r = env.redis().await;
+    let user = uuid::Uuid::new_v4();
+    let granted = 1_000_000;
+    grant(&env, &mut r, user, granted).await;
+    let jobs = random_jobs(user, 20_000);
+    enqueue_consumes(&env, &mut r, &jobs).await;
+    wait_until(T, "some jobs applied", || async {
+        (count_requests(&env, "consume").await >= 2_000).then_some(())
+    })
+    .await;
+    w.signal("KILL");
+    w.wait_exit(T);
+    let done_at_kill = count_requests(&env, "consume").await;
+    assert!(
+        done_at_kill < 20_000,
+        "killed while jobs were still flowing ({done_at_kill})"
+    );
+
+    let _w2 = common::Child::spawn(&env, &["run"], &fast);
+    let s = stream(&env, "consume_tokens");
+    wait_until(
+        Duration::from_secs(120),
+        "all 20,000 outcomes and nothing pending",
+        || {
+            let mut r = r.clone();
+            let s = s.clone();
+            let env = &env;
+            async move {
+                let n = count_requests(env, "consume").await;
+                let (pending, lag) = group_state(&mut r, &s).await;
+                (n == 20_000 && pending == 0 && lag == 0).then_some(())
+            }
+        },
+    )
+    .await;
+    assert_exact(&env, user, granted, &jobs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_worker_processes_share_one_stream() {
+    let env = TestEnv::new().await;
+    let _a = common::Child::spawn(&env, &["run"], &[]);
+    let _b = common::Child::spawn(&env, &["run"], &[]);
+    let mut r = env.redis().await;
+    let s = stream(&env, "consume_tokens");
+    wait_until(T, "two consumers on the stream", || {
+        let mut r = r.clone();
+        let s = s.clone();
+        async move {
+            let v: redis::RedisResult<redis::Value> = redis::cmd("XINFO")
+                .arg("CONSUMERS")
+                .arg(&s)
+                .arg("tokenwarden")
+                .query_async(&mut r)
+                .await;
+            matches!(v, Ok(redis::Value::Array(c)) if c.len() == 2).then_some(())
+        }
+    })
+    .await;
+    let user = uuid::Uuid::new_v4();
+    let granted = 1_000_000;
+    grant(&env, &mut r, user, granted).await;
+    let jobs = random_jobs(user, 20_000);
+    enqueue_consumes(&env, &mut r, &jobs).await;
+    wait_until(
+        Duration::from_secs(120),
+        "all outcomes, nothing pending",
+        || {
+            let mut r = r.clone();
+            let s = s.clone();
+            let env = &env;
+            async move {
+                let n = count_requests(env, "consume").await;
+                let (pending, lag) = group_state(&mut r, &s).await;
+                (n == 20_000 && pending == 0 && lag == 0).then_some(())
+            }
+        },
+    )
+    .await;
+    assert_exact(&env, user, granted, &jobs).await;
+    let per_consumer: std::collections::HashMap<String, u64> = redis::cmd("HGETALL")
+        .arg(format!("{}:processed:consume_tokens", env.redis_prefix))
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(
+        per_consumer.len(),
+        2,
+        "both consumers processed entries: {per_consumer:?}"
+    );
+    assert!(per_consumer.values().all(|n| *n > 0), "{per_consumer:?}");
+    assert_eq!(
+        per_consumer.values().sum::<u64>(),
+        20_000,
+        "{per_consumer:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_exits_cleanly_and_a_restart_finishes_the_work() {
+    let env = TestEnv::new().await;
+    let cfg = [
+        ("TOKENWARDEN__QUEUE__CLAIM_IDLE_MS", "500"),
+        ("TOKENWARDEN__QUEUE__SHUTDOWN_GRACE_SECS", "10"),
+    ];
+    let mut w = common::Child::spawn(&env, &["run"], &cfg);
+    let mut r = env.redis().await;
+    let user = uuid::Uuid::new_v4();
+    let granted = 1_000_000;
+    grant(&env, &mut r, user, granted).await;
+    let jobs = random_jobs(user, 20_000);
+    enqueue_consumes(&env, &mut r, &jobs).await;
+    wait_until(T, "some jobs applied", || async {
+        (count_requests(&env, "consume").await >= 2_000).then_some(())
+    })
+    .await;
+    w.signal("TERM");
+    let status = w.wait_exit(Duration::from_secs(12));
+    assert!(status.success(), "SIGTERM exits 0, got {status:?}");
+
+    let _w2 = common::Child::spawn(&env, &["run"], &cfg);
+    let s = stream(&env, "consume_tokens");
+    wait_until(
+        Duration::from_secs(120),
+        "all outcomes after restart",
+        || {
+            let mut r = r.clone();
+            let s = s.clone();
+            let env = &env;
+            async move {
+                let n = count_requests(env, "consume").await;
+                let (pending, lag) = group_state(&mut r, &s).await;
+                (n == 20_000 && pending == 0 && lag == 0).then_some(())
+            }
+        },
+    )
+    .await;
+    assert_exact(&env, user, granted, &jobs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_backend_is_restarted_by_the_monitor() {
+    let env = TestEnv::new().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut reg = JobRegistry::new();
+    reg.register(Echo {
+        calls: calls.clone(),
+    });
+    let w = InProcess::start(
+        config(&env, &[("TOKENWARDEN__QUEUE__BLOCK_MS", "100")]),
+        reg,
+    )
+    .await;
+    let mut r = env.redis().await;
+    let s = format!("{}:jobs:cleanup_locks", env.redis_prefix);
+    let rid = uuid::Uuid::new_v4().to_string();
+    xadd(
+        &mut r,
+        &s,
+        &[("payload", &format!(r#"{{"request_id":"{rid}"}}"#))],
+    )
+    .await;
+    blpop(&mut r, &format!("{}:reply:{rid}", env.redis_prefix)).await;
+
+    // Deleting the stream removes the group: the reader fails with NOGROUP, the apalis worker
+    // ends with a backend error, and the Monitor restarts it (new consumer, group recreated).
+    let _: i64 = redis::cmd("DEL").arg(&s).query_async(&mut r).await.unwrap();
+    wait_until(T, "group recreated by the restarted worker", || {
+        let mut r = r.clone();
+        let s = s.clone();
+        async move {
+            let v: redis::RedisResult<redis::Value> = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(&s)
+                .query_async(&mut r)
+                .await;
+            matches!(v, Ok(redis::Value::Array(g)) if !g.is_empty()).then_some(())
+        }
+    })
+    .await;
+    let rid = uuid::Uuid::new_v4().to_string();
+    xadd(
+        &mut r,
+        &s,
+        &[("payload", &format!(r#"{{"request_id":"{rid}"}}"#))],
+    )
+    .await;
+    let rep = blpop(&mut r, &format!("{}:reply:{rid}", env.redis_prefix)).await;
+    assert_eq!(rep["echo"]["request_id"], rid.as_str());
+
+    // A stream of a job type nobody registered is left alone.
+    let unknown = format!("{}:jobs:no_such_job", env.redis_prefix);
+    xadd(&mut r, &unknown, &[("payload", "{}")]).await;
+    let rid = uuid::Uuid::new_v4().to_string();
+    xadd(
+        &mut r,
+        &s,
+        &[("payload", &format!(r#"{{"request_id":"{rid}"}}"#))],
+    )
+    .await;
+    blpop(&mut r, &format!("{}:reply:{rid}", env.redis_prefix)).await;
+    let groups: redis::Value = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(&unknown)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert!(
+        matches!(groups, redis::Value::Array(ref g) if g.is_empty()),
+        "{groups:?}"
+    );
     w.stop().await;
 }

@@ -92,3 +92,12 @@ async fn run(ledger: Arc<dyn ApplyBatch>, max_batch: usize, mut rx: mpsc::Receiv
         }
     }
 }
+
+impl ApplyBatch for super::Ledger {
+    fn apply_batch<'a>(
+        &'a self,
+        ops: &'a [LedgerOp],
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<Outcome>, String>> + Send + 'a>> {
+        Box::pin(async move { self.apply(ops).await.map_err(|e| e.to_string()) })
+    }
+}

@@ -105,10 +105,18 @@ pub fn parse(
     cfg: &LedgerConfig,
 ) -> Result<LedgerOp, String> {
     let job = kind.job_type();
-    let bad = |e: serde_json::Error| format!("invalid {job} payload: {e}");
+    let bad = |e: serde_path_to_error::Error<serde_json::Error>| {
+        let path = e.path().to_string();
+        if path == "." {
+            format!("invalid {job} payload: {}", e.inner())
+        } else {
+            format!("invalid {job} payload: {path}: {}", e.inner())
+        }
+    };
+    check_amount(&payload)?;
     Ok(match kind {
         LedgerJobKind::Consume => {
-            let p: ConsumePayload = serde_json::from_value(payload).map_err(bad)?;
+            let p: ConsumePayload = serde_path_to_error::deserialize(payload).map_err(bad)?;
             LedgerOp::Consume {
                 request_id: RequestId(p.request_id),
                 user_id: UserId(p.user_id),
@@ -118,7 +126,7 @@ pub fn parse(
             }
         }
         LedgerJobKind::Grant => {
-            let p: GrantPayload = serde_json::from_value(payload).map_err(bad)?;
+            let p: GrantPayload = serde_path_to_error::deserialize(payload).map_err(bad)?;
             LedgerOp::Grant {
                 request_id: RequestId(p.request_id),
                 user_id: UserId(p.user_id),
@@ -128,7 +136,7 @@ pub fn parse(
             }
         }
         LedgerJobKind::Hold => {
-            let p: HoldPayload = serde_json::from_value(payload).map_err(bad)?;
+            let p: HoldPayload = serde_path_to_error::deserialize(payload).map_err(bad)?;
             let ttl_secs = match p.ttl_secs {
                 None => cfg.default_hold_ttl_secs,
                 Some(t) if t >= 1 && t <= u64::from(cfg.max_hold_ttl_secs) => t as u32,
@@ -149,7 +157,7 @@ pub fn parse(
             }
         }
         LedgerJobKind::Settle => {
-            let p: SettlePayload = serde_json::from_value(payload).map_err(bad)?;
+            let p: SettlePayload = serde_path_to_error::deserialize(payload).map_err(bad)?;
             LedgerOp::Settle {
                 request_id: RequestId(p.request_id),
                 hold_id: RequestId(p.hold_id),
@@ -158,7 +166,7 @@ pub fn parse(
             }
         }
         LedgerJobKind::Release => {
-            let p: ReleasePayload = serde_json::from_value(payload).map_err(bad)?;
+            let p: ReleasePayload = serde_path_to_error::deserialize(payload).map_err(bad)?;
             LedgerOp::Release {
                 request_id: RequestId(p.request_id),
                 hold_id: RequestId(p.hold_id),
@@ -166,6 +174,28 @@ pub fn parse(
             }
         }
     })
+}
+
+/// serde's own message for an overflowing or fractional amount ("invalid type: floating point
+/// `1e+20`, expected i64") does not name the field; this one does.
+fn check_amount(payload: &serde_json::Value) -> Result<(), String> {
+    match payload.get("amount") {
+        None => Ok(()),
+        Some(serde_json::Value::Number(n)) if n.as_i64().is_some() || n.as_u64().is_some() => {
+            match n.as_i64() {
+                Some(v) if v > 0 => Ok(()),
+                Some(v) => Err(format!("amount must be a positive integer, got {v}")),
+                None => Err(format!(
+                    "amount must be an integer between 1 and {}, got {n}",
+                    i64::MAX
+                )),
+            }
+        }
+        Some(other) => Err(format!(
+            "amount must be an integer between 1 and {}, got {other}",
+            i64::MAX
+        )),
+    }
 }
 
 fn text(field: &str, v: String, max_chars: usize) -> Result<String, String> {

@@ -24,6 +24,8 @@ pub struct Ack {
     pub job_type: Arc<str>,
     pub stream: Arc<str>,
     pub id: String,
+    /// The consumer that processed the entry (for the per-consumer counters).
+    pub consumer: Arc<str>,
     /// `(request_id, reply JSON)`.
     pub reply: Option<(String, String)>,
     /// The entry failed before (retryable): drop its recorded last error.
@@ -123,6 +125,17 @@ async fn send(redis: &ConnectionManager, prefix: &str, group: &str, ttl: i64, ac
     }
     for (stream, ids) in &by_stream {
         pipe.cmd("XACK").arg(*stream).arg(group).arg(ids).ignore();
+    }
+    let mut per_consumer: HashMap<(&str, &str), u64> = HashMap::new();
+    for a in acks {
+        *per_consumer.entry((&a.job_type, &a.consumer)).or_default() += 1;
+    }
+    for ((job_type, consumer), n) in &per_consumer {
+        pipe.cmd("HINCRBY")
+            .arg(super::processed_key(prefix, job_type))
+            .arg(*consumer)
+            .arg(*n)
+            .ignore();
     }
     for (job_type, ids) in &cleared {
         pipe.cmd("HDEL")

@@ -30,20 +30,25 @@ pub struct StreamBackend {
     rx: mpsc::Receiver<Result<StreamEntry, QueueError>>,
     reader: tokio::task::JoinHandle<()>,
     acker: AckerHandle,
+    /// Runs after the acknowledgements are flushed (removes the consumer from the group).
+    on_close: Option<CloseFuture>,
     closing: Option<CloseFuture>,
 }
 
 impl StreamBackend {
-    /// Wraps a running reader task and the channel it fills.
+    /// Wraps a running reader task and the channel it fills. `on_close` runs on a graceful
+    /// stop, after the acknowledgements are flushed.
     pub fn new(
         rx: mpsc::Receiver<Result<StreamEntry, QueueError>>,
         reader: tokio::task::JoinHandle<()>,
         acker: AckerHandle,
+        on_close: impl Future<Output = ()> + Send + 'static,
     ) -> Self {
         Self {
             rx,
             reader,
             acker,
+            on_close: Some(Box::pin(on_close)),
             closing: None,
         }
     }
@@ -96,7 +101,13 @@ impl Backend for StreamBackend {
             self.reader.abort();
             self.rx.close();
             let acker = self.acker.clone();
-            self.closing = Some(Box::pin(async move { acker.flush().await }));
+            let on_close = self.on_close.take();
+            self.closing = Some(Box::pin(async move {
+                acker.flush().await;
+                if let Some(f) = on_close {
+                    f.await;
+                }
+            }));
         }
         match self.closing.as_mut() {
             Some(f) => f.as_mut().poll(cx).map(Ok),

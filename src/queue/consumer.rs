@@ -46,6 +46,7 @@ struct Dispatch {
     redis: ConnectionManager,
     acker: AckerHandle,
     prefix: String,
+    consumer: Arc<str>,
     inflight: InFlight,
 }
 
@@ -142,6 +143,7 @@ impl Dispatch {
             job_type: entry.job_type.clone(),
             stream: entry.stream.clone(),
             id: entry.id.clone(),
+            consumer: self.consumer.clone(),
             reply,
             clear_last_error: entry.deliveries > 1,
             enqueued_ms: entry.enqueued_ms(),
@@ -219,10 +221,23 @@ pub async fn run_consumers(ctx: &AppContext, registry: JobRegistry) -> Result<()
                 redis: shared.redis.clone(),
                 acker: shared.acker.clone(),
                 prefix: shared.prefix.clone(),
+                consumer: Arc::from(consumer.as_str()),
                 inflight,
             });
+            let on_close = {
+                let mut redis = shared.redis.clone();
+                let stream = super::stream_key(&shared.prefix, job_type);
+                let group = shared.cfg.group.clone();
+                let consumer = consumer.clone();
+                async move {
+                    match reader::remove_consumer_if_idle(&mut redis, &stream, &group, &consumer).await {
+                        Ok(removed) => tracing::info!(job_type, %consumer, removed, "stream consumer stopped"),
+                        Err(e) => tracing::warn!(job_type, %consumer, error = %e, "could not remove stopped consumer"),
+                    }
+                }
+            };
             WorkerBuilder::new(format!("{job_type}@{consumer}"))
-                .backend(StreamBackend::new(rx, reader_task, shared.acker.clone()))
+                .backend(StreamBackend::new(rx, reader_task, shared.acker.clone(), on_close))
                 .data(dispatch)
                 .concurrency(shared.cfg.concurrency)
                 .build(process)

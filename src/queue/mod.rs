@@ -70,6 +70,12 @@ pub fn last_error_key(prefix: &str, job_type: &str) -> String {
     format!("{prefix}:lasterr:{job_type}")
 }
 
+/// The hash counting, per consumer name, the entries each consumer finished: shows how the
+/// replicas share a stream.
+pub fn processed_key(prefix: &str, job_type: &str) -> String {
+    format!("{prefix}:processed:{job_type}")
+}
+
 /// Why the transport failed (Redis or Postgres unreachable, or a reply Redis did not expect).
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {

@@ -50,6 +50,41 @@ pub fn consumer_name() -> String {
     format!("{host}-{}-{suffix:08x}", std::process::id())
 }
 
+/// Removes `consumer` from the group if nothing is pending on it. Called when a worker stops
+/// gracefully (its reader has stopped, so nothing new can be delivered to it); consumers of
+/// crashed workers stay listed until removed by hand.
+pub async fn remove_consumer_if_idle<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+) -> Result<bool, QueueError> {
+    let pending: StreamPendingCountReply = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .arg("-")
+        .arg("+")
+        .arg(1)
+        .arg(consumer)
+        .query_async(conn)
+        .await
+        .map_err(QueueError::redis(format!("XPENDING {stream} {consumer}")))?;
+    if !pending.ids.is_empty() {
+        return Ok(false);
+    }
+    let _: i64 = redis::cmd("XGROUP")
+        .arg("DELCONSUMER")
+        .arg(stream)
+        .arg(group)
+        .arg(consumer)
+        .query_async(conn)
+        .await
+        .map_err(QueueError::redis(format!(
+            "XGROUP DELCONSUMER {stream} {consumer}"
+        )))?;
+    Ok(true)
+}
+
 /// Creates the consumer group (from id 0, so entries added before the first worker started
 /// are read) and the stream if missing. BUSYGROUP means it exists already.
 pub async fn ensure_group<C: redis::aio::ConnectionLike>(
@@ -96,6 +131,18 @@ impl Reader {
             .await
             .map_err(QueueError::redis("connect for XREADGROUP"))?;
         ensure_group(&mut conn, &self.stream, &self.cfg.group).await?;
+        // Visible in XINFO CONSUMERS before its first entry (Redis creates consumers lazily).
+        let _: redis::Value = redis::cmd("XGROUP")
+            .arg("CREATECONSUMER")
+            .arg(self.stream.as_ref())
+            .arg(&self.cfg.group)
+            .arg(&self.consumer)
+            .query_async(&mut conn)
+            .await
+            .map_err(QueueError::redis(format!(
+                "XGROUP CREATECONSUMER {}",
+                self.stream
+            )))?;
         tracing::info!(job_type = %self.job_type, consumer = %self.consumer, "stream consumer started");
         let interval = self.cfg.claim_interval();
         let mut next_claim = Instant::now();
