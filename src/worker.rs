@@ -55,7 +55,6 @@ pub fn job_registry(ctx: &AppContext) -> crate::queue::JobRegistry {
     );
     crate::ledger::jobs::register(&mut jobs, &batcher, &ctx.cfg.ledger);
     // jobs.register(crate::snapshots::SnapshotJob::new(ctx));      (integrator)
-    // jobs.register(crate::maintenance::CleanupLocksJob::new(ctx)); (integrator)
     jobs
 }
 
