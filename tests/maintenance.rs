@@ -222,7 +222,41 @@ async fn health_ready_and_metrics_over_http() {
     let ready: serde_json::Value = serde_json::from_str(&body).expect("readyz is JSON");
     assert_eq!(ready["ready"], true);
 
+    // Work for the other modules' metrics: one consumption (with `enqueued_at`, for the
+    // latency histogram) and one malformed entry (a dead letter).
+    let user = uuid::Uuid::new_v4();
+    grant(&env, user, 10).await;
+    let consume_stream = format!("{}:jobs:consume_tokens", env.redis_prefix);
+    let payload = serde_json::json!({
+        "request_id": uuid::Uuid::new_v4(), "user_id": user, "amount": 3,
+        "operation_type": "ai_call"
+    });
+    for (p, at) in [
+        (
+            payload.to_string(),
+            Utc::now().timestamp_millis().to_string(),
+        ),
+        (
+            "not json".to_string(),
+            Utc::now().timestamp_millis().to_string(),
+        ),
+    ] {
+        let _: String = redis::cmd("XADD")
+            .arg(&consume_stream)
+            .arg("*")
+            .arg("payload")
+            .arg(p)
+            .arg("enqueued_at")
+            .arg(at)
+            .query_async(&mut r)
+            .await
+            .expect("xadd consume");
+    }
     let expected = [
+        "tokenwarden_jobs_processed_total",
+        "tokenwarden_job_latency_seconds_bucket",
+        "tokenwarden_ledger_batch_size_bucket",
+        "tokenwarden_dead_letters_total",
         "tokenwarden_scheduler_ticks_total",
         "tokenwarden_anomalies_total",
         "tokenwarden_queue_depth",
@@ -241,7 +275,8 @@ async fn health_ready_and_metrics_over_http() {
                 &[("job", "cleanup_locks"), ("result", "succeeded")],
             );
             let have_all = expected.iter().all(|n| s.iter().any(|x| x.name == *n));
-            (ran >= 1.0 && have_all).then_some(s)
+            let dead = sum(&s, "tokenwarden_dead_letters", &[]);
+            (ran >= 1.0 && have_all && dead == 1.0).then_some(s)
         },
     )
     .await;
@@ -254,6 +289,24 @@ async fn health_ready_and_metrics_over_http() {
         1.0,
         "depth of the unserved stream"
     );
+    assert_eq!(
+        sum(
+            &samples,
+            "tokenwarden_jobs_processed_total",
+            &[("job_type", "consume_tokens"), ("outcome", "ok")]
+        ),
+        1.0
+    );
+    assert_eq!(balance(&env, user).await, (7, 0));
+    let (_, types) = parse_prometheus(&get(port, "/metrics").await.expect("scrape").1);
+    for (name, kind) in [
+        ("tokenwarden_job_latency_seconds", "histogram"),
+        ("tokenwarden_ledger_batch_size", "histogram"),
+        ("tokenwarden_scheduler_ticks_total", "counter"),
+        ("tokenwarden_queue_depth", "gauge"),
+    ] {
+        assert_eq!(types.get(name).map(String::as_str), Some(kind), "{name}");
+    }
     for rule in ["request_burst", "spend_spike"] {
         assert!(
             samples
