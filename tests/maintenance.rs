@@ -993,3 +993,47 @@ async fn slow_run_neither_overlaps_nor_stalls_the_scheduler() {
     w.signal("TERM");
     assert!(w.wait_exit(Duration::from_secs(30)).success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_fails_when_a_chain_rpc_is_unreachable() {
+    let env = TestEnv::new().await;
+    let port = free_port();
+    let dead_rpc = free_port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("chain.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[chain]\nenabled = true\n\n[[chain.chains]]\nchain_id = 31337\nname = \"down\"\n\
+             rpc_urls = [\"http://127.0.0.1:{dead_rpc}\"]\n"
+        ),
+    )
+    .expect("write config");
+    let vars = with_http(only_cleanup(""), port);
+    let refs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let file = file.to_string_lossy().into_owned();
+    let mut w = Child::spawn(&env, &["--config", &file, "run"], &refs);
+    let body = wait_until(Duration::from_secs(30), "a readyz answer", || async {
+        get(port, "/readyz").await
+    })
+    .await;
+    assert_eq!(body.0, 503, "{}", body.1);
+    let v: serde_json::Value = serde_json::from_str(&body.1).expect("JSON");
+    let chain = v["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|c| c["name"] == "chain:31337")
+        .cloned()
+        .expect("a check per configured chain");
+    assert_eq!(chain["ok"], false);
+    assert!(
+        chain["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("RPC unreachable"),
+        "{chain}"
+    );
+    w.signal("TERM");
+    assert!(w.wait_exit(Duration::from_secs(30)).success());
+}
