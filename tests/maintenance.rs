@@ -133,19 +133,20 @@ async fn two_replicas_run_each_tick_exactly_once() {
     );
 
     let all = ticks(&env, "cleanup_locks").await;
-    // No gaps: consecutive seconds from the first tick to the last.
-    for pair in all.windows(2) {
-        assert_eq!(
-            (pair[1].scheduled_at - pair[0].scheduled_at).num_milliseconds(),
-            1000,
-            "gap or irregular tick between {:?} and {:?}",
-            pair[0],
-            pair[1]
-        );
-    }
+    // No unaccounted gaps: consecutive seconds from the first tick to the last. A replica that
+    // was starved of CPU for over a second folds the overdue ticks into one run and says so in
+    // `missed_ticks`; anything else is a lost tick.
+    assert_every_second_accounted(&all);
+    let folded: i32 = all.iter().map(|t| t.missed_ticks).sum();
+    assert!(
+        folded <= 2,
+        "folding is for starvation, not routine: {folded} folded ticks in {all:?}"
+    );
     for t in &all {
-        assert!(t.status == "succeeded", "every tick ran to success: {t:?}");
-        assert_eq!(t.missed_ticks, 0, "no folding while running: {t:?}");
+        assert!(
+            t.status == "succeeded" || t.status == "skipped",
+            "every tick ran (a fold may overlap a run and be skipped): {t:?}"
+        );
     }
     let replicas: std::collections::HashSet<_> = all.iter().map(|t| &t.claimed_by).collect();
     eprintln!(
@@ -981,15 +982,7 @@ async fn slow_run_neither_overlaps_nor_stalls_the_scheduler() {
     )
     .await;
     let all = ticks(&env, "cleanup_locks").await;
-    for pair in all.windows(2) {
-        assert_eq!(
-            (pair[1].scheduled_at - pair[0].scheduled_at).num_milliseconds(),
-            1000,
-            "the scheduler kept ticking every second: {:?} -> {:?}",
-            pair[0],
-            pair[1]
-        );
-    }
+    assert_every_second_accounted(&all);
     w.signal("TERM");
     assert!(w.wait_exit(Duration::from_secs(30)).success());
 }
@@ -1036,4 +1029,18 @@ async fn readyz_fails_when_a_chain_rpc_is_unreachable() {
     );
     w.signal("TERM");
     assert!(w.wait_exit(Duration::from_secs(30)).success());
+}
+
+/// Every second between the first and the last tick row is either a row or counted in the
+/// next row's `missed_ticks`.
+fn assert_every_second_accounted(all: &[Tick]) {
+    for pair in all.windows(2) {
+        let gap = (pair[1].scheduled_at - pair[0].scheduled_at).num_milliseconds();
+        assert!(
+            gap % 1000 == 0 && gap >= 1000 && gap / 1000 - 1 <= i64::from(pair[1].missed_ticks),
+            "unaccounted gap between {:?} and {:?}",
+            pair[0],
+            pair[1]
+        );
+    }
 }
