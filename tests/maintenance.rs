@@ -1044,3 +1044,59 @@ fn assert_every_second_accounted(all: &[Tick]) {
         );
     }
 }
+
+/// End to end: the scheduler in a `run` process detects a burst and the webhook named by the
+/// environment receives it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_detection_posts_to_the_webhook_from_the_environment() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let env = TestEnv::new().await;
+    let hook = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/alerts"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&hook)
+        .await;
+    let user = uuid::Uuid::new_v4();
+    grant(&env, user, 100).await;
+    for _ in 0..5 {
+        assert_eq!(consume(&env, user, 1).await, "consumed");
+    }
+    let url = format!("{}/alerts", hook.uri());
+    let mut vars = only_cleanup("");
+    vars.retain(|(k, _)| *k != "TOKENWARDEN__MAINTENANCE__SCHEDULES__DETECT_ANOMALIES");
+    vars.push((
+        "TOKENWARDEN__MAINTENANCE__SCHEDULES__DETECT_ANOMALIES",
+        EVERY_SECOND.into(),
+    ));
+    vars.push((
+        "TOKENWARDEN__MAINTENANCE__ANOMALIES__REQUEST_BURST__THRESHOLD",
+        "5".into(),
+    ));
+    vars.push(("TOKENWARDEN_ALERT_WEBHOOK_URL", url));
+    let mut w = spawn_run(&env, &vars);
+    let body = wait_until(Duration::from_secs(30), "the webhook call", || async {
+        let reqs = hook.received_requests().await?;
+        let first = reqs.first()?;
+        serde_json::from_slice::<serde_json::Value>(&first.body).ok()
+    })
+    .await;
+    assert_eq!(body["anomaly"]["user_id"], user.to_string());
+    assert_eq!(body["anomaly"]["severity"], "warn");
+    // Later ticks find nothing new: one finding, one call.
+    wait_until(Duration::from_secs(30), "three more detection runs", || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM scheduler_ticks WHERE job = 'detect_anomalies' AND status = 'succeeded'",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .ok()?;
+        (n >= 4).then_some(())
+    })
+    .await;
+    assert_eq!(hook.received_requests().await.map(|r| r.len()), Some(1));
+    assert_eq!(anomaly_rows(&env, user).await.len(), 1);
+    w.signal("TERM");
+    assert!(w.wait_exit(Duration::from_secs(30)).success());
+}
