@@ -1100,3 +1100,53 @@ async fn scheduled_detection_posts_to_the_webhook_from_the_environment() {
     w.signal("TERM");
     assert!(w.wait_exit(Duration::from_secs(30)).success());
 }
+
+/// The API roles see no scheduler data, and may run the seed's detection function only as
+/// service_role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_objects_are_closed_to_api_roles() {
+    let env = TestEnv::new().await;
+    let mut tx = env.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL ROLE authenticated")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let denied = sqlx::query("SELECT count(*) FROM scheduler_ticks")
+        .execute(&mut *tx)
+        .await;
+    assert!(denied.is_err(), "authenticated cannot read scheduler_ticks");
+    tx.rollback().await.unwrap();
+    let mut tx = env.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL ROLE authenticated")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let denied = sqlx::query(
+        "SELECT * FROM detect_high_frequency_requests(gen_random_uuid(), interval '1 minute', 1)",
+    )
+    .execute(&mut *tx)
+    .await;
+    assert!(
+        denied.is_err(),
+        "authenticated cannot call the detection function"
+    );
+    tx.rollback().await.unwrap();
+    let mut tx = env.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL ROLE service_role")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let (hit, n): (bool, i64) = sqlx::query_as(
+        "SELECT * FROM detect_high_frequency_requests(gen_random_uuid(), interval '1 minute', 1)",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .expect("service_role may call it");
+    assert!(!hit && n == 0);
+    let bad = sqlx::query(
+        "SELECT * FROM detect_high_frequency_requests(gen_random_uuid(), interval '0', 1)",
+    )
+    .execute(&mut *tx)
+    .await;
+    assert!(bad.is_err(), "a zero window is refused");
+}
