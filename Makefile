@@ -21,7 +21,7 @@ run: services tools
 
 ## Run every test against real Postgres, Redis and anvil.
 test: services tools clean-test-dbs
-	$(CARGO) test --locked --all-targets -- --test-threads=$${TEST_THREADS:-8}
+	$(CARGO) test --locked --all-targets --no-fail-fast -- --test-threads=$${TEST_THREADS:-8}
 
 ## Drop databases left behind by earlier test runs.
 clean-test-dbs:

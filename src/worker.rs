@@ -46,7 +46,10 @@ pub enum WorkerError {
 
 /// The job handlers this process serves: one line per handler. A job type without a line
 /// here is not consumed (its stream just grows).
-pub fn job_registry(ctx: &AppContext) -> crate::queue::JobRegistry {
+pub fn job_registry(
+    ctx: &AppContext,
+    maintenance: &crate::maintenance::MaintenanceJobs,
+) -> crate::queue::JobRegistry {
     let mut jobs = crate::queue::JobRegistry::new();
     let ledger = crate::ledger::Ledger::new(ctx.pool.clone(), ctx.cfg.ledger.clone());
     let (batcher, _) = crate::ledger::batcher::Batcher::spawn(
@@ -54,7 +57,17 @@ pub fn job_registry(ctx: &AppContext) -> crate::queue::JobRegistry {
         ctx.cfg.ledger.max_batch,
     );
     crate::ledger::jobs::register(&mut jobs, &batcher, &ctx.cfg.ledger);
-    // jobs.register(crate::snapshots::SnapshotJob::new(ctx));      (integrator)
+    match crate::snapshots::SnapshotService::from_config(ctx.pool.clone(), &ctx.cfg.snapshots) {
+        Ok(service) => {
+            jobs.register(crate::snapshots::SnapshotCreateHandler::new(Arc::new(
+                service,
+            )));
+        }
+        Err(e) => tracing::error!(error = %e, "snapshot_create jobs are not served"),
+    }
+    for handler in maintenance.handlers() {
+        jobs.register_arc(handler);
+    }
     jobs
 }
 
@@ -62,6 +75,7 @@ pub fn job_registry(ctx: &AppContext) -> crate::queue::JobRegistry {
 /// jobs finish within `queue.shutdown_grace_secs` and returns.
 pub async fn run(cfg: Config) -> Result<(), WorkerError> {
     let ctx = AppContext::connect(cfg).await?;
+    let indexers = crate::chain::spawn_indexers(&ctx);
     let maintenance = crate::maintenance::MaintenanceJobs::new(&ctx);
     let ops = crate::maintenance::http::spawn(ctx.clone())
         .await
@@ -78,12 +92,12 @@ pub async fn run(cfg: Config) -> Result<(), WorkerError> {
         tracing::info!("shutdown signal received");
         signal_token.cancel();
     });
-    let mut registry = job_registry(&ctx);
-    for handler in maintenance.handlers() {
-        registry.register_arc(handler);
-    }
+    let registry = job_registry(&ctx, &maintenance);
     let queue = crate::queue::run_consumers(&ctx, registry).await;
     ctx.shutdown.cancel();
+    for h in indexers {
+        let _ = h.await;
+    }
     if let Some(scheduler) = scheduler {
         let _ = scheduler.await;
     }

@@ -1,7 +1,18 @@
 //! The chain indexer: follows ERC-20 and ERC-721 `Transfer` logs, keeps exact holder balances
 //! and NFT owners in Postgres, survives reorgs, RPC faults and restarts, and announces changes.
+//!
+//! Layout: [`rpc`] (JSON-RPC calls, error classification, retries), [`decode`] (logs → transfer
+//! rows), [`sink`] (the Postgres writes: batches and reorg undo, one transaction each),
+//! [`lease`] (one leader per chain across replicas), [`notify`] (Redis announcements),
+//! [`indexer`] (backfill, head following, reorg detection), [`cli`] (operator commands).
 
 pub mod cli;
+pub mod decode;
+pub mod indexer;
+pub mod lease;
+pub mod notify;
+pub mod rpc;
+pub mod sink;
 
 use serde::Deserialize;
 
@@ -24,17 +35,36 @@ pub struct ChainSection {
 pub struct ChainConfig {
     pub chain_id: u64,
     pub name: String,
+    /// HTTP(S) JSON-RPC endpoints, tried in order; the next one is used after a failure.
     pub rpc_urls: Vec<String>,
+    /// Optional WebSocket endpoint: new heads wake the indexer instead of polling.
     #[serde(default)]
     pub ws_url: Option<String>,
+    /// Blocks behind the head that are left alone (0 = index the head itself).
     #[serde(default)]
     pub confirmations: u64,
+    /// Largest block range asked of one `eth_getLogs`.
     #[serde(default = "default_max_block_range")]
     pub max_block_range: u64,
+    /// Head polling interval when no WebSocket is configured.
     #[serde(default = "default_poll_interval_ms")]
     pub poll_interval_ms: u64,
+    /// Deepest reorg undone automatically; deeper ones stop this chain's indexer.
     #[serde(default = "default_reorg_depth")]
     pub reorg_depth: u64,
+    /// Per-request RPC timeout.
+    #[serde(default = "default_rpc_timeout_ms")]
+    pub rpc_timeout_ms: u64,
+    /// `eth_getLogs` requests in flight during backfill.
+    #[serde(default = "default_fetch_concurrency")]
+    pub fetch_concurrency: usize,
+    /// The backfill range adapts so that one `eth_getLogs` returns about this many logs.
+    #[serde(default = "default_target_logs")]
+    pub target_logs_per_request: u64,
+    /// Retries of one retryable RPC failure (429, timeout, dropped connection) before the
+    /// indexer restarts its loop from the committed checkpoint.
+    #[serde(default = "default_rpc_max_retries")]
+    pub rpc_max_retries: u32,
 }
 
 fn default_max_block_range() -> u64 {
@@ -46,6 +76,18 @@ fn default_poll_interval_ms() -> u64 {
 fn default_reorg_depth() -> u64 {
     64
 }
+fn default_rpc_timeout_ms() -> u64 {
+    10_000
+}
+fn default_fetch_concurrency() -> usize {
+    4
+}
+fn default_target_logs() -> u64 {
+    10_000
+}
+fn default_rpc_max_retries() -> u32 {
+    10
+}
 
 /// Token standard, which decides how a `Transfer` log is decoded.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -53,6 +95,16 @@ fn default_reorg_depth() -> u64 {
 pub enum TokenStandard {
     Erc20,
     Erc721,
+}
+
+impl TokenStandard {
+    /// The value stored in `chain_tokens.standard`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenStandard::Erc20 => "erc20",
+            TokenStandard::Erc721 => "erc721",
+        }
+    }
 }
 
 /// One tracked token contract.
@@ -75,10 +127,43 @@ impl ChainSection {
                     "at least one RPC URL is required",
                 ));
             }
+            for u in &c.rpc_urls {
+                if url::Url::parse(u).is_err() {
+                    return Err(ConfigError::invalid(
+                        format!("chain.chains[{i}].rpc_urls"),
+                        format!("not a URL: {}", crate::store::redact_url(u)),
+                    ));
+                }
+            }
             if c.max_block_range == 0 {
                 return Err(ConfigError::invalid(
                     format!("chain.chains[{i}].max_block_range"),
                     "must be at least 1",
+                ));
+            }
+            if c.reorg_depth == 0 {
+                return Err(ConfigError::invalid(
+                    format!("chain.chains[{i}].reorg_depth"),
+                    "must be at least 1",
+                ));
+            }
+            if c.fetch_concurrency == 0 || c.target_logs_per_request == 0 || c.rpc_timeout_ms == 0
+            {
+                return Err(ConfigError::invalid(
+                    format!("chain.chains[{i}]"),
+                    "fetch_concurrency, target_logs_per_request and rpc_timeout_ms must be > 0",
+                ));
+            }
+            if self.chains[..i].iter().any(|o| o.chain_id == c.chain_id) {
+                return Err(ConfigError::invalid(
+                    format!("chain.chains[{i}].chain_id"),
+                    format!("chain {} is configured twice", c.chain_id),
+                ));
+            }
+            if i64::try_from(c.chain_id).is_err() {
+                return Err(ConfigError::invalid(
+                    format!("chain.chains[{i}].chain_id"),
+                    "does not fit in a Postgres bigint",
                 ));
             }
         }
@@ -96,7 +181,51 @@ impl ChainSection {
                     format!("not a 0x-prefixed 20-byte hex address: {:?}", t.address),
                 ));
             }
+            if self.tokens[..i].iter().any(|o| {
+                o.chain_id == t.chain_id && o.address.eq_ignore_ascii_case(&t.address)
+            }) {
+                return Err(ConfigError::invalid(
+                    format!("chain.tokens[{i}].address"),
+                    format!("token {} is configured twice", t.address),
+                ));
+            }
         }
         Ok(())
     }
+
+    /// The tokens tracked on `chain_id`.
+    pub fn tokens_of(&self, chain_id: u64) -> Vec<TokenConfig> {
+        self.tokens
+            .iter()
+            .filter(|t| t.chain_id == chain_id)
+            .cloned()
+            .collect()
+    }
+}
+
+/// Starts one indexer task per configured chain (each waits for its lease before indexing).
+/// Returns nothing to wait on when `chain.enabled` is false. The tasks stop when
+/// `ctx.shutdown` is cancelled.
+pub fn spawn_indexers(ctx: &crate::worker::AppContext) -> Vec<tokio::task::JoinHandle<()>> {
+    let section = &ctx.cfg.chain;
+    if !section.enabled {
+        return Vec::new();
+    }
+    section
+        .chains
+        .iter()
+        .filter(|c| !section.tokens_of(c.chain_id).is_empty())
+        .map(|c| {
+            let params = indexer::IndexerParams {
+                chain: c.clone(),
+                tokens: section.tokens_of(c.chain_id),
+                database_url: ctx.cfg.database.url.clone(),
+                pool: ctx.pool.clone(),
+                redis: ctx.redis.clone(),
+                redis_prefix: ctx.cfg.redis.prefix.clone(),
+                shutdown: ctx.shutdown.clone(),
+            };
+            tokio::spawn(indexer::run_chain(params))
+        })
+        .collect()
 }

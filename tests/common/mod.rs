@@ -5,6 +5,7 @@
 //! with a message saying what to start; nothing is skipped.
 #![allow(dead_code)]
 
+pub mod anvil;
 pub mod ops;
 
 use std::future::Future;

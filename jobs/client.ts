@@ -1,0 +1,394 @@
+/**
+ * tokenwarden client for Supabase Edge Functions (Deno) and any other Deno/Node code.
+ *
+ * Each helper enqueues one job with a single `XADD {prefix}:jobs:<type> * payload <json>` and waits
+ * for the worker's reply with `BLPOP {prefix}:reply:<requestId> <timeout>`. The worker pushes the
+ * reply only after the outcome is committed in Postgres, so `success: true` means the ledger
+ * change is durable.
+ *
+ * A timeout (`error: "timeout"`) does NOT mean the job failed: the worker may still apply it.
+ * The durable outcome is always readable in Postgres (`ledger_requests` by `request_id`), and
+ * calling the same helper again with the SAME `requestId` is safe: the ledger is idempotent, so
+ * the repeat changes nothing and returns the stored outcome.
+ *
+ * Drop-in for the seed middleware:
+ *
+ * ```ts
+ * import { consumeTokensAtomic } from "./client.ts";
+ * const r = await consumeTokensAtomic({ userId, tokenAmount: 120, operationType: "meal-analyzer",
+ *   requestId: crypto.randomUUID(), metadata: { model: "gpt-4o-mini" } });
+ * if (!r.success) return new Response(JSON.stringify({ error: r.error }), { status: 402 });
+ * ```
+ *
+ * Configuration: options passed to {@link TokenwardenClient}, else the environment variables
+ * `TOKENWARDEN_REDIS_URL` (default `redis://127.0.0.1:6379`), `TOKENWARDEN_REDIS_PREFIX`
+ * (default `tokenwarden`) and `TOKENWARDEN_REPLY_TIMEOUT_MS` (default 10000).
+ *
+ * @module
+ */
+
+import { createClientPool } from "npm:redis@6.3.1";
+
+/** Ledger outcome statuses, as the worker writes them in replies (`status`). */
+export type OutcomeStatus =
+  | "consumed"
+  | "granted"
+  | "held"
+  | "settled"
+  | "released"
+  | "insufficient_tokens"
+  | "request_id_conflict"
+  | "hold_expired"
+  | "hold_not_found"
+  | "hold_already_resolved"
+  | "rate_limited"
+  | "rejected";
+
+/** The reply JSON the worker pushes for a ledger job. */
+export interface Outcome {
+  request_id: string;
+  status: OutcomeStatus;
+  /** Available balance after the operation (held tokens not included). */
+  balance?: number;
+  /** Tokens held by the user's open holds after the operation. */
+  held?: number;
+  /** Human-readable reason for `rejected` and other failures. */
+  reason?: string;
+}
+
+/**
+ * What every helper returns. `success`, `error` and `balance` are the seed middleware's shape;
+ * the other fields are extra.
+ */
+export interface LedgerResult {
+  /** True only for the helper's success status (consume: `consumed`, grant: `granted`, ...). */
+  success: boolean;
+  /**
+   * Why it did not succeed: an {@link OutcomeStatus} (e.g. `insufficient_tokens`,
+   * `rate_limited`), `timeout` (no reply in time; the outcome may still come: see the module
+   * docs), `invalid_request` (refused locally, nothing enqueued), `enqueue_failed` (Redis refused
+   * the XADD; nothing enqueued) or `reply_failed` (Redis failed while waiting; outcome unknown).
+   */
+  error?: string;
+  /** Available balance after the operation, when the worker reports one. */
+  balance?: number;
+  /** Tokens held by open holds after the operation, when the worker reports it. */
+  held?: number;
+  /** The outcome status, or `timeout` / `invalid_request` / `enqueue_failed` / `reply_failed`. */
+  status: OutcomeStatus | "timeout" | "invalid_request" | "enqueue_failed" | "reply_failed";
+  /** The request id used (generated when the caller gave none). */
+  requestId: string;
+  /** Details for humans (the worker's `reason`, or the local error). */
+  reason?: string;
+}
+
+/** Arguments of {@link TokenwardenClient.consumeTokensAtomic} (the seed middleware's names). */
+export interface ConsumeParams {
+  userId: string;
+  /** Positive integer, at most `Number.MAX_SAFE_INTEGER`. */
+  tokenAmount: number;
+  /** What the tokens pay for, 1 to 100 characters (e.g. the Edge Function's name). */
+  operationType: string;
+  /** Idempotency key (UUID). Reuse it when retrying; generated when omitted. */
+  requestId?: string;
+  metadata?: Record<string, unknown>;
+  /** Accepted and ignored, so the seed's call sites work unchanged. */
+  supabaseClient?: unknown;
+}
+
+/** Arguments of {@link TokenwardenClient.grantTokens}. */
+export interface GrantParams {
+  userId: string;
+  amount: number;
+  /** Why the tokens are granted, 1 to 200 characters. */
+  reason: string;
+  requestId?: string;
+  metadata?: Record<string, unknown>;
+}
+
+/** Arguments of {@link TokenwardenClient.holdTokens}. The hold's id is its `requestId`. */
+export interface HoldParams {
+  userId: string;
+  tokenAmount: number;
+  operationType: string;
+  requestId?: string;
+  /** Hold lifetime in seconds; the worker's default (`ledger.default_hold_ttl_secs`) if omitted. */
+  ttlSecs?: number;
+  metadata?: Record<string, unknown>;
+}
+
+/** Arguments of {@link TokenwardenClient.settleHold}. */
+export interface SettleParams {
+  /** The `requestId` of the hold. */
+  holdId: string;
+  /** The actual cost, 1 to the held amount; the rest returns to the balance. */
+  tokenAmount: number;
+  requestId?: string;
+  metadata?: Record<string, unknown>;
+}
+
+/** Arguments of {@link TokenwardenClient.releaseHold}. */
+export interface ReleaseParams {
+  holdId: string;
+  requestId?: string;
+  metadata?: Record<string, unknown>;
+}
+
+/** Client options; each falls back to its environment variable, then to the default. */
+export interface ClientOptions {
+  /** `TOKENWARDEN_REDIS_URL`, default `redis://127.0.0.1:6379`. */
+  redisUrl?: string;
+  /** `TOKENWARDEN_REDIS_PREFIX`, default `tokenwarden` (the worker's `redis.prefix`). */
+  prefix?: string;
+  /** How long to wait for a reply: `TOKENWARDEN_REPLY_TIMEOUT_MS`, default 10000. */
+  timeoutMs?: number;
+  /** Redis connections at most (each waiting call holds one while it waits). Default 16. */
+  maxConnections?: number;
+}
+
+const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+function env(name: string): string | undefined {
+  try {
+    return Deno.env.get(name) ?? undefined;
+  } catch {
+    // Without --allow-env, fall back to the defaults instead of failing.
+    return undefined;
+  }
+}
+
+class InvalidRequest extends Error {}
+
+/** A node-redis pool: XADD and BLPOP each take a free connection, so waits run in parallel. */
+function newPool(url: string, maxConnections: number, timeoutMs: number) {
+  return createClientPool(
+    { url, socket: { connectTimeout: timeoutMs } },
+    { minimum: 1, maximum: maxConnections, acquireTimeout: timeoutMs },
+  );
+}
+type Pool = ReturnType<typeof newPool>;
+
+function checkUuid(name: string, v: unknown): string {
+  if (typeof v !== "string" || !UUID_RE.test(v)) {
+    throw new InvalidRequest(`${name} must be a UUID, got ${JSON.stringify(v)}`);
+  }
+  return v;
+}
+
+function checkAmount(name: string, v: unknown): number {
+  if (typeof v !== "number" || !Number.isSafeInteger(v) || v <= 0) {
+    throw new InvalidRequest(`${name} must be a positive integer, got ${JSON.stringify(v)}`);
+  }
+  return v;
+}
+
+function checkText(name: string, v: unknown, max: number): string {
+  if (typeof v !== "string" || v.length === 0 || [...v].length > max) {
+    throw new InvalidRequest(`${name} must be a string of 1 to ${max} characters`);
+  }
+  return v;
+}
+
+/**
+ * A connection to tokenwarden's job streams. Create one per isolate (module scope) and reuse
+ * it: connections are opened lazily and pooled.
+ */
+export class TokenwardenClient {
+  readonly prefix: string;
+  readonly timeoutMs: number;
+  readonly #url: string;
+  readonly #maxConnections: number;
+  #pool: Pool | undefined;
+  #connecting: Promise<Pool> | undefined;
+
+  constructor(options: ClientOptions = {}) {
+    this.#url = options.redisUrl ?? env("TOKENWARDEN_REDIS_URL") ?? "redis://127.0.0.1:6379";
+    this.prefix = options.prefix ?? env("TOKENWARDEN_REDIS_PREFIX") ?? "tokenwarden";
+    const timeout = options.timeoutMs ?? Number(env("TOKENWARDEN_REPLY_TIMEOUT_MS") ?? 10_000);
+    if (!Number.isFinite(timeout) || timeout <= 0) {
+      throw new RangeError(`timeoutMs must be a positive number of milliseconds, got ${timeout}`);
+    }
+    this.timeoutMs = timeout;
+    this.#maxConnections = options.maxConnections ?? 16;
+  }
+
+  /** Debits `tokenAmount` now. `success` only when the status is `consumed`. */
+  consumeTokensAtomic(p: ConsumeParams): Promise<LedgerResult> {
+    return this.#ledger("consume_tokens", "consumed", p.requestId, (request_id) => ({
+      request_id,
+      user_id: checkUuid("userId", p.userId),
+      amount: checkAmount("tokenAmount", p.tokenAmount),
+      operation_type: checkText("operationType", p.operationType, 100),
+      ...(p.metadata !== undefined ? { metadata: p.metadata } : {}),
+    }));
+  }
+
+  /** Credits `amount` (creates the account if needed). `success` when `granted`. */
+  grantTokens(p: GrantParams): Promise<LedgerResult> {
+    return this.#ledger("grant_tokens", "granted", p.requestId, (request_id) => ({
+      request_id,
+      user_id: checkUuid("userId", p.userId),
+      amount: checkAmount("amount", p.amount),
+      reason: checkText("reason", p.reason, 200),
+      ...(p.metadata !== undefined ? { metadata: p.metadata } : {}),
+    }));
+  }
+
+  /** Reserves `tokenAmount` before an AI call; the hold id is the result's `requestId`. */
+  holdTokens(p: HoldParams): Promise<LedgerResult> {
+    return this.#ledger("hold_tokens", "held", p.requestId, (request_id) => ({
+      request_id,
+      user_id: checkUuid("userId", p.userId),
+      amount: checkAmount("tokenAmount", p.tokenAmount),
+      operation_type: checkText("operationType", p.operationType, 100),
+      ...(p.ttlSecs !== undefined ? { ttl_secs: checkAmount("ttlSecs", p.ttlSecs) } : {}),
+      ...(p.metadata !== undefined ? { metadata: p.metadata } : {}),
+    }));
+  }
+
+  /** Debits the actual cost of a hold; the rest returns. `success` when `settled`. */
+  settleHold(p: SettleParams): Promise<LedgerResult> {
+    return this.#ledger("settle_hold", "settled", p.requestId, (request_id) => ({
+      request_id,
+      hold_id: checkUuid("holdId", p.holdId),
+      amount: checkAmount("tokenAmount", p.tokenAmount),
+      ...(p.metadata !== undefined ? { metadata: p.metadata } : {}),
+    }));
+  }
+
+  /** Cancels a hold; the whole held amount returns. `success` when `released`. */
+  releaseHold(p: ReleaseParams): Promise<LedgerResult> {
+    return this.#ledger("release_hold", "released", p.requestId, (request_id) => ({
+      request_id,
+      hold_id: checkUuid("holdId", p.holdId),
+      ...(p.metadata !== undefined ? { metadata: p.metadata } : {}),
+    }));
+  }
+
+  /**
+   * Enqueues any job (see `jobs/<type>.schema.json`) without waiting; returns the stream entry
+   * id. Use it for fire-and-forget work such as `cleanup_locks`.
+   */
+  async enqueue(jobType: string, payload: Record<string, unknown>): Promise<string> {
+    const pool = await this.#connect();
+    return await pool.xAdd(`${this.prefix}:jobs:${jobType}`, "*", {
+      payload: JSON.stringify(payload),
+      enqueued_at: String(Date.now()),
+    });
+  }
+
+  /**
+   * Waits up to `timeoutMs` for the reply to `requestId`; `null` on timeout. The reply is
+   * consumed (BLPOP), so only one waiter gets it; the worker pushes it again on a repeat.
+   */
+  async waitReply(requestId: string, timeoutMs = this.timeoutMs): Promise<unknown | null> {
+    const pool = await this.#connect();
+    const reply = await pool.blPop(`${this.prefix}:reply:${requestId}`, timeoutMs / 1000);
+    return reply === null ? null : JSON.parse(reply.element);
+  }
+
+  /** Closes the Redis connections; later calls reconnect. */
+  async close(): Promise<void> {
+    const pool = this.#pool ?? (await this.#connecting?.catch(() => undefined));
+    this.#pool = undefined;
+    this.#connecting = undefined;
+    if (pool) await pool.close();
+  }
+
+  async #connect(): Promise<Pool> {
+    if (this.#pool) return this.#pool;
+    this.#connecting ??= (async () => {
+      const pool = newPool(this.#url, this.#maxConnections, this.timeoutMs);
+      // Connection errors surface on the commands; without a listener they would crash the isolate.
+      pool.on("error", () => {});
+      await pool.connect();
+      this.#pool = pool;
+      return pool;
+    })();
+    try {
+      return await this.#connecting;
+    } catch (e) {
+      this.#connecting = undefined;
+      throw e;
+    }
+  }
+
+  async #ledger(
+    jobType: string,
+    successStatus: OutcomeStatus,
+    givenRequestId: string | undefined,
+    build: (requestId: string) => Record<string, unknown>,
+  ): Promise<LedgerResult> {
+    const requestId = givenRequestId ?? crypto.randomUUID();
+    let payload: Record<string, unknown>;
+    try {
+      payload = build(checkUuid("requestId", requestId));
+    } catch (e) {
+      if (!(e instanceof InvalidRequest)) throw e;
+      return fail(requestId, "invalid_request", e.message);
+    }
+    try {
+      await this.enqueue(jobType, payload);
+    } catch (e) {
+      return fail(requestId, "enqueue_failed", String(e));
+    }
+    let reply: unknown;
+    try {
+      reply = await this.waitReply(requestId);
+    } catch (e) {
+      return fail(requestId, "reply_failed", String(e));
+    }
+    if (reply === null) {
+      return fail(
+        requestId,
+        "timeout",
+        `no reply within ${this.timeoutMs} ms; the outcome may still be applied: read ` +
+          `ledger_requests for request_id ${requestId}, or retry with the same requestId`,
+      );
+    }
+    const o = reply as Outcome;
+    const result: LedgerResult = { success: o.status === successStatus, status: o.status, requestId };
+    if (!result.success) result.error = o.status;
+    if (typeof o.balance === "number") result.balance = o.balance;
+    if (typeof o.held === "number") result.held = o.held;
+    if (typeof o.reason === "string") result.reason = o.reason;
+    return result;
+  }
+}
+
+function fail(requestId: string, status: LedgerResult["status"], reason: string): LedgerResult {
+  return { success: false, error: status, status, requestId, reason };
+}
+
+let defaultClient: TokenwardenClient | undefined;
+
+/** The module's shared client, configured from the environment on first use. */
+export function defaultTokenwardenClient(): TokenwardenClient {
+  defaultClient ??= new TokenwardenClient();
+  return defaultClient;
+}
+
+/** {@link TokenwardenClient.consumeTokensAtomic} on the shared client: the seed's call shape. */
+export function consumeTokensAtomic(p: ConsumeParams): Promise<LedgerResult> {
+  return defaultTokenwardenClient().consumeTokensAtomic(p);
+}
+
+/** {@link TokenwardenClient.grantTokens} on the shared client. */
+export function grantTokens(p: GrantParams): Promise<LedgerResult> {
+  return defaultTokenwardenClient().grantTokens(p);
+}
+
+/** {@link TokenwardenClient.holdTokens} on the shared client. */
+export function holdTokens(p: HoldParams): Promise<LedgerResult> {
+  return defaultTokenwardenClient().holdTokens(p);
+}
+
+/** {@link TokenwardenClient.settleHold} on the shared client. */
+export function settleHold(p: SettleParams): Promise<LedgerResult> {
+  return defaultTokenwardenClient().settleHold(p);
+}
+
+/** {@link TokenwardenClient.releaseHold} on the shared client. */
+export function releaseHold(p: ReleaseParams): Promise<LedgerResult> {
+  return defaultTokenwardenClient().releaseHold(p);
+}

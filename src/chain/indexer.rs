@@ -1,0 +1,678 @@
+//! One chain's indexer: takes the chain's lease, then backfills with concurrent, adaptive
+//! `eth_getLogs` ranges and follows the head block by block (parent-hash checked), undoing
+//! reorgs within `reorg_depth` and stopping loudly on deeper ones.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use alloy::eips::BlockNumberOrTag;
+use alloy::primitives::{Address, B256, Bytes};
+use alloy::providers::{Provider, ProviderBuilder, WsConnect};
+use alloy::rpc::types::{BlockId, Filter};
+use alloy::sol_types::SolCall;
+use futures::StreamExt;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+
+use super::decode::{self, IERC20, TRANSFER_TOPIC, TransferRow};
+use super::lease::Lease;
+use super::rpc::{HeaderInfo, Rpc, RpcError};
+use super::sink::{self, Batch, Checkpoint, SinkError, TokenMeta};
+use super::{ChainConfig, TokenConfig, TokenStandard};
+
+/// Everything one chain's indexer needs.
+pub struct IndexerParams {
+    pub chain: ChainConfig,
+    pub tokens: Vec<TokenConfig>,
+    pub database_url: String,
+    pub pool: PgPool,
+    pub redis: redis::aio::ConnectionManager,
+    pub redis_prefix: String,
+    pub shutdown: CancellationToken,
+}
+
+/// Why an indexing pass stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexerError {
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(
+        "reorg deeper than reorg_depth ({depth}) detected at block {at}: no stored block hash within the window matches the chain; the index of this chain is left at its last good checkpoint and this chain's indexer is STOPPED (raise reorg_depth or rebuild the index)"
+    )]
+    DeepReorg { at: u64, depth: u64 },
+    #[error("fetch task failed: {0}")]
+    Task(String),
+    #[error("stopped by a recorded fault: {0}")]
+    Stopped(String),
+}
+
+impl IndexerError {
+    fn is_fatal(&self) -> bool {
+        matches!(self, IndexerError::DeepReorg { .. })
+    }
+}
+
+/// Runs the chain's indexer until shutdown (or a reorg deeper than `reorg_depth`).
+pub async fn run_chain(p: IndexerParams) {
+    let chain_id = p.chain.chain_id;
+    let label = chain_id.to_string();
+    metrics::gauge!("tokenwarden_indexer_stopped", "chain_id" => label.clone()).set(0.0);
+    'lease: loop {
+        let Some(mut lease) = Lease::acquire(&p.database_url, chain_id, &p.shutdown).await else {
+            return;
+        };
+        let mut ix = match Indexer::new(&p) {
+            Ok(ix) => ix,
+            Err(e) => {
+                tracing::error!(chain_id, error = %e, "chain indexer cannot start");
+                lease.release().await;
+                return;
+            }
+        };
+        let mut schedule = Rpc::backoff();
+        loop {
+            match ix.run(&mut lease).await {
+                Ok(()) => {
+                    lease.release().await;
+                    return;
+                }
+                Err(e) if e.is_fatal() => {
+                    metrics::counter!("tokenwarden_indexer_deep_reorgs_total", "chain_id" => label.clone())
+                        .increment(1);
+                    metrics::gauge!("tokenwarden_indexer_stopped", "chain_id" => label.clone())
+                        .set(1.0);
+                    tracing::error!(chain_id, error = %e, "CHAIN INDEXER STOPPED");
+                    let at = match &e {
+                        IndexerError::DeepReorg { at, .. } => *at,
+                        _ => 0,
+                    };
+                    // Recorded so no replica resumes from a state known to disagree with the
+                    // chain; balances stay at the last good checkpoint.
+                    if let Err(db) =
+                        sink::record_fault(lease.conn(), chain_id, at, &e.to_string()).await
+                    {
+                        tracing::error!(chain_id, error = %db, "cannot record the indexer fault");
+                    }
+                    lease.release().await;
+                    return;
+                }
+                Err(IndexerError::Stopped(reason)) => {
+                    metrics::gauge!("tokenwarden_indexer_stopped", "chain_id" => label.clone())
+                        .set(1.0);
+                    tracing::error!(chain_id, reason, "chain indexer is stopped by a recorded fault (chain_indexer_faults); not indexing");
+                    lease.release().await;
+                    return;
+                }
+                Err(IndexerError::Rpc(RpcError::Cancelled)) => {
+                    lease.release().await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(chain_id, error = %e, "indexing pass failed; resuming from the checkpoint");
+                    let d = schedule.next().unwrap_or(Duration::from_secs(5));
+                    tokio::select! {
+                        _ = p.shutdown.cancelled() => { lease.release().await; return; }
+                        _ = tokio::time::sleep(d.min(Duration::from_secs(5))) => {}
+                    }
+                    if !lease.alive().await {
+                        tracing::warn!(chain_id, "lost the indexer lease connection; re-acquiring");
+                        continue 'lease;
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct Indexer {
+    chain: ChainConfig,
+    label: String,
+    rpc: Rpc,
+    configured: Vec<TokenConfig>,
+    standards: Arc<HashMap<Address, TokenStandard>>,
+    token_list: Vec<String>,
+    base_filter: Filter,
+    start_block: u64,
+    redis: redis::aio::ConnectionManager,
+    prefix: String,
+    cancel: CancellationToken,
+    /// Blocks per `eth_getLogs` (adapts).
+    range: Arc<AtomicU64>,
+    /// Largest range a provider said it accepts.
+    cap: Arc<AtomicU64>,
+    wake: Arc<Notify>,
+    ws_task: Option<AbortOnDropHandle<()>>,
+    cp: Option<Checkpoint>,
+    metadata_done: bool,
+}
+
+impl Indexer {
+    fn new(p: &IndexerParams) -> Result<Indexer, IndexerError> {
+        let rpc = Rpc::new(&p.chain, p.shutdown.clone())?;
+        let mut standards = HashMap::new();
+        let mut addresses = Vec::new();
+        for t in &p.tokens {
+            let a: Address = t.address.parse().map_err(|e| {
+                IndexerError::Rpc(RpcError::Rejected {
+                    method: "config",
+                    message: format!("token address {}: {e}", t.address),
+                })
+            })?;
+            standards.insert(a, t.standard);
+            addresses.push(a);
+        }
+        let token_list = addresses.iter().map(decode::addr_hex).collect();
+        let start_block = p.tokens.iter().map(|t| t.start_block).min().unwrap_or(0);
+        let initial = p.chain.max_block_range.min(100).max(1);
+        Ok(Indexer {
+            label: p.chain.chain_id.to_string(),
+            chain: p.chain.clone(),
+            rpc,
+            configured: p.tokens.clone(),
+            standards: Arc::new(standards),
+            token_list,
+            base_filter: Filter::new().address(addresses).event_signature(TRANSFER_TOPIC),
+            start_block,
+            redis: p.redis.clone(),
+            prefix: p.redis_prefix.clone(),
+            cancel: p.shutdown.clone(),
+            range: Arc::new(AtomicU64::new(initial)),
+            cap: Arc::new(AtomicU64::new(p.chain.max_block_range)),
+            wake: Arc::new(Notify::new()),
+            ws_task: None,
+            cp: None,
+            metadata_done: false,
+        })
+    }
+
+    fn chain_id(&self) -> u64 {
+        self.chain.chain_id
+    }
+
+    async fn run(&mut self, lease: &mut Lease) -> Result<(), IndexerError> {
+        if let Some(reason) = sink::fault(lease.conn(), self.chain_id()).await? {
+            return Err(IndexerError::Stopped(reason));
+        }
+        if !self.metadata_done {
+            let metas = self.read_metadata().await;
+            sink::upsert_tokens(lease.conn(), self.chain_id(), &metas).await?;
+            self.metadata_done = true;
+        }
+        if self.ws_task.is_none()
+            && let Some(ws) = self.chain.ws_url.clone()
+        {
+            self.ws_task = Some(AbortOnDropHandle::new(tokio::spawn(watch_heads(
+                ws,
+                self.chain_id(),
+                self.wake.clone(),
+                self.cancel.clone(),
+            ))));
+        }
+        self.cp = sink::checkpoint(lease.conn(), self.chain_id()).await?;
+        // A reorg may have happened while no replica was running.
+        if let Some(cp) = self.cp {
+            self.verify_tip(lease, cp).await?;
+        }
+        loop {
+            if self.cancel.is_cancelled() {
+                return Ok(());
+            }
+            let next = self.cp.map_or(self.start_block, |c| c.number + 1);
+            let head = self.rpc.head().await?;
+            self.report_lag(head);
+            let target = head.saturating_sub(self.chain.confirmations);
+            if next > target {
+                if let Some(cp) = self.cp {
+                    self.verify_tip(lease, cp).await?;
+                }
+                self.wait_for_block().await;
+                continue;
+            }
+            if target - next >= self.chain.reorg_depth {
+                let safe = target - self.chain.reorg_depth;
+                self.backfill(lease, next, safe, head).await?;
+                continue;
+            }
+            for n in next..=target {
+                if !self.step_block(lease, n, head).await? {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn report_lag(&self, head: u64) {
+        let done = self.cp.map_or(0, |c| c.number);
+        metrics::gauge!("tokenwarden_indexer_head_lag_blocks", "chain_id" => self.label.clone())
+            .set(head.saturating_sub(done) as f64);
+    }
+
+    async fn wait_for_block(&self) {
+        let poll = Duration::from_millis(self.chain.poll_interval_ms);
+        let wait = if self.ws_task.is_some() { poll * 5 } else { poll };
+        tokio::select! {
+            _ = self.cancel.cancelled() => {}
+            _ = self.wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+
+    /// decimals / symbol / name from the chain; `None` where the contract does not answer.
+    async fn read_metadata(&self) -> Vec<TokenMeta> {
+        let mut out = Vec::new();
+        let latest = BlockId::Number(BlockNumberOrTag::Latest);
+        for t in &self.configured {
+            let Ok(address) = t.address.parse::<Address>() else {
+                continue;
+            };
+            let call = |data: Vec<u8>| self.rpc.call(address, Bytes::from(data), latest);
+            let decimals = if t.standard == TokenStandard::Erc20 {
+                match call(IERC20::decimalsCall {}.abi_encode()).await {
+                    Ok(b) => IERC20::decimalsCall::abi_decode_returns(&b)
+                        .ok()
+                        .map(i32::from),
+                    Err(e) => {
+                        tracing::warn!(token = %t.address, error = %e, "cannot read decimals");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let symbol = match call(IERC20::symbolCall {}.abi_encode()).await {
+                Ok(b) => IERC20::symbolCall::abi_decode_returns(&b).ok(),
+                Err(_) => None,
+            };
+            let name = match call(IERC20::nameCall {}.abi_encode()).await {
+                Ok(b) => IERC20::nameCall::abi_decode_returns(&b).ok(),
+                Err(_) => None,
+            };
+            out.push(TokenMeta {
+                address,
+                standard: t.standard,
+                decimals,
+                symbol: symbol.map(|s| s.chars().take(64).collect()),
+                name: name.map(|s| s.chars().take(128).collect()),
+                start_block: t.start_block,
+            });
+        }
+        out
+    }
+
+    /// Checks that the committed tip is still on the chain; undoes the dropped part if not.
+    async fn verify_tip(&mut self, lease: &mut Lease, cp: Checkpoint) -> Result<(), IndexerError> {
+        let on_chain = self.rpc.header(cp.number).await?;
+        if on_chain.map(|h| h.hash) != Some(cp.hash) {
+            self.handle_reorg(lease, cp.number + 1).await?;
+        }
+        Ok(())
+    }
+
+    /// Finds the newest stored block still on the chain (below `detected_at`) and undoes every
+    /// committed block after it.
+    async fn handle_reorg(&mut self, lease: &mut Lease, detected_at: u64) -> Result<(), IndexerError> {
+        let chain_id = self.chain_id();
+        let depth = self.chain.reorg_depth;
+        let Some(cp) = self.cp else { return Ok(()) };
+        let stored = sink::recent_blocks(lease.conn(), chain_id, detected_at, depth + 1).await?;
+        let mut fork_base: Option<Option<Checkpoint>> = None;
+        for (number, hash) in stored {
+            if cp.number.saturating_sub(number) > depth {
+                break;
+            }
+            let on_chain = self.rpc.header(number).await?;
+            if on_chain.map(|h| h.hash) == Some(hash) {
+                fork_base = Some(Some(Checkpoint { number, hash }));
+                break;
+            }
+        }
+        if fork_base.is_none() && cp.number + 1 - self.start_block <= depth {
+            // Everything indexed is inside the window: start over.
+            fork_base = Some(None);
+        }
+        let Some(base) = fork_base else {
+            return Err(IndexerError::DeepReorg {
+                at: detected_at,
+                depth,
+            });
+        };
+        let fork = base.map_or(self.start_block, |b| b.number + 1);
+        tracing::warn!(chain_id, fork, undone = cp.number + 1 - fork, "reorg: undoing dropped blocks");
+        let changes = sink::undo_from(
+            lease.conn(),
+            chain_id,
+            &self.token_list,
+            fork,
+            base,
+            depth,
+        )
+        .await?;
+        metrics::counter!("tokenwarden_indexer_reorgs_total", "chain_id" => self.label.clone())
+            .increment(1);
+        self.cp = base;
+        super::notify::announce(&mut self.redis, &self.prefix, chain_id, &changes).await;
+        Ok(())
+    }
+
+    /// Indexes block `n` at the head. Returns false when the loop must re-evaluate (reorg
+    /// handled, or the block is not there).
+    async fn step_block(&mut self, lease: &mut Lease, n: u64, head: u64) -> Result<bool, IndexerError> {
+        let Some(h) = self.rpc.header(n).await? else {
+            return Ok(false);
+        };
+        if let Some(cp) = self.cp
+            && cp.number + 1 == n
+            && h.parent_hash != cp.hash
+        {
+            self.handle_reorg(lease, n).await?;
+            return Ok(false);
+        }
+        let filter = self.base_filter.clone().at_block_hash(h.hash);
+        let logs = self.rpc.logs_retrying(&filter).await?;
+        let mut rows = Vec::with_capacity(logs.len());
+        for log in &logs {
+            if let Some(r) = self.decode_checked(log, n, n)? {
+                if r.block_hash != h.hash {
+                    return Err(RpcError::InvalidReply {
+                        method: "eth_getLogs",
+                        message: format!("log of block {n} has hash {} not {}", r.block_hash, h.hash),
+                    }
+                    .into());
+                }
+                rows.push(r);
+            }
+        }
+        rows.sort_by_key(|r| r.log_index);
+        let batch = Batch {
+            from_block: n,
+            rows,
+            headers: vec![h],
+            last: h,
+        };
+        self.commit(lease, batch, head).await?;
+        Ok(true)
+    }
+
+    fn decode_checked(
+        &self,
+        log: &alloy::rpc::types::Log,
+        from: u64,
+        to: u64,
+    ) -> Result<Option<TransferRow>, IndexerError> {
+        decode_in_range(log, &self.standards, from, to, &self.label)
+    }
+
+    async fn commit(&mut self, lease: &mut Lease, batch: Batch, head: u64) -> Result<(), IndexerError> {
+        let expected = self.cp.map(|c| c.number);
+        let expected_from = expected.map_or(self.start_block, |n| n + 1);
+        if batch.from_block != expected_from {
+            return Err(IndexerError::Task(format!(
+                "batch starts at {} but the next block is {expected_from}",
+                batch.from_block
+            )));
+        }
+        let changes = sink::commit_batch(
+            lease.conn(),
+            self.chain_id(),
+            self.chain.reorg_depth,
+            expected,
+            &batch,
+        )
+        .await?;
+        self.cp = Some(Checkpoint {
+            number: batch.last.number,
+            hash: batch.last.hash,
+        });
+        metrics::counter!("tokenwarden_indexer_logs_total", "chain_id" => self.label.clone())
+            .increment(batch.rows.len() as u64);
+        self.report_lag(head);
+        let chain_id = self.chain_id();
+        super::notify::announce(&mut self.redis, &self.prefix, chain_id, &changes).await;
+        Ok(())
+    }
+
+    /// Backfills `[from, to]` (all below the reorg window): ranges fetched concurrently,
+    /// committed in order.
+    async fn backfill(&mut self, lease: &mut Lease, from: u64, to: u64, head: u64) -> Result<(), IndexerError> {
+        let started = Instant::now();
+        let mut last_report = Instant::now();
+        let mut logs_done = 0u64;
+        let mut next = from;
+        let mut inflight: VecDeque<AbortOnDropHandle<Result<Batch, IndexerError>>> = VecDeque::new();
+        tracing::info!(chain_id = self.chain_id(), from, to, "backfill started");
+        loop {
+            while inflight.len() < self.chain.fetch_concurrency && next <= to {
+                let size = self
+                    .range
+                    .load(Ordering::Relaxed)
+                    .clamp(1, self.chain.max_block_range);
+                let end = next.saturating_add(size - 1).min(to);
+                let job = FetchJob {
+                    rpc: self.rpc.clone(),
+                    filter: self.base_filter.clone(),
+                    standards: self.standards.clone(),
+                    range: self.range.clone(),
+                    cap: self.cap.clone(),
+                    max_range: self.chain.max_block_range,
+                    target_logs: self.chain.target_logs_per_request,
+                    max_failures: self.chain.rpc_max_retries,
+                    label: self.label.clone(),
+                };
+                inflight.push_back(AbortOnDropHandle::new(tokio::spawn(job.fetch(next, end))));
+                next = end + 1;
+            }
+            let Some(task) = inflight.pop_front() else { break };
+            let batch = task.await.map_err(|e| IndexerError::Task(e.to_string()))??;
+            logs_done += batch.rows.len() as u64;
+            let at = batch.last.number;
+            self.commit(lease, batch, head).await?;
+            if last_report.elapsed() >= Duration::from_secs(5) {
+                last_report = Instant::now();
+                let secs = started.elapsed().as_secs_f64().max(0.001);
+                tracing::info!(
+                    chain_id = self.chain_id(),
+                    block = at,
+                    to,
+                    percent = format!("{:.1}", (at - from + 1) as f64 * 100.0 / (to - from + 1) as f64),
+                    logs = logs_done,
+                    logs_per_sec = (logs_done as f64 / secs) as u64,
+                    "backfill progress"
+                );
+            }
+        }
+        tracing::info!(
+            chain_id = self.chain_id(),
+            to,
+            logs = logs_done,
+            secs = started.elapsed().as_secs_f64(),
+            "backfill reached the reorg window"
+        );
+        Ok(())
+    }
+}
+
+fn decode_in_range(
+    log: &alloy::rpc::types::Log,
+    standards: &HashMap<Address, TokenStandard>,
+    from: u64,
+    to: u64,
+    label: &str,
+) -> Result<Option<TransferRow>, IndexerError> {
+    match decode::decode(log, standards) {
+        Ok(Some(r)) => {
+            if r.block_number < from || r.block_number > to {
+                return Err(RpcError::InvalidReply {
+                    method: "eth_getLogs",
+                    message: format!("log of block {} outside asked range {from}..={to}", r.block_number),
+                }
+                .into());
+            }
+            Ok(Some(r))
+        }
+        Ok(None) => Ok(None),
+        Err(e) => {
+            // A log that is not a well-formed Transfer of its token's standard changes no
+            // balance; it is reported (log + metric), not guessed at.
+            metrics::counter!("tokenwarden_indexer_rejected_logs_total", "chain_id" => label.to_string())
+                .increment(1);
+            tracing::warn!(chain_id = label, error = %e, "log rejected");
+            Ok(None)
+        }
+    }
+}
+
+/// One backfill range fetch, run as its own task.
+struct FetchJob {
+    rpc: Rpc,
+    filter: Filter,
+    standards: Arc<HashMap<Address, TokenStandard>>,
+    range: Arc<AtomicU64>,
+    cap: Arc<AtomicU64>,
+    max_range: u64,
+    target_logs: u64,
+    max_failures: u32,
+    label: String,
+}
+
+impl FetchJob {
+    /// Fetches every Transfer log of `[from, to]` (splitting the range as the provider asks)
+    /// and the header of `to`.
+    async fn fetch(self, from: u64, to: u64) -> Result<Batch, IndexerError> {
+        let mut rows = Vec::new();
+        let mut cur = from;
+        let mut schedule = Rpc::backoff();
+        let mut failures = 0u32;
+        while cur <= to {
+            let size = self.range.load(Ordering::Relaxed).clamp(1, self.max_range);
+            let end = cur.saturating_add(size - 1).min(to);
+            let span = end - cur + 1;
+            let filter = self.filter.clone().from_block(cur).to_block(end);
+            match self.rpc.logs_once(&filter).await {
+                Ok(logs) => {
+                    for log in &logs {
+                        if let Some(r) = decode_in_range(log, &self.standards, cur, end, &self.label)? {
+                            rows.push(r);
+                        }
+                    }
+                    self.grow(span, logs.len() as u64);
+                    cur = end + 1;
+                    failures = 0;
+                    schedule = Rpc::backoff();
+                }
+                Err(RpcError::Cancelled) => return Err(RpcError::Cancelled.into()),
+                Err(e) => {
+                    self.rpc.record_error(&e);
+                    failures += 1;
+                    if failures > self.max_failures.saturating_mul(2) {
+                        return Err(e.into());
+                    }
+                    match &e {
+                        RpcError::RangeLimit { suggested, .. } => {
+                            let n = suggested.unwrap_or(span / 2).clamp(1, span.saturating_sub(1).max(1));
+                            self.range.store(n, Ordering::Relaxed);
+                            if let Some(s) = suggested {
+                                self.cap.fetch_min((*s).max(1), Ordering::Relaxed);
+                            }
+                            tracing::debug!(from = cur, to = end, next_range = n, error = %e, "getLogs range limited");
+                            if span == 1 {
+                                self.rpc.wait_after(&e, &mut schedule).await?;
+                            }
+                        }
+                        RpcError::Retryable { .. } => {
+                            self.rpc.wait_after(&e, &mut schedule).await?;
+                        }
+                        _ => {
+                            // Timeouts and unknown errors: halve, then back off at one block.
+                            if span > 1 {
+                                self.range.store((span / 2).max(1), Ordering::Relaxed);
+                            } else {
+                                self.rpc.wait_after(&e, &mut schedule).await?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        rows.sort_by_key(|r| (r.block_number, r.log_index));
+        let header = self
+            .rpc
+            .header(to)
+            .await?
+            .ok_or_else(|| RpcError::InvalidReply {
+                method: "eth_getBlockByNumber",
+                message: format!("block {to} below the head is missing"),
+            })?;
+        if let Some(bad) = rows
+            .iter()
+            .find(|r| r.block_number == to && r.block_hash != header.hash)
+        {
+            return Err(RpcError::InvalidReply {
+                method: "eth_getLogs",
+                message: format!("log of block {to} has hash {} but the block is {}", bad.block_hash, header.hash),
+            }
+            .into());
+        }
+        Ok(Batch {
+            from_block: from,
+            rows,
+            headers: vec![header],
+            last: header,
+        })
+    }
+
+    /// After a success: aim for `target_logs` per request, at most doubling, within the cap.
+    fn grow(&self, span: u64, logs: u64) {
+        let ideal = if logs == 0 {
+            span.saturating_mul(2)
+        } else {
+            span.saturating_mul(self.target_logs) / logs
+        };
+        let next = ideal
+            .clamp((span / 2).max(1), span.saturating_mul(2))
+            .min(self.cap.load(Ordering::Relaxed))
+            .min(self.max_range)
+            .max(1);
+        self.range.store(next, Ordering::Relaxed);
+    }
+}
+
+/// Wakes the indexer on every new head announced over WebSocket; reconnects on failure.
+async fn watch_heads(url: String, chain_id: u64, wake: Arc<Notify>, cancel: CancellationToken) {
+    let mut schedule = Rpc::backoff();
+    loop {
+        let attempt = async {
+            let provider = ProviderBuilder::new()
+                .connect_ws(WsConnect::new(url.clone()))
+                .await?;
+            let mut stream = provider.subscribe_blocks().await?.into_stream();
+            while stream.next().await.is_some() {
+                wake.notify_one();
+            }
+            Ok::<(), alloy::transports::TransportError>(())
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = attempt => {
+                if let Err(e) = r {
+                    tracing::warn!(chain_id, url = %crate::store::redact_url(&url), error = %e, "new-heads subscription failed; polling until it is back");
+                }
+            }
+        }
+        let d = schedule.next().unwrap_or(Duration::from_secs(10));
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(d.min(Duration::from_secs(10))) => {}
+        }
+    }
+}
+
+/// For the CLI and tests: the hash type re-exported.
+pub type BlockHash = B256;
+/// For the CLI and tests: the header type re-exported.
+pub type Header = HeaderInfo;

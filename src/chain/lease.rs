@@ -1,0 +1,94 @@
+//! One indexer per chain across replicas: a Postgres session advisory lock held on a dedicated
+//! connection. The process that holds it is the chain's leader; its death closes the connection,
+//! which releases the lock, and a standby (retrying every [`RETRY`]) takes over. The same
+//! connection carries the leader's writes, so a replica that lost the lock cannot write.
+
+use std::time::Duration;
+
+use sqlx::{Connection, PgConnection};
+use tokio_util::sync::CancellationToken;
+
+/// How often a standby tries to take the lease.
+pub const RETRY: Duration = Duration::from_secs(2);
+
+/// The held lease and its connection.
+pub struct Lease {
+    conn: PgConnection,
+    chain_id: u64,
+}
+
+/// The advisory-lock key of a chain: a fixed tag in the high bits so it does not collide with
+/// other users of advisory locks (the scheduler lease uses its own key).
+pub fn lock_key(chain_id: u64) -> i64 {
+    ((0x7477_u64 << 48) | (chain_id & 0x0000_FFFF_FFFF_FFFF)) as i64
+}
+
+impl Lease {
+    /// Waits until this process holds the lease of `chain_id`; `None` on shutdown.
+    pub async fn acquire(
+        database_url: &str,
+        chain_id: u64,
+        shutdown: &CancellationToken,
+    ) -> Option<Lease> {
+        let mut logged_standby = false;
+        loop {
+            match Self::try_once(database_url, chain_id).await {
+                Ok(Some(lease)) => return Some(lease),
+                Ok(None) => {
+                    if !logged_standby {
+                        tracing::info!(chain_id, "another replica indexes this chain; standing by");
+                        logged_standby = true;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(chain_id, error = %e, "cannot try the indexer lease");
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(RETRY) => {}
+            }
+        }
+    }
+
+    async fn try_once(database_url: &str, chain_id: u64) -> Result<Option<Lease>, sqlx::Error> {
+        // The application name lets operators (and tests) see which process leads which chain
+        // in pg_stat_activity.
+        let opts: sqlx::postgres::PgConnectOptions = database_url.parse()?;
+        let opts = opts.application_name(&format!(
+            "tokenwarden-indexer-{chain_id}-pid{}",
+            std::process::id()
+        ));
+        let mut conn = PgConnection::connect_with(&opts).await?;
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(lock_key(chain_id))
+            .fetch_one(&mut conn)
+            .await?;
+        if got {
+            tracing::info!(chain_id, "took the indexer lease");
+            Ok(Some(Lease { conn, chain_id }))
+        } else {
+            let _ = conn.close().await;
+            Ok(None)
+        }
+    }
+
+    /// The lease connection, for the leader's writes.
+    pub fn conn(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+
+    /// Whether the session (and so the lock) is still alive.
+    pub async fn alive(&mut self) -> bool {
+        self.conn.ping().await.is_ok()
+    }
+
+    /// Releases the lock explicitly (on shutdown); dropping the connection would also do it.
+    pub async fn release(mut self) {
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(lock_key(self.chain_id))
+            .execute(&mut self.conn)
+            .await;
+        let _ = self.conn.close().await;
+    }
+}

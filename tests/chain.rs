@@ -1,0 +1,803 @@
+//! Chain indexer against real anvil + real Postgres + real Redis: seeded random ERC-20 and
+//! ERC-721 histories, reorgs at the head and while stopped, a deep reorg, RPC faults, SIGKILL
+//! of the worker, and replica failover. Every scenario ends by comparing every stored balance
+//! and owner with `balanceOf` / `ownerOf` on the chain.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use alloy::primitives::{Address, B256, U256};
+use alloy::providers::Provider;
+use common::anvil::Anvil;
+use common::{Child, TestEnv, wait_until};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokenwarden::chain::{ChainConfig, TokenConfig, TokenStandard};
+use tokenwarden::config::Config;
+use tokenwarden::worker::AppContext;
+
+const CHAIN_ID: u64 = 31337;
+const NFT_IDS: u64 = 40;
+
+fn holder(i: u8) -> Address {
+    let mut b = [0u8; 20];
+    b[18] = 0x10;
+    b[19] = i;
+    Address::from(b)
+}
+
+/// Generates valid random operations; re-synced from the chain after reorgs.
+struct Model {
+    rng: StdRng,
+    erc20: Address,
+    nft: Address,
+    holders: Vec<Address>,
+    balances: HashMap<Address, U256>,
+    owners: HashMap<U256, Address>,
+}
+
+impl Model {
+    fn new(seed: u64, erc20: Address, nft: Address) -> Model {
+        Model {
+            rng: StdRng::seed_from_u64(seed),
+            erc20,
+            nft,
+            holders: (1..=10).map(holder).collect(),
+            balances: HashMap::new(),
+            owners: HashMap::new(),
+        }
+    }
+
+    fn pick(&mut self) -> Address {
+        let i = self.rng.random_range(0..self.holders.len());
+        self.holders[i]
+    }
+
+    fn bal(&self, a: &Address) -> U256 {
+        self.balances.get(a).copied().unwrap_or_default()
+    }
+
+    /// `k` valid ERC-20 operations (mints, burns, transfers, self-transfers, zero-value).
+    fn erc20_ops(&mut self, k: usize) -> Vec<(Address, Address, U256)> {
+        let mut ops = Vec::new();
+        for _ in 0..k {
+            let kind = self.rng.random_range(0..6);
+            let a = self.pick();
+            let b = self.pick();
+            let bal_a = self.bal(&a);
+            let op = match kind {
+                0 | 1 => (Address::ZERO, a, U256::from(self.rng.random_range(1u64..1_000_000_000_000))),
+                2 if !bal_a.is_zero() => (a, Address::ZERO, amount_upto(&mut self.rng, bal_a)),
+                3 if !bal_a.is_zero() => (a, a, amount_upto(&mut self.rng, bal_a)),
+                4 => (a, b, U256::ZERO),
+                _ if !bal_a.is_zero() => (a, b, amount_upto(&mut self.rng, bal_a)),
+                _ => (Address::ZERO, a, U256::from(7u8)),
+            };
+            self.apply20(op);
+            ops.push(op);
+        }
+        ops
+    }
+
+    fn apply20(&mut self, (f, t, v): (Address, Address, U256)) {
+        if f != Address::ZERO {
+            *self.balances.entry(f).or_default() -= v;
+        }
+        if t != Address::ZERO {
+            *self.balances.entry(t).or_default() += v;
+        }
+    }
+
+    /// `k` valid ERC-721 operations (mints, burns, transfers, self-transfers).
+    fn nft_ops(&mut self, k: usize) -> Vec<(Address, Address, U256)> {
+        let mut ops = Vec::new();
+        for _ in 0..k {
+            let id = U256::from(self.rng.random_range(1..=NFT_IDS));
+            let to = self.pick();
+            let op = match self.owners.get(&id).copied() {
+                None => (Address::ZERO, to, id),
+                Some(o) => match self.rng.random_range(0..4) {
+                    0 => (o, Address::ZERO, id),
+                    1 => (o, o, id),
+                    _ => (o, to, id),
+                },
+            };
+            if op.1 == Address::ZERO {
+                self.owners.remove(&id);
+            } else {
+                self.owners.insert(id, op.1);
+            }
+            ops.push(op);
+        }
+        ops
+    }
+
+    /// One random transaction: ERC-20 or ERC-721, 1..max operations.
+    async fn random_tx(&mut self, anvil: &Anvil, max: usize) {
+        let k = self.rng.random_range(1..=max);
+        if self.rng.random_bool(0.5) {
+            let ops = self.erc20_ops(k);
+            anvil.send(self.erc20, Anvil::erc20_batch(&ops)).await;
+        } else {
+            let ops = self.nft_ops(k);
+            anvil.send(self.nft, Anvil::erc721_batch(&ops)).await;
+        }
+    }
+
+    /// Re-reads the model from the chain (after a reorg replaced history).
+    async fn resync(&mut self, anvil: &Anvil) {
+        for h in self.holders.clone() {
+            let b = anvil.balance_of(self.erc20, h).await;
+            self.balances.insert(h, b);
+        }
+        self.owners.clear();
+        for i in 1..=NFT_IDS + 200 {
+            let id = U256::from(i);
+            if let Some(o) = anvil.owner_of(self.nft, id).await {
+                self.owners.insert(id, o);
+            }
+        }
+    }
+}
+
+fn amount_upto(rng: &mut StdRng, max: U256) -> U256 {
+    let m: u128 = max.try_into().unwrap_or(u128::MAX);
+    U256::from(rng.random_range(1..=m))
+}
+
+fn chain_config(rpc: &str, ws: Option<&str>, extra: serde_json::Value) -> ChainConfig {
+    let mut v = serde_json::json!({
+        "chain_id": CHAIN_ID,
+        "name": "anvil",
+        "rpc_urls": [rpc],
+        "poll_interval_ms": 50,
+        "reorg_depth": 8,
+        "max_block_range": 4,
+        "fetch_concurrency": 3,
+        "rpc_timeout_ms": 2000,
+    });
+    if let Some(ws) = ws {
+        v["ws_url"] = ws.into();
+    }
+    if let serde_json::Value::Object(m) = extra {
+        for (k, x) in m {
+            v[k] = x;
+        }
+    }
+    serde_json::from_value(v).expect("chain config")
+}
+
+fn token_configs(erc20: Address, nft: Address) -> Vec<TokenConfig> {
+    vec![
+        TokenConfig {
+            chain_id: CHAIN_ID,
+            address: format!("{erc20:#x}"),
+            standard: TokenStandard::Erc20,
+            start_block: 0,
+        },
+        TokenConfig {
+            chain_id: CHAIN_ID,
+            address: format!("{nft:#x}"),
+            standard: TokenStandard::Erc721,
+            start_block: 0,
+        },
+    ]
+}
+
+fn config_with(env: &TestEnv, chain: ChainConfig, tokens: Vec<TokenConfig>) -> Config {
+    let mut cfg = env.config();
+    cfg.chain.enabled = true;
+    cfg.chain.chains = vec![chain];
+    cfg.chain.tokens = tokens;
+    cfg.validate().expect("valid config");
+    cfg
+}
+
+/// The indexer running inside the test process.
+struct InProc {
+    ctx: AppContext,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl InProc {
+    async fn start(cfg: Config) -> InProc {
+        let ctx = AppContext::connect(cfg).await.expect("connect");
+        let handles = tokenwarden::chain::spawn_indexers(&ctx);
+        assert_eq!(handles.len(), 1);
+        InProc { ctx, handles }
+    }
+
+    async fn stop(self) {
+        self.ctx.shutdown.cancel();
+        for h in self.handles {
+            tokio::time::timeout(Duration::from_secs(15), h)
+                .await
+                .expect("indexer stops on shutdown")
+                .expect("indexer task");
+        }
+    }
+}
+
+async fn checkpoint(env: &TestEnv) -> Option<(u64, String)> {
+    sqlx::query_as::<_, (i64, String)>(
+        "SELECT block_number, block_hash FROM chain_checkpoints WHERE chain_id = $1",
+    )
+    .bind(CHAIN_ID as i64)
+    .fetch_optional(&env.pool)
+    .await
+    .expect("read checkpoint")
+    .map(|(n, h)| (n as u64, h))
+}
+
+/// Waits until the committed checkpoint is the chain's current head block (same hash).
+async fn wait_synced(env: &TestEnv, anvil: &Anvil, timeout: Duration) {
+    wait_until(timeout, "index reaches the chain head", || async {
+        let head = anvil.head().await;
+        let block = anvil
+            .provider
+            .get_block_by_number(head.into())
+            .await
+            .ok()??;
+        let cp = checkpoint(env).await?;
+        (cp.0 == head && cp.1 == format!("{:#x}", block.header.hash)).then_some(())
+    })
+    .await;
+}
+
+/// Every holder's stored balance equals balanceOf (zero balances too), every NFT owner equals
+/// ownerOf, and nothing is stored for anyone else.
+async fn assert_exact(env: &TestEnv, anvil: &Anvil, model: &Model) {
+    let token = format!("{:#x}", model.erc20);
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT holder, balance::text FROM token_balances WHERE chain_id = $1 AND token = $2",
+    )
+    .bind(CHAIN_ID as i64)
+    .bind(&token)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let stored: HashMap<String, U256> = rows
+        .into_iter()
+        .map(|(h, b)| (h, b.parse().unwrap()))
+        .collect();
+    for h in &model.holders {
+        let chain = anvil.balance_of(model.erc20, *h).await;
+        let s = stored.get(&format!("{h:#x}")).copied().unwrap_or_default();
+        assert_eq!(s, chain, "ERC-20 balance of {h:#x}");
+    }
+    for h in stored.keys() {
+        assert!(
+            model.holders.iter().any(|m| format!("{m:#x}") == *h),
+            "unexpected holder {h} stored"
+        );
+    }
+    let nft = format!("{:#x}", model.nft);
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT token_id::text, owner FROM nft_owners WHERE chain_id = $1 AND token = $2",
+    )
+    .bind(CHAIN_ID as i64)
+    .bind(&nft)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let stored: HashMap<U256, String> = rows
+        .into_iter()
+        .map(|(i, o)| (i.parse().unwrap(), o))
+        .collect();
+    for i in 1..=NFT_IDS + 200 {
+        let id = U256::from(i);
+        let chain = anvil.owner_of(model.nft, id).await.map(|a| format!("{a:#x}"));
+        assert_eq!(stored.get(&id).cloned(), chain, "owner of NFT {i}");
+    }
+}
+
+/// Transfer logs of both tokens on the canonical chain.
+async fn chain_log_count(anvil: &Anvil, model: &Model) -> i64 {
+    let filter = alloy::rpc::types::Filter::new()
+        .address(vec![model.erc20, model.nft])
+        .from_block(0)
+        .to_block(anvil.head().await);
+    anvil.provider.get_logs(&filter).await.unwrap().len() as i64
+}
+
+async fn stored_transfer_count(env: &TestEnv) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM chain_transfers WHERE chain_id = $1")
+        .bind(CHAIN_ID as i64)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+async fn setup(seed: u64) -> (TestEnv, Anvil, Model) {
+    let env = TestEnv::new().await;
+    let anvil = Anvil::spawn().await;
+    let erc20 = anvil.deploy("TestToken20").await;
+    let nft = anvil.deploy("TestNft721").await;
+    (env, anvil, Model::new(seed, erc20, nft))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_histories_backfill_and_head_are_exact() {
+    let (env, anvil, mut model) = setup(1).await;
+    // History before the indexer starts (backfill), including one transaction with many logs.
+    for _ in 0..30 {
+        model.random_tx(&anvil, 12).await;
+    }
+    let ops = model.erc20_ops(80);
+    anvil.send(model.erc20, Anvil::erc20_batch(&ops)).await;
+    let ops = model.nft_ops(60);
+    anvil.send(model.nft, Anvil::erc721_batch(&ops)).await;
+
+    let cfg = config_with(
+        &env,
+        chain_config(&anvil.url, Some(&anvil.ws_url), serde_json::json!({})),
+        token_configs(model.erc20, model.nft),
+    );
+    let indexer = InProc::start(cfg.clone()).await;
+    wait_synced(&env, &anvil, Duration::from_secs(60)).await;
+    assert_exact(&env, &anvil, &model).await;
+    assert_eq!(stored_transfer_count(&env).await, chain_log_count(&anvil, &model).await);
+
+    // Token metadata was read from the chain.
+    let (decimals, symbol): (Option<i32>, Option<String>) = sqlx::query_as(
+        "SELECT decimals, symbol FROM chain_tokens WHERE chain_id = $1 AND address = $2",
+    )
+    .bind(CHAIN_ID as i64)
+    .bind(format!("{:#x}", model.erc20))
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!((decimals, symbol.as_deref()), (Some(18), Some("TT20")));
+
+    // Head following, with the announcement contract checked: a cached holding is deleted
+    // and a balance_changes message names the holder.
+    let mut redis = env.redis().await;
+    let client = redis::Client::open(env.redis_url.as_str()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub
+        .subscribe(format!("{}:balance_changes", env.redis_prefix))
+        .await
+        .unwrap();
+    let target = holder(3);
+    let key = format!(
+        "{}:holding:{CHAIN_ID}:{:#x}:{:#x}",
+        env.redis_prefix, model.erc20, target
+    );
+    let _: () = redis::cmd("SET").arg(&key).arg("cached").query_async(&mut redis).await.unwrap();
+    let op = (Address::ZERO, target, U256::from(5u8));
+    model.apply20(op);
+    anvil.send(model.erc20, Anvil::erc20_batch(&[op])).await;
+    let msg = tokio::time::timeout(Duration::from_secs(20), async {
+        use futures::StreamExt;
+        let mut stream = pubsub.on_message();
+        loop {
+            let m = stream.next().await.expect("pubsub message");
+            let v: serde_json::Value = serde_json::from_str(&m.get_payload::<String>().unwrap()).unwrap();
+            if v["holders"].as_array().unwrap().iter().any(|h| h == &format!("{target:#x}")) {
+                return v;
+            }
+        }
+    })
+    .await
+    .expect("balance_changes message for the holder");
+    assert_eq!(msg["chain_id"], CHAIN_ID);
+    assert_eq!(msg["token"], format!("{:#x}", model.erc20));
+    wait_until(Duration::from_secs(10), "cache key deleted", || {
+        let mut r = redis.clone();
+        let key = key.clone();
+        async move {
+            let exists: i64 = redis::cmd("EXISTS").arg(&key).query_async(&mut r).await.ok()?;
+            (exists == 0).then_some(())
+        }
+    })
+    .await;
+
+    for _round in 0..3 {
+        for _ in 0..8 {
+            model.random_tx(&anvil, 15).await;
+        }
+        wait_synced(&env, &anvil, Duration::from_secs(30)).await;
+        assert_exact(&env, &anvil, &model).await;
+    }
+    assert_eq!(stored_transfer_count(&env).await, chain_log_count(&anvil, &model).await);
+    indexer.stop().await;
+
+    // Reconciliation agrees, and finds a tampered balance.
+    let report = tokenwarden::chain::cli::reconcile(&env.pool, &cfg.chain.chains[0], &cfg.chain.tokens)
+        .await
+        .unwrap();
+    assert!(report.checked > 10, "{report:?}");
+    assert!(report.mismatches.is_empty(), "{report:?}");
+    sqlx::query("UPDATE token_balances SET balance = balance + 1 WHERE holder = $1")
+        .bind(format!("{target:#x}"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let report = tokenwarden::chain::cli::reconcile(&env.pool, &cfg.chain.chains[0], &cfg.chain.tokens)
+        .await
+        .unwrap();
+    assert_eq!(report.mismatches.len(), 1, "{report:?}");
+}
+
+fn reorg_tx(anvil: &Anvil, to: Address, data: Vec<u8>) -> serde_json::Value {
+    serde_json::json!({
+        "from": anvil.sender,
+        "to": to,
+        "input": format!("0x{}", hex::encode(data)),
+        "gas": "0x3000000",
+    })
+}
+
+/// Replaces the last `depth` blocks with blocks holding different transfers (mints that are
+/// valid in any state, so they can be prepared without knowing the fork state).
+async fn reorg(anvil: &Anvil, model: &mut Model, depth: u64, salt: u64) {
+    let mut pairs = Vec::new();
+    for j in 0..depth {
+        let h = model.pick();
+        let ops20 = vec![
+            (Address::ZERO, h, U256::from(1_000 + salt * 10 + j)),
+            (h, model.pick(), U256::from(1u8)),
+            (h, h, U256::ZERO),
+        ];
+        pairs.push(serde_json::json!([reorg_tx(anvil, model.erc20, Anvil::erc20_batch(&ops20)), j]));
+        let id = U256::from(NFT_IDS + 1 + salt * 10 + j);
+        let ops721 = vec![(Address::ZERO, h, id), (h, model.pick(), id)];
+        pairs.push(serde_json::json!([reorg_tx(anvil, model.nft, Anvil::erc721_batch(&ops721)), j]));
+    }
+    anvil
+        .raw("anvil_reorg", serde_json::json!([depth, pairs]))
+        .await;
+    model.resync(anvil).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reorgs_of_depth_1_to_5_at_the_head_are_undone_exactly() {
+    let (env, anvil, mut model) = setup(2).await;
+    for _ in 0..12 {
+        model.random_tx(&anvil, 10).await;
+    }
+    let cfg = config_with(
+        &env,
+        chain_config(&anvil.url, None, serde_json::json!({"reorg_depth": 10})),
+        token_configs(model.erc20, model.nft),
+    );
+    let indexer = InProc::start(cfg).await;
+    wait_synced(&env, &anvil, Duration::from_secs(60)).await;
+    assert_exact(&env, &anvil, &model).await;
+    for depth in 1..=5u64 {
+        for _ in 0..depth + 1 {
+            model.random_tx(&anvil, 8).await;
+        }
+        wait_synced(&env, &anvil, Duration::from_secs(30)).await;
+        let before = checkpoint(&env).await.unwrap();
+        reorg(&anvil, &mut model, depth, depth).await;
+        wait_synced(&env, &anvil, Duration::from_secs(30)).await;
+        let after = checkpoint(&env).await.unwrap();
+        assert_eq!(before.0, after.0, "same height after anvil_reorg");
+        assert_ne!(before.1, after.1, "the indexer followed the new branch");
+        assert_exact(&env, &anvil, &model).await;
+        assert_eq!(stored_transfer_count(&env).await, chain_log_count(&anvil, &model).await);
+        // Then the chain goes on.
+        model.random_tx(&anvil, 8).await;
+        wait_synced(&env, &anvil, Duration::from_secs(30)).await;
+        assert_exact(&env, &anvil, &model).await;
+    }
+    indexer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reorg_while_stopped_is_caught_at_start() {
+    let (env, anvil, mut model) = setup(3).await;
+    for _ in 0..15 {
+        model.random_tx(&anvil, 10).await;
+    }
+    let cfg = config_with(
+        &env,
+        chain_config(&anvil.url, None, serde_json::json!({"reorg_depth": 10})),
+        token_configs(model.erc20, model.nft),
+    );
+    let indexer = InProc::start(cfg.clone()).await;
+    wait_synced(&env, &anvil, Duration::from_secs(60)).await;
+    assert_exact(&env, &anvil, &model).await;
+    indexer.stop().await;
+
+    reorg(&anvil, &mut model, 3, 7).await;
+    let stale = checkpoint(&env).await.unwrap();
+
+    let indexer = InProc::start(cfg).await;
+    wait_synced(&env, &anvil, Duration::from_secs(30)).await;
+    assert_ne!(checkpoint(&env).await.unwrap().1, stale.1);
+    assert_exact(&env, &anvil, &model).await;
+    assert_eq!(stored_transfer_count(&env).await, chain_log_count(&anvil, &model).await);
+    indexer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reorg_deeper_than_the_window_stops_the_indexer_without_touching_balances() {
+    let (env, anvil, mut model) = setup(4).await;
+    for _ in 0..10 {
+        model.random_tx(&anvil, 10).await;
+    }
+    let cfg = config_with(
+        &env,
+        chain_config(&anvil.url, None, serde_json::json!({"reorg_depth": 2})),
+        token_configs(model.erc20, model.nft),
+    );
+    let indexer = InProc::start(cfg).await;
+    wait_synced(&env, &anvil, Duration::from_secs(60)).await;
+    let snapshot = |env: &TestEnv| {
+        let pool = env.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT coalesce(string_agg(holder || '=' || balance::text, ',' ORDER BY holder), '') FROM token_balances",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let before = snapshot(&env).await;
+    let cp_before = checkpoint(&env).await.unwrap();
+    reorg(&anvil, &mut model, 5, 9).await;
+    let reason: String = wait_until(Duration::from_secs(30), "deep reorg recorded as a fault", || async {
+        sqlx::query_scalar("SELECT reason FROM chain_indexer_faults WHERE chain_id = $1")
+            .bind(CHAIN_ID as i64)
+            .fetch_optional(&env.pool)
+            .await
+            .unwrap()
+    })
+    .await;
+    assert!(reason.contains("deeper than reorg_depth"), "{reason}");
+    // The task ends by itself; nothing was changed.
+    for h in indexer.handles {
+        tokio::time::timeout(Duration::from_secs(10), h)
+            .await
+            .expect("stopped indexer task ends")
+            .unwrap();
+    }
+    assert_eq!(snapshot(&env).await, before);
+    assert_eq!(checkpoint(&env).await.unwrap(), cp_before);
+}
+
+/// A JSON-RPC proxy in front of anvil that injects faults on a fixed schedule.
+mod fault_proxy {
+    use super::*;
+    use axum::body::{Body, Bytes};
+    use axum::extract::State;
+    use axum::http::{HeaderValue, StatusCode};
+    use axum::response::{IntoResponse, Response};
+
+    #[derive(Default)]
+    pub struct Counts {
+        pub requests: AtomicU64,
+        pub rate_limited: AtomicU64,
+        pub timeouts: AtomicU64,
+        pub dropped: AtomicU64,
+        pub too_many_results: AtomicU64,
+    }
+
+    struct St {
+        upstream: String,
+        client: reqwest::Client,
+        counts: Arc<Counts>,
+    }
+
+    pub async fn start(upstream: String) -> (String, Arc<Counts>) {
+        let counts = Arc::new(Counts::default());
+        let st = Arc::new(St {
+            upstream,
+            client: reqwest::Client::new(),
+            counts: counts.clone(),
+        });
+        let app = axum::Router::new()
+            .route("/", axum::routing::post(handle))
+            .with_state(st);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}"), counts)
+    }
+
+    fn hex_u64(v: &serde_json::Value) -> Option<u64> {
+        u64::from_str_radix(v.as_str()?.trim_start_matches("0x"), 16).ok()
+    }
+
+    async fn handle(State(st): State<Arc<St>>, body: Bytes) -> Response {
+        let n = st.counts.requests.fetch_add(1, Ordering::SeqCst);
+        let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        if req["method"] == "eth_getLogs" {
+            let p = &req["params"][0];
+            if let (Some(a), Some(b)) = (hex_u64(&p["fromBlock"]), hex_u64(&p["toBlock"]))
+                && b.saturating_sub(a) >= 5
+            {
+                st.counts.too_many_results.fetch_add(1, Ordering::SeqCst);
+                let err = serde_json::json!({"jsonrpc": "2.0", "id": req["id"],
+                    "error": {"code": -32005, "message": "query returned more than 10000 results"}});
+                return axum::Json(err).into_response();
+            }
+        }
+        match n % 13 {
+            3 => {
+                st.counts.rate_limited.fetch_add(1, Ordering::SeqCst);
+                let mut r = (StatusCode::TOO_MANY_REQUESTS, "slow down").into_response();
+                let after = if n % 39 == 3 { "1" } else { "0" };
+                r.headers_mut().insert("retry-after", HeaderValue::from_static(after));
+                return r;
+            }
+            6 if n % 26 == 6 => {
+                st.counts.timeouts.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+            }
+            9 => {
+                st.counts.dropped.fetch_add(1, Ordering::SeqCst);
+                let failing = futures::stream::once(async {
+                    Err::<Bytes, std::io::Error>(std::io::Error::other("connection dropped"))
+                });
+                return Response::builder()
+                    .status(200)
+                    .header("content-type", "application/json")
+                    .body(Body::from_stream(failing))
+                    .unwrap();
+            }
+            _ => {}
+        }
+        let resp = st
+            .client
+            .post(&st.upstream)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let bytes = resp.bytes().await.unwrap();
+        ([("content-type", "application/json")], bytes).into_response()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_faults_do_not_change_the_result() {
+    let (env, anvil, mut model) = setup(5).await;
+    for _ in 0..25 {
+        model.random_tx(&anvil, 10).await;
+    }
+    let (proxy, counts) = fault_proxy::start(anvil.url.clone()).await;
+    let cfg = config_with(
+        &env,
+        chain_config(
+            &proxy,
+            None,
+            serde_json::json!({"reorg_depth": 5, "max_block_range": 2000, "rpc_timeout_ms": 700, "rpc_max_retries": 30}),
+        ),
+        token_configs(model.erc20, model.nft),
+    );
+    let indexer = InProc::start(cfg).await;
+    wait_synced(&env, &anvil, Duration::from_secs(90)).await;
+    assert_exact(&env, &anvil, &model).await;
+    for _ in 0..6 {
+        model.random_tx(&anvil, 10).await;
+    }
+    wait_synced(&env, &anvil, Duration::from_secs(60)).await;
+    assert_exact(&env, &anvil, &model).await;
+    assert_eq!(stored_transfer_count(&env).await, chain_log_count(&anvil, &model).await);
+    indexer.stop().await;
+    for (what, c) in [
+        ("429", &counts.rate_limited),
+        ("timeout", &counts.timeouts),
+        ("dropped connection", &counts.dropped),
+        ("-32005 too many results", &counts.too_many_results),
+    ] {
+        assert!(c.load(Ordering::SeqCst) > 0, "the proxy injected no {what}");
+    }
+}
+
+fn write_config(dir: &tempfile::TempDir, rpc: &str, model: &Model, extra: &str) -> String {
+    let path = dir.path().join("chain.toml");
+    let toml = format!(
+        r#"
+[chain]
+enabled = true
+
+[[chain.chains]]
+chain_id = {CHAIN_ID}
+name = "anvil"
+rpc_urls = ["{rpc}"]
+poll_interval_ms = 50
+reorg_depth = 5
+{extra}
+
+[[chain.tokens]]
+chain_id = {CHAIN_ID}
+address = "{:#x}"
+standard = "erc20"
+
+[[chain.tokens]]
+chain_id = {CHAIN_ID}
+address = "{:#x}"
+standard = "erc721"
+"#,
+        model.erc20, model.nft
+    );
+    std::fs::write(&path, toml).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_between_fetch_and_commit_loses_and_duplicates_nothing() {
+    let (env, anvil, mut model) = setup(6).await;
+    for _ in 0..150 {
+        model.random_tx(&anvil, 25).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(&dir, &anvil.url, &model, "max_block_range = 1\nfetch_concurrency = 2");
+    let mut kills = 0;
+    let mut last = None;
+    while kills < 6 {
+        let mut child = Child::spawn(&env, &["--config", &cfg, "run"], &[]);
+        let seen = last;
+        let cp = wait_until(Duration::from_secs(30), "indexing progresses", || async {
+            let cp = checkpoint(&env).await.map(|c| c.0);
+            (cp.is_some() && cp != seen).then_some(cp)
+        })
+        .await;
+        child.signal("KILL");
+        child.wait_exit(Duration::from_secs(10));
+        kills += 1;
+        last = cp;
+    }
+    assert!(
+        last.unwrap() < anvil.head().await,
+        "the kills should land while the history is still being indexed"
+    );
+    let _child = Child::spawn(&env, &["--config", &cfg, "run"], &[]);
+    wait_synced(&env, &anvil, Duration::from_secs(60)).await;
+    assert_exact(&env, &anvil, &model).await;
+    assert_eq!(stored_transfer_count(&env).await, chain_log_count(&anvil, &model).await);
+}
+
+async fn leader_pid(env: &TestEnv) -> Option<u32> {
+    let name: Option<String> = sqlx::query_scalar(
+        "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND a.datname = current_database() \
+           AND a.application_name LIKE 'tokenwarden-indexer-%'",
+    )
+    .fetch_optional(&env.pool)
+    .await
+    .unwrap();
+    name?.rsplit("-pid").next()?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_replica_takes_over_within_ten_seconds() {
+    let (env, anvil, mut model) = setup(7).await;
+    for _ in 0..20 {
+        model.random_tx(&anvil, 10).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(&dir, &anvil.url, &model, "");
+    let mut a = Some(Child::spawn(&env, &["--config", &cfg, "run"], &[]));
+    let mut b = Some(Child::spawn(&env, &["--config", &cfg, "run"], &[]));
+    wait_synced(&env, &anvil, Duration::from_secs(60)).await;
+    assert_exact(&env, &anvil, &model).await;
+    let leader = wait_until(Duration::from_secs(10), "a leader holds the lease", || leader_pid(&env)).await;
+    let a_pid = a.as_ref().unwrap().0.id();
+    let b_pid = b.as_ref().unwrap().0.id();
+    assert!(leader == a_pid || leader == b_pid, "leader {leader} is one of the replicas");
+    let mut dead = if leader == a_pid { a.take().unwrap() } else { b.take().unwrap() };
+    dead.signal("KILL");
+    dead.wait_exit(Duration::from_secs(10));
+    let killed_at = Instant::now();
+    for _ in 0..5 {
+        model.random_tx(&anvil, 10).await;
+    }
+    wait_synced(&env, &anvil, Duration::from_secs(10)).await;
+    assert!(killed_at.elapsed() < Duration::from_secs(10), "takeover took {:?}", killed_at.elapsed());
+    let new_leader = leader_pid(&env).await.expect("new leader");
+    assert_ne!(new_leader, leader);
+    assert_exact(&env, &anvil, &model).await;
+    assert_eq!(stored_transfer_count(&env).await, chain_log_count(&anvil, &model).await);
+    let _ = B256::ZERO;
+}

@@ -1,0 +1,214 @@
+//! A real anvil per test: spawned on a free port, ready when it answers, killed on drop; plus
+//! helpers to deploy and drive the test contracts in `contracts/` (compiled artifacts committed).
+
+use std::time::Duration;
+
+use alloy::network::TransactionBuilder;
+use alloy::primitives::{Address, Bytes, U256};
+use alloy::providers::{DynProvider, Provider, ProviderBuilder};
+use alloy::rpc::types::TransactionRequest;
+use alloy::sol;
+use alloy::sol_types::SolCall;
+
+use super::{repo_root, wait_until};
+
+sol! {
+    interface TestToken20 {
+        function batch(address[] from, address[] to, uint256[] value) external;
+        function spam(uint160 base, uint256 holders, uint256 start, uint256 n) external;
+        function balanceOf(address owner) external view returns (uint256);
+    }
+    interface TestNft721 {
+        function batch(address[] from, address[] to, uint256[] id) external;
+        function ownerOf(uint256 id) external view returns (address);
+    }
+}
+
+/// A running anvil, killed when dropped.
+pub struct Anvil {
+    child: std::process::Child,
+    pub port: u16,
+    pub url: String,
+    pub ws_url: String,
+    pub provider: DynProvider,
+    /// The first unlocked dev account (sends every test transaction).
+    pub sender: Address,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind a free port")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+impl Anvil {
+    /// Starts anvil (automine) and waits until it answers.
+    pub async fn spawn() -> Anvil {
+        Self::spawn_with(&[]).await
+    }
+
+    /// Starts anvil with extra CLI arguments.
+    pub async fn spawn_with(extra: &[&str]) -> Anvil {
+        let bin = repo_root().join("node_modules/.bin/anvil");
+        assert!(
+            bin.exists(),
+            "anvil is not installed at {}: run `make tools`",
+            bin.display()
+        );
+        let port = free_port();
+        let child = std::process::Command::new(&bin)
+            .args(["--port", &port.to_string(), "--host", "127.0.0.1", "--silent"])
+            .args(["--gas-limit", "1000000000"])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn anvil");
+        let url = format!("http://127.0.0.1:{port}");
+        let provider = ProviderBuilder::new()
+            .connect_http(url.parse().expect("anvil url"))
+            .erased();
+        let p = provider.clone();
+        wait_until(Duration::from_secs(30), "anvil answers", || {
+            let p = p.clone();
+            async move { p.get_block_number().await.ok() }
+        })
+        .await;
+        let sender = provider.get_accounts().await.expect("anvil accounts")[0];
+        Anvil {
+            child,
+            port,
+            url,
+            ws_url: format!("ws://127.0.0.1:{port}"),
+            provider,
+            sender,
+        }
+    }
+
+    /// Deploys a compiled contract from `contracts/<name>.bin`.
+    pub async fn deploy(&self, name: &str) -> Address {
+        let hex_code = std::fs::read_to_string(repo_root().join(format!("contracts/{name}.bin")))
+            .expect("compiled contract (run contracts/build.sh)");
+        let code = Bytes::from(hex::decode(hex_code.trim()).expect("hex bytecode"));
+        let tx = TransactionRequest::default()
+            .from(self.sender)
+            .with_deploy_code(code);
+        let receipt = self
+            .provider
+            .send_transaction(tx)
+            .await
+            .expect("send deploy")
+            .get_receipt()
+            .await
+            .expect("deploy receipt");
+        receipt.contract_address.expect("contract address")
+    }
+
+    /// Sends one transaction calling `to` with `data`, waits for it to be mined, and asserts
+    /// it succeeded.
+    pub async fn send(&self, to: Address, data: Vec<u8>) {
+        // The nonce is read from the chain each time: anvil_reorg replaces history (and nonces).
+        let nonce = self
+            .provider
+            .get_transaction_count(self.sender)
+            .await
+            .expect("nonce");
+        let tx = TransactionRequest::default()
+            .from(self.sender)
+            .nonce(nonce)
+            .to(to)
+            .input(Bytes::from(data).into())
+            .gas_limit(900_000_000);
+        let receipt = self
+            .provider
+            .send_transaction(tx)
+            .await
+            .expect("send tx")
+            .get_receipt()
+            .await
+            .expect("receipt");
+        assert!(receipt.status(), "transaction reverted");
+    }
+
+    /// A transaction request (for `anvil_reorg` replacement blocks).
+    pub fn tx(&self, to: Address, data: Vec<u8>) -> TransactionRequest {
+        TransactionRequest::default()
+            .from(self.sender)
+            .to(to)
+            .input(Bytes::from(data).into())
+            .gas_limit(900_000_000)
+    }
+
+    /// ERC-20 `batch` calldata.
+    pub fn erc20_batch(ops: &[(Address, Address, U256)]) -> Vec<u8> {
+        TestToken20::batchCall {
+            from: ops.iter().map(|o| o.0).collect(),
+            to: ops.iter().map(|o| o.1).collect(),
+            value: ops.iter().map(|o| o.2).collect(),
+        }
+        .abi_encode()
+    }
+
+    /// ERC-721 `batch` calldata.
+    pub fn erc721_batch(ops: &[(Address, Address, U256)]) -> Vec<u8> {
+        TestNft721::batchCall {
+            from: ops.iter().map(|o| o.0).collect(),
+            to: ops.iter().map(|o| o.1).collect(),
+            id: ops.iter().map(|o| o.2).collect(),
+        }
+        .abi_encode()
+    }
+
+    /// `balanceOf(holder)` at the latest block.
+    pub async fn balance_of(&self, token: Address, holder: Address) -> U256 {
+        let data = TestToken20::balanceOfCall { owner: holder }.abi_encode();
+        let out = self
+            .provider
+            .call(self.tx(token, data))
+            .await
+            .expect("balanceOf");
+        TestToken20::balanceOfCall::abi_decode_returns(&out).expect("decode balanceOf")
+    }
+
+    /// `ownerOf(id)` at the latest block; `None` if it reverts (not minted or burned).
+    pub async fn owner_of(&self, token: Address, id: U256) -> Option<Address> {
+        let data = TestNft721::ownerOfCall { id }.abi_encode();
+        match self.provider.call(self.tx(token, data)).await {
+            Ok(out) => Some(TestNft721::ownerOfCall::abi_decode_returns(&out).expect("decode ownerOf")),
+            Err(_) => None,
+        }
+    }
+
+    /// Raw JSON-RPC (anvil_reorg, anvil_mine, evm_snapshot…).
+    pub async fn raw(&self, method: &'static str, params: serde_json::Value) -> serde_json::Value {
+        self.provider
+            .raw_request::<_, serde_json::Value>(method.into(), params)
+            .await
+            .unwrap_or_else(|e| panic!("{method} failed: {e}"))
+    }
+
+    /// Mines `n` empty blocks.
+    pub async fn mine(&self, n: u64) {
+        self.raw("anvil_mine", serde_json::json!([format!("{n:#x}")]))
+            .await;
+    }
+
+    /// The latest block number.
+    pub async fn head(&self) -> u64 {
+        self.provider.get_block_number().await.expect("block number")
+    }
+
+    /// The process id (for tests that must look at it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Anvil {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

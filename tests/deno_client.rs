@@ -1,0 +1,125 @@
+//! The Edge Function client (`jobs/client.ts`) against the real thing: a `tokenwarden run`
+//! process, real Redis, real Postgres, and the real Deno runtime (npm package `deno`, installed
+//! by `make tools`). The Deno test file checks what the client returns; this test then checks in
+//! Postgres that those answers match the durable ledger.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Child, TestEnv, repo_root, wait_until};
+use uuid::Uuid;
+
+const FUNDED_BALANCE: i64 = 10_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deno_client_consumes_grants_and_holds_through_a_running_worker() {
+    let env = TestEnv::new().await;
+    let user = Uuid::new_v4();
+    // Funded through the SQL door, as a billing webhook calling `add_tokens` would.
+    sqlx::query("SELECT public.add_tokens($1, $2, 'deno client test', '{}'::jsonb)")
+        .bind(user)
+        .bind(FUNDED_BALANCE)
+        .execute(&env.pool)
+        .await
+        .expect("add_tokens funds the test user");
+
+    let _worker = Child::spawn(&env, &["run"], &[]);
+    // The client's reply timeout must not be spent on the worker's start-up: wait until its
+    // consumer group exists on the consume stream.
+    let stream = format!("{}:jobs:consume_tokens", env.redis_prefix);
+    let redis = env.redis().await;
+    wait_until(
+        Duration::from_secs(60),
+        "the worker's consumer group",
+        || {
+            let stream = stream.clone();
+            let mut redis = redis.clone();
+            async move {
+                let groups: redis::RedisResult<Vec<redis::Value>> = redis::cmd("XINFO")
+                    .arg("GROUPS")
+                    .arg(&stream)
+                    .query_async(&mut redis)
+                    .await;
+                groups.ok().filter(|g| !g.is_empty()).map(|_| ())
+            }
+        },
+    )
+    .await;
+
+    let deno = repo_root().join("node_modules/.bin/deno");
+    assert!(
+        deno.exists(),
+        "{} is missing: run `make tools` (npm ci installs the deno package)",
+        deno.display()
+    );
+    let run = tokio::process::Command::new(&deno)
+        .args([
+            "test",
+            "--allow-net",
+            "--allow-env",
+            "--allow-read",
+            "jobs/client_test.ts",
+        ])
+        .current_dir(repo_root())
+        .env("NO_COLOR", "1")
+        .env("TOKENWARDEN_REDIS_URL", &env.redis_url)
+        .env("TOKENWARDEN_REDIS_PREFIX", &env.redis_prefix)
+        .env("TW_TEST_FUNDED_USER", user.to_string())
+        .env("TW_TEST_FUNDED_BALANCE", FUNDED_BALANCE.to_string())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(180), run)
+        .await
+        .expect("deno test finishes within 180 s")
+        .expect("deno runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "deno test failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    // Guard against a run that found nothing to test.
+    assert!(
+        stdout.contains("ok | 5 passed") && stdout.contains("| 0 failed"),
+        "expected the 5 client tests to pass:\n{stdout}\n{stderr}"
+    );
+
+    // What the client reported is what Postgres holds: 120 + 30 consumed (the repeat did not
+    // debit again), the conflicting repeat and the insufficient request changed nothing, and
+    // the 5-token debit was refunded by a grant.
+    let (balance, held): (i64, i64) =
+        sqlx::query_as("SELECT balance, held FROM public.credit_accounts WHERE user_id = $1")
+            .bind(user)
+            .fetch_one(&env.pool)
+            .await
+            .expect("the funded account exists");
+    assert_eq!(balance, FUNDED_BALANCE - 150);
+    assert_eq!(held, 0);
+    let consumes: Vec<i64> = sqlx::query_scalar(
+        "SELECT amount FROM public.token_balance_history
+         WHERE user_id = $1 AND kind = 'consume' ORDER BY id",
+    )
+    .bind(user)
+    .fetch_all(&env.pool)
+    .await
+    .expect("history is readable");
+    assert_eq!(consumes, vec![120, 30, 5], "one history row per debit");
+    let statuses: Vec<String> = sqlx::query_scalar(
+        "SELECT status FROM public.ledger_requests WHERE user_id = $1 ORDER BY status",
+    )
+    .bind(user)
+    .fetch_all(&env.pool)
+    .await
+    .expect("ledger_requests is readable");
+    assert_eq!(
+        statuses.iter().filter(|s| *s == "consumed").count(),
+        3,
+        "three distinct consumed request ids: {statuses:?}"
+    );
+    assert!(
+        statuses.iter().any(|s| s == "insufficient_tokens"),
+        "the refused request's outcome is durable too: {statuses:?}"
+    );
+}

@@ -1,0 +1,378 @@
+//! The job catalogue in `jobs/` is a public contract: callers validate against its JSON Schemas
+//! and copy its examples. This test keeps it honest: every job type of the wire format has a
+//! schema that is valid draft 2020-12, its example validates against it, the schema rejects the
+//! bad payloads the worker rejects, and the worker's own payload parser accepts the example.
+
+use std::path::PathBuf;
+
+use serde_json::{Value, json};
+
+/// Every job type of the wire format (brief WIRE.md), i.e. every stream a caller may XADD to.
+const JOB_TYPES: &[&str] = &[
+    "consume_tokens",
+    "grant_tokens",
+    "hold_tokens",
+    "settle_hold",
+    "release_hold",
+    "snapshot_create",
+    "cleanup_locks",
+    "detect_anomalies",
+    "prune",
+];
+
+fn jobs_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("jobs")
+}
+
+fn read_json(name: &str) -> Value {
+    let path = jobs_dir().join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
+
+fn schema(job_type: &str) -> Value {
+    read_json(&format!("{job_type}.schema.json"))
+}
+
+fn example(job_type: &str) -> Value {
+    read_json(&format!("{job_type}.example.json"))
+}
+
+fn validator(job_type: &str) -> jsonschema::Validator {
+    jsonschema::draft202012::options()
+        .should_validate_formats(true)
+        .build(&schema(job_type))
+        .unwrap_or_else(|e| panic!("{job_type}.schema.json does not compile: {e}"))
+}
+
+fn errors(job_type: &str, instance: &Value) -> Vec<String> {
+    validator(job_type)
+        .iter_errors(instance)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect()
+}
+
+#[test]
+fn catalogue_lists_exactly_the_wire_job_types() {
+    let mut found: Vec<String> = std::fs::read_dir(jobs_dir())
+        .expect("jobs/ exists")
+        .filter_map(|e| {
+            let name = e.expect("dir entry").file_name().into_string().ok()?;
+            name.strip_suffix(".schema.json").map(str::to_owned)
+        })
+        .collect();
+    found.sort();
+    let mut expected: Vec<String> = JOB_TYPES.iter().map(|s| s.to_string()).collect();
+    expected.sort();
+    assert_eq!(found, expected, "one schema per job type, no strays");
+    for t in JOB_TYPES {
+        assert!(
+            jobs_dir().join(format!("{t}.example.json")).is_file(),
+            "{t} has an example"
+        );
+    }
+}
+
+#[test]
+fn schemas_are_valid_draft_2020_12_and_closed() {
+    for t in JOB_TYPES {
+        let s = schema(t);
+        if let Err(e) = jsonschema::meta::validate(&s) {
+            panic!("{t}.schema.json is not a valid JSON Schema: {e}");
+        }
+        assert_eq!(
+            s["$schema"], "https://json-schema.org/draft/2020-12/schema",
+            "{t}: draft 2020-12"
+        );
+        assert_eq!(s["type"], "object", "{t}: payload is an object");
+        assert_eq!(
+            s["additionalProperties"],
+            json!(false),
+            "{t}: unknown payload fields are rejected by the worker, so the schema is closed"
+        );
+    }
+}
+
+#[test]
+fn every_example_validates_against_its_schema() {
+    for t in JOB_TYPES {
+        let errs = errors(t, &example(t));
+        assert!(errs.is_empty(), "{t}.example.json is invalid: {errs:?}");
+    }
+}
+
+/// Mutates a copy of `job_type`'s example.
+fn variant(job_type: &str, f: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Value {
+    let mut v = example(job_type);
+    f(v.as_object_mut().expect("example is an object"));
+    v
+}
+
+/// The bad payloads the worker rejects are rejected by the schemas too, so a caller validating
+/// client-side learns the same thing earlier.
+#[test]
+fn schemas_reject_what_the_worker_rejects() {
+    let cases: Vec<(&str, &str, Value)> = vec![
+        (
+            "consume_tokens",
+            "extra field",
+            variant("consume_tokens", |m| {
+                m.insert("surprise".into(), json!(1));
+            }),
+        ),
+        (
+            "consume_tokens",
+            "zero amount",
+            variant("consume_tokens", |m| {
+                m.insert("amount".into(), json!(0));
+            }),
+        ),
+        (
+            "consume_tokens",
+            "negative amount",
+            variant("consume_tokens", |m| {
+                m.insert("amount".into(), json!(-5));
+            }),
+        ),
+        (
+            "consume_tokens",
+            "amount above i64::MAX",
+            variant("consume_tokens", |m| {
+                m.insert("amount".into(), json!(9_223_372_036_854_775_808u64));
+            }),
+        ),
+        (
+            "consume_tokens",
+            "fractional amount",
+            variant("consume_tokens", |m| {
+                m.insert("amount".into(), json!(1.5));
+            }),
+        ),
+        (
+            "consume_tokens",
+            "amount as string",
+            variant("consume_tokens", |m| {
+                m.insert("amount".into(), json!("10"));
+            }),
+        ),
+        (
+            "consume_tokens",
+            "missing user_id",
+            variant("consume_tokens", |m| {
+                m.remove("user_id");
+            }),
+        ),
+        (
+            "consume_tokens",
+            "request_id not a uuid",
+            variant("consume_tokens", |m| {
+                m.insert("request_id".into(), json!("req-1"));
+            }),
+        ),
+        (
+            "consume_tokens",
+            "empty operation_type",
+            variant("consume_tokens", |m| {
+                m.insert("operation_type".into(), json!(""));
+            }),
+        ),
+        (
+            "consume_tokens",
+            "operation_type over 100 chars",
+            variant("consume_tokens", |m| {
+                m.insert("operation_type".into(), json!("x".repeat(101)));
+            }),
+        ),
+        (
+            "consume_tokens",
+            "metadata not an object",
+            variant("consume_tokens", |m| {
+                m.insert("metadata".into(), json!([1, 2]));
+            }),
+        ),
+        (
+            "grant_tokens",
+            "reason over 200 chars",
+            variant("grant_tokens", |m| {
+                m.insert("reason".into(), json!("r".repeat(201)));
+            }),
+        ),
+        (
+            "grant_tokens",
+            "missing reason",
+            variant("grant_tokens", |m| {
+                m.remove("reason");
+            }),
+        ),
+        (
+            "hold_tokens",
+            "ttl_secs zero",
+            variant("hold_tokens", |m| {
+                m.insert("ttl_secs".into(), json!(0));
+            }),
+        ),
+        (
+            "settle_hold",
+            "missing amount",
+            variant("settle_hold", |m| {
+                m.remove("amount");
+            }),
+        ),
+        (
+            "release_hold",
+            "hold_id not a uuid",
+            variant("release_hold", |m| {
+                m.insert("hold_id".into(), json!(42));
+            }),
+        ),
+        (
+            "snapshot_create",
+            "unknown source",
+            variant("snapshot_create", |m| {
+                m.insert("source".into(), json!("etherscan"));
+            }),
+        ),
+        (
+            "snapshot_create",
+            "token not an address",
+            variant("snapshot_create", |m| {
+                m.insert("token".into(), json!("0x1234"));
+            }),
+        ),
+        (
+            "cleanup_locks",
+            "extra field",
+            variant("cleanup_locks", |m| {
+                m.insert("force".into(), json!(true));
+            }),
+        ),
+        (
+            "prune",
+            "request_id not a uuid",
+            variant("prune", |m| {
+                m.insert("request_id".into(), json!("yesterday"));
+            }),
+        ),
+    ];
+    for (t, what, payload) in cases {
+        assert!(
+            !errors(t, &payload).is_empty(),
+            "{t}: schema accepts a payload with {what}: {payload}"
+        );
+    }
+}
+
+#[test]
+fn snapshot_chain_accepts_names_and_numeric_ids() {
+    for chain in [json!("eth-mainnet"), json!("1514"), json!(1315)] {
+        let p = variant("snapshot_create", |m| {
+            m.insert("chain".into(), chain.clone());
+        });
+        let errs = errors("snapshot_create", &p);
+        assert!(errs.is_empty(), "chain {chain} rejected: {errs:?}");
+    }
+}
+
+fn ledger_config() -> tokenwarden::ledger::LedgerConfig {
+    tokenwarden::config::Config::load_with_env(None, Vec::<(String, String)>::new())
+        .expect("default config is valid")
+        .ledger
+}
+
+/// The worker parses ledger payloads with `ledger::jobs::parse`; every ledger example must pass
+/// it, with the values the example shows.
+#[test]
+fn worker_parser_accepts_every_ledger_example() {
+    use tokenwarden::ledger::LedgerOp;
+    use tokenwarden::ledger::jobs::{LedgerJobKind, parse};
+
+    let cfg = ledger_config();
+    for kind in LedgerJobKind::ALL {
+        let t = kind.job_type();
+        assert!(JOB_TYPES.contains(&t), "{t} is in the catalogue");
+        let ex = example(t);
+        let op = parse(kind, ex.clone(), &cfg)
+            .unwrap_or_else(|e| panic!("worker rejects {t}.example.json: {e}"));
+        assert_eq!(
+            op.request_id().0.to_string(),
+            ex["request_id"].as_str().expect("example has a request_id"),
+            "{t}"
+        );
+        match (&op, kind) {
+            (LedgerOp::Consume { amount, .. }, LedgerJobKind::Consume)
+            | (LedgerOp::Grant { amount, .. }, LedgerJobKind::Grant)
+            | (LedgerOp::Hold { amount, .. }, LedgerJobKind::Hold)
+            | (LedgerOp::Settle { amount, .. }, LedgerJobKind::Settle) => {
+                assert_eq!(Some(amount.get()), ex["amount"].as_i64(), "{t} amount");
+            }
+            (LedgerOp::Release { hold_id, .. }, LedgerJobKind::Release) => {
+                assert_eq!(Some(hold_id.0.to_string().as_str()), ex["hold_id"].as_str());
+            }
+            (op, kind) => panic!("{kind:?} parsed into the wrong operation: {op:?}"),
+        }
+    }
+}
+
+/// Payloads the schemas reject are rejected by the worker's parser as well, so schema and
+/// worker agree on both sides of the line.
+#[test]
+fn worker_parser_rejects_what_the_schemas_reject() {
+    use tokenwarden::ledger::jobs::{LedgerJobKind, parse};
+
+    let cfg = ledger_config();
+    let cases: Vec<(LedgerJobKind, Value)> = vec![
+        (
+            LedgerJobKind::Consume,
+            variant("consume_tokens", |m| {
+                m.insert("surprise".into(), json!(1));
+            }),
+        ),
+        (
+            LedgerJobKind::Consume,
+            variant("consume_tokens", |m| {
+                m.insert("amount".into(), json!(0));
+            }),
+        ),
+        (
+            LedgerJobKind::Consume,
+            variant("consume_tokens", |m| {
+                m.insert("operation_type".into(), json!("x".repeat(101)));
+            }),
+        ),
+        (
+            LedgerJobKind::Grant,
+            variant("grant_tokens", |m| {
+                m.remove("reason");
+            }),
+        ),
+        (
+            LedgerJobKind::Hold,
+            variant("hold_tokens", |m| {
+                m.insert("ttl_secs".into(), json!(0));
+            }),
+        ),
+        (
+            LedgerJobKind::Settle,
+            variant("settle_hold", |m| {
+                m.insert("amount".into(), json!(-1));
+            }),
+        ),
+        (
+            LedgerJobKind::Release,
+            variant("release_hold", |m| {
+                m.insert("hold_id".into(), json!(42));
+            }),
+        ),
+    ];
+    for (kind, payload) in cases {
+        assert!(
+            !errors(kind.job_type(), &payload).is_empty(),
+            "schema accepts {payload}"
+        );
+        assert!(
+            parse(kind, payload.clone(), &cfg).is_err(),
+            "worker accepts {payload}"
+        );
+    }
+}
