@@ -24,8 +24,10 @@ CREATE TABLE public.scheduler_ticks (
 
 CREATE INDEX scheduler_ticks_claimed_at_idx ON public.scheduler_ticks (claimed_at);
 
--- Operator data: no policy, so only the worker (table owner) reads and writes it.
+-- Operator data: no policy, so only the worker (table owner) reads and writes it. Supabase's
+-- default privileges grant public tables to the API roles; take them back as well.
 ALTER TABLE public.scheduler_ticks ENABLE ROW LEVEL SECURITY;
+REVOKE ALL ON public.scheduler_ticks FROM anon, authenticated, service_role;
 
 -- The seed's `detect_high_frequency_requests`: how many ledger requests `p_user_id` made in the
 -- last `p_time_window`, and whether that reaches `p_threshold`. Counts consumption-type

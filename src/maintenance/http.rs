@@ -196,13 +196,21 @@ async fn check_chain(s: &OpsState, chain: &crate::chain::ChainConfig, timeout: D
     let Some(checkpoint) = checkpoint else {
         return Check::fail(name, format!("head {head}, indexer has no checkpoint yet"));
     };
-    let lag = head.saturating_sub(u64::try_from(checkpoint).unwrap_or(0));
-    let detail = format!("head {head}, checkpoint {checkpoint}, lag {lag} (max {max_lag})");
-    if lag > max_lag {
-        Check::fail(name, detail)
-    } else {
+    let (ok, detail) = assess_lag(head, checkpoint, max_lag);
+    if ok {
         Check::ok(name, Some(detail))
+    } else {
+        Check::fail(name, detail)
     }
+}
+
+/// Whether an indexer at `checkpoint` keeps up with `head`, and the figures for the body.
+fn assess_lag(head: u64, checkpoint: i64, max_lag: u64) -> (bool, String) {
+    let lag = head.saturating_sub(u64::try_from(checkpoint).unwrap_or(0));
+    (
+        lag <= max_lag,
+        format!("head {head}, checkpoint {checkpoint}, lag {lag} (max {max_lag})"),
+    )
 }
 
 /// Plain JSON-RPC `eth_blockNumber` (hand-written: one request with the shared client and
@@ -229,4 +237,18 @@ async fn eth_block_number(http: &reqwest::Client, url: &str) -> Result<u64, Stri
         .ok_or_else(|| format!("no result in reply: {body}"))?;
     u64::from_str_radix(hex.trim_start_matches("0x"), 16)
         .map_err(|e| format!("bad block number {hex:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::assess_lag;
+
+    #[test]
+    fn lag_at_the_threshold_is_ready_above_it_is_not() {
+        assert!(assess_lag(110, 10, 100).0);
+        assert!(!assess_lag(111, 10, 100).0);
+        // A checkpoint ahead of a lagging RPC node is no lag.
+        assert!(assess_lag(5, 10, 0).0);
+        assert!(assess_lag(111, 10, 100).1.contains("lag 101"));
+    }
 }

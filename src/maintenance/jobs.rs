@@ -115,8 +115,7 @@ impl Prune {
 
     /// Runs every pruning step once.
     pub async fn run(&self) -> Result<PruneReport, JobError> {
-        let mut report = PruneReport::default();
-        report.dead_letters_deleted = sqlx::query(
+        let dead_letters_deleted = sqlx::query(
             "DELETE FROM public.dead_letters \
              WHERE created_at < now() - make_interval(days => $1)",
         )
@@ -125,16 +124,23 @@ impl Prune {
         .await
         .map_err(retryable("delete old dead letters"))?
         .rows_affected();
-        report.ticks_deleted = sqlx::query(
-            "DELETE FROM public.scheduler_ticks \
-             WHERE claimed_at < now() - make_interval(days => $1) \
-               AND status NOT IN ('claimed', 'running')",
+        // Each job's latest tick stays: the scheduler's catch-up after downtime starts from it.
+        let ticks_deleted = sqlx::query(
+            "DELETE FROM public.scheduler_ticks t \
+             WHERE t.claimed_at < now() - make_interval(days => $1) \
+               AND t.scheduled_at < (SELECT max(l.scheduled_at) FROM public.scheduler_ticks l \
+                                      WHERE l.job = t.job)",
         )
         .bind(self.retention.ticks_days as i32)
         .execute(&self.pool)
         .await
         .map_err(retryable("delete old scheduler ticks"))?
         .rows_affected();
+        let mut report = PruneReport {
+            dead_letters_deleted,
+            ticks_deleted,
+            ..PruneReport::default()
+        };
         let mut conn = self.redis.clone();
         for stream in job_streams(&mut conn, &self.prefix).await? {
             let cutoff = now_ms().saturating_sub(self.retention.stream_entries_secs * 1000);

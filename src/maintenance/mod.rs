@@ -281,3 +281,51 @@ impl MaintenanceJobs {
         ]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn load(pairs: &[(&str, &str)]) -> Result<Config, crate::config::ConfigError> {
+        Config::load_with_env(
+            None,
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn default_schedules_parse_and_empty_disables() {
+        let cfg = load(&[("TOKENWARDEN__MAINTENANCE__SCHEDULES__PRUNE", "")]).expect("valid");
+        assert!(
+            cfg.maintenance
+                .schedules
+                .schedule("cleanup_locks")
+                .is_some()
+        );
+        assert!(cfg.maintenance.schedules.schedule("prune").is_none());
+    }
+
+    #[test]
+    fn bad_cron_names_the_key() {
+        let err = load(&[(
+            "TOKENWARDEN__MAINTENANCE__SCHEDULES__CLEANUP_LOCKS",
+            "every minute",
+        )])
+        .expect_err("not cron");
+        assert!(
+            err.to_string()
+                .contains("maintenance.schedules.cleanup_locks"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn severity_is_checked() {
+        let err = load(&[(
+            "TOKENWARDEN__MAINTENANCE__ANOMALIES__REQUEST_BURST__SEVERITY",
+            "panic",
+        )])
+        .expect_err("unknown severity");
+        assert!(err.to_string().contains("severity"), "{err}");
+    }
+}

@@ -183,21 +183,29 @@ async fn tick_loop(
     loop {
         let now = Utc::now();
         if let Some((tick, missed)) = latest_due(&schedule, last, now) {
-            last = tick;
-            if missed > 0 {
-                tracing::info!(job, %tick, missed, "folding missed ticks into one run");
-                metrics::counter!("tokenwarden_scheduler_missed_ticks_total", "job" => job)
-                    .increment(u64::from(missed));
-            }
             match claim(&pool, job, tick, &replica, missed).await {
                 Ok(true) => {
+                    last = tick;
+                    if missed > 0 {
+                        tracing::info!(job, %tick, missed, "folding missed ticks into one run");
+                        metrics::counter!("tokenwarden_scheduler_missed_ticks_total", "job" => job)
+                            .increment(u64::from(missed));
+                    }
                     let run = run_tick(pool.clone(), handler.clone(), tick, replica.clone());
                     runs.spawn(run).await;
                 }
-                Ok(false) => tracing::debug!(job, %tick, "tick claimed by another replica"),
+                Ok(false) => {
+                    last = tick;
+                    tracing::debug!(job, %tick, "tick claimed by another replica");
+                }
                 Err(e) => {
-                    // The tick is lost for this replica; another may claim it. Never stop.
-                    tracing::error!(job, %tick, error = %e, "cannot claim tick");
+                    // Postgres unreachable: keep `last`, retry shortly. Ticks that fall due
+                    // meanwhile are folded into one run once the claim succeeds again.
+                    tracing::error!(job, %tick, error = %e, "cannot claim tick; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
                 }
             }
             continue;
