@@ -70,7 +70,11 @@ impl Model {
             let b = self.pick();
             let bal_a = self.bal(&a);
             let op = match kind {
-                0 | 1 => (Address::ZERO, a, U256::from(self.rng.random_range(1u64..1_000_000_000_000))),
+                0 | 1 => (
+                    Address::ZERO,
+                    a,
+                    U256::from(self.rng.random_range(1u64..1_000_000_000_000)),
+                ),
                 2 if !bal_a.is_zero() => (a, Address::ZERO, amount_upto(&mut self.rng, bal_a)),
                 3 if !bal_a.is_zero() => (a, a, amount_upto(&mut self.rng, bal_a)),
                 4 => (a, b, U256::ZERO),
@@ -290,7 +294,10 @@ async fn assert_exact(env: &TestEnv, anvil: &Anvil, model: &Model) {
         .collect();
     for i in 1..=NFT_IDS + 200 {
         let id = U256::from(i);
-        let chain = anvil.owner_of(model.nft, id).await.map(|a| format!("{a:#x}"));
+        let chain = anvil
+            .owner_of(model.nft, id)
+            .await
+            .map(|a| format!("{a:#x}"));
         assert_eq!(stored.get(&id).cloned(), chain, "owner of NFT {i}");
     }
 }
@@ -340,7 +347,10 @@ async fn random_histories_backfill_and_head_are_exact() {
     let indexer = InProc::start(cfg.clone()).await;
     wait_synced(&env, &anvil, Duration::from_secs(60)).await;
     assert_exact(&env, &anvil, &model).await;
-    assert_eq!(stored_transfer_count(&env).await, chain_log_count(&anvil, &model).await);
+    assert_eq!(
+        stored_transfer_count(&env).await,
+        chain_log_count(&anvil, &model).await
+    );
 
     // Token metadata was read from the chain.
     let (decimals, symbol): (Option<i32>, Option<String>) = sqlx::query_as(
@@ -367,7 +377,12 @@ async fn random_histories_backfill_and_head_are_exact() {
         "{}:holding:{CHAIN_ID}:{:#x}:{:#x}",
         env.redis_prefix, model.erc20, target
     );
-    let _: () = redis::cmd("SET").arg(&key).arg("cached").query_async(&mut redis).await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("cached")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
     let op = (Address::ZERO, target, U256::from(5u8));
     model.apply20(op);
     anvil.send(model.erc20, Anvil::erc20_batch(&[op])).await;
@@ -376,8 +391,14 @@ async fn random_histories_backfill_and_head_are_exact() {
         let mut stream = pubsub.on_message();
         loop {
             let m = stream.next().await.expect("pubsub message");
-            let v: serde_json::Value = serde_json::from_str(&m.get_payload::<String>().unwrap()).unwrap();
-            if v["holders"].as_array().unwrap().iter().any(|h| h == &format!("{target:#x}")) {
+            let v: serde_json::Value =
+                serde_json::from_str(&m.get_payload::<String>().unwrap()).unwrap();
+            if v["holders"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|h| h == &format!("{target:#x}"))
+            {
                 return v;
             }
         }
@@ -390,7 +411,11 @@ async fn random_histories_backfill_and_head_are_exact() {
         let mut r = redis.clone();
         let key = key.clone();
         async move {
-            let exists: i64 = redis::cmd("EXISTS").arg(&key).query_async(&mut r).await.ok()?;
+            let exists: i64 = redis::cmd("EXISTS")
+                .arg(&key)
+                .query_async(&mut r)
+                .await
+                .ok()?;
             (exists == 0).then_some(())
         }
     })
@@ -403,13 +428,17 @@ async fn random_histories_backfill_and_head_are_exact() {
         wait_synced(&env, &anvil, Duration::from_secs(30)).await;
         assert_exact(&env, &anvil, &model).await;
     }
-    assert_eq!(stored_transfer_count(&env).await, chain_log_count(&anvil, &model).await);
+    assert_eq!(
+        stored_transfer_count(&env).await,
+        chain_log_count(&anvil, &model).await
+    );
     indexer.stop().await;
 
     // Reconciliation agrees, and finds a tampered balance.
-    let report = tokenwarden::chain::cli::reconcile(&env.pool, &cfg.chain.chains[0], &cfg.chain.tokens)
-        .await
-        .unwrap();
+    let report =
+        tokenwarden::chain::cli::reconcile(&env.pool, &cfg.chain.chains[0], &cfg.chain.tokens)
+            .await
+            .unwrap();
     assert!(report.checked > 10, "{report:?}");
     assert!(report.mismatches.is_empty(), "{report:?}");
     sqlx::query("UPDATE token_balances SET balance = balance + 1 WHERE holder = $1")
@@ -417,9 +446,10 @@ async fn random_histories_backfill_and_head_are_exact() {
         .execute(&env.pool)
         .await
         .unwrap();
-    let report = tokenwarden::chain::cli::reconcile(&env.pool, &cfg.chain.chains[0], &cfg.chain.tokens)
-        .await
-        .unwrap();
+    let report =
+        tokenwarden::chain::cli::reconcile(&env.pool, &cfg.chain.chains[0], &cfg.chain.tokens)
+            .await
+            .unwrap();
     assert_eq!(report.mismatches.len(), 1, "{report:?}");
 }
 
@@ -443,10 +473,16 @@ async fn reorg(anvil: &Anvil, model: &mut Model, depth: u64, salt: u64) {
             (h, model.pick(), U256::from(1u8)),
             (h, h, U256::ZERO),
         ];
-        pairs.push(serde_json::json!([reorg_tx(anvil, model.erc20, Anvil::erc20_batch(&ops20)), j]));
+        pairs.push(serde_json::json!([
+            reorg_tx(anvil, model.erc20, Anvil::erc20_batch(&ops20)),
+            j
+        ]));
         let id = U256::from(NFT_IDS + 1 + salt * 10 + j);
         let ops721 = vec![(Address::ZERO, h, id), (h, model.pick(), id)];
-        pairs.push(serde_json::json!([reorg_tx(anvil, model.nft, Anvil::erc721_batch(&ops721)), j]));
+        pairs.push(serde_json::json!([
+            reorg_tx(anvil, model.nft, Anvil::erc721_batch(&ops721)),
+            j
+        ]));
     }
     anvil
         .raw("anvil_reorg", serde_json::json!([depth, pairs]))
@@ -480,7 +516,10 @@ async fn reorgs_of_depth_1_to_5_at_the_head_are_undone_exactly() {
         assert_eq!(before.0, after.0, "same height after anvil_reorg");
         assert_ne!(before.1, after.1, "the indexer followed the new branch");
         assert_exact(&env, &anvil, &model).await;
-        assert_eq!(stored_transfer_count(&env).await, chain_log_count(&anvil, &model).await);
+        assert_eq!(
+            stored_transfer_count(&env).await,
+            chain_log_count(&anvil, &model).await
+        );
         // Then the chain goes on.
         model.random_tx(&anvil, 8).await;
         wait_synced(&env, &anvil, Duration::from_secs(30)).await;
@@ -512,7 +551,10 @@ async fn reorg_while_stopped_is_caught_at_start() {
     wait_synced(&env, &anvil, Duration::from_secs(30)).await;
     assert_ne!(checkpoint(&env).await.unwrap().1, stale.1);
     assert_exact(&env, &anvil, &model).await;
-    assert_eq!(stored_transfer_count(&env).await, chain_log_count(&anvil, &model).await);
+    assert_eq!(
+        stored_transfer_count(&env).await,
+        chain_log_count(&anvil, &model).await
+    );
     indexer.stop().await;
 }
 
@@ -543,13 +585,17 @@ async fn reorg_deeper_than_the_window_stops_the_indexer_without_touching_balance
     let before = snapshot(&env).await;
     let cp_before = checkpoint(&env).await.unwrap();
     reorg(&anvil, &mut model, 5, 9).await;
-    let reason: String = wait_until(Duration::from_secs(30), "deep reorg recorded as a fault", || async {
-        sqlx::query_scalar("SELECT reason FROM chain_indexer_faults WHERE chain_id = $1")
-            .bind(CHAIN_ID as i64)
-            .fetch_optional(&env.pool)
-            .await
-            .unwrap()
-    })
+    let reason: String = wait_until(
+        Duration::from_secs(30),
+        "deep reorg recorded as a fault",
+        || async {
+            sqlx::query_scalar("SELECT reason FROM chain_indexer_faults WHERE chain_id = $1")
+                .bind(CHAIN_ID as i64)
+                .fetch_optional(&env.pool)
+                .await
+                .unwrap()
+        },
+    )
     .await;
     assert!(reason.contains("deeper than reorg_depth"), "{reason}");
     // The task ends by itself; nothing was changed.
@@ -625,7 +671,8 @@ mod fault_proxy {
                 st.counts.rate_limited.fetch_add(1, Ordering::SeqCst);
                 let mut r = (StatusCode::TOO_MANY_REQUESTS, "slow down").into_response();
                 let after = if n % 39 == 3 { "1" } else { "0" };
-                r.headers_mut().insert("retry-after", HeaderValue::from_static(after));
+                r.headers_mut()
+                    .insert("retry-after", HeaderValue::from_static(after));
                 return r;
             }
             6 if n % 26 == 6 => {
@@ -682,7 +729,10 @@ async fn rpc_faults_do_not_change_the_result() {
     }
     wait_synced(&env, &anvil, Duration::from_secs(60)).await;
     assert_exact(&env, &anvil, &model).await;
-    assert_eq!(stored_transfer_count(&env).await, chain_log_count(&anvil, &model).await);
+    assert_eq!(
+        stored_transfer_count(&env).await,
+        chain_log_count(&anvil, &model).await
+    );
     indexer.stop().await;
     for (what, c) in [
         ("429", &counts.rate_limited),
@@ -732,7 +782,12 @@ async fn sigkill_between_fetch_and_commit_loses_and_duplicates_nothing() {
         model.random_tx(&anvil, 25).await;
     }
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(&dir, &anvil.url, &model, "max_block_range = 1\nfetch_concurrency = 2");
+    let cfg = write_config(
+        &dir,
+        &anvil.url,
+        &model,
+        "max_block_range = 1\nfetch_concurrency = 2",
+    );
     let mut kills = 0;
     let mut last = None;
     while kills < 6 {
@@ -755,7 +810,10 @@ async fn sigkill_between_fetch_and_commit_loses_and_duplicates_nothing() {
     let _child = Child::spawn(&env, &["--config", &cfg, "run"], &[]);
     wait_synced(&env, &anvil, Duration::from_secs(60)).await;
     assert_exact(&env, &anvil, &model).await;
-    assert_eq!(stored_transfer_count(&env).await, chain_log_count(&anvil, &model).await);
+    assert_eq!(
+        stored_transfer_count(&env).await,
+        chain_log_count(&anvil, &model).await
+    );
 }
 
 async fn leader_pid(env: &TestEnv) -> Option<u32> {
@@ -782,11 +840,21 @@ async fn a_standby_replica_takes_over_within_ten_seconds() {
     let mut b = Some(Child::spawn(&env, &["--config", &cfg, "run"], &[]));
     wait_synced(&env, &anvil, Duration::from_secs(60)).await;
     assert_exact(&env, &anvil, &model).await;
-    let leader = wait_until(Duration::from_secs(10), "a leader holds the lease", || leader_pid(&env)).await;
+    let leader = wait_until(Duration::from_secs(10), "a leader holds the lease", || {
+        leader_pid(&env)
+    })
+    .await;
     let a_pid = a.as_ref().unwrap().0.id();
     let b_pid = b.as_ref().unwrap().0.id();
-    assert!(leader == a_pid || leader == b_pid, "leader {leader} is one of the replicas");
-    let mut dead = if leader == a_pid { a.take().unwrap() } else { b.take().unwrap() };
+    assert!(
+        leader == a_pid || leader == b_pid,
+        "leader {leader} is one of the replicas"
+    );
+    let mut dead = if leader == a_pid {
+        a.take().unwrap()
+    } else {
+        b.take().unwrap()
+    };
     dead.signal("KILL");
     dead.wait_exit(Duration::from_secs(10));
     let killed_at = Instant::now();
@@ -794,10 +862,17 @@ async fn a_standby_replica_takes_over_within_ten_seconds() {
         model.random_tx(&anvil, 10).await;
     }
     wait_synced(&env, &anvil, Duration::from_secs(10)).await;
-    assert!(killed_at.elapsed() < Duration::from_secs(10), "takeover took {:?}", killed_at.elapsed());
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(10),
+        "takeover took {:?}",
+        killed_at.elapsed()
+    );
     let new_leader = leader_pid(&env).await.expect("new leader");
     assert_ne!(new_leader, leader);
     assert_exact(&env, &anvil, &model).await;
-    assert_eq!(stored_transfer_count(&env).await, chain_log_count(&anvil, &model).await);
+    assert_eq!(
+        stored_transfer_count(&env).await,
+        chain_log_count(&anvil, &model).await
+    );
     let _ = B256::ZERO;
 }

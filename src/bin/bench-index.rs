@@ -76,10 +76,18 @@ async fn main() -> Res<()> {
     };
 
     // 1. anvil and the history.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let _anvil = Killed(
         std::process::Command::new(a.root.join("node_modules/.bin/anvil"))
-            .args(["--port", &port.to_string(), "--host", "127.0.0.1", "--silent"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--host",
+                "127.0.0.1",
+                "--silent",
+            ])
             .args(["--gas-limit", "1000000000"])
             .stdout(std::process::Stdio::null())
             .spawn()?,
@@ -98,7 +106,11 @@ async fn main() -> Res<()> {
     let deploy = TransactionRequest::default()
         .from(sender)
         .with_deploy_code(Bytes::from(hex::decode(code.trim())?));
-    let receipt = provider.send_transaction(deploy).await?.get_receipt().await?;
+    let receipt = provider
+        .send_transaction(deploy)
+        .await?
+        .get_receipt()
+        .await?;
     let token = receipt.contract_address.ok_or("no contract address")?;
     let deploy_block = receipt.block_number.ok_or("no block number")?;
     let base = U160::from(0x10_0000u64);
@@ -165,7 +177,10 @@ async fn main() -> Res<()> {
     drop(v);
 
     // 3. A fresh database and the worker.
-    let db_name = format!("tw_bench_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let db_name = format!(
+        "tw_bench_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
     let admin = sqlx::PgPool::connect(&a.db_admin).await?;
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
         .execute(&admin)
@@ -249,13 +264,19 @@ start_block = {deploy_block}
         report.mismatches.len()
     );
     if !report.mismatches.is_empty() || report.checked as u64 != a.holders {
-        return Err(format!("balances are not exact: {:?}", &report.mismatches[..report.mismatches.len().min(5)]).into());
+        return Err(format!(
+            "balances are not exact: {:?}",
+            &report.mismatches[..report.mismatches.len().min(5)]
+        )
+        .into());
     }
 
     // 4. Head lag at one block per second.
     let client = redis::Client::open(a.redis.as_str())?;
     let mut pubsub = client.get_async_pubsub().await?;
-    pubsub.subscribe(format!("{prefix}:balance_changes")).await?;
+    pubsub
+        .subscribe(format!("{prefix}:balance_changes"))
+        .await?;
     let mut messages = pubsub.on_message();
     let mut hist = hdrhistogram::Histogram::<u64>::new(3)?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -297,9 +318,11 @@ start_block = {deploy_block}
     );
     drop(worker);
     pool.close().await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")))
-        .execute(&admin)
-        .await;
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"
+    )))
+    .execute(&admin)
+    .await;
     let _ = std::fs::remove_dir_all(&dir);
     let _: Address = Address::ZERO;
     Ok(())

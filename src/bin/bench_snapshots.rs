@@ -37,8 +37,14 @@ async fn holders_page(
     Path((_chain, token)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> impl IntoResponse {
-    let size: u64 = q.get("page-size").and_then(|s| s.parse().ok()).unwrap_or(100);
-    let page: u64 = q.get("page-number").and_then(|s| s.parse().ok()).unwrap_or(0);
+    let size: u64 = q
+        .get("page-size")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100);
+    let page: u64 = q
+        .get("page-number")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let start = page * size;
     let end = (start + size).min(m.holders);
     let mut body = String::with_capacity(((end.saturating_sub(start)) as usize) * 420 + 512);
@@ -149,12 +155,11 @@ async fn main() -> anyhow::Result<()> {
         outcome.holder_count == Some(holders as i64),
         "crawl did not store every holder: {outcome:?}"
     );
-    let stored: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM public.snapshot_holders WHERE snapshot_id = $1",
-    )
-    .bind(outcome.snapshot_id)
-    .fetch_one(&pool)
-    .await?;
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM public.snapshot_holders WHERE snapshot_id = $1")
+            .bind(outcome.snapshot_id)
+            .fetch_one(&pool)
+            .await?;
     pool.close().await;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE IF EXISTS {db} WITH (FORCE)"

@@ -81,7 +81,11 @@ pub async fn run(cmd: IndexCommand, cfg: &crate::config::Config) -> Result<(), C
                     report.block.map_or("-".to_string(), |b| b.to_string()),
                     report.checked,
                     report.mismatches.len(),
-                    if report.multicall { "Multicall3" } else { "eth_call" }
+                    if report.multicall {
+                        "Multicall3"
+                    } else {
+                        "eth_call"
+                    }
                 );
                 for m in &report.mismatches {
                     println!("MISMATCH {m}");
@@ -307,11 +311,19 @@ async fn via_multicall(
         if results.len() != chunk.len() {
             return Err(RpcError::InvalidReply {
                 method: "eth_call",
-                message: format!("Multicall3 returned {} results for {}", results.len(), chunk.len()),
+                message: format!(
+                    "Multicall3 returned {} results for {}",
+                    results.len(),
+                    chunk.len()
+                ),
             }
             .into());
         }
-        out.extend(results.into_iter().map(|r| r.success.then_some(r.returnData)));
+        out.extend(
+            results
+                .into_iter()
+                .map(|r| r.success.then_some(r.returnData)),
+        );
     }
     Ok(out)
 }

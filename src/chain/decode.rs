@@ -53,7 +53,9 @@ pub enum DecodeError {
     Missing(&'static str),
     #[error("log from {0} is not a tracked token")]
     Untracked(Address),
-    #[error("log of {token} at block {block} index {index} does not match {standard:?} Transfer: {reason}")]
+    #[error(
+        "log of {token} at block {block} index {index} does not match {standard:?} Transfer: {reason}"
+    )]
     Shape {
         token: Address,
         block: u64,
@@ -70,7 +72,9 @@ pub fn decode(
     log: &Log,
     tokens: &HashMap<Address, TokenStandard>,
 ) -> Result<Option<TransferRow>, DecodeError> {
-    let block_number = log.block_number.ok_or(DecodeError::Missing("blockNumber"))?;
+    let block_number = log
+        .block_number
+        .ok_or(DecodeError::Missing("blockNumber"))?;
     if log.removed {
         return Err(DecodeError::Removed(block_number));
     }
@@ -93,7 +97,8 @@ pub fn decode(
     };
     let (from, to, value, token_id) = match standard {
         TokenStandard::Erc20 => {
-            let t = IERC20::Transfer::decode_log_data(log.data()).map_err(|e| shape(e.to_string()))?;
+            let t =
+                IERC20::Transfer::decode_log_data(log.data()).map_err(|e| shape(e.to_string()))?;
             (t.from, t.to, t.value, None)
         }
         TokenStandard::Erc721 => {

@@ -105,7 +105,11 @@ pub async fn run_chain(p: IndexerParams) {
                 Err(IndexerError::Stopped(reason)) => {
                     metrics::gauge!("tokenwarden_indexer_stopped", "chain_id" => label.clone())
                         .set(1.0);
-                    tracing::error!(chain_id, reason, "chain indexer is stopped by a recorded fault (chain_indexer_faults); not indexing");
+                    tracing::error!(
+                        chain_id,
+                        reason,
+                        "chain indexer is stopped by a recorded fault (chain_indexer_faults); not indexing"
+                    );
                     lease.release().await;
                     return;
                 }
@@ -177,7 +181,9 @@ impl Indexer {
             configured: p.tokens.clone(),
             standards: Arc::new(standards),
             token_list,
-            base_filter: Filter::new().address(addresses).event_signature(TRANSFER_TOPIC),
+            base_filter: Filter::new()
+                .address(addresses)
+                .event_signature(TRANSFER_TOPIC),
             start_block,
             redis: p.redis.clone(),
             prefix: p.redis_prefix.clone(),
@@ -255,7 +261,11 @@ impl Indexer {
 
     async fn wait_for_block(&self) {
         let poll = Duration::from_millis(self.chain.poll_interval_ms);
-        let wait = if self.ws_task.is_some() { poll * 5 } else { poll };
+        let wait = if self.ws_task.is_some() {
+            poll * 5
+        } else {
+            poll
+        };
         tokio::select! {
             _ = self.cancel.cancelled() => {}
             _ = self.wake.notified() => {}
@@ -316,7 +326,11 @@ impl Indexer {
 
     /// Finds the newest stored block still on the chain (below `detected_at`) and undoes every
     /// committed block after it.
-    async fn handle_reorg(&mut self, lease: &mut Lease, detected_at: u64) -> Result<(), IndexerError> {
+    async fn handle_reorg(
+        &mut self,
+        lease: &mut Lease,
+        detected_at: u64,
+    ) -> Result<(), IndexerError> {
         let chain_id = self.chain_id();
         let depth = self.chain.reorg_depth;
         let Some(cp) = self.cp else { return Ok(()) };
@@ -343,16 +357,14 @@ impl Indexer {
             });
         };
         let fork = base.map_or(self.start_block, |b| b.number + 1);
-        tracing::warn!(chain_id, fork, undone = cp.number + 1 - fork, "reorg: undoing dropped blocks");
-        let changes = sink::undo_from(
-            lease.conn(),
+        tracing::warn!(
             chain_id,
-            &self.token_list,
             fork,
-            base,
-            depth,
-        )
-        .await?;
+            undone = cp.number + 1 - fork,
+            "reorg: undoing dropped blocks"
+        );
+        let changes =
+            sink::undo_from(lease.conn(), chain_id, &self.token_list, fork, base, depth).await?;
         metrics::counter!("tokenwarden_indexer_reorgs_total", "chain_id" => self.label.clone())
             .increment(1);
         self.cp = base;
@@ -362,7 +374,12 @@ impl Indexer {
 
     /// Indexes block `n` at the head. Returns false when the loop must re-evaluate (reorg
     /// handled, or the block is not there).
-    async fn step_block(&mut self, lease: &mut Lease, n: u64, head: u64) -> Result<bool, IndexerError> {
+    async fn step_block(
+        &mut self,
+        lease: &mut Lease,
+        n: u64,
+        head: u64,
+    ) -> Result<bool, IndexerError> {
         let Some(h) = self.rpc.header(n).await? else {
             return Ok(false);
         };
@@ -381,7 +398,10 @@ impl Indexer {
                 if r.block_hash != h.hash {
                     return Err(RpcError::InvalidReply {
                         method: "eth_getLogs",
-                        message: format!("log of block {n} has hash {} not {}", r.block_hash, h.hash),
+                        message: format!(
+                            "log of block {n} has hash {} not {}",
+                            r.block_hash, h.hash
+                        ),
                     }
                     .into());
                 }
@@ -408,7 +428,12 @@ impl Indexer {
         decode_in_range(log, &self.standards, from, to, &self.label)
     }
 
-    async fn commit(&mut self, lease: &mut Lease, batch: Batch, head: u64) -> Result<(), IndexerError> {
+    async fn commit(
+        &mut self,
+        lease: &mut Lease,
+        batch: Batch,
+        head: u64,
+    ) -> Result<(), IndexerError> {
         let expected = self.cp.map(|c| c.number);
         let expected_from = expected.map_or(self.start_block, |n| n + 1);
         if batch.from_block != expected_from {
@@ -439,12 +464,19 @@ impl Indexer {
 
     /// Backfills `[from, to]` (all below the reorg window): ranges fetched concurrently,
     /// committed in order.
-    async fn backfill(&mut self, lease: &mut Lease, from: u64, to: u64, head: u64) -> Result<(), IndexerError> {
+    async fn backfill(
+        &mut self,
+        lease: &mut Lease,
+        from: u64,
+        to: u64,
+        head: u64,
+    ) -> Result<(), IndexerError> {
         let started = Instant::now();
         let mut last_report = Instant::now();
         let mut logs_done = 0u64;
         let mut next = from;
-        let mut inflight: VecDeque<AbortOnDropHandle<Result<Batch, IndexerError>>> = VecDeque::new();
+        let mut inflight: VecDeque<AbortOnDropHandle<Result<Batch, IndexerError>>> =
+            VecDeque::new();
         tracing::info!(chain_id = self.chain_id(), from, to, "backfill started");
         loop {
             while inflight.len() < self.chain.fetch_concurrency && next <= to {
@@ -467,8 +499,12 @@ impl Indexer {
                 inflight.push_back(AbortOnDropHandle::new(tokio::spawn(job.fetch(next, end))));
                 next = end + 1;
             }
-            let Some(task) = inflight.pop_front() else { break };
-            let batch = task.await.map_err(|e| IndexerError::Task(e.to_string()))??;
+            let Some(task) = inflight.pop_front() else {
+                break;
+            };
+            let batch = task
+                .await
+                .map_err(|e| IndexerError::Task(e.to_string()))??;
             logs_done += batch.rows.len() as u64;
             let at = batch.last.number;
             self.commit(lease, batch, head).await?;
@@ -479,7 +515,10 @@ impl Indexer {
                     chain_id = self.chain_id(),
                     block = at,
                     to,
-                    percent = format!("{:.1}", (at - from + 1) as f64 * 100.0 / (to - from + 1) as f64),
+                    percent = format!(
+                        "{:.1}",
+                        (at - from + 1) as f64 * 100.0 / (to - from + 1) as f64
+                    ),
                     logs = logs_done,
                     logs_per_sec = (logs_done as f64 / secs) as u64,
                     "backfill progress"
@@ -509,7 +548,10 @@ fn decode_in_range(
             if r.block_number < from || r.block_number > to {
                 return Err(RpcError::InvalidReply {
                     method: "eth_getLogs",
-                    message: format!("log of block {} outside asked range {from}..={to}", r.block_number),
+                    message: format!(
+                        "log of block {} outside asked range {from}..={to}",
+                        r.block_number
+                    ),
                 }
                 .into());
             }
@@ -556,7 +598,9 @@ impl FetchJob {
             match self.rpc.logs_once(&filter).await {
                 Ok(logs) => {
                     for log in &logs {
-                        if let Some(r) = decode_in_range(log, &self.standards, cur, end, &self.label)? {
+                        if let Some(r) =
+                            decode_in_range(log, &self.standards, cur, end, &self.label)?
+                        {
                             rows.push(r);
                         }
                     }
@@ -574,7 +618,9 @@ impl FetchJob {
                     }
                     match &e {
                         RpcError::RangeLimit { suggested, .. } => {
-                            let n = suggested.unwrap_or(span / 2).clamp(1, span.saturating_sub(1).max(1));
+                            let n = suggested
+                                .unwrap_or(span / 2)
+                                .clamp(1, span.saturating_sub(1).max(1));
                             self.range.store(n, Ordering::Relaxed);
                             if let Some(s) = suggested {
                                 self.cap.fetch_min((*s).max(1), Ordering::Relaxed);
@@ -614,7 +660,10 @@ impl FetchJob {
         {
             return Err(RpcError::InvalidReply {
                 method: "eth_getLogs",
-                message: format!("log of block {to} has hash {} but the block is {}", bad.block_hash, header.hash),
+                message: format!(
+                    "log of block {to} has hash {} but the block is {}",
+                    bad.block_hash, header.hash
+                ),
             }
             .into());
         }

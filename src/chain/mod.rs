@@ -147,8 +147,7 @@ impl ChainSection {
                     "must be at least 1",
                 ));
             }
-            if c.fetch_concurrency == 0 || c.target_logs_per_request == 0 || c.rpc_timeout_ms == 0
-            {
+            if c.fetch_concurrency == 0 || c.target_logs_per_request == 0 || c.rpc_timeout_ms == 0 {
                 return Err(ConfigError::invalid(
                     format!("chain.chains[{i}]"),
                     "fetch_concurrency, target_logs_per_request and rpc_timeout_ms must be > 0",
@@ -181,9 +180,10 @@ impl ChainSection {
                     format!("not a 0x-prefixed 20-byte hex address: {:?}", t.address),
                 ));
             }
-            if self.tokens[..i].iter().any(|o| {
-                o.chain_id == t.chain_id && o.address.eq_ignore_ascii_case(&t.address)
-            }) {
+            if self.tokens[..i]
+                .iter()
+                .any(|o| o.chain_id == t.chain_id && o.address.eq_ignore_ascii_case(&t.address))
+            {
                 return Err(ConfigError::invalid(
                     format!("chain.tokens[{i}].address"),
                     format!("token {} is configured twice", t.address),

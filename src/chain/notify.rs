@@ -28,12 +28,18 @@ pub fn holding_key(prefix: &str, chain_id: u64, token: &str, holder: &str) -> St
 }
 
 /// Publishes `changes` and deletes the cache keys of the changed holders.
-pub async fn announce(redis: &mut ConnectionManager, prefix: &str, chain_id: u64, changes: &Changes) {
+pub async fn announce(
+    redis: &mut ConnectionManager,
+    prefix: &str,
+    chain_id: u64,
+    changes: &Changes,
+) {
     for (token, holders) in &changes.holders {
         if holders.is_empty() {
             continue;
         }
-        if let Err(e) = announce_token(redis, prefix, chain_id, token, holders, changes.block).await {
+        if let Err(e) = announce_token(redis, prefix, chain_id, token, holders, changes.block).await
+        {
             metrics::counter!("tokenwarden_indexer_announce_errors_total",
                 "chain_id" => chain_id.to_string())
             .increment(1);

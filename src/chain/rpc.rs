@@ -237,8 +237,11 @@ impl Rpc {
 
     /// The chain's latest block number.
     pub async fn head(&self) -> Result<u64, RpcError> {
-        self.retrying("eth_blockNumber", |p| async move { p.get_block_number().await })
-            .await
+        self.retrying(
+            "eth_blockNumber",
+            |p| async move { p.get_block_number().await },
+        )
+        .await
     }
 
     /// The header of block `number`, or `None` if the chain does not have it (yet).
@@ -282,7 +285,9 @@ impl Rpc {
     /// `eth_call` at `block`, with retries. A revert is `Rejected`.
     pub async fn call(&self, to: Address, data: Bytes, block: BlockId) -> Result<Bytes, RpcError> {
         self.retrying("eth_call", |p| {
-            let tx = TransactionRequest::default().to(to).input(data.clone().into());
+            let tx = TransactionRequest::default()
+                .to(to)
+                .input(data.clone().into());
             async move { p.call(tx).block(block).await }
         })
         .await
@@ -317,9 +322,15 @@ fn classify(method: &'static str, e: &TransportError) -> RpcError {
             }
             let lower = message.to_ascii_lowercase();
             if matches!(p.code, 429 | -32005 | -32016 | -32007 | -32012)
-                || ["rate limit", "rate exceeded", "too many requests", "throttl", "quota"]
-                    .iter()
-                    .any(|k| lower.contains(k))
+                || [
+                    "rate limit",
+                    "rate exceeded",
+                    "too many requests",
+                    "throttl",
+                    "quota",
+                ]
+                .iter()
+                .any(|k| lower.contains(k))
             {
                 return retryable("rate_limited", None, message);
             }
@@ -504,7 +515,9 @@ mod tests {
             Some(Some(0x3d7966 - 0x3d7773 + 1))
         );
         assert_eq!(
-            range_limit("query returned more than 10000 results. Try with this block range [0x10, 0x1f]."),
+            range_limit(
+                "query returned more than 10000 results. Try with this block range [0x10, 0x1f]."
+            ),
             Some(Some(16))
         );
         assert_eq!(
@@ -523,7 +536,10 @@ mod tests {
             range_limit("eth_getLogs range is too large, max is 10k blocks"),
             Some(Some(10_000))
         );
-        assert_eq!(range_limit("maximum block range: 50000"), Some(Some(50_000)));
+        assert_eq!(
+            range_limit("maximum block range: 50000"),
+            Some(Some(50_000))
+        );
         assert_eq!(
             range_limit("block range too large (2000), maximum allowed is 1000 blocks"),
             Some(Some(1000))

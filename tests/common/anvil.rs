@@ -59,7 +59,13 @@ impl Anvil {
         );
         let port = free_port();
         let child = std::process::Command::new(&bin)
-            .args(["--port", &port.to_string(), "--host", "127.0.0.1", "--silent"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--host",
+                "127.0.0.1",
+                "--silent",
+            ])
             .args(["--gas-limit", "1000000000"])
             .args(extra)
             .stdout(std::process::Stdio::null())
@@ -176,7 +182,9 @@ impl Anvil {
     pub async fn owner_of(&self, token: Address, id: U256) -> Option<Address> {
         let data = TestNft721::ownerOfCall { id }.abi_encode();
         match self.provider.call(self.tx(token, data)).await {
-            Ok(out) => Some(TestNft721::ownerOfCall::abi_decode_returns(&out).expect("decode ownerOf")),
+            Ok(out) => {
+                Some(TestNft721::ownerOfCall::abi_decode_returns(&out).expect("decode ownerOf"))
+            }
             Err(_) => None,
         }
     }
@@ -197,7 +205,10 @@ impl Anvil {
 
     /// The latest block number.
     pub async fn head(&self) -> u64 {
-        self.provider.get_block_number().await.expect("block number")
+        self.provider
+            .get_block_number()
+            .await
+            .expect("block number")
     }
 
     /// The process id (for tests that must look at it).
