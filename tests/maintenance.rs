@@ -1150,3 +1150,78 @@ async fn maintenance_objects_are_closed_to_api_roles() {
     .await;
     assert!(bad.is_err(), "a zero window is refused");
 }
+
+/// With a real chain (anvil) and a running indexer, readiness reports the indexer's lag and
+/// passes once it has caught up; a configured chain without tokens is checked for RPC only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_reports_indexer_lag_against_a_real_chain() {
+    let env = TestEnv::new().await;
+    let anvil = common::anvil::Anvil::spawn().await;
+    let idle = common::anvil::Anvil::spawn().await;
+    anvil.mine(30).await;
+    let port = free_port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("chain.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[chain]\nenabled = true\n\n\
+             [[chain.chains]]\nchain_id = 31337\nname = \"anvil\"\nrpc_urls = [\"{}\"]\n\
+             confirmations = 2\nreorg_depth = 4\npoll_interval_ms = 200\n\n\
+             [[chain.chains]]\nchain_id = 31338\nname = \"idle\"\nrpc_urls = [\"{}\"]\n\n\
+             [[chain.tokens]]\nchain_id = 31337\n\
+             address = \"0x00000000000000000000000000000000000000aa\"\nstandard = \"erc20\"\n",
+            anvil.url, idle.url
+        ),
+    )
+    .expect("write config");
+    let mut vars = with_http(only_cleanup(""), port);
+    vars.push((
+        "TOKENWARDEN__MAINTENANCE__READINESS__MAX_INDEXER_LAG_BLOCKS",
+        "3".into(),
+    ));
+    let refs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let file = file.to_string_lossy().into_owned();
+    let mut w = Child::spawn(&env, &["--config", &file, "run"], &refs);
+    let body = wait_until(
+        Duration::from_secs(60),
+        "ready once the indexer caught up",
+        || async {
+            let (status, body) = get(port, "/readyz").await?;
+            (status == 200).then_some(body)
+        },
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let check = |name: &str| {
+        v["checks"]
+            .as_array()
+            .expect("checks")
+            .iter()
+            .find(|c| c["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no check {name} in {v}"))
+    };
+    let indexed = check("chain:31337");
+    let detail = indexed["detail"].as_str().unwrap_or("");
+    assert!(
+        detail.contains("checkpoint") && detail.contains("lag"),
+        "{indexed}"
+    );
+    let checkpoint: i64 =
+        sqlx::query_scalar("SELECT block_number FROM chain_checkpoints WHERE chain_id = 31337")
+            .fetch_one(&env.pool)
+            .await
+            .expect("the indexer wrote a checkpoint");
+    assert!(checkpoint >= 30 - 2 - 3, "checkpoint {checkpoint}");
+    let idle_check = check("chain:31338");
+    assert!(
+        idle_check["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no tokens indexed"),
+        "{idle_check}"
+    );
+    w.signal("TERM");
+    assert!(w.wait_exit(Duration::from_secs(30)).success());
+}
