@@ -905,6 +905,73 @@ async fn rls_users_read_only_their_own_rows() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// CLI
+// ---------------------------------------------------------------------------------------------
+
+fn credits_cli(env: &TestEnv, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(common::tokenwarden_bin())
+        .arg("credits")
+        .args(args)
+        .envs(env.env_vars())
+        .output()
+        .expect("run tokenwarden credits");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn credits_cli_grants_idempotently_and_shows_balance_and_history() {
+    let env = TestEnv::new().await;
+    let user = Uuid::new_v4().to_string();
+    let req = Uuid::new_v4().to_string();
+    for _ in 0..2 {
+        let (ok, out) = credits_cli(
+            &env,
+            &[
+                "grant",
+                &user,
+                "40",
+                "--reason",
+                "welcome",
+                "--request-id",
+                &req,
+            ],
+        );
+        assert!(ok, "grant failed: {out}");
+        assert!(out.contains("granted 40"), "{out}");
+    }
+    let (ok, out) = credits_cli(&env, &["grant", &user, "0"]);
+    assert!(!ok, "a zero grant must fail: {out}");
+    assert!(out.contains("positive"), "{out}");
+
+    let (ok, out) = credits_cli(&env, &["balance", &user]);
+    assert!(ok, "{out}");
+    let balance_line = out
+        .lines()
+        .find(|l| l.starts_with("balance"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(balance_line.ends_with(" 40"), "one grant applied: {out}");
+
+    let (ok, out) = credits_cli(&env, &["history", &user, "--limit", "5"]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.contains(" grant ")).count(),
+        1,
+        "{out}"
+    );
+    assert!(out.contains(&req), "{out}");
+
+    let (ok, out) = credits_cli(&env, &["balance", &Uuid::new_v4().to_string()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("no credits account"), "{out}");
+}
+
+// ---------------------------------------------------------------------------------------------
 // Model-based: both doors agree with an in-memory model of the rules
 // ---------------------------------------------------------------------------------------------
 
@@ -1289,4 +1356,113 @@ async fn model_based_both_doors_agree_with_the_model() {
             assert_eq!((durable.status, durable.balance, durable.held), *first);
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Benchmark (ignored by default): Ledger::apply throughput with batches of 1,000.
+//   cargo test --release --test ledger -- --ignored bench_ledger_apply --nocapture
+// Prints wall-clock consumptions/s (durable commits) and, for the single-connection runs,
+// consumptions per CPU-second of the Postgres backend (less sensitive to a busy machine).
+// ---------------------------------------------------------------------------------------------
+
+/// CPU seconds (user + system) used so far by a local process, from /proc/<pid>/stat.
+fn process_cpu_secs(pid: i32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_comm = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    // Fields 14 and 15 of stat (utime, stime); after the comm they are at 11 and 12.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+async fn bench_run(l: &Ledger, users: &[UserId], total: usize, workers: usize) -> f64 {
+    let per_worker = total / workers;
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let l = l.clone();
+        let users = users.to_vec();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(w as u64);
+            let mut done = 0;
+            while done < per_worker {
+                let n = 1000.min(per_worker - done);
+                let ops: Vec<LedgerOp> = (0..n)
+                    .map(|_| consume(rid(), users[rng.random_range(0..users.len())], 1))
+                    .collect();
+                let out = l.apply(&ops).await.expect("apply");
+                assert!(out.iter().all(|o| o.status == OutcomeStatus::Consumed));
+                done += n;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("bench worker");
+    }
+    (per_worker * workers) as f64 / started.elapsed().as_secs_f64()
+}
+
+#[tokio::test]
+#[ignore = "benchmark: run explicitly"]
+async fn bench_ledger_apply() {
+    let env = TestEnv::new().await;
+    let total: usize = std::env::var("LEDGER_BENCH_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let cfg = env.config().ledger;
+    let single = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&env.db_url)
+        .await
+        .unwrap();
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&single)
+        .await
+        .unwrap();
+    let l1 = Ledger::new(single, cfg.clone());
+    let l = ledger(&env);
+
+    let hot = vec![uid()];
+    l.apply(&[grant(rid(), hot[0], 1_000_000_000_000)])
+        .await
+        .unwrap();
+    let many: Vec<UserId> = (0..10_000).map(|_| uid()).collect();
+    let grants: Vec<LedgerOp> = many
+        .iter()
+        .map(|u| grant(rid(), *u, 1_000_000_000))
+        .collect();
+    l.apply(&grants).await.unwrap();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("load average at start: {}", load.trim());
+
+    let mut runs = 0;
+    for (name, users) in [("one hot user", &hot), ("10,000 users", &many)] {
+        let cpu0 = process_cpu_secs(backend);
+        let rate = bench_run(&l1, users, total, 1).await;
+        let cpu1 = process_cpu_secs(backend);
+        let per_cpu = match (cpu0, cpu1) {
+            (Some(a), Some(b)) if b > a => format!("{:.0}", total as f64 / (b - a)),
+            _ => "n/a".to_string(),
+        };
+        println!(
+            "Ledger::apply, batches of 1000, {name}, 1 connection: {rate:.0} consumptions/s \
+             wall clock; {per_cpu} consumptions per Postgres backend CPU-second"
+        );
+        runs += 1;
+        for workers in [2, 4] {
+            let rate = bench_run(&l, users, total, workers).await;
+            println!(
+                "Ledger::apply, batches of 1000, {name}, {workers} concurrent batches: \
+                 {rate:.0} consumptions/s wall clock"
+            );
+            runs += 1;
+        }
+    }
+    let hot_balance = account(&env.pool, hot[0].0).await.unwrap().0;
+    assert_eq!(
+        hot_balance,
+        1_000_000_000_000 - (runs / 2) as i64 * total as i64
+    );
 }
