@@ -240,6 +240,7 @@ pub async fn run_consumers(ctx: &AppContext, registry: JobRegistry) -> Result<()
                 .backend(StreamBackend::new(rx, reader_task, shared.acker.clone(), on_close))
                 .data(dispatch)
                 .concurrency(shared.cfg.concurrency)
+                .enable_tracing()
                 .build(process)
         });
     }
