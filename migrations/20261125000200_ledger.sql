@@ -1,7 +1,8 @@
 -- Credits ledger: accounts, durable request outcomes, append-only history, holds, anomalies,
 -- and the SQL functions that apply ledger operations.
 --
--- The rules live in ONE function, public.tw_ledger_apply (a batch of operations). The queue path
+-- The rules live in ONE function, public.tw_ledger_apply_core (a batch of operations), entered
+-- through public.tw_ledger_apply. The queue path
 -- (Rust `Ledger::apply`) calls it with up to `ledger.max_batch` operations per transaction; the
 -- synchronous SQL door (consume_tokens_atomic, add_tokens, hold_tokens, settle_hold, release_hold)
 -- calls it with one. Both doors therefore give identical outcomes.
@@ -62,7 +63,9 @@ CREATE TABLE public.token_balance_history (
     metadata       jsonb NOT NULL DEFAULT '{}'::jsonb,
     created_at     timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
-CREATE INDEX token_balance_history_user_idx ON public.token_balance_history (user_id, id DESC);
+-- Ascending: new rows land at the end of their user's range, where B-tree splits stay dense
+-- (newest-first reads scan it backwards just as fast).
+CREATE INDEX token_balance_history_user_idx ON public.token_balance_history (user_id, id);
 
 -- Holds (two-phase consumption). hold_id = the request id of the hold operation.
 CREATE TABLE public.token_consumption_locks (
@@ -128,7 +131,8 @@ GRANT SELECT ON public.credit_accounts, public.ledger_requests, public.token_bal
     public.token_consumption_locks, public.token_anomalies TO anon, authenticated, service_role;
 
 -- ---------------------------------------------------------------------------------------------
--- tw_ledger_apply: the one implementation of the ledger rules.
+-- tw_ledger_apply_core: the one implementation of the ledger rules, reached only through
+-- tw_ledger_apply (defined below), which both doors call.
 --
 -- Input: parallel arrays, one element per operation, applied in array (arrival) order, each
 -- operation seeing the effects of the previous ones.
@@ -148,7 +152,7 @@ GRANT SELECT ON public.credit_accounts, public.ledger_requests, public.token_bal
 -- quadratically.
 -- ---------------------------------------------------------------------------------------------
 
-CREATE FUNCTION public.tw_ledger_apply(
+CREATE FUNCTION public.tw_ledger_apply_core(
     p_request_ids uuid[],
     p_kinds text[],
     p_user_ids uuid[],
@@ -164,9 +168,9 @@ RETURNS TABLE (request_id uuid, status text, balance bigint, held bigint, reason
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = ''
--- Plan every statement with the real arrays: a cached generic plan guesses 10 elements per
--- array and may pick nested loops that are quadratic in the batch size.
-SET plan_cache_mode = force_custom_plan
+-- Every table access here is by key: a sequential scan of accounts (live and dead versions) per
+-- batch costs more than the batch's index probes once the table has a few thousand rows.
+SET enable_seqscan = off
 AS $fn$
 #variable_conflict use_column
 DECLARE
@@ -576,7 +580,8 @@ BEGIN
        SET balance = x.b, held = x.h, lifetime_granted = x.g, lifetime_consumed = x.c,
            updated_at = v_now
       FROM unnest(a_user, a_balance, a_held, a_granted, a_consumed) AS x(u, b, h, g, c)
-     WHERE c.user_id = x.u
+     WHERE c.user_id = ANY (a_user)  -- lets the planner fetch only these rows
+       AND c.user_id = x.u
        AND (c.balance, c.held, c.lifetime_granted, c.lifetime_consumed)
            IS DISTINCT FROM (x.b, x.h, x.g, x.c);
 
@@ -640,6 +645,40 @@ BEGIN
       FROM unnest(p_request_ids, o_status, o_balance, o_held, o_reason)
            WITH ORDINALITY AS x(rid, st, b, h, r, ord)
      ORDER BY x.ord;
+END
+$fn$;
+
+-- The entry point of both doors. Same rules (it IS tw_ledger_apply_core), planned for the
+-- batch at hand: for a large batch a cached generic plan guesses a few elements per array and
+-- may pick nested loops that are quadratic in the batch size, so large batches get a custom
+-- plan per statement; small ones (the SQL door, a quiet queue) reuse cached generic plans and
+-- skip the planning. The SET clause keeps the choice local to this call.
+CREATE FUNCTION public.tw_ledger_apply(
+    p_request_ids uuid[],
+    p_kinds text[],
+    p_user_ids uuid[],
+    p_amounts bigint[],
+    p_labels text[],
+    p_hold_ids uuid[],
+    p_ttl_secs integer[],
+    p_metadata jsonb[],
+    p_metadata_max_bytes integer DEFAULT 4096,
+    p_max_ttl_secs integer DEFAULT 86400
+)
+RETURNS TABLE (request_id uuid, status text, balance bigint, held bigint, reason text)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = ''
+SET plan_cache_mode = force_custom_plan
+AS $fn$
+BEGIN
+    IF coalesce(pg_catalog.array_length(p_request_ids, 1), 0) <= 8 THEN
+        PERFORM pg_catalog.set_config('plan_cache_mode', 'force_generic_plan', true);
+    END IF;
+    RETURN QUERY
+    SELECT * FROM public.tw_ledger_apply_core(p_request_ids, p_kinds, p_user_ids, p_amounts,
+                                              p_labels, p_hold_ids, p_ttl_secs, p_metadata,
+                                              p_metadata_max_bytes, p_max_ttl_secs);
 END
 $fn$;
 
@@ -713,8 +752,8 @@ END
 $fn$;
 
 -- ---------------------------------------------------------------------------------------------
--- The synchronous SQL door. Each function applies ONE operation through tw_ledger_apply and
--- returns a jsonb:
+-- The synchronous SQL door. Each function applies ONE operation through tw_ledger_apply (the
+-- same entry point as the queue path) and returns a jsonb:
 --   {"success": bool, "status": text, "request_id": uuid, "balance": int|null,
 --    "held": int|null, "error": text|null (= status when success is false),
 --    "reason": text|null}  (+ "hold_id" for hold_tokens)
@@ -833,6 +872,7 @@ $fn$;
 -- act on any account. Supabase's default privileges grant EXECUTE to anon/authenticated, so
 -- revoke from them explicitly too.
 REVOKE ALL ON FUNCTION
+    public.tw_ledger_apply_core(uuid[], text[], uuid[], bigint[], text[], uuid[], integer[], jsonb[], integer, integer),
     public.tw_ledger_apply(uuid[], text[], uuid[], bigint[], text[], uuid[], integer[], jsonb[], integer, integer),
     public.tw_ledger_apply_one(uuid, text, uuid, bigint, text, uuid, integer, jsonb),
     public.cleanup_expired_locks(),

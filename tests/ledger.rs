@@ -905,6 +905,73 @@ async fn rls_users_read_only_their_own_rows() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// CLI
+// ---------------------------------------------------------------------------------------------
+
+fn credits_cli(env: &TestEnv, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(common::tokenwarden_bin())
+        .arg("credits")
+        .args(args)
+        .envs(env.env_vars())
+        .output()
+        .expect("run tokenwarden credits");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn credits_cli_grants_idempotently_and_shows_balance_and_history() {
+    let env = TestEnv::new().await;
+    let user = Uuid::new_v4().to_string();
+    let req = Uuid::new_v4().to_string();
+    for _ in 0..2 {
+        let (ok, out) = credits_cli(
+            &env,
+            &[
+                "grant",
+                &user,
+                "40",
+                "--reason",
+                "welcome",
+                "--request-id",
+                &req,
+            ],
+        );
+        assert!(ok, "grant failed: {out}");
+        assert!(out.contains("granted 40"), "{out}");
+    }
+    let (ok, out) = credits_cli(&env, &["grant", &user, "0"]);
+    assert!(!ok, "a zero grant must fail: {out}");
+    assert!(out.contains("positive"), "{out}");
+
+    let (ok, out) = credits_cli(&env, &["balance", &user]);
+    assert!(ok, "{out}");
+    let balance_line = out
+        .lines()
+        .find(|l| l.starts_with("balance"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(balance_line.ends_with(" 40"), "one grant applied: {out}");
+
+    let (ok, out) = credits_cli(&env, &["history", &user, "--limit", "5"]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.contains(" grant ")).count(),
+        1,
+        "{out}"
+    );
+    assert!(out.contains(&req), "{out}");
+
+    let (ok, out) = credits_cli(&env, &["balance", &Uuid::new_v4().to_string()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("no credits account"), "{out}");
+}
+
+// ---------------------------------------------------------------------------------------------
 // Model-based: both doors agree with an in-memory model of the rules
 // ---------------------------------------------------------------------------------------------
 

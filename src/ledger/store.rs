@@ -225,7 +225,8 @@ impl Ledger {
     /// Applies `ops` in order and returns one outcome per op, aligned with the input. Ops are
     /// sent in chunks of at most `ledger.max_batch`, each chunk one transaction (one call of
     /// `tw_ledger_apply`); a chunk that hits a deadlock or serialization failure is retried
-    /// whole, which is safe because nothing of it was committed.
+    /// whole, which is safe because nothing of it was committed. If a later chunk fails, the
+    /// earlier chunks stay committed: re-applying the same ops returns their stored outcomes.
     pub async fn apply(&self, ops: &[LedgerOp]) -> Result<Vec<Outcome>, LedgerError> {
         let mut out = Vec::with_capacity(ops.len());
         for chunk in ops.chunks(self.cfg.max_batch.max(1)) {
