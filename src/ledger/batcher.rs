@@ -65,8 +65,15 @@ async fn run(ledger: Arc<dyn ApplyBatch>, max_batch: usize, mut rx: mpsc::Receiv
             return;
         }
         let (ops, replies): (Vec<LedgerOp>, Vec<_>) = buf.drain(..).unzip();
-        metrics::histogram!("tokenwarden_ledger_batch_size").record(ops.len() as f64);
-        match ledger.apply_batch(&ops).await {
+        // `tokenwarden_ledger_batch_size` is recorded by `Ledger::apply`, once per transaction.
+        let t0 = std::time::Instant::now();
+        let res = ledger.apply_batch(&ops).await;
+        tracing::debug!(
+            batch = ops.len(),
+            elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0,
+            "ledger batch applied"
+        );
+        match res {
             Ok(outcomes) if outcomes.len() == ops.len() => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(outcome));

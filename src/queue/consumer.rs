@@ -8,6 +8,15 @@
 //!   after `queue.claim_idle_ms` and redelivered, up to `queue.max_deliveries`, then
 //!   dead-lettered with that last reason.
 //!
+//! apalis pieces used: the worker model (`WorkerBuilder` with `.concurrency(n)` and
+//! `.enable_tracing()`, `Data` for shared state), and the `Monitor` (`should_restart`, unique worker
+//! names per restart, `shutdown_timeout` as the grace period). Not used: apalis's `.retry()`
+//! layer, because an in-process retry is lost if the process dies and holds a concurrency slot
+//! while it sleeps; retries here are durable redeliveries from the stream's pending list, counted
+//! by Redis (`XPENDING` delivery counts) against `queue.max_deliveries`. Acknowledgement is ours
+//! (after the handler's future, batched), not apalis's `TaskPersistLayer`, which needs a
+//! `Persistence` backend built around apalis's own task ids and metadata.
+//!
 //! A handler that panics is treated as retryable (the panic message is the reason), so a
 //! poison entry ends in the dead-letter store instead of looping or killing the worker.
 
@@ -240,6 +249,7 @@ pub async fn run_consumers(ctx: &AppContext, registry: JobRegistry) -> Result<()
                 .backend(StreamBackend::new(rx, reader_task, shared.acker.clone(), on_close))
                 .data(dispatch)
                 .concurrency(shared.cfg.concurrency)
+                .enable_tracing()
                 .build(process)
         });
     }

@@ -161,10 +161,10 @@ pub fn parse_read_reply(v: redis::Value) -> Vec<RawEntry> {
         return Vec::new();
     };
     for s in streams {
-        if let redis::Value::Array(mut pair) = s {
-            if pair.len() == 2 {
-                return parse_entries(pair.swap_remove(1));
-            }
+        if let redis::Value::Array(mut pair) = s
+            && pair.len() == 2
+        {
+            return parse_entries(pair.swap_remove(1));
         }
     }
     Vec::new()

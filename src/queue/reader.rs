@@ -358,14 +358,14 @@ impl Reader {
             .arg(self.stream.as_ref())
             .query_async(conn)
             .await;
-        if let Ok(reply) = res {
-            if let Some(g) = reply.groups.iter().find(|g| g.name == self.cfg.group) {
-                let jt = self.job_type.to_string();
-                metrics::gauge!("tokenwarden_queue_pending", "job_type" => jt.clone())
-                    .set(g.pending as f64);
-                if let Some(lag) = g.lag {
-                    metrics::gauge!("tokenwarden_queue_lag", "job_type" => jt).set(lag as f64);
-                }
+        if let Ok(reply) = res
+            && let Some(g) = reply.groups.iter().find(|g| g.name == self.cfg.group)
+        {
+            let jt = self.job_type.to_string();
+            metrics::gauge!("tokenwarden_queue_pending", "job_type" => jt.clone())
+                .set(g.pending as f64);
+            if let Some(lag) = g.lag {
+                metrics::gauge!("tokenwarden_queue_lag", "job_type" => jt).set(lag as f64);
             }
         }
     }
