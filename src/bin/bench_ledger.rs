@@ -148,6 +148,7 @@ struct CpuSplit {
     wall: f64,
     worker: f64,
     postgres: f64,
+    postgres_db: f64,
     redis: f64,
     bench: f64,
     machine_busy: f64,
@@ -721,6 +722,7 @@ impl Bench {
             at: Instant::now(),
             worker: worker_pids.iter().map(|p| proc_ticks(*p)).sum(),
             postgres: postgres_ticks(),
+            postgres_db: self.db_backend_ticks().await,
             redis: self.redis_ticks().await,
             bench: proc_ticks(std::process::id()),
             machine: machine_ticks(),
@@ -734,11 +736,24 @@ impl Bench {
             wall: now.at.duration_since(before.at).as_secs_f64(),
             worker: t(now.worker, before.worker),
             postgres: t(now.postgres, before.postgres),
+            postgres_db: t(now.postgres_db, before.postgres_db),
             redis: t(now.redis, before.redis),
             bench: t(now.bench, before.bench),
             machine_busy: t(now.machine.0, before.machine.0),
             machine_total: t(now.machine.1, before.machine.1),
         }
+    }
+
+    /// CPU ticks of the Postgres backends connected to the benchmark database (the worker's and
+    /// the baseline's connections), excluding other databases on the shared server.
+    async fn db_backend_ticks(&self) -> u64 {
+        let pids: Vec<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap_or_default();
+        pids.into_iter().map(|p| proc_ticks(p as u32)).sum()
     }
 
     async fn redis_ticks(&self) -> u64 {
@@ -778,6 +793,7 @@ struct CpuSample {
     at: Instant,
     worker: u64,
     postgres: u64,
+    postgres_db: u64,
     redis: u64,
     bench: u64,
     machine: (u64, u64),
@@ -948,12 +964,21 @@ impl Report {
             println!("\nworker peak RSS (VmHWM): {}", mib.join(", "));
         }
         println!(
-            "\n-- CPU seconds per phase (where the time goes; postgres = every postgres process, \
+            "\n-- CPU seconds per phase (where the time goes; pg bench = backends on the bench \
+             database, pg all = every postgres process incl. WAL writer and other databases, \
              other = the rest of the machine) --"
         );
         println!(
-            "{:<26} {:>7} {:>8} {:>9} {:>7} {:>7} {:>7} {:>12}",
-            "phase", "wall s", "worker", "postgres", "redis", "bench", "other", "machine busy"
+            "{:<26} {:>7} {:>8} {:>9} {:>9} {:>7} {:>7} {:>7} {:>12}",
+            "phase",
+            "wall s",
+            "worker",
+            "pg bench",
+            "pg all",
+            "redis",
+            "bench",
+            "other",
+            "machine busy"
         );
         for (name, c) in &self.cpu {
             let busy = if c.machine_total > 0.0 {
@@ -962,9 +987,10 @@ impl Report {
                 0.0
             };
             println!(
-                "{name:<26} {:>7.2} {:>8.2} {:>9.2} {:>7.2} {:>7.2} {:>7.2} {:>11.0}%",
+                "{name:<26} {:>7.2} {:>8.2} {:>9.2} {:>9.2} {:>7.2} {:>7.2} {:>7.2} {:>11.0}%",
                 c.wall,
                 c.worker,
+                c.postgres_db,
                 c.postgres,
                 c.redis,
                 c.bench,
