@@ -303,7 +303,7 @@ async fn mount_single_page(server: &MockServer, chain: &str, token: &'static str
         .respond_with(ResponseTemplate::new(200).set_body_json(page(&s)))
         .with_priority(priority)
         .expect(1)
-        .mount(&server)
+        .mount(server)
         .await;
 }
 
@@ -846,9 +846,7 @@ const ZERO: &str = "0x0000000000000000000000000000000000000000";
 
 async fn insert_transfer(
     env: &TestEnv,
-    chain_id: i64,
-    block: i64,
-    log_index: i32,
+    (chain_id, block, log_index): (i64, i64, i32),
     token: &str,
     from: &str,
     to: &str,
@@ -896,16 +894,16 @@ async fn own_index_snapshots_from_transfer_rows() {
     .await
     .unwrap();
     // ERC-20: block 2 mint 100 to a; block 3 a→b 40; block 4 b→c 40, a burns 10.
-    insert_transfer(&env, 31337, 2, 0, erc20, ZERO, &a, "100000000", None).await;
-    insert_transfer(&env, 31337, 3, 0, erc20, &a, &b, "40000000", None).await;
-    insert_transfer(&env, 31337, 4, 0, erc20, &b, &c, "40000000", None).await;
-    insert_transfer(&env, 31337, 4, 1, erc20, &a, ZERO, "10000000", None).await;
+    insert_transfer(&env, (31337, 2, 0), erc20, ZERO, &a, "100000000", None).await;
+    insert_transfer(&env, (31337, 3, 0), erc20, &a, &b, "40000000", None).await;
+    insert_transfer(&env, (31337, 4, 0), erc20, &b, &c, "40000000", None).await;
+    insert_transfer(&env, (31337, 4, 1), erc20, &a, ZERO, "10000000", None).await;
     // ERC-721: block 2 mint #1,#2 to a; block 3 #1 a→b; block 4 #2 burned, #3 minted to b.
-    insert_transfer(&env, 31337, 2, 1, nft, ZERO, &a, "1", Some("1")).await;
-    insert_transfer(&env, 31337, 2, 2, nft, ZERO, &a, "1", Some("2")).await;
-    insert_transfer(&env, 31337, 3, 1, nft, &a, &b, "1", Some("1")).await;
-    insert_transfer(&env, 31337, 4, 2, nft, &a, ZERO, "1", Some("2")).await;
-    insert_transfer(&env, 31337, 4, 3, nft, ZERO, &b, "1", Some("3")).await;
+    insert_transfer(&env, (31337, 2, 1), nft, ZERO, &a, "1", Some("1")).await;
+    insert_transfer(&env, (31337, 2, 2), nft, ZERO, &a, "1", Some("2")).await;
+    insert_transfer(&env, (31337, 3, 1), nft, &a, &b, "1", Some("1")).await;
+    insert_transfer(&env, (31337, 4, 2), nft, &a, ZERO, "1", Some("2")).await;
+    insert_transfer(&env, (31337, 4, 3), nft, ZERO, &b, "1", Some("3")).await;
     // Nothing indexed yet: no checkpoint.
     let out = svc
         .create(&index_req("31337", erc20, Some(3)))
@@ -996,7 +994,7 @@ async fn own_index_snapshots_from_transfer_rows() {
     assert_failed(&out, &["not a numeric chain id"]);
 
     // Missing history (an outgoing transfer with no incoming one) is refused, not published.
-    insert_transfer(&env, 31337, 4, 9, erc20, &holder(7), &a, "5", None).await;
+    insert_transfer(&env, (31337, 4, 9), erc20, &holder(7), &a, "5", None).await;
     let out = svc
         .create(&index_req("31337", erc20, Some(4)))
         .await
@@ -1102,12 +1100,18 @@ mod onchain {
 
     impl Drop for Anvil {
         fn drop(&mut self) {
+            // node_modules/.bin/anvil is a wrapper that starts the real binary: kill the whole
+            // process group so no anvil outlives the test.
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &format!("-{}", self.child.id())])
+                .status();
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
     }
 
     pub async fn start_anvil() -> Anvil {
+        use std::os::unix::process::CommandExt;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -1123,6 +1127,8 @@ mod onchain {
                 "--silent",
             ])
             .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {} ({e}): run `make tools`", bin.display()));
         let anvil = Anvil {
