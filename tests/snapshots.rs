@@ -1100,24 +1100,28 @@ mod onchain {
 
     impl Drop for Anvil {
         fn drop(&mut self) {
-            // node_modules/.bin/anvil is a wrapper that starts the real binary: kill the whole
-            // process group so no anvil outlives the test.
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &format!("-{}", self.child.id())])
-                .status();
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
     }
 
     pub async fn start_anvil() -> Anvil {
-        use std::os::unix::process::CommandExt;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let bin = super::common::repo_root().join("node_modules/.bin/anvil");
+        // Start the real anvil binary, not the node_modules/.bin wrapper: killing the wrapper
+        // would leave the binary running after the test.
+        let root = super::common::repo_root().join("node_modules");
+        let bin = [
+            "@foundry-rs/anvil-linux-amd64/bin/anvil",
+            "@foundry-rs/anvil-linux-arm64/bin/anvil",
+        ]
+        .iter()
+        .map(|p| root.join(p))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| root.join(".bin/anvil"));
         let child = std::process::Command::new(&bin)
             .args([
                 "--port",
@@ -1128,7 +1132,6 @@ mod onchain {
             ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
-            .process_group(0)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {} ({e}): run `make tools`", bin.display()));
         let anvil = Anvil {
