@@ -303,7 +303,7 @@ async fn mount_single_page(server: &MockServer, chain: &str, token: &'static str
         .respond_with(ResponseTemplate::new(200).set_body_json(page(&s)))
         .with_priority(priority)
         .expect(1)
-        .mount(&server)
+        .mount(server)
         .await;
 }
 
@@ -846,9 +846,7 @@ const ZERO: &str = "0x0000000000000000000000000000000000000000";
 
 async fn insert_transfer(
     env: &TestEnv,
-    chain_id: i64,
-    block: i64,
-    log_index: i32,
+    (chain_id, block, log_index): (i64, i64, i32),
     token: &str,
     from: &str,
     to: &str,
@@ -896,16 +894,16 @@ async fn own_index_snapshots_from_transfer_rows() {
     .await
     .unwrap();
     // ERC-20: block 2 mint 100 to a; block 3 a→b 40; block 4 b→c 40, a burns 10.
-    insert_transfer(&env, 31337, 2, 0, erc20, ZERO, &a, "100000000", None).await;
-    insert_transfer(&env, 31337, 3, 0, erc20, &a, &b, "40000000", None).await;
-    insert_transfer(&env, 31337, 4, 0, erc20, &b, &c, "40000000", None).await;
-    insert_transfer(&env, 31337, 4, 1, erc20, &a, ZERO, "10000000", None).await;
+    insert_transfer(&env, (31337, 2, 0), erc20, ZERO, &a, "100000000", None).await;
+    insert_transfer(&env, (31337, 3, 0), erc20, &a, &b, "40000000", None).await;
+    insert_transfer(&env, (31337, 4, 0), erc20, &b, &c, "40000000", None).await;
+    insert_transfer(&env, (31337, 4, 1), erc20, &a, ZERO, "10000000", None).await;
     // ERC-721: block 2 mint #1,#2 to a; block 3 #1 a→b; block 4 #2 burned, #3 minted to b.
-    insert_transfer(&env, 31337, 2, 1, nft, ZERO, &a, "1", Some("1")).await;
-    insert_transfer(&env, 31337, 2, 2, nft, ZERO, &a, "1", Some("2")).await;
-    insert_transfer(&env, 31337, 3, 1, nft, &a, &b, "1", Some("1")).await;
-    insert_transfer(&env, 31337, 4, 2, nft, &a, ZERO, "1", Some("2")).await;
-    insert_transfer(&env, 31337, 4, 3, nft, ZERO, &b, "1", Some("3")).await;
+    insert_transfer(&env, (31337, 2, 1), nft, ZERO, &a, "1", Some("1")).await;
+    insert_transfer(&env, (31337, 2, 2), nft, ZERO, &a, "1", Some("2")).await;
+    insert_transfer(&env, (31337, 3, 1), nft, &a, &b, "1", Some("1")).await;
+    insert_transfer(&env, (31337, 4, 2), nft, &a, ZERO, "1", Some("2")).await;
+    insert_transfer(&env, (31337, 4, 3), nft, ZERO, &b, "1", Some("3")).await;
     // Nothing indexed yet: no checkpoint.
     let out = svc
         .create(&index_req("31337", erc20, Some(3)))
@@ -996,7 +994,7 @@ async fn own_index_snapshots_from_transfer_rows() {
     assert_failed(&out, &["not a numeric chain id"]);
 
     // Missing history (an outgoing transfer with no incoming one) is refused, not published.
-    insert_transfer(&env, 31337, 4, 9, erc20, &holder(7), &a, "5", None).await;
+    insert_transfer(&env, (31337, 4, 9), erc20, &holder(7), &a, "5", None).await;
     let out = svc
         .create(&index_req("31337", erc20, Some(4)))
         .await
@@ -1113,7 +1111,17 @@ mod onchain {
             .local_addr()
             .unwrap()
             .port();
-        let bin = super::common::repo_root().join("node_modules/.bin/anvil");
+        // Start the real anvil binary, not the node_modules/.bin wrapper: killing the wrapper
+        // would leave the binary running after the test.
+        let root = super::common::repo_root().join("node_modules");
+        let bin = [
+            "@foundry-rs/anvil-linux-amd64/bin/anvil",
+            "@foundry-rs/anvil-linux-arm64/bin/anvil",
+        ]
+        .iter()
+        .map(|p| root.join(p))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| root.join(".bin/anvil"));
         let child = std::process::Command::new(&bin)
             .args([
                 "--port",
@@ -1123,6 +1131,7 @@ mod onchain {
                 "--silent",
             ])
             .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {} ({e}): run `make tools`", bin.display()));
         let anvil = Anvil {

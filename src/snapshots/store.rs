@@ -191,12 +191,20 @@ pub async fn copy_holders(pool: &PgPool, id: Uuid, holders: &[Holder]) -> Result
         // Writing to a String cannot fail.
         let _ = writeln!(buf, "{id}\t{}\t{}", h.address, h.balance);
     }
-    let mut conn = pool.acquire().await?;
-    let mut copy = conn
+    // Page commits need not wait for their own WAL flush: the snapshot only becomes visible
+    // through `complete`, a normal (synchronous) commit that flushes the WAL written before it,
+    // page rows included. A crash before that leaves a pending snapshot that is restarted.
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL synchronous_commit TO off")
+        .execute(&mut *tx)
+        .await?;
+    let mut copy = tx
         .copy_in_raw("COPY public.snapshot_holders (snapshot_id, holder, balance) FROM STDIN")
         .await?;
     copy.send(buf.into_bytes()).await?;
-    copy.finish().await
+    let rows = copy.finish().await?;
+    tx.commit().await?;
+    Ok(rows)
 }
 
 /// What a finished crawl learned about the token.
