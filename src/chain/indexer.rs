@@ -502,12 +502,24 @@ impl Indexer {
             let Some(task) = inflight.pop_front() else {
                 break;
             };
+            let waited = Instant::now();
             let batch = task
                 .await
                 .map_err(|e| IndexerError::Task(e.to_string()))??;
+            let wait_ms = waited.elapsed().as_millis() as u64;
             logs_done += batch.rows.len() as u64;
             let at = batch.last.number;
+            let rows = batch.rows.len();
+            let committing = Instant::now();
             self.commit(lease, batch, head).await?;
+            tracing::debug!(
+                chain_id = self.chain_id(),
+                block = at,
+                rows,
+                wait_ms,
+                commit_ms = committing.elapsed().as_millis() as u64,
+                "backfill batch committed"
+            );
             if last_report.elapsed() >= Duration::from_secs(5) {
                 last_report = Instant::now();
                 let secs = started.elapsed().as_secs_f64().max(0.001);
