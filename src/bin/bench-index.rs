@@ -27,6 +27,7 @@ struct Args {
     logs: u64,
     holders: u64,
     per_tx: u64,
+    blocks_per_tx: u64,
     lag_blocks: u64,
     root: PathBuf,
     tokenwarden: PathBuf,
@@ -80,7 +81,8 @@ async fn main() -> Res<()> {
     let a = Args {
         logs: arg("logs", "220000").parse()?,
         holders: arg("holders", "20000").parse()?,
-        per_tx: arg("per-tx", "100").parse()?,
+        per_tx: arg("per-tx", "1000").parse()?,
+        blocks_per_tx: arg("blocks-per-tx", "10").parse()?,
         lag_blocks: arg("lag-blocks", "60").parse()?,
         tokenwarden: PathBuf::from(arg("tokenwarden", "target/release/tokenwarden")),
         db_admin: arg("db", "postgres://postgres@127.0.0.1:5432/postgres"),
@@ -144,12 +146,33 @@ async fn main() -> Res<()> {
             .gas_limit(800_000_000)
             .input(Bytes::from(data).into())
     };
-    // anvil automines each transaction as it arrives; receipts are not awaited one by one
-    // (the eth_getLogs count below checks that every transfer landed).
+    // One transaction (automined into its own block) per `per_tx` transfers, then empty
+    // blocks so the history spans `blocks_per_tx` blocks per transaction. Transactions are sent
+    // one at a time: a deep anvil tx pool makes anvil itself slow and memory-hungry.
     let mut start = 0;
     while start < a.logs {
         let n = a.per_tx.min(a.logs - start);
-        let _ = provider.send_transaction(spam(start, n, nonce)).await?;
+        let hash = *provider
+            .send_transaction(spam(start, n, nonce))
+            .await?
+            .tx_hash();
+        let receipt = loop {
+            if let Some(r) = provider.get_transaction_receipt(hash).await? {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        if !receipt.status() {
+            return Err(format!("history transaction at {start} reverted").into());
+        }
+        if a.blocks_per_tx > 1 {
+            provider
+                .raw_request::<_, serde_json::Value>(
+                    "anvil_mine".into(),
+                    serde_json::json!([format!("{:#x}", a.blocks_per_tx - 1)]),
+                )
+                .await?;
+        }
         nonce += 1;
         start += n;
     }

@@ -143,8 +143,10 @@ struct Indexer {
     token_list: Vec<String>,
     base_filter: Filter,
     start_block: u64,
-    redis: redis::aio::ConnectionManager,
-    prefix: String,
+    /// Committed changes go to the announcer task, so Redis work is off the commit path
+    /// (announcements keep commit order).
+    announcer: tokio::sync::mpsc::UnboundedSender<super::sink::Changes>,
+    _announcer_task: AbortOnDropHandle<()>,
     cancel: CancellationToken,
     /// Blocks per `eth_getLogs` (adapts).
     range: Arc<AtomicU64>,
@@ -174,6 +176,14 @@ impl Indexer {
         let token_list = addresses.iter().map(decode::addr_hex).collect();
         let start_block = p.tokens.iter().map(|t| t.start_block).min().unwrap_or(0);
         let initial = p.chain.max_block_range.clamp(1, 100);
+        let (announcer, mut queue) = tokio::sync::mpsc::unbounded_channel::<super::sink::Changes>();
+        let (mut redis, prefix, chain_id) =
+            (p.redis.clone(), p.redis_prefix.clone(), p.chain.chain_id);
+        let announcer_task = tokio::spawn(async move {
+            while let Some(changes) = queue.recv().await {
+                super::notify::announce(&mut redis, &prefix, chain_id, &changes).await;
+            }
+        });
         Ok(Indexer {
             label: p.chain.chain_id.to_string(),
             chain: p.chain.clone(),
@@ -185,8 +195,8 @@ impl Indexer {
                 .address(addresses)
                 .event_signature(TRANSFER_TOPIC),
             start_block,
-            redis: p.redis.clone(),
-            prefix: p.redis_prefix.clone(),
+            announcer,
+            _announcer_task: AbortOnDropHandle::new(announcer_task),
             cancel: p.shutdown.clone(),
             range: Arc::new(AtomicU64::new(initial)),
             cap: Arc::new(AtomicU64::new(p.chain.max_block_range)),
@@ -199,6 +209,15 @@ impl Indexer {
 
     fn chain_id(&self) -> u64 {
         self.chain.chain_id
+    }
+
+    fn announce(&self, changes: super::sink::Changes) {
+        if self.announcer.send(changes).is_err() {
+            tracing::warn!(
+                chain_id = self.chain_id(),
+                "announcer stopped; balance changes not announced"
+            );
+        }
     }
 
     async fn run(&mut self, lease: &mut Lease) -> Result<(), IndexerError> {
@@ -368,7 +387,7 @@ impl Indexer {
         metrics::counter!("tokenwarden_indexer_reorgs_total", "chain_id" => self.label.clone())
             .increment(1);
         self.cp = base;
-        super::notify::announce(&mut self.redis, &self.prefix, chain_id, &changes).await;
+        self.announce(changes);
         Ok(())
     }
 
@@ -457,8 +476,7 @@ impl Indexer {
         metrics::counter!("tokenwarden_indexer_logs_total", "chain_id" => self.label.clone())
             .increment(batch.rows.len() as u64);
         self.report_lag(head);
-        let chain_id = self.chain_id();
-        super::notify::announce(&mut self.redis, &self.prefix, chain_id, &changes).await;
+        self.announce(changes);
         Ok(())
     }
 
@@ -502,12 +520,24 @@ impl Indexer {
             let Some(task) = inflight.pop_front() else {
                 break;
             };
+            let waited = Instant::now();
             let batch = task
                 .await
                 .map_err(|e| IndexerError::Task(e.to_string()))??;
+            let wait_ms = waited.elapsed().as_millis() as u64;
             logs_done += batch.rows.len() as u64;
             let at = batch.last.number;
+            let rows = batch.rows.len();
+            let committing = Instant::now();
             self.commit(lease, batch, head).await?;
+            tracing::debug!(
+                chain_id = self.chain_id(),
+                block = at,
+                rows,
+                wait_ms,
+                commit_ms = committing.elapsed().as_millis() as u64,
+                "backfill batch committed"
+            );
             if last_report.elapsed() >= Duration::from_secs(5) {
                 last_report = Instant::now();
                 let secs = started.elapsed().as_secs_f64().max(0.001);
