@@ -96,12 +96,14 @@ async fn xadd(
 }
 
 async fn blpop(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> serde_json::Value {
+    // Generous: the first reply also waits for a freshly spawned worker to start, which takes
+    // seconds on a loaded 2-core CI machine.
     let (_, v): (String, String) = redis::cmd("BLPOP")
         .arg(key)
-        .arg(20)
+        .arg(60)
         .query_async(conn)
         .await
-        .expect("reply within 20 s");
+        .expect("reply within 60 s");
     serde_json::from_str(&v).expect("reply is JSON")
 }
 
