@@ -122,11 +122,14 @@ impl TestEnv {
         ]
     }
 
-    /// A fresh multiplexed Redis connection.
+    /// A fresh multiplexed Redis connection without a response timeout: tests BLPOP replies,
+    /// and redis-rs's default 500 ms response timeout would fail them on a loaded machine.
+    /// Every wait in a test has its own deadline instead.
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        let cfg = redis::AsyncConnectionConfig::new().set_response_timeout(None);
         redis::Client::open(self.redis_url.as_str())
             .expect("redis url")
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&cfg)
             .await
             .expect("redis connection")
     }
