@@ -208,6 +208,10 @@ DECLARE
     a_granted bigint[];
     a_consumed bigint[];
     a_blocked boolean[];
+    -- The account row was seen (and locked) by the lock query. A row inserted by a concurrent,
+    -- still uncommitted transaction is not: its slot reads as an empty account and the batch
+    -- must never write it (see step 5).
+    a_found boolean[];
     -- holds (slots, sorted by hold id)
     h_id uuid[];
     h_slot integer[];
@@ -276,10 +280,11 @@ BEGIN
 
     SELECT pg_catalog.array_agg(q.uid), pg_catalog.array_agg(q.balance),
            pg_catalog.array_agg(q.held), pg_catalog.array_agg(q.lifetime_granted),
-           pg_catalog.array_agg(q.lifetime_consumed), pg_catalog.array_agg(q.blocked)
-      INTO a_user, a_balance, a_held, a_granted, a_consumed, a_blocked
+           pg_catalog.array_agg(q.lifetime_consumed), pg_catalog.array_agg(q.blocked),
+           pg_catalog.array_agg(q.found)
+      INTO a_user, a_balance, a_held, a_granted, a_consumed, a_blocked, a_found
       FROM (
-        SELECT u.uid, coalesce(c.balance, 0) AS balance, coalesce(c.held, 0) AS held,
+        SELECT u.uid, c.user_id IS NOT NULL AS found, coalesce(c.balance, 0) AS balance, coalesce(c.held, 0) AS held,
                coalesce(c.lifetime_granted, 0) AS lifetime_granted,
                coalesce(c.lifetime_consumed, 0) AS lifetime_consumed,
                EXISTS (SELECT 1 FROM public.token_anomalies an
@@ -479,6 +484,13 @@ BEGIN
 
         ELSIF k = 'grant' THEN
             s := op_slot[i];
+            IF NOT a_found[s] THEN
+                -- Step 1 inserted (or waited for a concurrent insert of) this account before
+                -- the lock query, so it must have been seen; if not, retry the whole batch
+                -- rather than lose the grant.
+                RAISE EXCEPTION 'tw_ledger_apply: account % of a grant was not locked', a_user[s]
+                    USING ERRCODE = '40001';
+            END IF;
             IF a > c_max - a_balance[s] OR a > c_max - a_granted[s] THEN
                 o_status[i] := 'rejected';
                 o_reason[i] := 'the grant would overflow the account''s 64-bit totals';
@@ -576,12 +588,20 @@ BEGIN
     END LOOP;
 
     -- 5. Write: one UPDATE per changed account, bulk inserts for the rest.
+    --    Only accounts the lock query found (and so locked): an account it did not see may have
+    --    been inserted by a concurrent transaction (a grant) that commits before this UPDATE
+    --    takes its snapshot; writing our empty-account view over it would lose that grant. An
+    --    account not found is never changed by the batch: a grant's account is inserted before
+    --    the lock query (checked in the loop), a consume or hold needs a balance > 0, and a
+    --    settle/release needs a committed hold, whose account was committed with it.
     UPDATE public.credit_accounts c
        SET balance = x.b, held = x.h, lifetime_granted = x.g, lifetime_consumed = x.c,
            updated_at = v_now
-      FROM unnest(a_user, a_balance, a_held, a_granted, a_consumed) AS x(u, b, h, g, c)
+      FROM unnest(a_user, a_balance, a_held, a_granted, a_consumed, a_found)
+           AS x(u, b, h, g, c, f)
      WHERE c.user_id = ANY (a_user)  -- lets the planner fetch only these rows
        AND c.user_id = x.u
+       AND x.f
        AND (c.balance, c.held, c.lifetime_granted, c.lifetime_consumed)
            IS DISTINCT FROM (x.b, x.h, x.g, x.c);
 

@@ -460,6 +460,89 @@ async fn concurrent_batches_over_many_users_do_not_deadlock() {
     }
 }
 
+/// A new user's first grant racing with a consume of the same user: the consume's lock query
+/// cannot see the account row the uncommitted grant inserted, so the consume reads an empty
+/// account. If the grant commits before the consume batch writes its accounts, the batch must
+/// not write its empty view over the granted row (the grant would be lost).
+#[tokio::test]
+async fn first_grants_racing_with_consumes_are_never_lost() {
+    let env = TestEnv::new().await;
+    let l = ledger(&env);
+    const USERS: usize = 1500;
+    const ROUND: usize = 50;
+    const GRANT: i64 = 100;
+    const SPEND: i64 = 10;
+    let users: Vec<UserId> = (0..USERS).map(|_| uid()).collect();
+    let mut grant_out: HashMap<Uuid, Value> = HashMap::new();
+    let mut consume_out: HashMap<Uuid, OutcomeStatus> = HashMap::new();
+    for chunk in users.chunks(ROUND) {
+        // The grants: one SQL-door call per user, each its own transaction on its own
+        // connection, started together with the consume batch of the same users.
+        let grants = futures::future::join_all(chunk.iter().map(|u| {
+            let pool = env.pool.clone();
+            let u = u.0;
+            tokio::spawn(async move { (u, add_tokens_sql(&pool, u, GRANT, None).await) })
+        }));
+        let ops: Vec<LedgerOp> = chunk.iter().map(|u| consume(rid(), *u, SPEND)).collect();
+        let l2 = l.clone();
+        let consumes = tokio::spawn(async move {
+            let out = l2.apply(&ops).await.expect("consume batch");
+            (ops, out)
+        });
+        let (grants, consumes) = tokio::join!(grants, consumes);
+        for g in grants {
+            let (u, v) = g.expect("grant task");
+            grant_out.insert(u, v);
+        }
+        let (ops, out) = consumes.expect("consume task");
+        for (op, o) in ops.iter().zip(out) {
+            let LedgerOp::Consume { user_id, .. } = op else {
+                unreachable!()
+            };
+            consume_out.insert(user_id.0, o.status);
+        }
+    }
+    let rows = sqlx::query_as::<_, (Uuid, i64, i64, i64, i64, i64, i64)>(
+        "SELECT c.user_id, c.balance, c.held, c.lifetime_granted, c.lifetime_consumed,                 coalesce(sum(h.amount) FILTER (WHERE h.kind = 'grant'), 0)::bigint,                 coalesce(sum(h.amount) FILTER (WHERE h.kind = 'consume'), 0)::bigint            FROM public.credit_accounts c            LEFT JOIN public.token_balance_history h ON h.user_id = c.user_id           WHERE c.user_id = ANY ($1)           GROUP BY c.user_id, c.balance, c.held, c.lifetime_granted, c.lifetime_consumed",
+    )
+    .bind(users.iter().map(|u| u.0).collect::<Vec<_>>())
+    .fetch_all(&env.pool)
+    .await
+    .expect("read accounts");
+    assert_eq!(rows.len(), USERS, "every granted user has an account");
+    let mut consumed = 0;
+    let mut lost = Vec::new();
+    for (u, balance, held, granted, spent, hist_granted, hist_spent) in rows {
+        let g = &grant_out[&u];
+        assert_eq!(g["success"], json!(true), "grant of {u}: {g}");
+        let c = consume_out[&u];
+        if granted != hist_granted || balance != hist_granted - hist_spent {
+            lost.push(u);
+            continue;
+        }
+        assert_eq!(hist_granted, GRANT, "{u}: one grant in history");
+        assert_eq!(held, 0);
+        assert_eq!(spent, hist_spent, "{u}: lifetime_consumed = history");
+        match c {
+            OutcomeStatus::Consumed => {
+                consumed += 1;
+                assert_eq!((balance, hist_spent), (GRANT - SPEND, SPEND), "{u}");
+            }
+            OutcomeStatus::InsufficientTokens => {
+                assert_eq!((balance, hist_spent), (GRANT, 0), "{u}");
+            }
+            other => panic!("consume of {u}: unexpected {other:?}"),
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} of {USERS} users lost their grant (e.g. {:?})",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    eprintln!("{consumed} of {USERS} consumes ran after their grant");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Holds
 // ---------------------------------------------------------------------------------------------
