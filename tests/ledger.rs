@@ -543,6 +543,61 @@ async fn first_grants_racing_with_consumes_are_never_lost() {
     eprintln!("{consumed} of {USERS} consumes ran after their grant");
 }
 
+/// NUL cannot be stored in Postgres text: the SQL door refuses it before the function runs
+/// (nothing stored), and in the worker's batcher one such op fails alone while the rest of its
+/// batch is applied (the queue's parser rejects NUL earlier; this is the second line).
+#[tokio::test]
+async fn a_nul_label_fails_alone_and_the_rest_of_its_batch_is_applied() {
+    use std::sync::Arc;
+    use tokenwarden::ledger::batcher::{ApplyBatch, Batcher};
+    let env = TestEnv::new().await;
+    let l = ledger(&env);
+    let user = uid();
+    apply_one(&l, grant(rid(), user, 1000)).await;
+
+    let bad_rid = Uuid::new_v4();
+    let err = sqlx::query_scalar::<_, Value>(
+        "SELECT public.consume_tokens_atomic($1, $2, 1, $3, '{}'::jsonb)",
+    )
+    .bind(bad_rid)
+    .bind(user.0)
+    .bind("chat\u{0}x")
+    .fetch_one(&env.pool)
+    .await
+    .expect_err("Postgres text cannot hold NUL");
+    let code = err
+        .as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.to_string());
+    assert_eq!(code.as_deref(), Some("22021"), "{err}");
+    assert_eq!(stored(&env.pool, bad_rid).await, None);
+
+    let ledger_arc: Arc<dyn ApplyBatch> = Arc::new(l.clone());
+    let (batcher, _task) = Batcher::spawn(ledger_arc, 100);
+    let mut ops: Vec<LedgerOp> = (0..20).map(|_| consume(rid(), user, 1)).collect();
+    let LedgerOp::Consume { operation_type, .. } = &mut ops[7] else {
+        unreachable!()
+    };
+    *operation_type = "bad\u{0}".into();
+    let results = futures::future::join_all(ops.iter().cloned().map(|op| {
+        let b = batcher.clone();
+        async move { b.apply(op).await }
+    }))
+    .await;
+    for (i, r) in results.iter().enumerate() {
+        if i == 7 {
+            let e = r.as_ref().expect_err("the NUL op fails");
+            assert!(e.bad_data, "{e:?}");
+        } else {
+            let o = r
+                .as_ref()
+                .unwrap_or_else(|e| panic!("op {i} failed with the bad one: {e:?}"));
+            assert_eq!(o.status, OutcomeStatus::Consumed, "op {i}");
+        }
+    }
+    assert_eq!(account(&env.pool, user.0).await, Some((1000 - 19, 0)));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Holds
 // ---------------------------------------------------------------------------------------------

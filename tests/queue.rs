@@ -598,6 +598,18 @@ async fn bad_ledger_input_is_dead_lettered_and_the_worker_keeps_going() {
             serde_json::json!({"user_id": user, "amount": 1, "operation_type": "a", "metadata": {"blob": big}}),
             "metadata is",
         ),
+        (
+            serde_json::json!({"user_id": user, "amount": 1, "operation_type": "a\u{0}b"}),
+            "operation_type must not contain NUL (\\u0000)",
+        ),
+        (
+            serde_json::json!({"user_id": user, "amount": 1, "operation_type": "a", "metadata": {"k\u{0}": 1}}),
+            "metadata must not contain NUL (\\u0000)",
+        ),
+        (
+            serde_json::json!({"user_id": user, "amount": 1, "operation_type": "a", "metadata": {"k": ["\u{0}"]}}),
+            "metadata must not contain NUL (\\u0000)",
+        ),
     ];
     let mut rids = Vec::new();
     for (mut p, _) in cases.clone() {
@@ -701,6 +713,103 @@ async fn bad_ledger_input_is_dead_lettered_and_the_worker_keeps_going() {
         .expect("purge");
     assert!(out.status.success());
     assert!(dead_letter_reasons(&env).await.is_empty());
+}
+
+/// Invalid input through the queue door is a durable `rejected` outcome of its request id, as
+/// through the SQL door: readable in ledger_requests, the same reply on a resend of the same
+/// payload, and `request_id_conflict` (nothing applied) when the id comes back with valid fields.
+#[tokio::test]
+async fn invalid_queue_input_is_a_stored_rejected_outcome_like_the_sql_door() {
+    let env = TestEnv::new().await;
+    let _w = common::Child::spawn(&env, &["run"], &[]);
+    let mut r = env.redis().await;
+    let user = uuid::Uuid::new_v4();
+    grant(&env, &mut r, user, 100).await;
+    let s = stream(&env, "consume_tokens");
+
+    let rid = uuid::Uuid::new_v4();
+    let invalid = consume_payload(rid, user, 0);
+    xadd(&mut r, &s, &[("payload", &invalid)]).await;
+    let first = blpop(&mut r, &reply(&env, &rid.to_string())).await;
+    assert_eq!(first["status"], "rejected", "{first}");
+    assert!(
+        first["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("positive"),
+        "{first}"
+    );
+
+    type Row = (
+        String,
+        Option<uuid::Uuid>,
+        Option<i64>,
+        Option<String>,
+        String,
+        Option<String>,
+    );
+    let row = |id: uuid::Uuid| {
+        let pool = env.pool.clone();
+        async move {
+            sqlx::query_as::<_, Row>(
+                "SELECT kind, user_id, amount, label, status, reason \
+                   FROM public.ledger_requests WHERE request_id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let stored = row(rid)
+        .await
+        .expect("the rejection is stored under its request id");
+    assert_eq!(
+        (
+            stored.0.as_str(),
+            stored.1,
+            stored.2,
+            stored.3.as_deref(),
+            stored.4.as_str()
+        ),
+        ("consume", Some(user), Some(0), Some("chat"), "rejected")
+    );
+    assert_eq!(
+        Some(stored.5.clone().unwrap_or_default()),
+        first["reason"].as_str().map(str::to_string)
+    );
+
+    // The SQL door stores the same outcome for the same input.
+    let sql_rid = uuid::Uuid::new_v4();
+    sqlx::query("SELECT public.consume_tokens_atomic($1, $2, 0, 'chat', '{}'::jsonb)")
+        .bind(sql_rid)
+        .bind(user)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let via_sql = row(sql_rid).await.expect("SQL door stores its rejection");
+    assert_eq!(
+        via_sql, stored,
+        "both doors record the same rejected outcome"
+    );
+
+    // Same invalid payload again: the same rejected reply.
+    xadd(&mut r, &s, &[("payload", &invalid)]).await;
+    let again = blpop(&mut r, &reply(&env, &rid.to_string())).await;
+    assert_eq!(again, first);
+
+    // Same id, now valid: a conflict, nothing consumed.
+    xadd(&mut r, &s, &[("payload", &consume_payload(rid, user, 5))]).await;
+    let conflict = blpop(&mut r, &reply(&env, &rid.to_string())).await;
+    assert_eq!(conflict["status"], "request_id_conflict", "{conflict}");
+    assert_eq!(balance(&env, user).await, 100);
+    assert_eq!(row(rid).await, Some(stored));
+
+    // The invalid entries are still dead-lettered.
+    wait_until(T, "two dead letters", || async {
+        (dead_letter_reasons(&env).await.len() == 2).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
