@@ -812,6 +812,40 @@ async fn invalid_queue_input_is_a_stored_rejected_outcome_like_the_sql_door() {
     .await;
 }
 
+/// A crash between the dead-letter insert and the XACK redelivers the entry; dead-lettering it
+/// again keeps one row. Only the worker can read the table (not even service_role).
+#[tokio::test]
+async fn dead_lettering_an_entry_twice_stores_it_once() {
+    use tokenwarden::queue::dead_letter;
+    use tokenwarden::queue::entry::StreamEntry;
+    let env = TestEnv::new().await;
+    let entry = StreamEntry {
+        job_type: "consume_tokens".into(),
+        stream: stream(&env, "consume_tokens").into(),
+        id: "1700000000000-0".into(),
+        fields: vec![("payload".into(), b"not json".to_vec())],
+        deliveries: 1,
+    };
+    let first = dead_letter::insert(&env.pool, &entry, "not valid JSON")
+        .await
+        .unwrap();
+    let second = dead_letter::insert(&env.pool, &entry, "not valid JSON")
+        .await
+        .unwrap();
+    assert_eq!(first, second);
+    assert_eq!(dead_letter_reasons(&env).await.len(), 1);
+    for role in ["anon", "authenticated", "service_role"] {
+        let can: bool = sqlx::query_scalar(
+            "SELECT has_table_privilege($1, 'public.dead_letters', 'SELECT, INSERT, UPDATE, DELETE')",
+        )
+        .bind(role)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        assert!(!can, "{role} must not access dead_letters");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_consumptions_for_one_user_end_exact() {
     let env = TestEnv::new().await;
