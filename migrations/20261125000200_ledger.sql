@@ -46,6 +46,9 @@ CREATE TABLE public.ledger_requests (
     created_at    timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 
+-- See token_balance_history_created_brin below.
+CREATE INDEX ledger_requests_created_brin ON public.ledger_requests USING brin (created_at);
+
 -- Append-only: one row per balance change. `amount` is the operation's (positive) amount; `kind`
 -- says the direction: grant adds to balance; consume takes from balance; hold moves from balance
 -- to held; settle charges `amount` from held (the rest of the hold returns to balance, see
@@ -66,6 +69,11 @@ CREATE TABLE public.token_balance_history (
 -- Ascending: new rows land at the end of their user's range, where B-tree splits stay dense
 -- (newest-first reads scan it backwards just as fast).
 CREATE INDEX token_balance_history_user_idx ON public.token_balance_history (user_id, id);
+-- Anomaly detection and detect_high_frequency_requests read recent rows by created_at. Both
+-- tables are append-only, so created_at follows the physical order and a BRIN index (a few
+-- pages, nearly free to maintain on the insert path) narrows those reads to the recent blocks.
+CREATE INDEX token_balance_history_created_brin
+    ON public.token_balance_history USING brin (created_at);
 
 -- Holds (two-phase consumption). hold_id = the request id of the hold operation.
 CREATE TABLE public.token_consumption_locks (
