@@ -812,6 +812,50 @@ async fn invalid_queue_input_is_a_stored_rejected_outcome_like_the_sql_door() {
     .await;
 }
 
+/// An entry XADDed to the stream of a job type nobody serves is not left there forever: the
+/// worker's sweep dead-letters it, answers `rejected` and acknowledges it.
+#[tokio::test]
+async fn entries_of_unknown_job_types_are_dead_lettered_and_answered() {
+    let env = TestEnv::new().await;
+    let mut r = env.redis().await;
+    let s = stream(&env, "no_such_job");
+    let rid = uuid::Uuid::new_v4();
+    let p = serde_json::json!({"request_id": rid, "x": 1}).to_string();
+    xadd(&mut r, &s, &[("payload", &p)]).await;
+    xadd(&mut r, &s, &[("other", "x")]).await;
+    let _w = common::Child::spawn(&env, &["run"], &[]);
+
+    let rep = blpop(&mut r, &reply(&env, &rid.to_string())).await;
+    assert_eq!(rep["status"], "rejected", "{rep}");
+    let reason = rep["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("unknown job type 'no_such_job'") && reason.contains("consume_tokens"),
+        "{reason}"
+    );
+    let dl = wait_until(T, "both entries dead-lettered", || async {
+        let d = dead_letter_reasons(&env).await;
+        (d.len() == 2).then_some(d)
+    })
+    .await;
+    for (job_type, _, why) in &dl {
+        assert_eq!(job_type, "no_such_job");
+        assert!(why.contains("unknown job type"), "{why}");
+    }
+    wait_until(T, "the entries acknowledged", || async {
+        let pending: redis::Value = redis::cmd("XPENDING")
+            .arg(&s)
+            .arg("tokenwarden")
+            .query_async(&mut env.redis().await)
+            .await
+            .ok()?;
+        let redis::Value::Array(v) = pending else {
+            return None;
+        };
+        (v.first() == Some(&redis::Value::Int(0))).then_some(())
+    })
+    .await;
+}
+
 /// A crash between the dead-letter insert and the XACK redelivers the entry; dead-lettering it
 /// again keeps one row. Only the worker can read the table (not even service_role).
 #[tokio::test]
