@@ -46,6 +46,9 @@ CREATE TABLE public.ledger_requests (
     created_at    timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 
+-- See token_balance_history_created_brin below.
+CREATE INDEX ledger_requests_created_brin ON public.ledger_requests USING brin (created_at);
+
 -- Append-only: one row per balance change. `amount` is the operation's (positive) amount; `kind`
 -- says the direction: grant adds to balance; consume takes from balance; hold moves from balance
 -- to held; settle charges `amount` from held (the rest of the hold returns to balance, see
@@ -66,6 +69,11 @@ CREATE TABLE public.token_balance_history (
 -- Ascending: new rows land at the end of their user's range, where B-tree splits stay dense
 -- (newest-first reads scan it backwards just as fast).
 CREATE INDEX token_balance_history_user_idx ON public.token_balance_history (user_id, id);
+-- Anomaly detection and detect_high_frequency_requests read recent rows by created_at. Both
+-- tables are append-only, so created_at follows the physical order and a BRIN index (a few
+-- pages, nearly free to maintain on the insert path) narrows those reads to the recent blocks.
+CREATE INDEX token_balance_history_created_brin
+    ON public.token_balance_history USING brin (created_at);
 
 -- Holds (two-phase consumption). hold_id = the request id of the hold operation.
 CREATE TABLE public.token_consumption_locks (
@@ -208,6 +216,10 @@ DECLARE
     a_granted bigint[];
     a_consumed bigint[];
     a_blocked boolean[];
+    -- The account row was seen (and locked) by the lock query. A row inserted by a concurrent,
+    -- still uncommitted transaction is not: its slot reads as an empty account and the batch
+    -- must never write it (see step 5).
+    a_found boolean[];
     -- holds (slots, sorted by hold id)
     h_id uuid[];
     h_slot integer[];
@@ -276,10 +288,11 @@ BEGIN
 
     SELECT pg_catalog.array_agg(q.uid), pg_catalog.array_agg(q.balance),
            pg_catalog.array_agg(q.held), pg_catalog.array_agg(q.lifetime_granted),
-           pg_catalog.array_agg(q.lifetime_consumed), pg_catalog.array_agg(q.blocked)
-      INTO a_user, a_balance, a_held, a_granted, a_consumed, a_blocked
+           pg_catalog.array_agg(q.lifetime_consumed), pg_catalog.array_agg(q.blocked),
+           pg_catalog.array_agg(q.found)
+      INTO a_user, a_balance, a_held, a_granted, a_consumed, a_blocked, a_found
       FROM (
-        SELECT u.uid, coalesce(c.balance, 0) AS balance, coalesce(c.held, 0) AS held,
+        SELECT u.uid, c.user_id IS NOT NULL AS found, coalesce(c.balance, 0) AS balance, coalesce(c.held, 0) AS held,
                coalesce(c.lifetime_granted, 0) AS lifetime_granted,
                coalesce(c.lifetime_consumed, 0) AS lifetime_consumed,
                EXISTS (SELECT 1 FROM public.token_anomalies an
@@ -479,6 +492,13 @@ BEGIN
 
         ELSIF k = 'grant' THEN
             s := op_slot[i];
+            IF NOT a_found[s] THEN
+                -- Step 1 inserted (or waited for a concurrent insert of) this account before
+                -- the lock query, so it must have been seen; if not, retry the whole batch
+                -- rather than lose the grant.
+                RAISE EXCEPTION 'tw_ledger_apply: account % of a grant was not locked', a_user[s]
+                    USING ERRCODE = '40001';
+            END IF;
             IF a > c_max - a_balance[s] OR a > c_max - a_granted[s] THEN
                 o_status[i] := 'rejected';
                 o_reason[i] := 'the grant would overflow the account''s 64-bit totals';
@@ -576,12 +596,20 @@ BEGIN
     END LOOP;
 
     -- 5. Write: one UPDATE per changed account, bulk inserts for the rest.
+    --    Only accounts the lock query found (and so locked): an account it did not see may have
+    --    been inserted by a concurrent transaction (a grant) that commits before this UPDATE
+    --    takes its snapshot; writing our empty-account view over it would lose that grant. An
+    --    account not found is never changed by the batch: a grant's account is inserted before
+    --    the lock query (checked in the loop), a consume or hold needs a balance > 0, and a
+    --    settle/release needs a committed hold, whose account was committed with it.
     UPDATE public.credit_accounts c
        SET balance = x.b, held = x.h, lifetime_granted = x.g, lifetime_consumed = x.c,
            updated_at = v_now
-      FROM unnest(a_user, a_balance, a_held, a_granted, a_consumed) AS x(u, b, h, g, c)
+      FROM unnest(a_user, a_balance, a_held, a_granted, a_consumed, a_found)
+           AS x(u, b, h, g, c, f)
      WHERE c.user_id = ANY (a_user)  -- lets the planner fetch only these rows
        AND c.user_id = x.u
+       AND x.f
        AND (c.balance, c.held, c.lifetime_granted, c.lifetime_consumed)
            IS DISTINCT FROM (x.b, x.h, x.g, x.c);
 

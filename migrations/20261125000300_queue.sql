@@ -6,7 +6,7 @@
 -- puts the stored fields back on the stream and sets `retried_at`.
 --
 -- Only the worker (table owner) reads and writes this table: RLS is enabled with no policy,
--- so anon / authenticated see nothing and cannot write.
+-- so anon / authenticated / service_role see nothing and cannot write.
 
 CREATE TABLE IF NOT EXISTS public.dead_letters (
     id          bigserial PRIMARY KEY,
@@ -24,7 +24,11 @@ CREATE INDEX IF NOT EXISTS dead_letters_job_type_created_idx
     ON public.dead_letters (job_type, created_at DESC);
 CREATE INDEX IF NOT EXISTS dead_letters_created_idx
     ON public.dead_letters (created_at);
+-- One dead letter per stream entry: a crash between the insert and the XACK redelivers the
+-- entry, and its second dead-lettering must not store it twice.
+CREATE UNIQUE INDEX IF NOT EXISTS dead_letters_stream_entry_key
+    ON public.dead_letters (stream, entry_id);
 
 ALTER TABLE public.dead_letters ENABLE ROW LEVEL SECURITY;
-REVOKE ALL ON public.dead_letters FROM anon, authenticated;
-REVOKE ALL ON SEQUENCE public.dead_letters_id_seq FROM anon, authenticated;
+REVOKE ALL ON public.dead_letters FROM anon, authenticated, service_role;
+REVOKE ALL ON SEQUENCE public.dead_letters_id_seq FROM anon, authenticated, service_role;

@@ -42,6 +42,21 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// An endpoint for display where its path, query or user info may hold a secret (RPC
+/// providers put the API key in the path, e.g. `…/v2/KEY`): `scheme://host[:port]/…` only.
+pub fn redact_endpoint(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(u) => {
+            let host = u.host_str().unwrap_or("");
+            match u.port() {
+                Some(p) => format!("{}://{host}:{p}/…", u.scheme()),
+                None => format!("{}://{host}/…", u.scheme()),
+            }
+        }
+        Err(_) => "<unparseable url>".to_string(),
+    }
+}
+
 /// Opens the Postgres pool. Each connection gets a `statement_timeout` so a stuck query cannot
 /// hold row locks forever.
 pub async fn connect_postgres(cfg: &DatabaseConfig) -> Result<PgPool, StoreError> {
@@ -77,4 +92,33 @@ pub async fn connect_redis(cfg: &RedisConfig) -> Result<redis::aio::ConnectionMa
     redis::aio::ConnectionManager::new_with_config(client, config)
         .await
         .map_err(err)
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact_endpoint;
+
+    #[test]
+    fn redact_endpoint_keeps_only_scheme_host_and_port() {
+        assert_eq!(
+            redact_endpoint("https://eth-mainnet.g.alchemy.com/v2/SECRETKEY?x=1"),
+            "https://eth-mainnet.g.alchemy.com/…"
+        );
+        assert_eq!(
+            redact_endpoint("wss://user:pass@rpc.example.org:8546/ws/KEY#frag"),
+            "wss://rpc.example.org:8546/…"
+        );
+        assert_eq!(
+            redact_endpoint("http://127.0.0.1:8545"),
+            "http://127.0.0.1:8545/…"
+        );
+        assert_eq!(redact_endpoint("not a url KEY"), "<unparseable url>");
+        for out in [
+            redact_endpoint("https://h/v2/SECRETKEY"),
+            redact_endpoint("https://SECRETKEY@h/"),
+            redact_endpoint("https://h/?key=SECRETKEY"),
+        ] {
+            assert!(!out.contains("SECRETKEY"), "{out}");
+        }
+    }
 }

@@ -460,6 +460,144 @@ async fn concurrent_batches_over_many_users_do_not_deadlock() {
     }
 }
 
+/// A new user's first grant racing with a consume of the same user: the consume's lock query
+/// cannot see the account row the uncommitted grant inserted, so the consume reads an empty
+/// account. If the grant commits before the consume batch writes its accounts, the batch must
+/// not write its empty view over the granted row (the grant would be lost).
+#[tokio::test]
+async fn first_grants_racing_with_consumes_are_never_lost() {
+    let env = TestEnv::new().await;
+    let l = ledger(&env);
+    const USERS: usize = 1500;
+    const ROUND: usize = 50;
+    const GRANT: i64 = 100;
+    const SPEND: i64 = 10;
+    let users: Vec<UserId> = (0..USERS).map(|_| uid()).collect();
+    let mut grant_out: HashMap<Uuid, Value> = HashMap::new();
+    let mut consume_out: HashMap<Uuid, OutcomeStatus> = HashMap::new();
+    for chunk in users.chunks(ROUND) {
+        // The grants: one SQL-door call per user, each its own transaction on its own
+        // connection, started together with the consume batch of the same users.
+        let grants = futures::future::join_all(chunk.iter().map(|u| {
+            let pool = env.pool.clone();
+            let u = u.0;
+            tokio::spawn(async move { (u, add_tokens_sql(&pool, u, GRANT, None).await) })
+        }));
+        let ops: Vec<LedgerOp> = chunk.iter().map(|u| consume(rid(), *u, SPEND)).collect();
+        let l2 = l.clone();
+        let consumes = tokio::spawn(async move {
+            let out = l2.apply(&ops).await.expect("consume batch");
+            (ops, out)
+        });
+        let (grants, consumes) = tokio::join!(grants, consumes);
+        for g in grants {
+            let (u, v) = g.expect("grant task");
+            grant_out.insert(u, v);
+        }
+        let (ops, out) = consumes.expect("consume task");
+        for (op, o) in ops.iter().zip(out) {
+            let LedgerOp::Consume { user_id, .. } = op else {
+                unreachable!()
+            };
+            consume_out.insert(user_id.0, o.status);
+        }
+    }
+    let rows = sqlx::query_as::<_, (Uuid, i64, i64, i64, i64, i64, i64)>(
+        "SELECT c.user_id, c.balance, c.held, c.lifetime_granted, c.lifetime_consumed,                 coalesce(sum(h.amount) FILTER (WHERE h.kind = 'grant'), 0)::bigint,                 coalesce(sum(h.amount) FILTER (WHERE h.kind = 'consume'), 0)::bigint            FROM public.credit_accounts c            LEFT JOIN public.token_balance_history h ON h.user_id = c.user_id           WHERE c.user_id = ANY ($1)           GROUP BY c.user_id, c.balance, c.held, c.lifetime_granted, c.lifetime_consumed",
+    )
+    .bind(users.iter().map(|u| u.0).collect::<Vec<_>>())
+    .fetch_all(&env.pool)
+    .await
+    .expect("read accounts");
+    assert_eq!(rows.len(), USERS, "every granted user has an account");
+    let mut consumed = 0;
+    let mut lost = Vec::new();
+    for (u, balance, held, granted, spent, hist_granted, hist_spent) in rows {
+        let g = &grant_out[&u];
+        assert_eq!(g["success"], json!(true), "grant of {u}: {g}");
+        let c = consume_out[&u];
+        if granted != hist_granted || balance != hist_granted - hist_spent {
+            lost.push(u);
+            continue;
+        }
+        assert_eq!(hist_granted, GRANT, "{u}: one grant in history");
+        assert_eq!(held, 0);
+        assert_eq!(spent, hist_spent, "{u}: lifetime_consumed = history");
+        match c {
+            OutcomeStatus::Consumed => {
+                consumed += 1;
+                assert_eq!((balance, hist_spent), (GRANT - SPEND, SPEND), "{u}");
+            }
+            OutcomeStatus::InsufficientTokens => {
+                assert_eq!((balance, hist_spent), (GRANT, 0), "{u}");
+            }
+            other => panic!("consume of {u}: unexpected {other:?}"),
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} of {USERS} users lost their grant (e.g. {:?})",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    eprintln!("{consumed} of {USERS} consumes ran after their grant");
+}
+
+/// NUL cannot be stored in Postgres text: the SQL door refuses it before the function runs
+/// (nothing stored), and in the worker's batcher one such op fails alone while the rest of its
+/// batch is applied (the queue's parser rejects NUL earlier; this is the second line).
+#[tokio::test]
+async fn a_nul_label_fails_alone_and_the_rest_of_its_batch_is_applied() {
+    use std::sync::Arc;
+    use tokenwarden::ledger::batcher::{ApplyBatch, Batcher};
+    let env = TestEnv::new().await;
+    let l = ledger(&env);
+    let user = uid();
+    apply_one(&l, grant(rid(), user, 1000)).await;
+
+    let bad_rid = Uuid::new_v4();
+    let err = sqlx::query_scalar::<_, Value>(
+        "SELECT public.consume_tokens_atomic($1, $2, 1, $3, '{}'::jsonb)",
+    )
+    .bind(bad_rid)
+    .bind(user.0)
+    .bind("chat\u{0}x")
+    .fetch_one(&env.pool)
+    .await
+    .expect_err("Postgres text cannot hold NUL");
+    let code = err
+        .as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.to_string());
+    assert_eq!(code.as_deref(), Some("22021"), "{err}");
+    assert_eq!(stored(&env.pool, bad_rid).await, None);
+
+    let ledger_arc: Arc<dyn ApplyBatch> = Arc::new(l.clone());
+    let (batcher, _task) = Batcher::spawn(ledger_arc, 100);
+    let mut ops: Vec<LedgerOp> = (0..20).map(|_| consume(rid(), user, 1)).collect();
+    let LedgerOp::Consume { operation_type, .. } = &mut ops[7] else {
+        unreachable!()
+    };
+    *operation_type = "bad\u{0}".into();
+    let results = futures::future::join_all(ops.iter().cloned().map(|op| {
+        let b = batcher.clone();
+        async move { b.apply(op).await }
+    }))
+    .await;
+    for (i, r) in results.iter().enumerate() {
+        if i == 7 {
+            let e = r.as_ref().expect_err("the NUL op fails");
+            assert!(e.bad_data, "{e:?}");
+        } else {
+            let o = r
+                .as_ref()
+                .unwrap_or_else(|e| panic!("op {i} failed with the bad one: {e:?}"));
+            assert_eq!(o.status, OutcomeStatus::Consumed, "op {i}");
+        }
+    }
+    assert_eq!(account(&env.pool, user.0).await, Some((1000 - 19, 0)));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Holds
 // ---------------------------------------------------------------------------------------------

@@ -600,6 +600,18 @@ async fn bad_ledger_input_is_dead_lettered_and_the_worker_keeps_going() {
             serde_json::json!({"user_id": user, "amount": 1, "operation_type": "a", "metadata": {"blob": big}}),
             "metadata is",
         ),
+        (
+            serde_json::json!({"user_id": user, "amount": 1, "operation_type": "a\u{0}b"}),
+            "operation_type must not contain NUL (\\u0000)",
+        ),
+        (
+            serde_json::json!({"user_id": user, "amount": 1, "operation_type": "a", "metadata": {"k\u{0}": 1}}),
+            "metadata must not contain NUL (\\u0000)",
+        ),
+        (
+            serde_json::json!({"user_id": user, "amount": 1, "operation_type": "a", "metadata": {"k": ["\u{0}"]}}),
+            "metadata must not contain NUL (\\u0000)",
+        ),
     ];
     let mut rids = Vec::new();
     for (mut p, _) in cases.clone() {
@@ -703,6 +715,181 @@ async fn bad_ledger_input_is_dead_lettered_and_the_worker_keeps_going() {
         .expect("purge");
     assert!(out.status.success());
     assert!(dead_letter_reasons(&env).await.is_empty());
+}
+
+/// Invalid input through the queue door is a durable `rejected` outcome of its request id, as
+/// through the SQL door: readable in ledger_requests, the same reply on a resend of the same
+/// payload, and `request_id_conflict` (nothing applied) when the id comes back with valid fields.
+#[tokio::test]
+async fn invalid_queue_input_is_a_stored_rejected_outcome_like_the_sql_door() {
+    let env = TestEnv::new().await;
+    let _w = common::Child::spawn(&env, &["run"], &[]);
+    let mut r = env.redis().await;
+    let user = uuid::Uuid::new_v4();
+    grant(&env, &mut r, user, 100).await;
+    let s = stream(&env, "consume_tokens");
+
+    let rid = uuid::Uuid::new_v4();
+    let invalid = consume_payload(rid, user, 0);
+    xadd(&mut r, &s, &[("payload", &invalid)]).await;
+    let first = blpop(&mut r, &reply(&env, &rid.to_string())).await;
+    assert_eq!(first["status"], "rejected", "{first}");
+    assert!(
+        first["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("positive"),
+        "{first}"
+    );
+
+    type Row = (
+        String,
+        Option<uuid::Uuid>,
+        Option<i64>,
+        Option<String>,
+        String,
+        Option<String>,
+    );
+    let row = |id: uuid::Uuid| {
+        let pool = env.pool.clone();
+        async move {
+            sqlx::query_as::<_, Row>(
+                "SELECT kind, user_id, amount, label, status, reason \
+                   FROM public.ledger_requests WHERE request_id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let stored = row(rid)
+        .await
+        .expect("the rejection is stored under its request id");
+    assert_eq!(
+        (
+            stored.0.as_str(),
+            stored.1,
+            stored.2,
+            stored.3.as_deref(),
+            stored.4.as_str()
+        ),
+        ("consume", Some(user), Some(0), Some("chat"), "rejected")
+    );
+    assert_eq!(
+        Some(stored.5.clone().unwrap_or_default()),
+        first["reason"].as_str().map(str::to_string)
+    );
+
+    // The SQL door stores the same outcome for the same input.
+    let sql_rid = uuid::Uuid::new_v4();
+    sqlx::query("SELECT public.consume_tokens_atomic($1, $2, 0, 'chat', '{}'::jsonb)")
+        .bind(sql_rid)
+        .bind(user)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let via_sql = row(sql_rid).await.expect("SQL door stores its rejection");
+    assert_eq!(
+        via_sql, stored,
+        "both doors record the same rejected outcome"
+    );
+
+    // Same invalid payload again: the same rejected reply.
+    xadd(&mut r, &s, &[("payload", &invalid)]).await;
+    let again = blpop(&mut r, &reply(&env, &rid.to_string())).await;
+    assert_eq!(again, first);
+
+    // Same id, now valid: a conflict, nothing consumed.
+    xadd(&mut r, &s, &[("payload", &consume_payload(rid, user, 5))]).await;
+    let conflict = blpop(&mut r, &reply(&env, &rid.to_string())).await;
+    assert_eq!(conflict["status"], "request_id_conflict", "{conflict}");
+    assert_eq!(balance(&env, user).await, 100);
+    assert_eq!(row(rid).await, Some(stored));
+
+    // The invalid entries are still dead-lettered.
+    wait_until(T, "two dead letters", || async {
+        (dead_letter_reasons(&env).await.len() == 2).then_some(())
+    })
+    .await;
+}
+
+/// An entry XADDed to the stream of a job type nobody serves is not left there forever: the
+/// worker's sweep dead-letters it, answers `rejected` and acknowledges it.
+#[tokio::test]
+async fn entries_of_unknown_job_types_are_dead_lettered_and_answered() {
+    let env = TestEnv::new().await;
+    let mut r = env.redis().await;
+    let s = stream(&env, "no_such_job");
+    let rid = uuid::Uuid::new_v4();
+    let p = serde_json::json!({"request_id": rid, "x": 1}).to_string();
+    xadd(&mut r, &s, &[("payload", &p)]).await;
+    xadd(&mut r, &s, &[("other", "x")]).await;
+    let _w = common::Child::spawn(&env, &["run"], &[]);
+
+    let rep = blpop(&mut r, &reply(&env, &rid.to_string())).await;
+    assert_eq!(rep["status"], "rejected", "{rep}");
+    let reason = rep["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("unknown job type 'no_such_job'") && reason.contains("consume_tokens"),
+        "{reason}"
+    );
+    let dl = wait_until(T, "both entries dead-lettered", || async {
+        let d = dead_letter_reasons(&env).await;
+        (d.len() == 2).then_some(d)
+    })
+    .await;
+    for (job_type, _, why) in &dl {
+        assert_eq!(job_type, "no_such_job");
+        assert!(why.contains("unknown job type"), "{why}");
+    }
+    wait_until(T, "the entries acknowledged", || async {
+        let pending: redis::Value = redis::cmd("XPENDING")
+            .arg(&s)
+            .arg("tokenwarden")
+            .query_async(&mut env.redis().await)
+            .await
+            .ok()?;
+        let redis::Value::Array(v) = pending else {
+            return None;
+        };
+        (v.first() == Some(&redis::Value::Int(0))).then_some(())
+    })
+    .await;
+}
+
+/// A crash between the dead-letter insert and the XACK redelivers the entry; dead-lettering it
+/// again keeps one row. Only the worker can read the table (not even service_role).
+#[tokio::test]
+async fn dead_lettering_an_entry_twice_stores_it_once() {
+    use tokenwarden::queue::dead_letter;
+    use tokenwarden::queue::entry::StreamEntry;
+    let env = TestEnv::new().await;
+    let entry = StreamEntry {
+        job_type: "consume_tokens".into(),
+        stream: stream(&env, "consume_tokens").into(),
+        id: "1700000000000-0".into(),
+        fields: vec![("payload".into(), b"not json".to_vec())],
+        deliveries: 1,
+    };
+    let first = dead_letter::insert(&env.pool, &entry, "not valid JSON")
+        .await
+        .unwrap();
+    let second = dead_letter::insert(&env.pool, &entry, "not valid JSON")
+        .await
+        .unwrap();
+    assert_eq!(first, second);
+    assert_eq!(dead_letter_reasons(&env).await.len(), 1);
+    for role in ["anon", "authenticated", "service_role"] {
+        let can: bool = sqlx::query_scalar(
+            "SELECT has_table_privilege($1, 'public.dead_letters', 'SELECT, INSERT, UPDATE, DELETE')",
+        )
+        .bind(role)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        assert!(!can, "{role} must not access dead_letters");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,10 @@
 //! previous one commits), calls [`ApplyBatch::apply`] once per batch (one Postgres
 //! transaction), and answers every handler. Only then do the handlers resolve, so the queue
 //! acknowledges entries after their commit. A database error fails the whole batch: every
-//! handler gets it as a retryable error and its entry is redelivered.
+//! handler gets it as a retryable error and its entry is redelivered. Except a data error
+//! (SQLSTATE class 22, e.g. a value Postgres cannot store): one bad operation must not fail the
+//! others, so the batch is re-applied one operation at a time and only the bad one fails, as
+//! [`BatchError::bad_data`] (its job is rejected, not retried).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,7 +17,24 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{LedgerOp, Outcome};
+use super::{LedgerOp, Outcome, RejectedRequest};
+
+/// Why a batch (or one operation) could not be applied.
+#[derive(Debug, Clone)]
+pub struct BatchError {
+    pub message: String,
+    /// Postgres refused the operation's data (SQLSTATE class 22): retrying cannot help.
+    pub bad_data: bool,
+}
+
+impl BatchError {
+    fn retryable(message: String) -> Self {
+        Self {
+            message,
+            bad_data: false,
+        }
+    }
+}
 
 /// What the batcher needs from the ledger: apply a batch in one transaction, outcomes aligned
 /// with the input.
@@ -22,15 +42,22 @@ pub trait ApplyBatch: Send + Sync + 'static {
     fn apply_batch<'a>(
         &'a self,
         ops: &'a [LedgerOp],
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<Outcome>, String>> + Send + 'a>>;
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<Outcome>, BatchError>> + Send + 'a>>;
+
+    /// Records an invalid request's `rejected` outcome (see [`super::Ledger::record_rejected`]).
+    fn record_rejected<'a>(
+        &'a self,
+        r: &'a RejectedRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<Outcome, BatchError>> + Send + 'a>>;
 }
 
-type Request = (LedgerOp, oneshot::Sender<Result<Outcome, String>>);
+type Request = (LedgerOp, oneshot::Sender<Result<Outcome, BatchError>>);
 
 /// Submits operations to the batching task. Cheap to clone.
 #[derive(Clone)]
 pub struct Batcher {
     tx: mpsc::Sender<Request>,
+    ledger: Arc<dyn ApplyBatch>,
 }
 
 impl Batcher {
@@ -41,19 +68,24 @@ impl Batcher {
     ) -> (Batcher, tokio::task::JoinHandle<()>) {
         let max_batch = max_batch.max(1);
         let (tx, rx) = mpsc::channel(max_batch * 4);
-        let task = tokio::spawn(run(ledger, max_batch, rx));
-        (Batcher { tx }, task)
+        let task = tokio::spawn(run(ledger.clone(), max_batch, rx));
+        (Batcher { tx, ledger }, task)
     }
 
-    /// Applies `op` with the next batch; the error is why the batch failed (retryable).
-    pub async fn apply(&self, op: LedgerOp) -> Result<Outcome, String> {
+    /// Records an invalid request's `rejected` outcome, outside the batches (rare).
+    pub async fn record_rejected(&self, r: &RejectedRequest) -> Result<Outcome, BatchError> {
+        self.ledger.record_rejected(r).await
+    }
+
+    /// Applies `op` with the next batch; the error is why the batch (or this op) failed.
+    pub async fn apply(&self, op: LedgerOp) -> Result<Outcome, BatchError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send((op, tx))
             .await
-            .map_err(|_| "ledger batcher has stopped".to_string())?;
+            .map_err(|_| BatchError::retryable("ledger batcher has stopped".into()))?;
         rx.await
-            .map_err(|_| "ledger batcher dropped the operation".to_string())?
+            .map_err(|_| BatchError::retryable("ledger batcher dropped the operation".into()))?
     }
 }
 
@@ -87,11 +119,26 @@ async fn run(ledger: Arc<dyn ApplyBatch>, max_batch: usize, mut rx: mpsc::Receiv
                 );
                 tracing::error!("{msg}");
                 for reply in replies {
-                    let _ = reply.send(Err(msg.clone()));
+                    let _ = reply.send(Err(BatchError::retryable(msg.clone())));
+                }
+            }
+            Err(e) if e.bad_data && ops.len() > 1 => {
+                tracing::warn!(error = %e.message, batch = ops.len(), "ledger batch refused data; applying its operations one by one");
+                metrics::counter!("tokenwarden_ledger_batch_splits_total").increment(1);
+                for (op, reply) in ops.iter().zip(replies) {
+                    let one = ledger.apply_batch(std::slice::from_ref(op)).await;
+                    let _ = reply.send(match one {
+                        Ok(mut o) if o.len() == 1 => Ok(o.remove(0)),
+                        Ok(o) => Err(BatchError::retryable(format!(
+                            "ledger returned {} outcomes for 1 operation",
+                            o.len()
+                        ))),
+                        Err(e) => Err(e),
+                    });
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, batch = ops.len(), "ledger batch failed; its jobs will be redelivered");
+                tracing::warn!(error = %e.message, batch = ops.len(), "ledger batch failed; its jobs will be redelivered");
                 for reply in replies {
                     let _ = reply.send(Err(e.clone()));
                 }
@@ -104,7 +151,23 @@ impl ApplyBatch for super::Ledger {
     fn apply_batch<'a>(
         &'a self,
         ops: &'a [LedgerOp],
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<Outcome>, String>> + Send + 'a>> {
-        Box::pin(async move { self.apply(ops).await.map_err(|e| e.to_string()) })
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<Outcome>, BatchError>> + Send + 'a>> {
+        Box::pin(async move {
+            self.apply(ops).await.map_err(|e| BatchError {
+                bad_data: e.is_data_error(),
+                message: e.to_string(),
+            })
+        })
+    }
+
+    fn record_rejected<'a>(
+        &'a self,
+        r: &'a RejectedRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<Outcome, BatchError>> + Send + 'a>> {
+        Box::pin(async move {
+            super::Ledger::record_rejected(self, r)
+                .await
+                .map_err(|e| BatchError::retryable(e.to_string()))
+        })
     }
 }

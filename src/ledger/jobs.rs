@@ -10,7 +10,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use super::batcher::Batcher;
-use super::{Credits, LedgerConfig, LedgerOp, RequestId, UserId};
+use super::{Credits, LedgerConfig, LedgerOp, OutcomeStatus, RejectedRequest, RequestId, UserId};
 use crate::queue::{JobError, JobFuture, JobHandler, JobRegistry};
 
 /// Which ledger operation a job type carries.
@@ -31,6 +31,17 @@ impl LedgerJobKind {
         LedgerJobKind::Settle,
         LedgerJobKind::Release,
     ];
+
+    /// The operation kind as `tw_ledger_apply` and `ledger_requests.kind` name it.
+    pub fn op_kind(self) -> &'static str {
+        match self {
+            LedgerJobKind::Consume => "consume",
+            LedgerJobKind::Grant => "grant",
+            LedgerJobKind::Hold => "hold",
+            LedgerJobKind::Settle => "settle",
+            LedgerJobKind::Release => "release",
+        }
+    }
 
     /// The job type (stream suffix).
     pub fn job_type(self) -> &'static str {
@@ -199,6 +210,10 @@ fn check_amount(payload: &serde_json::Value) -> Result<(), String> {
 }
 
 fn text(field: &str, v: String, max_chars: usize) -> Result<String, String> {
+    // Postgres text cannot hold NUL: one such op would fail its whole batch.
+    if v.contains('\0') {
+        return Err(format!("{field} must not contain NUL (\\u0000)"));
+    }
     let n = v.chars().count();
     if n == 0 || n > max_chars {
         return Err(format!(
@@ -212,6 +227,11 @@ fn metadata(v: Option<serde_json::Value>, cfg: &LedgerConfig) -> Result<serde_js
     match v {
         None | Some(serde_json::Value::Null) => Ok(serde_json::Value::Object(Default::default())),
         Some(m @ serde_json::Value::Object(_)) => {
+            if has_nul(&m) {
+                return Err(
+                    "metadata must not contain NUL (\\u0000) in keys or string values".into(),
+                );
+            }
             let size = m.to_string().len();
             if size > cfg.metadata_max_bytes {
                 return Err(format!(
@@ -223,6 +243,75 @@ fn metadata(v: Option<serde_json::Value>, cfg: &LedgerConfig) -> Result<serde_js
         }
         Some(_) => Err("metadata must be a JSON object".into()),
     }
+}
+
+/// Postgres jsonb cannot hold NUL in a key or a string value.
+fn has_nul(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(a) => a.iter().any(has_nul),
+        serde_json::Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
+/// What can be read of an invalid payload whose request id is a UUID, to record its
+/// `rejected` outcome as the SQL door would (same columns: the id's kind, its user or hold,
+/// amount, label, ttl and metadata, each when it has the right type; NUL, which Postgres
+/// cannot store, makes a text or metadata unreadable). `None` when the request id is not a
+/// UUID: then only the dead letter keeps the entry.
+pub fn rejected_request(
+    kind: LedgerJobKind,
+    payload: &serde_json::Value,
+    reason: &str,
+) -> Option<RejectedRequest> {
+    let request_id = payload.get("request_id")?.as_str()?.parse::<Uuid>().ok()?;
+    let uuid = |f: &str| payload.get(f)?.as_str()?.parse::<Uuid>().ok();
+    let string = |f: &str| {
+        payload
+            .get(f)?
+            .as_str()
+            .filter(|s| !s.contains('\0'))
+            .map(str::to_string)
+    };
+    let (user_id, hold_id) = match kind {
+        LedgerJobKind::Consume | LedgerJobKind::Grant | LedgerJobKind::Hold => {
+            (uuid("user_id"), None)
+        }
+        LedgerJobKind::Settle | LedgerJobKind::Release => (None, uuid("hold_id")),
+    };
+    let label = match kind {
+        LedgerJobKind::Consume | LedgerJobKind::Hold => string("operation_type"),
+        LedgerJobKind::Grant => string("reason"),
+        LedgerJobKind::Settle | LedgerJobKind::Release => None,
+    };
+    let amount = match kind {
+        LedgerJobKind::Release => None,
+        _ => payload.get("amount").and_then(serde_json::Value::as_i64),
+    };
+    let ttl_secs = match kind {
+        LedgerJobKind::Hold => match payload.get("ttl_secs") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(t) => t.as_i64().and_then(|t| i32::try_from(t).ok()),
+        },
+        _ => None,
+    };
+    let metadata = match payload.get("metadata") {
+        None | Some(serde_json::Value::Null) => Some(serde_json::json!({})),
+        Some(m) if !has_nul(m) => Some(m.clone()),
+        Some(_) => None,
+    };
+    Some(RejectedRequest {
+        request_id,
+        kind: kind.op_kind(),
+        user_id,
+        hold_id,
+        amount,
+        label,
+        ttl_secs,
+        metadata,
+        reason: reason.replace('\0', "\\u0000"),
+    })
 }
 
 /// Serves one ledger job type: validate, then apply through the batcher.
@@ -244,11 +333,40 @@ impl JobHandler for LedgerJob {
     }
 
     fn handle(&self, payload: serde_json::Value) -> JobFuture {
-        let op = parse(self.kind, payload, &self.cfg);
+        let kind = self.kind;
+        let op = parse(kind, payload.clone(), &self.cfg);
         let batcher = self.batcher.clone();
         Box::pin(async move {
-            let op = op.map_err(JobError::Rejected)?;
-            let outcome = batcher.apply(op).await.map_err(JobError::Retryable)?;
+            let op = match op {
+                Ok(op) => op,
+                Err(reason) => {
+                    // Like the SQL door: the rejection is the request id's durable outcome.
+                    let Some(r) = rejected_request(kind, &payload, &reason) else {
+                        return Err(JobError::Rejected(reason));
+                    };
+                    let outcome = batcher
+                        .record_rejected(&r)
+                        .await
+                        .map_err(|e| JobError::Retryable(e.message))?;
+                    return match outcome.status {
+                        // Dead letter + `rejected` reply with the stored reason.
+                        OutcomeStatus::Rejected => {
+                            Err(JobError::Rejected(outcome.reason.unwrap_or(reason)))
+                        }
+                        // The id is another request's: answer as the SQL door does.
+                        _ => serde_json::to_value(&outcome).map_err(|e| {
+                            JobError::Retryable(format!("cannot encode outcome: {e}"))
+                        }),
+                    };
+                }
+            };
+            let outcome = batcher.apply(op).await.map_err(|e| {
+                if e.bad_data {
+                    JobError::Rejected(format!("the ledger refused this job's data: {}", e.message))
+                } else {
+                    JobError::Retryable(e.message)
+                }
+            })?;
             serde_json::to_value(&outcome)
                 .map_err(|e| JobError::Retryable(format!("cannot encode outcome: {e}")))
         })
@@ -334,6 +452,30 @@ mod tests {
         assert!(err.contains("operation_type"), "{err}");
         let err = consume(json!({"user_id": "not-a-uuid"})).unwrap_err();
         assert!(err.contains("UUID") || err.contains("uuid"), "{err}");
+        for (extra, needle) in [
+            (
+                json!({"operation_type": "a\u{0}b"}),
+                "operation_type must not contain NUL",
+            ),
+            (
+                json!({"metadata": {"k\u{0}": 1}}),
+                "metadata must not contain NUL",
+            ),
+            (
+                json!({"metadata": {"k": ["x", {"y": "\u{0}"}]}}),
+                "metadata must not contain NUL",
+            ),
+        ] {
+            let err = consume(extra.clone()).unwrap_err();
+            assert!(
+                err.contains(needle) && err.contains("\\u0000"),
+                "{extra}: {err}"
+            );
+        }
+        let grant = json!({"request_id": Uuid::new_v4(), "user_id": Uuid::new_v4(),
+            "amount": 1, "reason": "\u{0}"});
+        let err = parse(LedgerJobKind::Grant, grant, &cfg()).unwrap_err();
+        assert!(err.contains("reason must not contain NUL"), "{err}");
         let hold = json!({"request_id": Uuid::new_v4(), "user_id": Uuid::new_v4(),
             "amount": 1, "operation_type": "x", "ttl_secs": 7200});
         let err = parse(LedgerJobKind::Hold, hold, &cfg()).unwrap_err();

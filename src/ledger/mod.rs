@@ -11,7 +11,7 @@ pub mod jobs;
 mod store;
 mod types;
 
-pub use store::{AccountView, HistoryEntry, Ledger, LedgerError};
+pub use store::{AccountView, HistoryEntry, Ledger, LedgerError, RejectedRequest};
 pub use types::*;
 
 use serde::Deserialize;

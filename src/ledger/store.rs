@@ -178,6 +178,20 @@ impl Columns {
     }
 }
 
+impl LedgerError {
+    /// Postgres refused a value of the batch (SQLSTATE class 22, e.g. NUL in text): the same
+    /// batch can never succeed, but its other operations may on their own.
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            LedgerError::Apply {
+                source: sqlx::Error::Database(db),
+                ..
+            } => db.code().is_some_and(|c| c.starts_with("22")),
+            _ => false,
+        }
+    }
+}
+
 /// A failure worth retrying the whole chunk for: serialization failure, deadlock, or two
 /// concurrent first uses of one request id (unique violation on the outcome insert; the retry
 /// finds the stored outcome).
@@ -212,9 +226,84 @@ fn row_to_outcome(
 
 type OutcomeRow = (Uuid, String, Option<i64>, Option<i64>, Option<String>);
 
+/// A queue payload that failed validation but carries a readable request id: what of it could
+/// be read, recorded as a `rejected` outcome so the queue door answers like the SQL door (the
+/// outcome is readable by request id; a resend with other fields is a conflict).
+#[derive(Debug, Clone)]
+pub struct RejectedRequest {
+    pub request_id: Uuid,
+    /// consume, grant, hold, settle or release.
+    pub kind: &'static str,
+    pub user_id: Option<Uuid>,
+    pub hold_id: Option<Uuid>,
+    pub amount: Option<i64>,
+    pub label: Option<String>,
+    pub ttl_secs: Option<i32>,
+    pub metadata: Option<serde_json::Value>,
+    pub reason: String,
+}
+
 impl Ledger {
     pub fn new(pool: PgPool, cfg: LedgerConfig) -> Self {
         Ledger { pool, cfg }
+    }
+
+    /// Records `r` as a `rejected` outcome unless its request id is already used. Returns the
+    /// outcome a caller gets, exactly as `tw_ledger_apply` would answer a resend: the stored
+    /// outcome when the stored fields are these, else `request_id_conflict` (not stored).
+    pub async fn record_rejected(&self, r: &RejectedRequest) -> Result<Outcome, LedgerError> {
+        let row = sqlx::query_as::<_, (bool, String, Option<i64>, Option<i64>, Option<String>)>(
+            "WITH ins AS ( \
+               INSERT INTO public.ledger_requests \
+                      (request_id, kind, user_id, hold_id, amount, label, ttl_secs, metadata, \
+                       status, reason) \
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'rejected', $9) \
+               ON CONFLICT (request_id) DO NOTHING \
+               RETURNING status, reason) \
+             SELECT true, i.status, NULL::bigint, NULL::bigint, i.reason FROM ins i \
+             UNION ALL \
+             SELECT (r.kind, CASE WHEN r.kind IN ('consume', 'grant', 'hold') THEN r.user_id END, \
+                     r.hold_id, r.amount, r.label, r.ttl_secs, r.metadata) \
+                    IS NOT DISTINCT FROM \
+                    ($2, CASE WHEN $2 IN ('consume', 'grant', 'hold') THEN $3 END, \
+                     $4, $5, $6, $7, $8), \
+                    r.status, r.balance_after, r.held_after, r.reason \
+               FROM public.ledger_requests r \
+              WHERE r.request_id = $1 AND NOT EXISTS (SELECT 1 FROM ins)",
+        )
+        .bind(r.request_id)
+        .bind(r.kind)
+        .bind(r.user_id)
+        .bind(r.hold_id)
+        .bind(r.amount)
+        .bind(r.label.as_deref())
+        .bind(r.ttl_secs)
+        .bind(r.metadata.as_ref())
+        .bind(&r.reason)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|source| LedgerError::Read {
+            what: format!("recording rejected request {}", r.request_id),
+            source,
+        })?;
+        match row {
+            Some((true, status, balance, held, reason)) => {
+                row_to_outcome(r.request_id, status, balance, held, reason)
+            }
+            Some((false, ..)) => Ok(Outcome {
+                request_id: RequestId(r.request_id),
+                status: OutcomeStatus::RequestIdConflict,
+                balance: None,
+                held: None,
+                reason: Some("request id already used with different fields".into()),
+            }),
+            // The conflicting row was inserted and deleted meanwhile (never happens: outcomes
+            // are not deleted); report it rather than guess.
+            None => Err(LedgerError::OutcomeCount {
+                expected: 1,
+                got: 0,
+            }),
+        }
     }
 
     /// The configuration this ledger validates with.

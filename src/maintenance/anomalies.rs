@@ -481,7 +481,7 @@ async fn deliver_loop(
                 .map_err(|e| AlertError {
                     retryable: true,
                     retry_after: None,
-                    msg: format!("request failed: {e}"),
+                    msg: format!("request failed: {}", e.without_url()),
                 })?;
             let status = resp.status();
             if status.is_success() {

@@ -176,7 +176,7 @@ async fn check_chain(s: &OpsState, chain: &crate::chain::ChainConfig, timeout: D
                 head = Some(h);
                 break;
             }
-            Err(e) => last_err = format!("{}: {e}", crate::store::redact_url(url)),
+            Err(e) => last_err = format!("{}: {e}", crate::store::redact_endpoint(url)),
         }
     }
     let Some(head) = head else {

@@ -193,6 +193,27 @@ pub async fn run_consumers(ctx: &AppContext, registry: JobRegistry) -> Result<()
         redis: ctx.redis.clone(),
         acker: acker.clone(),
     };
+    let sweep = super::unknown::Sweep {
+        redis: ctx.redis.clone(),
+        pool: ctx.pool.clone(),
+        prefix: cfg.redis.prefix.clone(),
+        group: cfg.queue.group.clone(),
+        // The catalogue too: a replica configured without some handlers must not dead-letter
+        // jobs another replica serves.
+        known: {
+            let mut k = registry.job_types();
+            for t in super::KNOWN_JOB_TYPES {
+                if !k.contains(t) {
+                    k.push(t);
+                }
+            }
+            k
+        },
+        acker: acker.clone(),
+    };
+    let sweep_task = tokio::spawn(sweep.run(ctx.shutdown.clone()));
+    // Ends with the consumers (also on the early return below).
+    let sweep_guard = AbortOnDrop(sweep_task);
     if registry.is_empty() {
         tracing::warn!("no job handlers registered; no stream is consumed");
         ctx.shutdown.cancelled().await;
@@ -269,6 +290,7 @@ pub async fn run_consumers(ctx: &AppContext, registry: JobRegistry) -> Result<()
             Ok(())
         })
         .await;
+    drop(sweep_guard);
     acker.flush().await;
     drop(acker);
     drop(shared);
@@ -280,5 +302,14 @@ pub async fn run_consumers(ctx: &AppContext, registry: JobRegistry) -> Result<()
             Ok(())
         }
         Err(e) => Err(QueueError::Other(format!("queue monitor stopped: {e}"))),
+    }
+}
+
+/// Aborts a background task when the scope that owns it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

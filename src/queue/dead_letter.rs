@@ -19,14 +19,23 @@ pub struct DeadLetter {
     pub retried_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-/// Stores `entry` with `reason`. Called before the entry is acknowledged, so a crash in
-/// between redelivers the entry instead of losing it.
+/// Stores `entry` with `reason` and returns its dead letter's id. Called before the entry is
+/// acknowledged, so a crash in between redelivers the entry instead of losing it; the entry's
+/// second dead-lettering then keeps the first row (one row per stream entry).
 pub async fn insert(pool: &PgPool, entry: &StreamEntry, reason: &str) -> Result<i64, QueueError> {
     metrics::counter!("tokenwarden_dead_letters_total", "job_type" => entry.job_type.to_string())
         .increment(1);
     sqlx::query_scalar(
-        "INSERT INTO public.dead_letters (job_type, stream, entry_id, fields, reason, deliveries)
-         VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+        "WITH ins AS (
+             INSERT INTO public.dead_letters (job_type, stream, entry_id, fields, reason, deliveries)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (stream, entry_id) DO NOTHING
+             RETURNING id)
+         SELECT id FROM ins
+         UNION ALL
+         SELECT d.id FROM public.dead_letters d
+          WHERE d.stream = $2 AND d.entry_id = $3 AND NOT EXISTS (SELECT 1 FROM ins)
+         LIMIT 1",
     )
     .bind(entry.job_type.as_ref())
     .bind(entry.stream.as_ref())

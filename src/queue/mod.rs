@@ -31,6 +31,7 @@ pub mod entry;
 pub mod job;
 pub mod reader;
 pub mod registry;
+pub mod unknown;
 
 pub use consumer::run_consumers;
 pub use job::{JobError, JobFuture, JobHandler};
