@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tokenwarden::queue::job::{JobError, JobHandler};
-use tokenwarden::snapshots::goldrush::{ApiKey, GoldRushClient};
 use tokenwarden::snapshots::claim::CrawlClaim;
+use tokenwarden::snapshots::goldrush::{ApiKey, GoldRushClient};
 use tokenwarden::snapshots::store::{self, CheckError, SnapshotStatus};
 use tokenwarden::snapshots::{
     SnapshotCreateHandler, SnapshotOutcome, SnapshotRequest, SnapshotService, SnapshotSource,
@@ -942,7 +942,10 @@ async fn a_repeated_request_during_a_crawl_does_not_reset_it_and_the_snapshot_is
         Some((id, page0.len() as i64)),
         "the repeated request left crawl 1's rows alone"
     );
-    let reply = first.await.expect("crawl 1 task").expect("crawl 1 succeeds");
+    let reply = first
+        .await
+        .expect("crawl 1 task")
+        .expect("crawl 1 succeeds");
     assert_eq!(reply["status"], json!("complete"), "{reply}");
     assert_eq!(reply["snapshot_id"], json!(id));
     assert_eq!(reply["holder_count"], json!(400));
@@ -1037,7 +1040,7 @@ async fn a_claim_excludes_other_sessions_until_released_or_its_session_ends() {
             CrawlClaim::try_claim(&env.pool, id)
                 .await
                 .unwrap()
-                .map(|c| drop(c))
+                .map(drop)
         },
     )
     .await;
