@@ -1,7 +1,8 @@
 //! The `snapshots` and `snapshot_holders` tables (migration `20261125000500_snapshots.sql`).
 //!
 //! Life of a snapshot: inserted `pending`; holders are written page by page (COPY); it becomes
-//! `complete` in one UPDATE once every page is stored, or `failed` with the reason, in the same
+//! `complete` in one UPDATE once every page is stored (and only if the stored rows are exactly the
+//! crawl's own), or `failed` with the reason, in the same
 //! transaction that deletes whatever holder rows it had. Readers and
 //! `verify_address_in_snapshot` only trust `complete` snapshots.
 
