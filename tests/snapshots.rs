@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tokenwarden::queue::job::{JobError, JobHandler};
+use tokenwarden::snapshots::claim::CrawlClaim;
 use tokenwarden::snapshots::goldrush::{ApiKey, GoldRushClient};
 use tokenwarden::snapshots::store::{self, CheckError, SnapshotStatus};
 use tokenwarden::snapshots::{
@@ -837,6 +838,250 @@ async fn snapshot_create_job_replies_and_is_idempotent_per_request_id() {
     assert!(
         reply["error"].as_str().unwrap().contains("not indexed"),
         "{reply}"
+    );
+}
+
+// ---- One crawler per snapshot: repeated requests while a crawl runs ----
+
+/// Mounts a two-page crawl of `TOKEN` at block 100: page 0 answers at once the first time and
+/// slowly after that; page 1 answers after `page1_delay` (so a crawl is mid-flight meanwhile).
+async fn mount_slow_two_page_crawl(
+    server: &MockServer,
+    page0: &[(String, String)],
+    page1: &[(String, String)],
+    page1_delay: Duration,
+) {
+    let mut s0 = spec(TOKEN, page0.to_vec(), 100);
+    s0.has_more = true;
+    s0.total_count = Some((page0.len() + page1.len()) as u64);
+    let mut s1 = spec(TOKEN, page1.to_vec(), 100);
+    s1.page_number = 1;
+    s1.total_count = s0.total_count;
+    Mock::given(method("GET"))
+        .and(path(holders_path("eth-mainnet", TOKEN)))
+        .and(query_param("page-number", "0"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(page(&s0)))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .expect(1)
+        .mount(server)
+        .await;
+    // A second crawl (the bug) re-fetches page 0; it gets it after crawl 1 finished page 1.
+    Mock::given(method("GET"))
+        .and(path(holders_path("eth-mainnet", TOKEN)))
+        .and(query_param("page-number", "0"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(page(&s0))
+                .set_delay(page1_delay * 2),
+        )
+        .with_priority(2)
+        .mount(server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(holders_path("eth-mainnet", TOKEN)))
+        .and(query_param("page-number", "1"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(page(&s1))
+                .set_delay(page1_delay),
+        )
+        .with_priority(1)
+        .mount(server)
+        .await;
+}
+
+async fn holder_count_of_request(env: &TestEnv, request_id: Uuid) -> Option<(Uuid, i64)> {
+    sqlx::query_as(
+        "SELECT s.id, (SELECT count(*) FROM snapshot_holders h WHERE h.snapshot_id = s.id) \
+         FROM snapshots s WHERE s.request_id = $1",
+    )
+    .bind(request_id)
+    .fetch_optional(&env.pool)
+    .await
+    .expect("read snapshot")
+}
+
+#[tokio::test]
+async fn a_repeated_request_during_a_crawl_does_not_reset_it_and_the_snapshot_is_whole() {
+    let env = TestEnv::new().await;
+    let server = MockServer::start().await;
+    let page0: Vec<(String, String)> = (0..300u64)
+        .map(|i| (holder(i), (1000 + i).to_string()))
+        .collect();
+    let page1: Vec<(String, String)> = (300..400u64)
+        .map(|i| (holder(i), (1000 + i).to_string()))
+        .collect();
+    mount_slow_two_page_crawl(&server, &page0, &page1, Duration::from_millis(1500)).await;
+    let handler = SnapshotCreateHandler::new(Arc::new(service(&env, &server)));
+    let request_id = Uuid::new_v4();
+    let payload = json!({
+        "request_id": request_id, "source": "goldrush", "chain": "eth-mainnet", "token": TOKEN,
+    });
+    // Crawl 1 starts; the caller "times out" once page 0 is stored and page 1 is in flight.
+    let first = tokio::spawn({
+        let handler = handler.clone();
+        let payload = payload.clone();
+        async move { handler.handle(payload).await }
+    });
+    let (id, _) = common::wait_until(Duration::from_secs(10), "page 0 stored", || async {
+        holder_count_of_request(&env, request_id)
+            .await
+            .filter(|(_, n)| *n == page0.len() as i64)
+    })
+    .await;
+    // The same request again (caller retry / queue redelivery) while crawl 1 is mid-flight: it
+    // must not touch crawl 1's rows, and says "retry later" rather than a final answer.
+    let again = handler.handle(payload.clone()).await;
+    match &again {
+        Err(JobError::Retryable(m)) => assert!(m.contains("being crawled"), "{m}"),
+        other => panic!("a repeated request during the crawl gave {other:?}"),
+    }
+    assert_eq!(
+        holder_count_of_request(&env, request_id).await,
+        Some((id, page0.len() as i64)),
+        "the repeated request left crawl 1's rows alone"
+    );
+    let reply = first
+        .await
+        .expect("crawl 1 task")
+        .expect("crawl 1 succeeds");
+    assert_eq!(reply["status"], json!("complete"), "{reply}");
+    assert_eq!(reply["snapshot_id"], json!(id));
+    assert_eq!(reply["holder_count"], json!(400));
+    let mut expected: Vec<(String, String)> = page0.iter().chain(&page1).cloned().collect();
+    expected.sort();
+    assert_eq!(
+        holder_rows(&env, id).await,
+        expected,
+        "every holder of both pages"
+    );
+    // Once crawl 1 is done, the redelivered request gets the stored outcome.
+    let later = handler.handle(payload).await.expect("redelivery succeeds");
+    assert_eq!(later, reply);
+    server.verify().await;
+}
+
+#[tokio::test]
+async fn a_pending_snapshot_whose_crawler_died_is_restarted_by_the_redelivery() {
+    let env = TestEnv::new().await;
+    let server = MockServer::start().await;
+    mount_single_page(&server, "eth-mainnet", TOKEN, 1).await;
+    let request_id = Uuid::new_v4();
+    // What a crashed worker leaves behind: a pending row with part of a crawl (a stale holder),
+    // and no claim (its session ended with it).
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO snapshots (id, request_id, source, chain, token) \
+         VALUES ($1, $2, 'goldrush', 'eth-mainnet', $3)",
+    )
+    .bind(id)
+    .bind(request_id)
+    .bind(TOKEN)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO snapshot_holders VALUES ($1, $2, 7)")
+        .bind(id)
+        .bind(holder(99))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let handler = SnapshotCreateHandler::new(Arc::new(service(&env, &server)));
+    let reply = handler
+        .handle(json!({
+            "request_id": request_id, "source": "goldrush", "chain": "eth-mainnet", "token": TOKEN,
+        }))
+        .await
+        .expect("the redelivery takes over");
+    assert_eq!(reply["status"], json!("complete"), "{reply}");
+    assert_eq!(reply["snapshot_id"], json!(id));
+    assert_eq!(reply["holder_count"], json!(2));
+    assert_eq!(
+        holder_rows(&env, id).await,
+        vec![(holder(1), "10".into()), (holder(2), "20".into())],
+        "the dead crawl's rows were reset"
+    );
+    server.verify().await;
+}
+
+#[tokio::test]
+async fn a_claim_excludes_other_sessions_until_released_or_its_session_ends() {
+    let env = TestEnv::new().await;
+    let id = Uuid::now_v7();
+    let claim = CrawlClaim::try_claim(&env.pool, id)
+        .await
+        .unwrap()
+        .expect("free");
+    assert!(
+        CrawlClaim::try_claim(&env.pool, id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        CrawlClaim::try_claim(&env.pool, Uuid::now_v7())
+            .await
+            .unwrap()
+            .is_some(),
+        "claims are per snapshot"
+    );
+    claim.release().await;
+    let claim = CrawlClaim::try_claim(&env.pool, id)
+        .await
+        .unwrap()
+        .expect("released");
+    // A crawler that vanishes without releasing (its session closes): the claim is free again.
+    drop(claim);
+    common::wait_until(
+        Duration::from_secs(10),
+        "the dropped claim's session ends",
+        || async {
+            CrawlClaim::try_claim(&env.pool, id)
+                .await
+                .unwrap()
+                .map(drop)
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn complete_refuses_when_the_stored_rows_are_not_the_crawls_own() {
+    let env = TestEnv::new().await;
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO snapshots (id, source, chain, token) VALUES ($1, 'goldrush', 'eth-mainnet', $2)",
+    )
+    .bind(id)
+    .bind(TOKEN)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO snapshot_holders VALUES ($1, $2, 7)")
+        .bind(id)
+        .bind(holder(1))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let mut conn = env.pool.acquire().await.unwrap();
+    let c = store::Completion::default();
+    assert_eq!(
+        store::complete(&mut conn, id, &c, 2).await.unwrap(),
+        store::Completed::CountMismatch {
+            stored: 1,
+            expected: 2
+        }
+    );
+    let row = store::get(&env.pool, id).await.unwrap().unwrap();
+    assert_eq!(row.status, SnapshotStatus::Pending, "not marked complete");
+    assert_eq!(
+        store::complete(&mut conn, id, &c, 1).await.unwrap(),
+        store::Completed::Complete(1)
+    );
+    assert_eq!(
+        store::complete(&mut conn, id, &c, 1).await.unwrap(),
+        store::Completed::NotPending
     );
 }
 

@@ -193,9 +193,22 @@ pub async fn snapshot_into(
         },
         total_supply,
     };
-    let count = store::complete(&mut tx, id, &completion).await?;
+    let count = match store::complete(&mut tx, id, &completion, inserted).await? {
+        store::Completed::Complete(n) => n,
+        // Someone else finished it first: the stored outcome stands, this one rolls back.
+        store::Completed::NotPending => return Ok((block, inserted)),
+        store::Completed::CountMismatch { stored, expected } => {
+            return Err(IndexError::Inconsistent {
+                token: token.to_string(),
+                block,
+                reason: format!(
+                    "{stored} holder rows are stored for the snapshot but this computation wrote {expected}: another writer touched its rows"
+                ),
+            });
+        }
+    };
     tx.commit().await?;
     metrics::counter!("tokenwarden_snapshot_holders_stored_total", "source" => "index")
         .increment(u64::try_from(inserted).unwrap_or(0));
-    Ok((block, count.unwrap_or(inserted)))
+    Ok((block, count))
 }

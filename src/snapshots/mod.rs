@@ -6,6 +6,7 @@
 //! | [`chains`] | which chains GoldRush serves (Story: no; history: Foundational chains only) |
 //! | [`goldrush`] | the HTTP client: rate limit, retries, `Retry-After`, envelope validation |
 //! | [`store`] | the `snapshots` / `snapshot_holders` tables: pending → complete/failed, COPY per page |
+//! | [`claim`] | one crawler per snapshot: a session advisory lock held for the whole crawl |
 //! | [`crawl`] | a GoldRush crawl streamed page by page into Postgres |
 //! | [`index`] | own-index snapshots computed in SQL from `chain_transfers` |
 //! | [`service`] | one entry point for jobs and the CLI: validate a request, run it, record the outcome |
@@ -13,6 +14,7 @@
 //! | [`cli`] | `tokenwarden snapshot create|show|check|diff` |
 
 pub mod chains;
+pub mod claim;
 pub mod cli;
 pub mod crawl;
 pub mod goldrush;

@@ -3,8 +3,14 @@
 //!
 //! Every request that reaches this point leaves a durable row: `complete`, or `failed` with the
 //! reason (including requests refused before any HTTP call, such as a Story chain on GoldRush).
-//! Only database failures are returned as errors (the job is then retried; a redelivered job
-//! restarts its pending snapshot from scratch).
+//! Only database failures and a busy snapshot are returned as errors (the job is then retried).
+//!
+//! One crawler per snapshot: the crawl runs under a [`CrawlClaim`] (session advisory lock) on
+//! both the fresh-insert and the restart path. A repeated request that finds the snapshot pending
+//! restarts it from scratch only if it can take the claim (the first crawler is gone); while a
+//! live crawler holds it, the request touches nothing and returns [`SnapshotError::Busy`], which
+//! the job turns into a retryable error so the queue redelivers it later and then gets the
+//! stored outcome.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,11 +20,12 @@ use uuid::Uuid;
 
 use super::SnapshotsConfig;
 use super::chains;
+use super::claim::CrawlClaim;
 use super::crawl::{self, CrawlError};
 use super::goldrush::{GoldRushClient, GoldRushError, normalize_address};
 use super::index::{self, IndexError};
 pub use super::store::SnapshotSource;
-use super::store::{self, NewSnapshot, SnapshotRow, SnapshotStatus};
+use super::store::{self, Completed, NewSnapshot, SnapshotRow, SnapshotStatus};
 
 /// A validated snapshot request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +106,12 @@ pub enum SnapshotError {
     /// The snapshot is still pending after it was run (it was taken over concurrently).
     #[error("snapshot {0} is still pending")]
     StillPending(Uuid),
+    /// A repeated request (same request id) arrived while another worker is still crawling the
+    /// snapshot: nothing was touched; retry later to get the outcome.
+    #[error(
+        "snapshot {0} is being crawled by another worker (same request_id still in progress); retry later"
+    )]
+    Busy(Uuid),
 }
 
 /// Takes snapshots. Share one per process (it holds the GoldRush client and its rate limit).
@@ -132,8 +145,12 @@ impl SnapshotService {
             token: &req.token,
             block_height: req.block_height,
         };
-        let id = match store::insert_pending(&self.pool, &new).await? {
-            Some(id) => id,
+        let (id, mut claim) = match store::insert_pending(&self.pool, &new).await? {
+            Some(id) => match CrawlClaim::try_claim(&self.pool, id).await? {
+                Some(claim) => (id, claim),
+                // A repeated request claimed our brand-new row first: it crawls, we step back.
+                None => return Err(self.busy(id)),
+            },
             None => {
                 // request_id already used: the same request again, or a conflict.
                 let request_id = req.request_id.unwrap_or_default();
@@ -154,31 +171,27 @@ impl SnapshotService {
                 if row.status != SnapshotStatus::Pending {
                     return Ok(SnapshotOutcome::from_row(&row));
                 }
-                tracing::info!(snapshot_id = %row.id, %request_id, "restarting a pending snapshot (job redelivered)");
-                store::reset_pending(&self.pool, row.id).await?;
-                row.id
+                // Pending: either a live crawler is still on it (its claim is held: leave its
+                // rows alone) or its crawler died (the claim was released with its session).
+                let Some(mut claim) = CrawlClaim::try_claim(&self.pool, row.id).await? else {
+                    return Err(self.busy(row.id));
+                };
+                if !store::reset_pending(claim.conn(), row.id).await? {
+                    // It finished between our read and our claim: its outcome stands.
+                    claim.release().await;
+                    let row = store::get(&self.pool, row.id)
+                        .await?
+                        .ok_or(SnapshotError::StillPending(row.id))?;
+                    return Ok(SnapshotOutcome::from_row(&row));
+                }
+                tracing::info!(snapshot_id = %row.id, %request_id, "restarting a pending snapshot whose crawler is gone (job redelivered)");
+                (row.id, claim)
             }
         };
         let started = Instant::now();
-        let result = match req.source {
-            SnapshotSource::GoldRush => self.run_goldrush(id, req).await,
-            SnapshotSource::Index => self.run_index(id, req).await,
-        };
-        match result {
-            Ok(()) => {}
-            Err(Failure::Reason(reason)) => {
-                tracing::warn!(snapshot_id = %id, source = req.source.as_str(), chain = %req.chain, token = %req.token, %reason, "snapshot failed");
-                store::fail(&self.pool, id, &reason).await?;
-            }
-            Err(Failure::Db(e)) => {
-                // A job keeps its snapshot pending so the redelivery restarts it; a one-off
-                // (CLI) request has no redelivery, so it records the failure if it still can.
-                if req.request_id.is_none() {
-                    let _ = store::fail(&self.pool, id, &format!("database error: {e}")).await;
-                }
-                return Err(SnapshotError::Db(e));
-            }
-        }
+        let ran = self.run_claimed(&mut claim, id, req).await;
+        claim.release().await;
+        ran?;
         let row = store::get(&self.pool, id)
             .await?
             .ok_or(SnapshotError::StillPending(id))?;
@@ -193,7 +206,48 @@ impl SnapshotService {
         Ok(SnapshotOutcome::from_row(&row))
     }
 
-    async fn run_goldrush(&self, id: Uuid, req: &SnapshotRequest) -> Result<(), Failure> {
+    /// Runs the source and records its failure, if any, while holding the snapshot's claim.
+    async fn run_claimed(
+        &self,
+        claim: &mut CrawlClaim,
+        id: Uuid,
+        req: &SnapshotRequest,
+    ) -> Result<(), SnapshotError> {
+        let result = match req.source {
+            SnapshotSource::GoldRush => self.run_goldrush(claim, id, req).await,
+            SnapshotSource::Index => self.run_index(id, req).await,
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(Failure::Reason(reason)) => {
+                tracing::warn!(snapshot_id = %id, source = req.source.as_str(), chain = %req.chain, token = %req.token, %reason, "snapshot failed");
+                store::fail(claim.conn(), id, &reason).await?;
+                Ok(())
+            }
+            Err(Failure::Db(e)) => {
+                // A job keeps its snapshot pending so the redelivery restarts it; a one-off
+                // (CLI) request has no redelivery, so it records the failure if it still can.
+                if req.request_id.is_none() {
+                    let _ = store::fail(claim.conn(), id, &format!("database error: {e}")).await;
+                }
+                Err(SnapshotError::Db(e))
+            }
+        }
+    }
+
+    /// A repeated request found the snapshot claimed by a live crawler.
+    fn busy(&self, id: Uuid) -> SnapshotError {
+        metrics::counter!("tokenwarden_snapshot_claim_busy_total").increment(1);
+        tracing::info!(snapshot_id = %id, "snapshot is being crawled by another worker; not touching it");
+        SnapshotError::Busy(id)
+    }
+
+    async fn run_goldrush(
+        &self,
+        claim: &mut CrawlClaim,
+        id: Uuid,
+        req: &SnapshotRequest,
+    ) -> Result<(), Failure> {
         let chain = chains::resolve(&req.chain, req.block_height)
             .map_err(|e| Failure::Reason(e.to_string()))?;
         let summary = crawl::crawl_into(
@@ -209,11 +263,21 @@ impl SnapshotService {
             CrawlError::Db(e) => Failure::Db(e),
             other => Failure::Reason(other.to_string()),
         })?;
-        let mut conn = self.pool.acquire().await.map_err(Failure::Db)?;
-        store::complete(&mut conn, id, &summary.completion)
+        let expected = i64::try_from(summary.holders_stored)
+            .map_err(|_| Failure::Reason("holder count does not fit in bigint".to_string()))?;
+        // On the claim's connection: if its session (and so the lock) is gone, this fails and
+        // the job is retried instead of completing without the claim.
+        match store::complete(claim.conn(), id, &summary.completion, expected)
             .await
-            .map_err(Failure::Db)?;
-        Ok(())
+            .map_err(Failure::Db)?
+        {
+            Completed::Complete(_) | Completed::NotPending => Ok(()),
+            Completed::CountMismatch { stored, expected } => Err(Failure::Reason(format!(
+                "holder count check failed: {stored} rows are stored for the snapshot but this \
+                 crawl stored {expected} (another writer added or deleted rows during the crawl); \
+                 not marking it complete"
+            ))),
+        }
     }
 
     async fn run_index(&self, id: Uuid, req: &SnapshotRequest) -> Result<(), Failure> {

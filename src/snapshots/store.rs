@@ -1,13 +1,14 @@
 //! The `snapshots` and `snapshot_holders` tables (migration `20261125000500_snapshots.sql`).
 //!
 //! Life of a snapshot: inserted `pending`; holders are written page by page (COPY); it becomes
-//! `complete` in one UPDATE once every page is stored, or `failed` with the reason, in the same
+//! `complete` in one UPDATE once every page is stored (and only if the stored rows are exactly the
+//! crawl's own), or `failed` with the reason, in the same
 //! transaction that deletes whatever holder rows it had. Readers and
 //! `verify_address_in_snapshot` only trust `complete` snapshots.
 
 use std::fmt::Write as _;
 
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{Connection, PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use super::goldrush::Holder;
@@ -170,14 +171,20 @@ pub async fn insert_pending(
     Ok(inserted)
 }
 
-/// Deletes the holder rows of a `pending` snapshot so its crawl can start over (a redelivered
-/// job whose first worker died mid-crawl).
-pub async fn reset_pending(pool: &PgPool, id: Uuid) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM public.snapshot_holders WHERE snapshot_id = $1")
-        .bind(id)
-        .execute(pool)
-        .await?;
-    Ok(())
+/// Deletes the holder rows of a snapshot that is still `pending` so its crawl can start over (a
+/// redelivered job whose first worker died mid-crawl). The caller must hold the snapshot's
+/// [`super::claim::CrawlClaim`]. Returns `false` (and deletes nothing) when the snapshot is no
+/// longer pending, e.g. it completed between the caller's read and its claim.
+pub async fn reset_pending(conn: &mut PgConnection, id: Uuid) -> Result<bool, sqlx::Error> {
+    let pending: Option<bool> = sqlx::query_scalar(
+        "WITH s AS (SELECT id FROM public.snapshots WHERE id = $1 AND status = 'pending' FOR UPDATE), \
+              d AS (DELETE FROM public.snapshot_holders WHERE snapshot_id IN (SELECT id FROM s)) \
+         SELECT true FROM s",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    Ok(pending.unwrap_or(false))
 }
 
 /// Appends holders with one COPY (text format: every value was validated as lowercase hex or
@@ -216,36 +223,63 @@ pub struct Completion {
     pub total_supply: Option<String>,
 }
 
-/// Marks a pending snapshot complete, counting its stored holders. Returns the holder count,
-/// or `None` if the snapshot was not pending any more.
+/// What [`complete`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completed {
+    /// The snapshot is now `complete` with this many holders.
+    Complete(i64),
+    /// The snapshot was not pending any more; nothing changed.
+    NotPending,
+    /// The stored rows are not the rows this crawl wrote (another writer added or deleted some):
+    /// nothing changed; the caller fails the snapshot.
+    CountMismatch { stored: i64, expected: i64 },
+}
+
+/// Marks a pending snapshot complete, but only if the holder rows stored for it are exactly as
+/// many as the crawl itself wrote (`expected`): a backstop against a concurrent restart that
+/// deleted or added rows behind the crawl's back, which would otherwise publish a partial
+/// snapshot as `complete`.
 pub async fn complete(
     conn: &mut PgConnection,
     id: Uuid,
     c: &Completion,
-) -> Result<Option<i64>, sqlx::Error> {
+    expected: i64,
+) -> Result<Completed, sqlx::Error> {
     let block = c
         .block_height
         .map(i64::try_from)
         .transpose()
         .map_err(|_| sqlx::Error::Encode("block_height does not fit in bigint".into()))?;
-    sqlx::query_scalar(
-        "UPDATE public.snapshots SET status = 'complete', completed_at = now(), \
-           block_height = coalesce($2, block_height), decimals = $3, \
-           total_supply = $4::numeric, \
-           holder_count = (SELECT count(*) FROM public.snapshot_holders WHERE snapshot_id = $1) \
-         WHERE id = $1 AND status = 'pending' RETURNING holder_count",
+    let (status, stored, updated): (String, i64, bool) = sqlx::query_as(
+        "WITH cnt AS (SELECT count(*) AS n FROM public.snapshot_holders WHERE snapshot_id = $1), \
+              upd AS ( \
+                UPDATE public.snapshots SET status = 'complete', completed_at = now(), \
+                  block_height = coalesce($2, block_height), decimals = $3, \
+                  total_supply = $4::numeric, holder_count = $5 \
+                WHERE id = $1 AND status = 'pending' AND (SELECT n FROM cnt) = $5 \
+                RETURNING id) \
+         SELECT s.status, (SELECT n FROM cnt), EXISTS (SELECT 1 FROM upd) \
+         FROM public.snapshots s WHERE s.id = $1",
     )
     .bind(id)
     .bind(block)
     .bind(c.decimals.map(|d| d as i32))
     .bind(c.total_supply.as_deref())
-    .fetch_optional(conn)
-    .await
+    .bind(expected)
+    .fetch_one(conn)
+    .await?;
+    Ok(if updated {
+        Completed::Complete(expected)
+    } else if status != "pending" {
+        Completed::NotPending
+    } else {
+        Completed::CountMismatch { stored, expected }
+    })
 }
 
 /// Marks a snapshot failed with `reason` and deletes its holder rows, in one transaction.
-pub async fn fail(pool: &PgPool, id: Uuid, reason: &str) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
+pub async fn fail(conn: &mut PgConnection, id: Uuid, reason: &str) -> Result<(), sqlx::Error> {
+    let mut tx = conn.begin().await?;
     sqlx::query("DELETE FROM public.snapshot_holders WHERE snapshot_id = $1")
         .bind(id)
         .execute(&mut *tx)
