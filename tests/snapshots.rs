@@ -1314,10 +1314,9 @@ async fn cli_check_and_diff_print_answers_and_refuse_unknown_snapshots() {
 // ---- Own-index snapshots on anvil: the real indexer, checked against balanceOf at each block ----
 
 mod onchain {
-    use alloy::network::TransactionBuilder;
-    use alloy::primitives::{Address, Bytes, U256};
+    use alloy::primitives::{Address, U256};
     use alloy::providers::{Provider, ProviderBuilder};
-    use alloy::rpc::types::{BlockId, TransactionRequest};
+    use alloy::rpc::types::BlockId;
     use alloy::sol;
 
     sol! {
@@ -1337,86 +1336,8 @@ mod onchain {
     pub const DEV: Address =
         alloy::primitives::address!("f39Fd6e51aad88F6F4ce6aB8827279cffFb92266");
 
-    /// An anvil process on a free port, killed on drop.
-    pub struct Anvil {
-        child: std::process::Child,
-        pub url: String,
-    }
-
-    impl Drop for Anvil {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    pub async fn start_anvil() -> Anvil {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        // Start the real anvil binary, not the node_modules/.bin wrapper: killing the wrapper
-        // would leave the binary running after the test.
-        let root = super::common::repo_root().join("node_modules");
-        let bin = [
-            "@foundry-rs/anvil-linux-amd64/bin/anvil",
-            "@foundry-rs/anvil-linux-arm64/bin/anvil",
-        ]
-        .iter()
-        .map(|p| root.join(p))
-        .find(|p| p.exists())
-        .unwrap_or_else(|| root.join(".bin/anvil"));
-        let child = std::process::Command::new(&bin)
-            .args([
-                "--port",
-                &port.to_string(),
-                "--chain-id",
-                "31337",
-                "--silent",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {} ({e}): run `make tools`", bin.display()));
-        let anvil = Anvil {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        };
-        let url = anvil.url.clone();
-        super::common::wait_until(std::time::Duration::from_secs(20), "anvil answers", || {
-            let url = url.clone();
-            async move {
-                let p = ProviderBuilder::new().connect_http(url.parse().unwrap());
-                p.get_chain_id().await.ok()
-            }
-        })
-        .await;
-        anvil
-    }
-
     pub fn provider(url: &str) -> impl Provider + Clone {
         ProviderBuilder::new().connect_http(url.parse().unwrap())
-    }
-
-    pub async fn deploy(p: &impl Provider, name: &str) -> Address {
-        let hex_code = std::fs::read_to_string(
-            super::common::repo_root().join(format!("contracts/{name}.bin")),
-        )
-        .expect("compiled contract");
-        let code = Bytes::from(hex::decode(hex_code.trim()).expect("hex bytecode"));
-        let tx = TransactionRequest::default()
-            .from(DEV)
-            .with_deploy_code(code);
-        let receipt = p
-            .send_transaction(tx)
-            .await
-            .expect("deploy sent")
-            .get_receipt()
-            .await
-            .expect("deploy mined");
-        assert!(receipt.status(), "deploy of {name} succeeded");
-        receipt.contract_address.expect("contract address")
     }
 
     /// Sends one `batch` to the ERC-20 and returns its block number.
@@ -1488,10 +1409,10 @@ async fn own_index_snapshots_on_anvil_equal_balance_of_at_each_block() {
     use alloy::providers::Provider;
 
     let env = TestEnv::new().await;
-    let anvil = onchain::start_anvil().await;
+    let anvil = common::anvil::Anvil::spawn().await;
     let p = onchain::provider(&anvil.url);
-    let erc20 = onchain::deploy(&p, "TestToken20").await;
-    let nft = onchain::deploy(&p, "TestNft721").await;
+    let erc20 = anvil.deploy("TestToken20").await;
+    let nft = anvil.deploy("TestNft721").await;
     let deployed_at = p.get_block_number().await.unwrap();
     let h: Vec<Address> = (1..=6u64)
         .map(|i| {
