@@ -233,6 +233,18 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_configs_are_valid() {
+        for name in ["production.example.toml", "docker-compose.toml"] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("config")
+                .join(name);
+            if let Err(e) = Config::load_with_env(Some(&path), env(&[])) {
+                panic!("config/{name} does not load: {e}");
+            }
+        }
+    }
+
+    #[test]
     fn unknown_key_is_an_error() {
         let err = Config::load_with_env(None, env(&[("TOKENWARDEN__DATABASE__URLL", "x")]))
             .expect_err("typo is rejected");
