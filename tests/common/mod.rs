@@ -135,6 +135,41 @@ impl TestEnv {
     }
 }
 
+impl Drop for TestEnv {
+    /// Drops this test's database so repeated runs don't fill the disk. Runs on its own thread
+    /// and runtime because the test's runtime may already be shutting down; `WITH (FORCE)` ends
+    /// the pool's and any child worker's connections. A failure here only leaves the database
+    /// for `make clean-test-dbs` (run by `make test`), so it is not a test failure.
+    fn drop(&mut self) {
+        let db = self.db_name.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let Ok(admin) = PgPoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect(&admin_url())
+                    .await
+                else {
+                    return;
+                };
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+                )))
+                .execute(&admin)
+                .await;
+                admin.close().await;
+            });
+        })
+        .join();
+    }
+}
+
 /// Replaces the database name in a Postgres URL.
 pub fn replace_db_name(url: &str, db: &str) -> String {
     let mut u = url::Url::parse(url).expect("valid postgres url");
