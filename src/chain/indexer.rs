@@ -738,7 +738,7 @@ async fn watch_heads(url: String, chain_id: u64, wake: Arc<Notify>, cancel: Canc
             _ = cancel.cancelled() => return,
             r = attempt => {
                 if let Err(e) = r {
-                    tracing::warn!(chain_id, url = %crate::store::redact_url(&url), error = %e, "new-heads subscription failed; polling until it is back");
+                    tracing::warn!(chain_id, url = %super::rpc::redact_endpoint(&url), error = %super::rpc::scrub_endpoints(&e.to_string(), std::slice::from_ref(&url)), "new-heads subscription failed; polling until it is back");
                 }
             }
         }
