@@ -927,3 +927,72 @@ async fn a_standby_replica_takes_over_within_ten_seconds() {
     );
     let _ = B256::ZERO;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_block_after_the_mint_stops_the_indexer_instead_of_storing_a_negative_balance() {
+    let (env, anvil, model) = setup(6).await;
+    let mint = [(Address::ZERO, holder(1), U256::from(1000u64))];
+    anvil.send(model.erc20, Anvil::erc20_batch(&mint)).await;
+    let minted = anvil.head().await;
+    let spend = [(holder(1), holder(2), U256::from(400u64))];
+    anvil.send(model.erc20, Anvil::erc20_batch(&spend)).await;
+    let spent = anvil.head().await;
+    assert!(spent > minted);
+    let tokens = vec![TokenConfig {
+        chain_id: CHAIN_ID,
+        address: format!("{:#x}", model.erc20),
+        standard: TokenStandard::Erc20,
+        start_block: minted + 1,
+    }];
+    let cfg = config_with(
+        &env,
+        chain_config(&anvil.url, None, serde_json::json!({})),
+        tokens,
+    );
+    let indexer = InProc::start(cfg).await;
+    let (reason, at): (String, i64) = wait_until(
+        Duration::from_secs(30),
+        "negative balance recorded as a fault",
+        || async {
+            sqlx::query_as("SELECT reason, at_block FROM chain_indexer_faults WHERE chain_id = $1")
+                .bind(CHAIN_ID as i64)
+                .fetch_optional(&env.pool)
+                .await
+                .unwrap()
+        },
+    )
+    .await;
+    assert!(
+        reason.contains(&format!(
+            "balance of {:#x} for token {:#x} would go below zero at block {spent}",
+            holder(1),
+            model.erc20
+        )),
+        "{reason}"
+    );
+    assert!(reason.contains("start_block"), "{reason}");
+    assert_eq!(at as u64, spent);
+    for h in indexer.handles {
+        tokio::time::timeout(Duration::from_secs(10), h)
+            .await
+            .expect("stopped indexer task ends")
+            .unwrap();
+    }
+    let negative: i64 = sqlx::query_scalar("SELECT count(*) FROM token_balances WHERE balance < 0")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(negative, 0, "no negative balance is stored");
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM chain_transfers WHERE block_number >= $1")
+            .bind(spent as i64)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, 0, "the failing batch is rolled back");
+    let cp = checkpoint(&env).await.map(|c| c.0);
+    assert!(
+        cp.is_none_or(|c| c < spent),
+        "checkpoint {cp:?} stays before block {spent}"
+    );
+}

@@ -54,7 +54,10 @@ pub enum IndexerError {
 
 impl IndexerError {
     fn is_fatal(&self) -> bool {
-        matches!(self, IndexerError::DeepReorg { .. })
+        matches!(
+            self,
+            IndexerError::DeepReorg { .. } | IndexerError::Sink(SinkError::NegativeBalance { .. })
+        )
     }
 }
 
@@ -83,13 +86,19 @@ pub async fn run_chain(p: IndexerParams) {
                     return;
                 }
                 Err(e) if e.is_fatal() => {
-                    metrics::counter!("tokenwarden_indexer_deep_reorgs_total", "chain_id" => label.clone())
-                        .increment(1);
+                    if matches!(e, IndexerError::DeepReorg { .. }) {
+                        metrics::counter!("tokenwarden_indexer_deep_reorgs_total", "chain_id" => label.clone())
+                            .increment(1);
+                    } else {
+                        metrics::counter!("tokenwarden_indexer_negative_balances_total", "chain_id" => label.clone())
+                            .increment(1);
+                    }
                     metrics::gauge!("tokenwarden_indexer_stopped", "chain_id" => label.clone())
                         .set(1.0);
                     tracing::error!(chain_id, error = %e, "CHAIN INDEXER STOPPED");
                     let at = match &e {
                         IndexerError::DeepReorg { at, .. } => *at,
+                        IndexerError::Sink(SinkError::NegativeBalance { block, .. }) => *block,
                         _ => 0,
                     };
                     // Recorded so no replica resumes from a state known to disagree with the

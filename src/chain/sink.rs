@@ -31,6 +31,17 @@ pub enum SinkError {
     Range(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A batch would store a negative ERC-20 balance: the index missed earlier transfers
+    /// (typically `start_block` after the token's first transfer). Nothing of the batch is
+    /// written, and the chain's indexer stops.
+    #[error(
+        "balance of {holder} for token {token} would go below zero at block {block}: start_block after the token's first transfer? (the batch was rolled back; this chain's indexer is STOPPED: fix the token's start_block and rebuild the index)"
+    )]
+    NegativeBalance {
+        token: String,
+        holder: String,
+        block: u64,
+    },
 }
 
 fn db(what: &'static str) -> impl FnOnce(sqlx::Error) -> SinkError {
@@ -304,6 +315,34 @@ pub async fn commit_batch(
             .execute(&mut *tx)
             .await
             .map_err(db("apply balance deltas"))?;
+
+            let negative: Option<(String, String)> = sqlx::query_as(
+                "SELECT token, holder FROM public.token_balances \
+                 WHERE chain_id = $1 AND token = ANY($2) AND balance < 0 LIMIT 1",
+            )
+            .bind(cid)
+            .bind(&e_tok)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db("check balances"))?;
+            if let Some((token, holder)) = negative {
+                // The block of the holder's first outgoing transfer in the batch: where the
+                // missing history shows. Dropping `tx` rolls the whole batch back.
+                let block = batch
+                    .rows
+                    .iter()
+                    .find(|r| {
+                        r.token_id.is_none()
+                            && addr_hex(&r.token) == token
+                            && addr_hex(&r.from) == holder
+                    })
+                    .map_or(batch.last.number, |r| r.block_number);
+                return Err(SinkError::NegativeBalance {
+                    token,
+                    holder,
+                    block,
+                });
+            }
         }
 
         if !owners.is_empty() {
