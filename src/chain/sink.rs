@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use alloy::primitives::{Address, B256, U256};
 use sqlx::{Connection, PgConnection, Row};
 
-use super::decode::{TransferRow, addr_hex, hash_hex};
+use super::decode::{RejectedLog, TransferRow, addr_hex, hash_hex};
 use super::rpc::HeaderInfo;
 
 /// The zero address as stored.
@@ -86,6 +86,8 @@ impl Changes {
 pub struct Batch {
     pub from_block: u64,
     pub rows: Vec<TransferRow>,
+    /// Logs of the range that were rejected, kept with their reason.
+    pub rejected: Vec<RejectedLog>,
     pub headers: Vec<HeaderInfo>,
     pub last: HeaderInfo,
 }
@@ -407,6 +409,31 @@ pub async fn commit_batch(
     .await
     .map_err(db("record block hashes"))?;
 
+    // Rare by nature, so one statement per log keeps the per-row topics array simple.
+    for r in &batch.rejected {
+        let topics: Vec<String> = r.topics.iter().map(hash_hex).collect();
+        sqlx::query(
+            "INSERT INTO public.chain_rejected_logs (chain_id, block_number, block_hash, log_index, \
+             tx_hash, token, topics, data, reason) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (chain_id, block_hash, log_index) DO UPDATE SET reason = EXCLUDED.reason",
+        )
+        .bind(cid)
+        .bind(i64_of(r.block_number)?)
+        .bind(hash_hex(&r.block_hash))
+        .bind(
+            i32::try_from(r.log_index)
+                .map_err(|_| SinkError::Range(format!("log index {}", r.log_index)))?,
+        )
+        .bind(hash_hex(&r.tx_hash))
+        .bind(addr_hex(&r.token))
+        .bind(&topics)
+        .bind(r.data.to_string())
+        .bind(&r.reason)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("keep rejected log"))?;
+    }
+
     let last = i64_of(batch.last.number)?;
     let depth = i64_of(reorg_depth)?;
     sqlx::query(
@@ -528,6 +555,14 @@ pub async fn undo_from(
     .execute(&mut *tx)
     .await
     .map_err(db("delete dropped transfers"))?;
+    sqlx::query(
+        "DELETE FROM public.chain_rejected_logs WHERE chain_id = $1 AND block_number >= $2",
+    )
+    .bind(cid)
+    .bind(fork_i)
+    .execute(&mut *tx)
+    .await
+    .map_err(db("delete dropped rejected logs"))?;
     sqlx::query("DELETE FROM public.chain_blocks WHERE chain_id = $1 AND number >= $2")
         .bind(cid)
         .bind(fork_i)
