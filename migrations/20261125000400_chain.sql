@@ -31,6 +31,25 @@ CREATE TABLE public.chain_transfers (
 );
 CREATE INDEX chain_transfers_token_block ON public.chain_transfers (chain_id, token, block_number);
 
+-- Logs of tracked tokens carrying the Transfer topic that do not decode as a Transfer of the
+-- token's configured standard (wrong topic count, short data...): they change no balance and
+-- are kept here with the reason. Written in the batch transaction; reorg undo removes those of
+-- dropped blocks.
+CREATE TABLE public.chain_rejected_logs (
+    chain_id     bigint      NOT NULL,
+    block_number bigint      NOT NULL,
+    block_hash   text        NOT NULL,
+    log_index    int         NOT NULL,
+    tx_hash      text        NOT NULL,
+    token        text        NOT NULL,
+    topics       text[]      NOT NULL,
+    data         text        NOT NULL,
+    reason       text        NOT NULL,
+    detected_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (chain_id, block_hash, log_index)
+);
+CREATE INDEX chain_rejected_logs_block ON public.chain_rejected_logs (chain_id, block_number);
+
 -- Rows whose balance went back to 0 are KEPT (balance = 0), so "has this address ever held T"
 -- stays answerable and reorg undo never has to recreate rows.
 CREATE TABLE public.token_balances (
@@ -88,7 +107,8 @@ DO $$
 DECLARE t text;
 BEGIN
     FOREACH t IN ARRAY ARRAY['chain_tokens', 'chain_transfers', 'token_balances', 'nft_owners',
-                             'chain_blocks', 'chain_checkpoints', 'chain_indexer_faults']
+                             'chain_blocks', 'chain_checkpoints', 'chain_indexer_faults',
+                             'chain_rejected_logs']
     LOOP
         EXECUTE format('ALTER TABLE public.%I ENABLE ROW LEVEL SECURITY', t);
         EXECUTE format('CREATE POLICY %I ON public.%I FOR SELECT TO anon, authenticated USING (true)',

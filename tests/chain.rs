@@ -927,3 +927,203 @@ async fn a_standby_replica_takes_over_within_ten_seconds() {
     );
     let _ = B256::ZERO;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_block_after_the_mint_stops_the_indexer_instead_of_storing_a_negative_balance() {
+    let (env, anvil, model) = setup(6).await;
+    let mint = [(Address::ZERO, holder(1), U256::from(1000u64))];
+    anvil.send(model.erc20, Anvil::erc20_batch(&mint)).await;
+    let minted = anvil.head().await;
+    let spend = [(holder(1), holder(2), U256::from(400u64))];
+    anvil.send(model.erc20, Anvil::erc20_batch(&spend)).await;
+    let spent = anvil.head().await;
+    assert!(spent > minted);
+    let tokens = vec![TokenConfig {
+        chain_id: CHAIN_ID,
+        address: format!("{:#x}", model.erc20),
+        standard: TokenStandard::Erc20,
+        start_block: minted + 1,
+    }];
+    let cfg = config_with(
+        &env,
+        chain_config(&anvil.url, None, serde_json::json!({})),
+        tokens,
+    );
+    let indexer = InProc::start(cfg).await;
+    let (reason, at): (String, i64) = wait_until(
+        Duration::from_secs(30),
+        "negative balance recorded as a fault",
+        || async {
+            sqlx::query_as("SELECT reason, at_block FROM chain_indexer_faults WHERE chain_id = $1")
+                .bind(CHAIN_ID as i64)
+                .fetch_optional(&env.pool)
+                .await
+                .unwrap()
+        },
+    )
+    .await;
+    assert!(
+        reason.contains(&format!(
+            "balance of {:#x} for token {:#x} would go below zero at block {spent}",
+            holder(1),
+            model.erc20
+        )),
+        "{reason}"
+    );
+    assert!(reason.contains("start_block"), "{reason}");
+    assert_eq!(at as u64, spent);
+    for h in indexer.handles {
+        tokio::time::timeout(Duration::from_secs(10), h)
+            .await
+            .expect("stopped indexer task ends")
+            .unwrap();
+    }
+    let negative: i64 = sqlx::query_scalar("SELECT count(*) FROM token_balances WHERE balance < 0")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(negative, 0, "no negative balance is stored");
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM chain_transfers WHERE block_number >= $1")
+            .bind(spent as i64)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, 0, "the failing batch is rolled back");
+    let cp = checkpoint(&env).await.map(|c| c.0);
+    assert!(
+        cp.is_none_or(|c| c < spent),
+        "checkpoint {cp:?} stays before block {spent}"
+    );
+}
+
+/// (block hash, log index) of every log `token` emitted on the current chain.
+async fn chain_logs_of(anvil: &Anvil, token: Address) -> Vec<(String, i32)> {
+    let filter = alloy::rpc::types::Filter::new()
+        .address(token)
+        .from_block(0)
+        .to_block(anvil.head().await);
+    let mut v: Vec<(String, i32)> = anvil
+        .provider
+        .get_logs(&filter)
+        .await
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                format!("{:#x}", l.block_hash.unwrap()),
+                l.log_index.unwrap() as i32,
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+async fn stored_rejected(env: &TestEnv) -> Vec<(String, i32)> {
+    sqlx::query_as(
+        "SELECT block_hash, log_index FROM chain_rejected_logs WHERE chain_id = $1 ORDER BY 1, 2",
+    )
+    .bind(CHAIN_ID as i64)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_transfers_are_kept_with_their_reason_and_undone_by_reorgs() {
+    let (env, anvil, mut model) = setup(7).await;
+    // The ERC-721 contract configured as an ERC-20: its Transfer logs have 4 topics.
+    let mints: Vec<_> = (1..=3u64)
+        .map(|i| (Address::ZERO, holder(i as u8), U256::from(i)))
+        .collect();
+    anvil.send(model.nft, Anvil::erc721_batch(&mints)).await;
+    model.random_tx(&anvil, 4).await;
+    let tokens = vec![
+        TokenConfig {
+            chain_id: CHAIN_ID,
+            address: format!("{:#x}", model.erc20),
+            standard: TokenStandard::Erc20,
+            start_block: 0,
+        },
+        TokenConfig {
+            chain_id: CHAIN_ID,
+            address: format!("{:#x}", model.nft),
+            standard: TokenStandard::Erc20,
+            start_block: 0,
+        },
+    ];
+    let cfg = config_with(
+        &env,
+        chain_config(&anvil.url, None, serde_json::json!({"reorg_depth": 10})),
+        tokens,
+    );
+    let indexer = InProc::start(cfg).await;
+    wait_synced(&env, &anvil, Duration::from_secs(60)).await;
+    let on_chain = chain_logs_of(&anvil, model.nft).await;
+    assert!(on_chain.len() >= 3);
+    assert_eq!(
+        stored_rejected(&env).await,
+        on_chain,
+        "backfill keeps every rejected log"
+    );
+    let (token, topics, data, reason): (String, Vec<String>, String, String) = sqlx::query_as(
+        "SELECT token, topics, data, reason FROM chain_rejected_logs ORDER BY block_number, log_index LIMIT 1",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(token, format!("{:#x}", model.nft));
+    assert_eq!(topics.len(), 4, "{topics:?}");
+    assert_eq!(data, "0x");
+    assert!(reason.contains("Erc20 Transfer"), "{reason}");
+    let nft_rows: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM token_balances WHERE token = $1) + \
+                (SELECT count(*) FROM chain_transfers WHERE token = $1)",
+    )
+    .bind(format!("{:#x}", model.nft))
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(nft_rows, 0, "a rejected log changes no balance");
+
+    // At the head, then a reorg dropping that block: its rejected logs go with it.
+    let more = [(Address::ZERO, holder(4), U256::from(4u64))];
+    anvil.send(model.nft, Anvil::erc721_batch(&more)).await;
+    wait_synced(&env, &anvil, Duration::from_secs(30)).await;
+    let with_head = chain_logs_of(&anvil, model.nft).await;
+    assert_eq!(with_head.len(), on_chain.len() + 1);
+    assert_eq!(stored_rejected(&env).await, with_head);
+    let before = checkpoint(&env).await.unwrap();
+    let h = holder(5);
+    let replacement = vec![(Address::ZERO, h, U256::from(77u64))];
+    anvil
+        .raw(
+            "anvil_reorg",
+            serde_json::json!([
+                1,
+                [[
+                    reorg_tx(&anvil, model.erc20, Anvil::erc20_batch(&replacement)),
+                    0
+                ]]
+            ]),
+        )
+        .await;
+    wait_until(
+        Duration::from_secs(30),
+        "indexer follows the reorg",
+        || async {
+            let cp = checkpoint(&env).await?;
+            (cp.0 == before.0 && cp.1 != before.1).then_some(())
+        },
+    )
+    .await;
+    let after = chain_logs_of(&anvil, model.nft).await;
+    assert_eq!(after, on_chain, "the reorg dropped the head NFT log");
+    assert_eq!(
+        stored_rejected(&env).await,
+        after,
+        "rejected logs of dropped blocks are removed"
+    );
+    indexer.stop().await;
+}

@@ -47,6 +47,39 @@ pub struct TransferRow {
     pub token_id: Option<U256>,
 }
 
+/// A log that was rejected, as kept in `chain_rejected_logs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedLog {
+    pub block_number: u64,
+    pub block_hash: B256,
+    pub log_index: u64,
+    pub tx_hash: B256,
+    pub token: Address,
+    pub topics: Vec<B256>,
+    pub data: alloy::primitives::Bytes,
+    pub reason: String,
+}
+
+impl RejectedLog {
+    /// The row to keep for `log` rejected with `e`; `None` when the log lacks the fields that
+    /// identify it (the reply is then invalid, not the log) or was marked removed.
+    pub fn of(log: &Log, e: &DecodeError) -> Option<RejectedLog> {
+        if matches!(e, DecodeError::Removed(_) | DecodeError::Missing(_)) {
+            return None;
+        }
+        Some(RejectedLog {
+            block_number: log.block_number?,
+            block_hash: log.block_hash?,
+            log_index: log.log_index?,
+            tx_hash: log.transaction_hash?,
+            token: log.address(),
+            topics: log.topics().to_vec(),
+            data: log.data().data.clone(),
+            reason: e.to_string(),
+        })
+    }
+}
+
 /// Why a log was not turned into a row.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum DecodeError {

@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::decode::{self, IERC20, TRANSFER_TOPIC, TransferRow};
+use super::decode::{self, IERC20, RejectedLog, TRANSFER_TOPIC, TransferRow};
 use super::lease::Lease;
 use super::rpc::{HeaderInfo, Rpc, RpcError};
 use super::sink::{self, Batch, Checkpoint, SinkError, TokenMeta};
@@ -54,7 +54,10 @@ pub enum IndexerError {
 
 impl IndexerError {
     fn is_fatal(&self) -> bool {
-        matches!(self, IndexerError::DeepReorg { .. })
+        matches!(
+            self,
+            IndexerError::DeepReorg { .. } | IndexerError::Sink(SinkError::NegativeBalance { .. })
+        )
     }
 }
 
@@ -83,13 +86,19 @@ pub async fn run_chain(p: IndexerParams) {
                     return;
                 }
                 Err(e) if e.is_fatal() => {
-                    metrics::counter!("tokenwarden_indexer_deep_reorgs_total", "chain_id" => label.clone())
-                        .increment(1);
+                    if matches!(e, IndexerError::DeepReorg { .. }) {
+                        metrics::counter!("tokenwarden_indexer_deep_reorgs_total", "chain_id" => label.clone())
+                            .increment(1);
+                    } else {
+                        metrics::counter!("tokenwarden_indexer_negative_balances_total", "chain_id" => label.clone())
+                            .increment(1);
+                    }
                     metrics::gauge!("tokenwarden_indexer_stopped", "chain_id" => label.clone())
                         .set(1.0);
                     tracing::error!(chain_id, error = %e, "CHAIN INDEXER STOPPED");
                     let at = match &e {
                         IndexerError::DeepReorg { at, .. } => *at,
+                        IndexerError::Sink(SinkError::NegativeBalance { block, .. }) => *block,
                         _ => 0,
                     };
                     // Recorded so no replica resumes from a state known to disagree with the
@@ -412,8 +421,9 @@ impl Indexer {
         let filter = self.base_filter.clone().at_block_hash(h.hash);
         let logs = self.rpc.logs_retrying(&filter).await?;
         let mut rows = Vec::with_capacity(logs.len());
+        let mut rejected = Vec::new();
         for log in &logs {
-            if let Some(r) = self.decode_checked(log, n, n)? {
+            if let Some(r) = self.decode_checked(log, n, n, &mut rejected)? {
                 if r.block_hash != h.hash {
                     return Err(RpcError::InvalidReply {
                         method: "eth_getLogs",
@@ -427,10 +437,18 @@ impl Indexer {
                 rows.push(r);
             }
         }
+        if let Some(r) = rejected.iter().find(|r| r.block_hash != h.hash) {
+            return Err(RpcError::InvalidReply {
+                method: "eth_getLogs",
+                message: format!("log of block {n} has hash {} not {}", r.block_hash, h.hash),
+            }
+            .into());
+        }
         rows.sort_by_key(|r| r.log_index);
         let batch = Batch {
             from_block: n,
             rows,
+            rejected,
             headers: vec![h],
             last: h,
         };
@@ -443,8 +461,9 @@ impl Indexer {
         log: &alloy::rpc::types::Log,
         from: u64,
         to: u64,
+        rejected: &mut Vec<RejectedLog>,
     ) -> Result<Option<TransferRow>, IndexerError> {
-        decode_in_range(log, &self.standards, from, to, &self.label)
+        decode_in_range(log, &self.standards, from, to, &self.label, rejected)
     }
 
     async fn commit(
@@ -572,6 +591,7 @@ fn decode_in_range(
     from: u64,
     to: u64,
     label: &str,
+    rejected: &mut Vec<RejectedLog>,
 ) -> Result<Option<TransferRow>, IndexerError> {
     match decode::decode(log, standards) {
         Ok(Some(r)) => {
@@ -590,10 +610,23 @@ fn decode_in_range(
         Ok(None) => Ok(None),
         Err(e) => {
             // A log that is not a well-formed Transfer of its token's standard changes no
-            // balance; it is reported (log + metric), not guessed at.
+            // balance; it is kept with its reason (`chain_rejected_logs`), not guessed at.
             metrics::counter!("tokenwarden_indexer_rejected_logs_total", "chain_id" => label.to_string())
                 .increment(1);
             tracing::warn!(chain_id = label, error = %e, "log rejected");
+            if let Some(r) = RejectedLog::of(log, &e) {
+                if r.block_number < from || r.block_number > to {
+                    return Err(RpcError::InvalidReply {
+                        method: "eth_getLogs",
+                        message: format!(
+                            "log of block {} outside asked range {from}..={to}",
+                            r.block_number
+                        ),
+                    }
+                    .into());
+                }
+                rejected.push(r);
+            }
             Ok(None)
         }
     }
@@ -617,6 +650,7 @@ impl FetchJob {
     /// and the header of `to`.
     async fn fetch(self, from: u64, to: u64) -> Result<Batch, IndexerError> {
         let mut rows = Vec::new();
+        let mut rejected = Vec::new();
         let mut cur = from;
         let mut schedule = Rpc::backoff();
         let mut failures = 0u32;
@@ -628,9 +662,14 @@ impl FetchJob {
             match self.rpc.logs_once(&filter).await {
                 Ok(logs) => {
                     for log in &logs {
-                        if let Some(r) =
-                            decode_in_range(log, &self.standards, cur, end, &self.label)?
-                        {
+                        if let Some(r) = decode_in_range(
+                            log,
+                            &self.standards,
+                            cur,
+                            end,
+                            &self.label,
+                            &mut rejected,
+                        )? {
                             rows.push(r);
                         }
                     }
@@ -700,6 +739,7 @@ impl FetchJob {
         Ok(Batch {
             from_block: from,
             rows,
+            rejected,
             headers: vec![header],
             last: header,
         })
@@ -738,7 +778,7 @@ async fn watch_heads(url: String, chain_id: u64, wake: Arc<Notify>, cancel: Canc
             _ = cancel.cancelled() => return,
             r = attempt => {
                 if let Err(e) = r {
-                    tracing::warn!(chain_id, url = %crate::store::redact_url(&url), error = %e, "new-heads subscription failed; polling until it is back");
+                    tracing::warn!(chain_id, url = %super::rpc::redact_endpoint(&url), error = %super::rpc::scrub_endpoints(&e.to_string(), std::slice::from_ref(&url)), "new-heads subscription failed; polling until it is back");
                 }
             }
         }

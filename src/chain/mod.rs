@@ -131,7 +131,7 @@ impl ChainSection {
                 if url::Url::parse(u).is_err() {
                     return Err(ConfigError::invalid(
                         format!("chain.chains[{i}].rpc_urls"),
-                        format!("not a URL: {}", crate::store::redact_url(u)),
+                        format!("not a URL: {}", rpc::redact_endpoint(u)),
                     ));
                 }
             }
