@@ -448,20 +448,9 @@ fn classify(method: &'static str, e: &TransportError) -> RpcError {
     }
 }
 
-/// An endpoint reduced to `scheme://host[:port]/…`: RPC providers carry the API key in the
-/// userinfo, the path (`/v2/KEY`) or the query, so nothing but the origin is safe to show.
-pub fn redact_endpoint(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(u) => {
-            let host = u.host_str().unwrap_or("");
-            match u.port() {
-                Some(port) => format!("{}://{host}:{port}/…", u.scheme()),
-                None => format!("{}://{host}/…", u.scheme()),
-            }
-        }
-        Err(_) => "<unparseable url>".to_string(),
-    }
-}
+/// An endpoint reduced to `scheme://host[:port]/…` (see [`crate::store::redact_endpoint`]):
+/// RPC providers carry the API key in the userinfo, the path (`/v2/KEY`) or the query.
+pub use crate::store::redact_endpoint;
 
 /// Replaces every occurrence of each of `urls` in `message` by its [`redact_endpoint`] form.
 /// Both the configured spelling and the parsed one (`url` adds a trailing `/` to a bare host
