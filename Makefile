@@ -26,7 +26,7 @@ test: services tools clean-test-dbs
 ## Drop databases left behind by earlier test runs.
 clean-test-dbs:
 	@psql -h 127.0.0.1 -U postgres -d postgres -Atc "select datname from pg_database where datname like 'tw_test_%'" \
-	  | while read -r db; do psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists $$db with (force)" >/dev/null; done
+	  | while read -r db; do PGOPTIONS="--client-min-messages=warning" psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists $$db with (force)" >/dev/null; done
 
 lint:
 	$(CARGO) fmt --all -- --check
