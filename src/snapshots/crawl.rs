@@ -1,7 +1,7 @@
 //! A GoldRush crawl streamed into Postgres: page N is COPYed while page N+1 is fetched, so at
 //! most two pages are in memory whatever the holder count.
 //!
-//! Pagination rules (see docs/readme/snapshots.md):
+//! Pagination rules (see the README, "GoldRush crawl rules"):
 //! - follow `has_more` from page 0;
 //! - pin `block-height`: the caller's, or else the first page's items' `block_height`, sent on
 //!   every later page (Foundational chains only; elsewhere GoldRush refuses `block-height`, so
