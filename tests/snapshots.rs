@@ -1319,15 +1319,11 @@ mod onchain {
     use alloy::rpc::types::BlockId;
     use alloy::sol;
 
+    // TestNft721 has the same `batch` and `balanceOf` signatures, so one binding serves both.
     sol! {
         #[sol(rpc)]
         contract TestToken20 {
             function batch(address[] from, address[] to, uint256[] value) external;
-            function balanceOf(address) external view returns (uint256);
-        }
-        #[sol(rpc)]
-        contract TestNft721 {
-            function batch(address[] from, address[] to, uint256[] id) external;
             function balanceOf(address) external view returns (uint256);
         }
     }
@@ -1340,36 +1336,14 @@ mod onchain {
         ProviderBuilder::new().connect_http(url.parse().unwrap())
     }
 
-    /// Sends one `batch` to the ERC-20 and returns its block number.
-    pub async fn batch20(
+    /// Sends one `batch` (same signature on TestToken20 and TestNft721: (from, to, value or
+    /// token id) triples) and returns its block number.
+    pub async fn batch(
         p: &impl Provider,
         token: Address,
         moves: &[(Address, Address, u64)],
     ) -> u64 {
         let c = TestToken20::new(token, p);
-        let r = c
-            .batch(
-                moves.iter().map(|m| m.0).collect(),
-                moves.iter().map(|m| m.1).collect(),
-                moves.iter().map(|m| U256::from(m.2)).collect(),
-            )
-            .from(DEV)
-            .send()
-            .await
-            .expect("batch sent")
-            .get_receipt()
-            .await
-            .expect("batch mined");
-        assert!(r.status());
-        r.block_number.expect("block number")
-    }
-
-    pub async fn batch721(
-        p: &impl Provider,
-        token: Address,
-        moves: &[(Address, Address, u64)],
-    ) -> u64 {
-        let c = TestNft721::new(token, p);
         let r = c
             .batch(
                 moves.iter().map(|m| m.0).collect(),
@@ -1424,10 +1398,9 @@ async fn own_index_snapshots_on_anvil_equal_balance_of_at_each_block() {
     let z = Address::ZERO;
     let mut blocks = vec![deployed_at];
     // ERC-20 history: mints, transfers, burns, a self-transfer and a zero-value transfer.
-    blocks
-        .push(onchain::batch20(&p, erc20, &[(z, h[0], 1000), (z, h[1], 500), (z, h[2], 10)]).await);
+    blocks.push(onchain::batch(&p, erc20, &[(z, h[0], 1000), (z, h[1], 500), (z, h[2], 10)]).await);
     blocks.push(
-        onchain::batch20(
+        onchain::batch(
             &p,
             erc20,
             &[(h[0], h[1], 300), (h[2], h[3], 10), (h[1], z, 100)],
@@ -1435,7 +1408,7 @@ async fn own_index_snapshots_on_anvil_equal_balance_of_at_each_block() {
         .await,
     );
     blocks.push(
-        onchain::batch20(
+        onchain::batch(
             &p,
             erc20,
             &[(h[3], h[4], 5), (h[1], h[0], 700), (z, h[4], 1)],
@@ -1443,7 +1416,7 @@ async fn own_index_snapshots_on_anvil_equal_balance_of_at_each_block() {
         .await,
     );
     blocks.push(
-        onchain::batch20(
+        onchain::batch(
             &p,
             erc20,
             &[(h[0], h[0], 50), (h[4], h[2], 0), (h[0], h[5], 1400)],
@@ -1451,10 +1424,9 @@ async fn own_index_snapshots_on_anvil_equal_balance_of_at_each_block() {
         .await,
     );
     // ERC-721 history: mints, transfers, a burn.
-    blocks.push(onchain::batch721(&p, nft, &[(z, h[0], 1), (z, h[0], 2), (z, h[0], 3)]).await);
-    blocks.push(onchain::batch721(&p, nft, &[(h[0], h[1], 1), (h[0], z, 2)]).await);
-    blocks
-        .push(onchain::batch721(&p, nft, &[(h[0], h[2], 3), (z, h[1], 4), (h[1], h[3], 1)]).await);
+    blocks.push(onchain::batch(&p, nft, &[(z, h[0], 1), (z, h[0], 2), (z, h[0], 3)]).await);
+    blocks.push(onchain::batch(&p, nft, &[(h[0], h[1], 1), (h[0], z, 2)]).await);
+    blocks.push(onchain::batch(&p, nft, &[(h[0], h[2], 3), (z, h[1], 4), (h[1], h[3], 1)]).await);
     let last = *blocks.last().unwrap();
     // Bury the history under enough blocks that it is final whatever the finality rule.
     let _: serde_json::Value = p
