@@ -365,6 +365,26 @@ async fn count_requests(env: &TestEnv, kind: &str) -> i64 {
 }
 
 /// (pending, lag) of the group on a stream.
+/// Waits until `n` consume outcomes are stored and the consume stream's group has nothing
+/// pending or undelivered: every job applied and acknowledged.
+async fn wait_all_consumed(env: &TestEnv, r: &redis::aio::MultiplexedConnection, n: i64) {
+    let s = stream(env, "consume_tokens");
+    wait_until(
+        Duration::from_secs(120),
+        "all consume outcomes stored, nothing pending",
+        || {
+            let mut r = r.clone();
+            let s = s.clone();
+            async move {
+                let done = count_requests(env, "consume").await;
+                let (pending, lag) = group_state(&mut r, &s).await;
+                (done == n && pending == 0 && lag == 0).then_some(())
+            }
+        },
+    )
+    .await;
+}
+
 async fn group_state(r: &mut redis::aio::MultiplexedConnection, stream: &str) -> (usize, usize) {
     let info: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
         .arg("GROUPS")
@@ -956,22 +976,7 @@ async fn sigkill_mid_batch_loses_nothing_and_applies_nothing_twice() {
     );
 
     let _w2 = common::Child::spawn(&env, &["run"], &fast);
-    let s = stream(&env, "consume_tokens");
-    wait_until(
-        Duration::from_secs(120),
-        "all 20,000 outcomes and nothing pending",
-        || {
-            let mut r = r.clone();
-            let s = s.clone();
-            let env = &env;
-            async move {
-                let n = count_requests(env, "consume").await;
-                let (pending, lag) = group_state(&mut r, &s).await;
-                (n == 20_000 && pending == 0 && lag == 0).then_some(())
-            }
-        },
-    )
-    .await;
+    wait_all_consumed(&env, &r, 20_000).await;
     assert_exact(&env, user, granted, &jobs).await;
 }
 
@@ -1001,21 +1006,7 @@ async fn two_worker_processes_share_one_stream() {
     grant(&env, &mut r, user, granted).await;
     let jobs = random_jobs(user, 20_000);
     enqueue_consumes(&env, &mut r, &jobs).await;
-    wait_until(
-        Duration::from_secs(120),
-        "all outcomes, nothing pending",
-        || {
-            let mut r = r.clone();
-            let s = s.clone();
-            let env = &env;
-            async move {
-                let n = count_requests(env, "consume").await;
-                let (pending, lag) = group_state(&mut r, &s).await;
-                (n == 20_000 && pending == 0 && lag == 0).then_some(())
-            }
-        },
-    )
-    .await;
+    wait_all_consumed(&env, &r, 20_000).await;
     assert_exact(&env, user, granted, &jobs).await;
     let per_consumer: std::collections::HashMap<String, u64> = redis::cmd("HGETALL")
         .arg(format!("{}:processed:consume_tokens", env.redis_prefix))
@@ -1058,22 +1049,7 @@ async fn sigterm_under_load_exits_cleanly_and_a_restart_finishes_the_work() {
     assert!(status.success(), "SIGTERM exits 0, got {status:?}");
 
     let _w2 = common::Child::spawn(&env, &["run"], &cfg);
-    let s = stream(&env, "consume_tokens");
-    wait_until(
-        Duration::from_secs(120),
-        "all outcomes after restart",
-        || {
-            let mut r = r.clone();
-            let s = s.clone();
-            let env = &env;
-            async move {
-                let n = count_requests(env, "consume").await;
-                let (pending, lag) = group_state(&mut r, &s).await;
-                (n == 20_000 && pending == 0 && lag == 0).then_some(())
-            }
-        },
-    )
-    .await;
+    wait_all_consumed(&env, &r, 20_000).await;
     assert_exact(&env, user, granted, &jobs).await;
 }
 
