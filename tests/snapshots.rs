@@ -691,25 +691,11 @@ async fn verify_refuses_unknown_pending_and_failed_snapshots() {
     );
 
     // Public readers (anon) see no holder rows of a pending snapshot, and the check refuses too.
-    let mut tx = env.pool.begin().await.unwrap();
-    sqlx::query("SET LOCAL ROLE anon")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    let visible: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM snapshot_holders WHERE snapshot_id = $1")
-            .bind(pending)
-            .fetch_one(&mut *tx)
-            .await
-            .unwrap();
-    assert_eq!(visible, 0);
-    tx.rollback().await.unwrap();
+    assert_eq!(holder_rows_visible_to_anon(&env, pending).await, 0);
 }
 
-#[tokio::test]
-async fn anon_can_read_complete_snapshots_and_call_verify() {
-    let env = TestEnv::new().await;
-    let id = snapshot_of(&env, vec![(holder(5), "1000000".into())], 6).await;
+/// How many holder rows of `id` the public `anon` role can read (RLS applied).
+async fn holder_rows_visible_to_anon(env: &TestEnv, id: uuid::Uuid) -> i64 {
     let mut tx = env.pool.begin().await.unwrap();
     sqlx::query("SET LOCAL ROLE anon")
         .execute(&mut *tx)
@@ -721,7 +707,20 @@ async fn anon_can_read_complete_snapshots_and_call_verify() {
             .fetch_one(&mut *tx)
             .await
             .unwrap();
-    assert_eq!(visible, 1);
+    tx.rollback().await.unwrap();
+    visible
+}
+
+#[tokio::test]
+async fn anon_can_read_complete_snapshots_and_call_verify() {
+    let env = TestEnv::new().await;
+    let id = snapshot_of(&env, vec![(holder(5), "1000000".into())], 6).await;
+    assert_eq!(holder_rows_visible_to_anon(&env, id).await, 1);
+    let mut tx = env.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL ROLE anon")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     let ok: bool = sqlx::query_scalar("SELECT verify_address_in_snapshot($1, $2, '1')")
         .bind(id)
         .bind(holder(5).to_uppercase().replace("0X", "0x"))
