@@ -3,22 +3,30 @@
 //!
 //! | module | concern |
 //! |---|---|
-//! | [`config`] | typed configuration from defaults, a file and the environment |
-//! | [`store`] | Postgres pool, Redis connection, migrations |
+//! | [`config`] | typed configuration from defaults, a file and the environment: every section and default |
+//! | [`redact`] | connection strings made safe to log |
+//! | [`infra`] | Postgres pool, Redis connection, migrations, logging |
+//! | [`app`] | [`app::AppContext`]: configuration, stores and shutdown signal shared by long-running parts |
 //! | [`queue`] | the Redis-streams transport behind apalis: streams, groups, acks, redelivery, dead letters, replies |
 //! | [`ledger`] | the credits ledger: consume, grant, hold, settle, release, idempotency, batching |
 //! | [`chain`] | the ERC-20 / ERC-721 Transfer indexer: backfill, head following, reorgs |
 //! | [`snapshots`] | holder snapshots from GoldRush or from the own index; address checks |
 //! | [`maintenance`] | scheduled jobs (lock cleanup, anomalies, pruning), the scheduler, health and metrics |
-//! | [`telemetry`] | logging set-up |
 //! | [`worker`] | the `run` command: starts everything enabled in config and shuts it down cleanly |
 
+//!
+//! The modules form layers that only point down (see `docs/architecture.md`, checked by
+//! `scripts/layers.py`): foundation (`config`, `redact`) → infrastructure (`infra`, `app`) →
+//! transport (`queue`) → domain (`ledger`, `chain`) → derived (`snapshots`) → operations
+//! (`maintenance`) → composition (`worker`).
+
+pub mod app;
 pub mod chain;
 pub mod config;
+pub mod infra;
 pub mod ledger;
 pub mod maintenance;
 pub mod queue;
+pub mod redact;
 pub mod snapshots;
-pub mod store;
-pub mod telemetry;
 pub mod worker;

@@ -57,12 +57,12 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let cfg = Config::load(cli.config.as_deref()).context("invalid configuration")?;
-    tokenwarden::telemetry::init(&cfg.telemetry);
+    tokenwarden::infra::init_telemetry(&cfg.telemetry);
     match cli.command {
         Command::Run => tokenwarden::worker::run(cfg).await?,
         Command::Migrate => {
-            let pool = tokenwarden::store::connect_postgres(&cfg.database).await?;
-            tokenwarden::store::migrate(&pool).await?;
+            let pool = tokenwarden::infra::connect_postgres(&cfg.database).await?;
+            tokenwarden::infra::migrate(&pool).await?;
             println!("migrations applied");
         }
         Command::Enqueue {

@@ -3,43 +3,14 @@
 
 use std::sync::Arc;
 
-use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
-
+use crate::app::AppContext;
 use crate::config::Config;
-
-/// What every long-running part of the worker shares.
-#[derive(Clone)]
-pub struct AppContext {
-    pub cfg: Arc<Config>,
-    pub pool: PgPool,
-    /// A multiplexed Redis connection for non-blocking commands. Blocking reads
-    /// (XREADGROUP BLOCK, BLPOP) must open their own connection.
-    pub redis: redis::aio::ConnectionManager,
-    /// Cancelled when the process should stop taking new work.
-    pub shutdown: CancellationToken,
-}
-
-impl AppContext {
-    /// Connects to Postgres and Redis and applies migrations.
-    pub async fn connect(cfg: Config) -> Result<Self, WorkerError> {
-        let pool = crate::store::connect_postgres(&cfg.database).await?;
-        crate::store::migrate(&pool).await?;
-        let redis = crate::store::connect_redis(&cfg.redis).await?;
-        Ok(Self {
-            cfg: Arc::new(cfg),
-            pool,
-            redis,
-            shutdown: CancellationToken::new(),
-        })
-    }
-}
 
 /// Why the worker stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::infra::StoreError),
     #[error("{0}")]
     Other(String),
 }

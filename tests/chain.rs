@@ -16,9 +16,9 @@ use common::anvil::Anvil;
 use common::{Child, TestEnv, wait_until};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tokenwarden::chain::{ChainConfig, TokenConfig, TokenStandard};
+use tokenwarden::app::AppContext;
 use tokenwarden::config::Config;
-use tokenwarden::worker::AppContext;
+use tokenwarden::config::{ChainConfig, TokenConfig, TokenStandard};
 
 const CHAIN_ID: u64 = 31337;
 const NFT_IDS: u64 = 40;

@@ -274,7 +274,7 @@ fn snapshot_chain_accepts_names_and_numeric_ids() {
     }
 }
 
-fn ledger_config() -> tokenwarden::ledger::LedgerConfig {
+fn ledger_config() -> tokenwarden::config::LedgerConfig {
     tokenwarden::config::Config::load_with_env(None, Vec::<(String, String)>::new())
         .expect("default config is valid")
         .ledger

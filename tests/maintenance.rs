@@ -396,11 +396,11 @@ async fn readyz_fails_when_redis_is_unreachable() {
     assert!(w.wait_exit(Duration::from_secs(30)).success());
 }
 
-async fn app_context(env: &TestEnv, extra: &[(&str, &str)]) -> tokenwarden::worker::AppContext {
+async fn app_context(env: &TestEnv, extra: &[(&str, &str)]) -> tokenwarden::app::AppContext {
     let mut vars = env.env_vars();
     vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let cfg = tokenwarden::config::Config::load_with_env(None, vars).expect("test config");
-    tokenwarden::worker::AppContext::connect(cfg)
+    tokenwarden::app::AppContext::connect(cfg)
         .await
         .expect("connect")
 }

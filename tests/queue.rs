@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{TestEnv, wait_until};
+use tokenwarden::app::AppContext;
 use tokenwarden::config::Config;
 use tokenwarden::queue::{JobError, JobFuture, JobHandler, JobRegistry};
-use tokenwarden::worker::AppContext;
 
 const T: Duration = Duration::from_secs(30);
 

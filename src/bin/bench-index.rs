@@ -277,12 +277,12 @@ start_block = {deploy_block}
     let index_secs = t0.elapsed().as_secs_f64();
     let hwm_backfill = vm_hwm_kb(pid).unwrap_or(0);
 
-    let chain: tokenwarden::chain::ChainConfig = serde_json::from_value(serde_json::json!({
+    let chain: tokenwarden::config::ChainConfig = serde_json::from_value(serde_json::json!({
         "chain_id": 31337, "name": "anvil", "rpc_urls": [url]}))?;
-    let tokens = vec![tokenwarden::chain::TokenConfig {
+    let tokens = vec![tokenwarden::config::TokenConfig {
         chain_id: 31337,
         address: format!("{token:#x}"),
-        standard: tokenwarden::chain::TokenStandard::Erc20,
+        standard: tokenwarden::config::TokenStandard::Erc20,
         start_block: deploy_block,
     }];
     let report = tokenwarden::chain::cli::reconcile(&pool, &chain, &tokens).await?;

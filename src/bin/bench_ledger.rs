@@ -166,7 +166,7 @@ impl Bench {
             .with_context(|| {
                 format!(
                     "Postgres not reachable at {} (start it with `make services`)",
-                    tokenwarden::store::redact_url(&args.admin_url)
+                    tokenwarden::redact::redact_url(&args.admin_url)
                 )
             })?;
         // db_name is generated here from hex digits, so it is safe to splice.
@@ -182,7 +182,7 @@ impl Bench {
             .acquire_timeout(Duration::from_secs(30))
             .connect(&db_url)
             .await?;
-        tokenwarden::store::migrate(&pool).await?;
+        tokenwarden::infra::migrate(&pool).await?;
         let clk = Command::new("getconf").arg("CLK_TCK").output()?;
         let clk_tck: f64 = String::from_utf8_lossy(&clk.stdout)
             .trim()

@@ -123,7 +123,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| {
             format!(
                 "Postgres at {} (start it with `make services`)",
-                tokenwarden::store::redact_url(&admin_url)
+                tokenwarden::redact::redact_url(&admin_url)
             )
         })?;
     sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db}")))
@@ -136,7 +136,7 @@ async fn main() -> anyhow::Result<()> {
         .max_connections(4)
         .connect(&replace_db_name(&admin_url, &db)?)
         .await?;
-    tokenwarden::store::migrate(&pool).await?;
+    tokenwarden::infra::migrate(&pool).await?;
 
     let mut cfg = tokenwarden::config::Config::load_with_env(None, std::iter::empty())?.snapshots;
     cfg.goldrush_base_url = format!("http://{addr}");

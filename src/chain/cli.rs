@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::decode::{IERC20, IERC721, addr_hex};
 use super::rpc::{Rpc, RpcError};
-use super::{ChainConfig, TokenStandard};
+use crate::config::{ChainConfig, TokenStandard};
 
 /// `tokenwarden index` subcommands.
 #[derive(Debug, Subcommand)]
@@ -32,7 +32,7 @@ pub enum IndexCommand {
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::infra::StoreError),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
     #[error(transparent)]
@@ -63,7 +63,7 @@ const CALL_CONCURRENCY: usize = 16;
 
 /// Runs one command and prints its result on stdout.
 pub async fn run(cmd: IndexCommand, cfg: &crate::config::Config) -> Result<(), CliError> {
-    let pool = crate::store::connect_postgres(&cfg.database).await?;
+    let pool = crate::infra::connect_postgres(&cfg.database).await?;
     match cmd {
         IndexCommand::Status => status(&pool, cfg).await,
         IndexCommand::Reconcile { chain_id } => {
@@ -173,7 +173,7 @@ pub struct ReconcileReport {
 pub async fn reconcile(
     pool: &PgPool,
     chain: &ChainConfig,
-    tokens: &[super::TokenConfig],
+    tokens: &[crate::config::TokenConfig],
 ) -> Result<ReconcileReport, CliError> {
     let cid = chain.chain_id as i64;
     let cp: Option<i64> =

@@ -10,7 +10,7 @@ use alloy::rpc::types::Log;
 use alloy::sol;
 use alloy::sol_types::SolEvent;
 
-use super::TokenStandard;
+use crate::config::TokenStandard;
 
 sol! {
     /// ERC-20 `Transfer` (3 topics).

@@ -22,13 +22,13 @@ use super::decode::{self, IERC20, RejectedLog, TRANSFER_TOPIC, TransferRow};
 use super::lease::Lease;
 use super::rpc::{HeaderInfo, Rpc, RpcError};
 use super::sink::{self, Batch, Checkpoint, SinkError, TokenMeta};
-use super::{ChainConfig, TokenConfig, TokenStandard};
+use crate::config::{ChainConfig, TokenConfig, TokenStandard};
 
 /// Everything one chain's indexer needs.
 pub struct IndexerParams {
     pub chain: ChainConfig,
     pub tokens: Vec<TokenConfig>,
-    pub database_url: String,
+    pub database_url: secrecy::SecretString,
     pub pool: PgPool,
     pub redis: redis::aio::ConnectionManager,
     pub redis_prefix: String,
@@ -67,7 +67,13 @@ pub async fn run_chain(p: IndexerParams) {
     let label = chain_id.to_string();
     metrics::gauge!("tokenwarden_indexer_stopped", "chain_id" => label.clone()).set(0.0);
     'lease: loop {
-        let Some(mut lease) = Lease::acquire(&p.database_url, chain_id, &p.shutdown).await else {
+        let Some(mut lease) = Lease::acquire(
+            secrecy::ExposeSecret::expose_secret(&p.database_url),
+            chain_id,
+            &p.shutdown,
+        )
+        .await
+        else {
             return;
         };
         let mut ix = match Indexer::new(&p) {
@@ -778,7 +784,7 @@ async fn watch_heads(url: String, chain_id: u64, wake: Arc<Notify>, cancel: Canc
             _ = cancel.cancelled() => return,
             r = attempt => {
                 if let Err(e) = r {
-                    tracing::warn!(chain_id, url = %super::rpc::redact_endpoint(&url), error = %super::rpc::scrub_endpoints(&e.to_string(), std::slice::from_ref(&url)), "new-heads subscription failed; polling until it is back");
+                    tracing::warn!(chain_id, url = %crate::redact::redact_endpoint(&url), error = %super::rpc::scrub_endpoints(&e.to_string(), std::slice::from_ref(&url)), "new-heads subscription failed; polling until it is back");
                 }
             }
         }

@@ -20,7 +20,7 @@ use alloy::transports::{RpcError as AlloyRpcError, TransportError, TransportErro
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio_util::sync::CancellationToken;
 
-use super::ChainConfig;
+use crate::config::ChainConfig;
 
 /// A classified RPC failure. The class decides what the caller does: split the range, wait and
 /// retry, or give up.
@@ -448,9 +448,9 @@ fn classify(method: &'static str, e: &TransportError) -> RpcError {
     }
 }
 
-/// An endpoint reduced to `scheme://host[:port]/…` (see [`crate::store::redact_endpoint`]):
+/// An endpoint reduced to `scheme://host[:port]/…` (see [`crate::redact::redact_endpoint`]):
 /// RPC providers carry the API key in the userinfo, the path (`/v2/KEY`) or the query.
-pub use crate::store::redact_endpoint;
+use crate::redact::redact_endpoint;
 
 /// Replaces every occurrence of each of `urls` in `message` by its [`redact_endpoint`] form.
 /// Both the configured spelling and the parsed one (`url` adds a trailing `/` to a bare host

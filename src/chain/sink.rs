@@ -162,7 +162,7 @@ pub async fn recent_blocks(
 #[derive(Debug, Clone)]
 pub struct TokenMeta {
     pub address: Address,
-    pub standard: super::TokenStandard,
+    pub standard: crate::config::TokenStandard,
     pub decimals: Option<i32>,
     pub symbol: Option<String>,
     pub name: Option<String>,

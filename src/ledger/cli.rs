@@ -3,7 +3,7 @@
 use clap::Subcommand;
 
 use super::{Credits, Ledger, LedgerError, LedgerOp, OutcomeStatus, RequestId, UserId};
-use crate::store::StoreError;
+use crate::infra::StoreError;
 
 /// `tokenwarden credits` subcommands.
 #[derive(Debug, Subcommand)]
@@ -46,7 +46,7 @@ pub enum CliError {
 
 /// Runs one command and prints its result on stdout.
 pub async fn run(cmd: CreditsCommand, cfg: &crate::config::Config) -> Result<(), CliError> {
-    let pool = crate::store::connect_postgres(&cfg.database).await?;
+    let pool = crate::infra::connect_postgres(&cfg.database).await?;
     let ledger = Ledger::new(pool, cfg.ledger.clone());
     match cmd {
         CreditsCommand::Balance { user_id } => match ledger.balance(UserId(user_id)).await? {

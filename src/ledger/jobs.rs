@@ -10,7 +10,8 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use super::batcher::Batcher;
-use super::{Credits, LedgerConfig, LedgerOp, OutcomeStatus, RejectedRequest, RequestId, UserId};
+use super::{Credits, LedgerOp, OutcomeStatus, RejectedRequest, RequestId, UserId};
+use crate::config::LedgerConfig;
 use crate::queue::{JobError, JobFuture, JobHandler, JobRegistry};
 
 /// Which ledger operation a job type carries.

@@ -9,7 +9,8 @@ use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{LedgerConfig, LedgerOp, Outcome, OutcomeStatus, RequestId, UserId};
+use super::{LedgerOp, Outcome, OutcomeStatus, RequestId, UserId};
+use crate::config::LedgerConfig;
 
 /// Why a ledger call failed. Business outcomes (insufficient tokens, conflicts, …) are NOT
 /// errors: they are [`Outcome`]s. An error means the database could not give an answer.

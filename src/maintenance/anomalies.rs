@@ -14,40 +14,17 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::jobs::parse_payload;
-use super::{AlertsConfig, AnomaliesConfig, BurstRuleConfig, SpendSpikeConfig};
+use crate::config::{AlertsConfig, AnomaliesConfig, BurstRuleConfig, Severity, SpendSpikeConfig};
 use crate::queue::{JobError, JobFuture, JobHandler};
 
 /// Job type of the detection job.
 pub const DETECT_ANOMALIES: &str = "detect_anomalies";
-
-/// How an open finding affects the user.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Severity {
-    /// Recorded only.
-    Info,
-    /// Recorded and meant for an operator's attention (alerts, dashboards).
-    Warn,
-    /// Recorded, and the ledger refuses the user's consumption with `rate_limited` until resolved.
-    Block,
-}
-
-impl Severity {
-    /// The value stored in `token_anomalies.severity`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Severity::Info => "info",
-            Severity::Warn => "warn",
-            Severity::Block => "block",
-        }
-    }
-}
 
 /// One user's suspicious window as seen by one rule.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -23,7 +23,7 @@ pub enum AnomaliesCommand {
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::infra::StoreError),
     #[error("database error while {action}: {source}")]
     Database {
         action: &'static str,
@@ -43,7 +43,7 @@ pub enum CliError {
 
 /// Runs one command and prints its result on stdout.
 pub async fn run(cmd: AnomaliesCommand, cfg: &crate::config::Config) -> Result<(), CliError> {
-    let pool = crate::store::connect_postgres(&cfg.database).await?;
+    let pool = crate::infra::connect_postgres(&cfg.database).await?;
     match cmd {
         AnomaliesCommand::List { all, limit } => {
             if !(1..=10_000).contains(&limit) {

@@ -16,7 +16,7 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 
-use crate::worker::AppContext;
+use crate::app::AppContext;
 
 /// Why the endpoint could not start.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +66,7 @@ pub async fn spawn(ctx: AppContext) -> Result<tokio::task::JoinHandle<()>, HttpE
         .route("/metrics", get(metrics_text))
         .with_state(state);
     tracing::info!(%addr, "operations endpoint listening");
-    let grace = Duration::from_secs(ctx.cfg.queue.shutdown_grace_secs);
+    let grace = Duration::from_secs(ctx.cfg.worker.shutdown_grace_secs);
     let shutdown = ctx.shutdown.clone();
     Ok(tokio::spawn(async move {
         let stop = async move {
@@ -166,7 +166,7 @@ async fn check_redis(s: &OpsState, timeout: Duration) -> Check {
 
 /// The chain's head from the first RPC URL that answers `eth_blockNumber`, compared with the
 /// indexer checkpoint.
-async fn check_chain(s: &OpsState, chain: &crate::chain::ChainConfig, timeout: Duration) -> Check {
+async fn check_chain(s: &OpsState, chain: &crate::config::ChainConfig, timeout: Duration) -> Check {
     let name = format!("chain:{}", chain.chain_id);
     let mut last_err = String::from("no RPC URL configured");
     let mut head = None;
@@ -176,7 +176,7 @@ async fn check_chain(s: &OpsState, chain: &crate::chain::ChainConfig, timeout: D
                 head = Some(h);
                 break;
             }
-            Err(e) => last_err = format!("{}: {e}", crate::store::redact_endpoint(url)),
+            Err(e) => last_err = format!("{}: {e}", crate::redact::redact_endpoint(url)),
         }
     }
     let Some(head) = head else {

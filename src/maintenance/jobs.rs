@@ -4,9 +4,9 @@ use redis::aio::ConnectionManager;
 use serde::Deserialize;
 use sqlx::PgPool;
 
-use super::RetentionConfig;
+use crate::app::AppContext;
+use crate::config::RetentionConfig;
 use crate::queue::{JobError, JobFuture, JobHandler};
-use crate::worker::AppContext;
 
 /// Job type of the hold-expiry job.
 pub const CLEANUP_LOCKS: &str = "cleanup_locks";

@@ -7,7 +7,7 @@ use std::time::Duration;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use super::jobs::{acked_floor, job_streams, now_ms, parse_stream_id};
-use crate::worker::AppContext;
+use crate::app::AppContext;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 

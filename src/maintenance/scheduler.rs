@@ -25,8 +25,8 @@ use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::app::AppContext;
 use crate::queue::JobHandler;
-use crate::worker::AppContext;
 
 /// Upper bound on the ticks walked when folding missed ticks, so a per-second schedule after a
 /// month of downtime does not spin for long; beyond it the walk restarts one day before now.
@@ -82,7 +82,7 @@ async fn run(ctx: AppContext, handlers: Vec<Arc<dyn JobHandler>>) {
     runs.drain(
         &ctx.pool,
         &replica,
-        Duration::from_secs(ctx.cfg.queue.shutdown_grace_secs),
+        Duration::from_secs(ctx.cfg.worker.shutdown_grace_secs),
     )
     .await;
 }

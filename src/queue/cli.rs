@@ -48,12 +48,12 @@ pub enum CliError {
     #[error(transparent)]
     Queue(#[from] QueueError),
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::infra::StoreError),
 }
 
 /// Runs one `dead-letters` command and prints its result on stdout.
 pub async fn run(cmd: DeadLettersCommand, cfg: &Config) -> Result<(), CliError> {
-    let pool = crate::store::connect_postgres(&cfg.database).await?;
+    let pool = crate::infra::connect_postgres(&cfg.database).await?;
     match cmd {
         DeadLettersCommand::List { job_type, limit } => {
             for dl in dead_letter::list(&pool, job_type.as_deref(), limit).await? {
@@ -167,8 +167,8 @@ async fn redis_conn(
     cfg: &Config,
     timeout: Duration,
 ) -> Result<redis::aio::MultiplexedConnection, QueueError> {
-    let client =
-        redis::Client::open(cfg.redis.url.as_str()).map_err(QueueError::redis("open client"))?;
+    let client = redis::Client::open(secrecy::ExposeSecret::expose_secret(&cfg.redis.url))
+        .map_err(QueueError::redis("open client"))?;
     let conn_cfg = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_response_timeout(Some(timeout));
@@ -177,6 +177,6 @@ async fn redis_conn(
         .await
         .map_err(QueueError::redis(format!(
             "connect to {}",
-            crate::store::redact_url(&cfg.redis.url)
+            cfg.redis.display_url()
         )))
 }

@@ -36,8 +36,9 @@ use super::acker::{self, Ack, AckerHandle};
 use super::backend::StreamBackend;
 use super::entry::StreamEntry;
 use super::reader::{self, InFlight, Reader};
-use super::{JobError, JobHandler, JobRegistry, QueueConfig, QueueError, dead_letter};
-use crate::worker::AppContext;
+use super::{JobError, JobHandler, JobRegistry, QueueError, dead_letter};
+use crate::app::AppContext;
+use crate::config::QueueConfig;
 
 /// Why an entry was not acknowledged; it stays pending and will be redelivered.
 #[derive(Debug, thiserror::Error)]
@@ -177,8 +178,8 @@ struct Shared {
 /// are restarted by the Monitor with a fresh consumer name and a back-off.
 pub async fn run_consumers(ctx: &AppContext, registry: JobRegistry) -> Result<(), QueueError> {
     let cfg = &ctx.cfg;
-    let client =
-        redis::Client::open(cfg.redis.url.as_str()).map_err(QueueError::redis("open client"))?;
+    let client = redis::Client::open(secrecy::ExposeSecret::expose_secret(&cfg.redis.url))
+        .map_err(QueueError::redis("open client"))?;
     let (acker, acker_task) = acker::spawn(
         ctx.redis.clone(),
         cfg.redis.prefix.clone(),

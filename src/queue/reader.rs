@@ -15,7 +15,8 @@ use sqlx::PgPool;
 use tokio::sync::mpsc;
 
 use super::entry::{StreamEntry, parse_entries, parse_read_reply};
-use super::{QueueConfig, QueueError, dead_letter};
+use super::{QueueError, dead_letter};
+use crate::config::QueueConfig;
 
 /// Ids this consumer has handed to handlers and not finished; their leases are renewed so no
 /// other consumer reclaims a job that is merely slow.

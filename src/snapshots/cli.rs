@@ -46,7 +46,7 @@ pub enum SnapshotCommand {
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::infra::StoreError),
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
     #[error(transparent)]
@@ -68,7 +68,7 @@ pub enum CliError {
 
 /// Runs one command and prints its result on stdout.
 pub async fn run(cmd: SnapshotCommand, cfg: &crate::config::Config) -> Result<(), CliError> {
-    let pool = crate::store::connect_postgres(&cfg.database).await?;
+    let pool = crate::infra::connect_postgres(&cfg.database).await?;
     match cmd {
         SnapshotCommand::Create {
             source,

@@ -12,8 +12,8 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use super::SnapshotsConfig;
 use super::chains::GoldRushChain;
+use crate::config::SnapshotsConfig;
 
 /// The API key. Its `Debug`/`Display` never show the value, so it cannot leak into logs.
 #[derive(Clone)]

@@ -18,7 +18,6 @@ use std::time::Instant;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::SnapshotsConfig;
 use super::chains;
 use super::claim::CrawlClaim;
 use super::crawl::{self, CrawlError};
@@ -26,6 +25,7 @@ use super::goldrush::{GoldRushClient, GoldRushError, normalize_address};
 use super::index::{self, IndexError};
 pub use super::store::SnapshotSource;
 use super::store::{self, Completed, NewSnapshot, SnapshotRow, SnapshotStatus};
+use crate::config::SnapshotsConfig;
 
 /// A validated snapshot request.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -76,7 +76,7 @@ impl TestEnv {
             .connect(&db_url)
             .await
             .expect("connect to test database");
-        tokenwarden::store::migrate(&pool)
+        tokenwarden::infra::migrate(&pool)
             .await
             .expect("migrations apply to a fresh database");
 

@@ -9,34 +9,40 @@
 //! API keys) take them from the environment. Unknown keys are errors, so a typo fails at start
 //! with the key's name instead of being silently ignored.
 
-use std::net::SocketAddr;
+//!
+//! This module is the one owner of every configuration type and of every default: the defaults
+//! live in `config/default.toml` only (no serde default functions, except the per-entry keys of
+//! `chain.chains[]` / `chain.tokens[]`, which a TOML file cannot default), and each area imports
+//! its own section from here. Nothing in this module imports another area, so every layer may
+//! depend on it.
+
+mod chain;
+mod error;
+mod ledger;
+mod maintenance;
+mod process;
+mod queue;
+mod snapshots;
+mod stores;
+
 use std::path::Path;
 
 use serde::Deserialize;
 
+pub use chain::{ChainConfig, ChainSection, TokenConfig, TokenStandard};
+pub use error::ConfigError;
+pub use ledger::LedgerConfig;
+pub use maintenance::{
+    AlertsConfig, AnomaliesConfig, BurstRuleConfig, MaintenanceConfig, ReadinessConfig,
+    RetentionConfig, Schedules, Severity, SpendSpikeConfig,
+};
+pub use process::{HttpConfig, LogFormat, TelemetryConfig, WorkerConfig};
+pub use queue::QueueConfig;
+pub use snapshots::SnapshotsConfig;
+pub use stores::{DatabaseConfig, RedisConfig};
+
 /// The default configuration, embedded at build time.
-pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
-
-/// A configuration problem, naming the key and the reason.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The sources could not be read or did not match the expected types.
-    #[error("configuration could not be loaded: {0}")]
-    Load(#[from] config::ConfigError),
-    /// A value has the right type but is not acceptable.
-    #[error("invalid configuration key `{key}`: {reason}")]
-    Invalid { key: String, reason: String },
-}
-
-impl ConfigError {
-    /// Shorthand for [`ConfigError::Invalid`].
-    pub fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self::Invalid {
-            key: key.into(),
-            reason: reason.into(),
-        }
-    }
-}
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 
 /// The whole configuration of one `tokenwarden` process.
 #[derive(Debug, Clone, Deserialize)]
@@ -44,65 +50,14 @@ impl ConfigError {
 pub struct Config {
     pub database: DatabaseConfig,
     pub redis: RedisConfig,
-    pub queue: crate::queue::QueueConfig,
-    pub ledger: crate::ledger::LedgerConfig,
-    pub chain: crate::chain::ChainSection,
-    pub snapshots: crate::snapshots::SnapshotsConfig,
-    pub maintenance: crate::maintenance::MaintenanceConfig,
+    pub worker: WorkerConfig,
+    pub queue: QueueConfig,
+    pub ledger: LedgerConfig,
+    pub chain: ChainSection,
+    pub snapshots: SnapshotsConfig,
+    pub maintenance: MaintenanceConfig,
     pub http: HttpConfig,
     pub telemetry: TelemetryConfig,
-}
-
-/// Postgres connection settings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DatabaseConfig {
-    /// Connection URL. A password belongs in `TOKENWARDEN__DATABASE__URL`, never in a file.
-    pub url: String,
-    pub max_connections: u32,
-    pub acquire_timeout_secs: u64,
-}
-
-/// Redis connection settings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RedisConfig {
-    pub url: String,
-    /// Prefix of every key tokenwarden touches, so several deployments (or tests) share one Redis.
-    pub prefix: String,
-}
-
-/// The operations HTTP endpoint (`/healthz`, `/readyz`, `/metrics`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpConfig {
-    pub enabled: bool,
-    pub listen: String,
-}
-
-impl HttpConfig {
-    /// The parsed listen address.
-    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        self.listen
-            .parse()
-            .map_err(|e| ConfigError::invalid("http.listen", format!("{e}: {:?}", self.listen)))
-    }
-}
-
-/// Log output.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TelemetryConfig {
-    pub format: LogFormat,
-    pub level: String,
-}
-
-/// Human-readable lines for a terminal, or one JSON object per line for log collectors.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Human,
-    Json,
 }
 
 impl Config {
@@ -143,32 +98,9 @@ impl Config {
 
     /// Checks values that types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !self.database.url.starts_with("postgres://")
-            && !self.database.url.starts_with("postgresql://")
-        {
-            return Err(ConfigError::invalid(
-                "database.url",
-                "must start with postgres:// or postgresql://",
-            ));
-        }
-        if self.database.max_connections == 0 {
-            return Err(ConfigError::invalid(
-                "database.max_connections",
-                "must be at least 1",
-            ));
-        }
-        if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("rediss://") {
-            return Err(ConfigError::invalid(
-                "redis.url",
-                "must start with redis:// or rediss://",
-            ));
-        }
-        if self.redis.prefix.is_empty() || self.redis.prefix.contains(char::is_whitespace) {
-            return Err(ConfigError::invalid(
-                "redis.prefix",
-                "must be non-empty and contain no whitespace",
-            ));
-        }
+        self.database.validate()?;
+        self.redis.validate()?;
+        self.worker.validate()?;
         if self.http.enabled {
             self.http.listen_addr()?;
         }
