@@ -27,6 +27,10 @@ pub enum StoreError {
         #[source]
         source: redis::RedisError,
     },
+    #[error("cannot record the revised checksum of a migration: {0}")]
+    Revise(#[source] sqlx::Error),
+    #[error("the released checksum of migration {0} is not hex")]
+    BadChecksum(i64),
     #[error("migrations failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
@@ -45,8 +49,41 @@ pub async fn connect_postgres(cfg: &DatabaseConfig) -> Result<PgPool, StoreError
         })
 }
 
-/// Applies pending migrations.
+/// Migrations whose file changed after a release, with the checksum (SHA-384, as sqlx stores
+/// it) of the released text. A database that applied the released text gets the new checksum
+/// recorded instead of sqlx's "previously applied but has been modified" error; the change
+/// must leave such a database as the new text would (here: the Supabase-compatible role and
+/// schema checks of migration 1 create the same objects on plain Postgres).
+const REVISED_MIGRATIONS: &[(i64, &str)] = &[(
+    20261125000100,
+    "4daf6fee7deb2e4a8a465ed6ba058326bef84ba09040b5a1a83a2454d1d009839d54828390840e5bf6d632e23cf61a3a",
+)];
+
+/// Applies pending migrations, first recording the new checksum of each revised migration
+/// that a database applied in its released form.
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    let table_exists: bool =
+        sqlx::query_scalar("SELECT to_regclass('public._sqlx_migrations') IS NOT NULL")
+            .fetch_one(pool)
+            .await
+            .map_err(StoreError::Revise)?;
+    if table_exists {
+        for (version, released) in REVISED_MIGRATIONS {
+            let Some(current) = MIGRATOR.iter().find(|m| m.version == *version) else {
+                continue;
+            };
+            let released = hex::decode(released).map_err(|_| StoreError::BadChecksum(*version))?;
+            sqlx::query(
+                "UPDATE public._sqlx_migrations SET checksum = $1 WHERE version = $2 AND checksum = $3",
+            )
+            .bind(current.checksum.as_ref())
+            .bind(version)
+            .bind(released)
+            .execute(pool)
+            .await
+            .map_err(StoreError::Revise)?;
+        }
+    }
     MIGRATOR.run(pool).await?;
     Ok(())
 }

@@ -7,6 +7,7 @@
 
 pub mod anvil;
 pub mod ops;
+pub mod supabase;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -38,8 +39,24 @@ pub fn tokenwarden_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tokenwarden"))
 }
 
+/// The two kinds of database users deploy to. Every SQL, RLS and privilege test runs on both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbKind {
+    /// A plain PostgreSQL database; migrations run as a superuser.
+    Plain,
+    /// A database shaped like a Supabase project ([`supabase`]); migrations run as its
+    /// non-superuser owner, into a `public` schema whose default privileges grant everything
+    /// to the API roles.
+    Supabase,
+}
+
+impl DbKind {
+    pub const ALL: [DbKind; 2] = [DbKind::Plain, DbKind::Supabase];
+}
+
 /// One test's isolated environment: a fresh migrated database and a unique Redis prefix.
 pub struct TestEnv {
+    pub kind: DbKind,
     pub db_name: String,
     pub db_url: String,
     pub pool: PgPool,
@@ -48,8 +65,15 @@ pub struct TestEnv {
 }
 
 impl TestEnv {
-    /// Creates and migrates a fresh database; panics with instructions if a service is down.
+    /// Creates and migrates a fresh plain database; panics with instructions if a service is down.
     pub async fn new() -> TestEnv {
+        Self::on(DbKind::Plain).await
+    }
+
+    /// Like [`TestEnv::new`], on the given kind of database. `db_url` and `pool` connect as the
+    /// migration owner (the superuser on a plain database, `supabase::OWNER` on a
+    /// Supabase-shaped one): what `tokenwarden run` would use.
+    pub async fn on(kind: DbKind) -> TestEnv {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let db_name = format!("tw_test_{}", &id[..16]);
         let admin = PgPoolOptions::new()
@@ -64,12 +88,30 @@ impl TestEnv {
                     admin_url()
                 )
             });
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
+        supabase::ensure_roles(&admin).await;
+        let create = match kind {
+            DbKind::Plain => format!("CREATE DATABASE {db_name}"),
+            DbKind::Supabase => supabase::create_database_sql(&db_name),
+        };
+        sqlx::query(sqlx::AssertSqlSafe(create))
             .execute(&admin)
             .await
             .expect("create test database");
         admin.close().await;
-        let db_url = replace_db_name(&admin_url(), &db_name);
+        let superuser_url = replace_db_name(&admin_url(), &db_name);
+        let db_url = match kind {
+            DbKind::Plain => superuser_url.clone(),
+            DbKind::Supabase => {
+                let su = PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(&superuser_url)
+                    .await
+                    .expect("connect to the new database as superuser");
+                supabase::prepare_database(&su, &db_name).await;
+                su.close().await;
+                replace_user(&superuser_url, supabase::OWNER)
+            }
+        };
         let pool = PgPoolOptions::new()
             .max_connections(20)
             .acquire_timeout(Duration::from_secs(30))
@@ -96,12 +138,23 @@ impl TestEnv {
             .await
             .expect("redis PING");
         TestEnv {
+            kind,
             db_name,
             db_url,
             pool,
             redis_url,
             redis_prefix: format!("twtest:{}", &id[..16]),
         }
+    }
+
+    /// A pool on this test's database logged in as `role` (a login role such as
+    /// `supabase::MEMBERS`' members).
+    pub async fn pool_as(&self, role: &str) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&replace_user(&self.db_url, role))
+            .await
+            .unwrap_or_else(|e| panic!("connect as {role}: {e}"))
     }
 
     /// A configuration pointing at this test's database and Redis prefix.
@@ -168,6 +221,13 @@ impl Drop for TestEnv {
         })
         .join();
     }
+}
+
+/// Replaces the user name in a Postgres URL (trust authentication: no password).
+pub fn replace_user(url: &str, user: &str) -> String {
+    let mut u = url::Url::parse(url).expect("valid postgres url");
+    u.set_username(user).expect("postgres url takes a user");
+    u.to_string()
 }
 
 /// Replaces the database name in a Postgres URL.
