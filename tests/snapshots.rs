@@ -18,7 +18,7 @@ use uuid::Uuid;
 use wiremock::matchers::{bearer_token, method, path, query_param, query_param_is_missing};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use common::TestEnv;
+use common::{DbKind, TestEnv};
 
 const KEY: &str = "cqt_wFtestkeytestkeytestkeytestke";
 /// The INDEX token of the 2021 capture.
@@ -600,7 +600,12 @@ async fn verify_sql(env: &TestEnv, id: Uuid, wallet: &str, min: &str) -> Result<
 
 #[tokio::test]
 async fn verify_converts_whole_tokens_with_the_tokens_own_decimals() {
-    let env = TestEnv::new().await;
+    for kind in DbKind::ALL {
+        verify_converts_on(TestEnv::on(kind).await).await;
+    }
+}
+
+async fn verify_converts_on(env: TestEnv) {
     let w = "0xAbCdEf0000000000000000000000000000000001";
     let wl = w.to_lowercase();
     // 6 decimals: 1.5 tokens = 1_500_000 base units.
@@ -640,9 +645,38 @@ async fn verify_converts_whole_tokens_with_the_tokens_own_decimals() {
     assert!(!store::verify(&env.pool, six, w, "1.6").await.unwrap());
 }
 
+/// "Holds at least 0" is true of everyone: the check refuses it instead of answering `true`
+/// for an address that holds nothing.
+#[tokio::test]
+async fn verify_refuses_a_minimum_of_zero_on_both_databases() {
+    for kind in DbKind::ALL {
+        let env = TestEnv::on(kind).await;
+        let id = snapshot_of(&env, vec![(holder(1), "10".into())], 6).await;
+        for zero in ["0", "0.0", "0.000000", " 0 "] {
+            let err = verify_sql(&env, id, &holder(2), zero)
+                .await
+                .expect_err("a zero minimum is refused");
+            assert!(
+                err.contains("must be greater than zero"),
+                "{kind:?} {zero:?}: {err}"
+            );
+        }
+        assert_eq!(verify_sql(&env, id, &holder(1), "0.000001").await, Ok(true));
+        assert_eq!(
+            verify_sql(&env, id, &holder(2), "0.000001").await,
+            Ok(false)
+        );
+    }
+}
+
 #[tokio::test]
 async fn verify_refuses_unknown_pending_and_failed_snapshots() {
-    let env = TestEnv::new().await;
+    for kind in DbKind::ALL {
+        verify_refuses_on(TestEnv::on(kind).await).await;
+    }
+}
+
+async fn verify_refuses_on(env: TestEnv) {
     let unknown = Uuid::new_v4();
     let err = store::verify(&env.pool, unknown, &holder(1), "1")
         .await
