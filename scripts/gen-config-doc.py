@@ -192,7 +192,9 @@ def main():
     ap.add_argument("--config", type=Path, default=ROOT / "config" / "default.toml")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "configuration.md")
     args = ap.parse_args()
-    doc = args.doc.read_text()
+    if args.doc.resolve().is_relative_to(ROOT):
+        args.doc = args.doc.resolve().relative_to(ROOT)
+    doc = (ROOT / args.doc).read_text() if not args.doc.is_absolute() else args.doc.read_text()
     new = splice(doc, render(args.config), args.doc)
     if args.check:
         if new != doc:
@@ -205,7 +207,7 @@ def main():
         print(f"{args.doc}: configuration table up to date")
         return 0
     if new != doc:
-        args.doc.write_text(new)
+        (ROOT / args.doc).write_text(new)
         print(f"{args.doc}: configuration table rewritten")
     else:
         print(f"{args.doc}: configuration table already up to date")
