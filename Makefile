@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: run test services tools build lint fmt check-fmt clean-test-dbs bench-ledger bench-index bench-snapshots
+.PHONY: run test services tools build lint fmt check-fmt clean-test-dbs bench-ledger bench-index bench-snapshots docs docs-check
 
 ## Start Postgres and Redis if none is running (installing them if missing).
 services:
@@ -46,3 +46,13 @@ bench-index: services tools
 ## Snapshot benchmark: 1,000,000-holder GoldRush crawl from the local mock.
 bench-snapshots: services tools
 	@scripts/bench-snapshots.sh
+
+## Regenerate the generated tables in docs/ (configuration keys, metrics).
+docs:
+	@python3 scripts/gen-config-doc.py
+	@python3 scripts/gen-metrics-doc.py
+
+## Fail if a generated table in docs/ is stale (not part of `make test`; tests/docs.rs covers CI).
+docs-check:
+	@python3 scripts/gen-config-doc.py --check
+	@python3 scripts/gen-metrics-doc.py --check

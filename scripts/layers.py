@@ -2,9 +2,12 @@
 """The import graph of src/: which file uses which, checked against the declared layers.
 
 Usage:
-  scripts/layers.py check   exit 1 on an import cycle between files or an upward import
-  scripts/layers.py dot     the file graph in Graphviz form (pipe into `dot -Tsvg`)
-  scripts/layers.py text    one line per file: its layer and what it imports
+  scripts/layers.py check             exit 1 on an import cycle between files or an upward import
+  scripts/layers.py picture           the layers and what each module uses, as text
+  scripts/layers.py check-docs FILE   exit 1 when FILE's generated picture differs from `picture`
+  scripts/layers.py write-docs FILE   rewrite FILE's generated picture
+  scripts/layers.py dot               the file graph in Graphviz form (`| dot -Tsvg > layers.svg`)
+  scripts/layers.py text              one line per file: its layer and what it imports
 
 Layers are declared in LAYERS below (lowest first); docs/architecture.md explains them.
 A file may import its own layer or lower ones; within an area its files import each other
@@ -146,6 +149,25 @@ def resolve(path, here, mods):
     return None
 
 
+BEGIN = "<!-- BEGIN GENERATED: layers (scripts/layers.py picture) -->"
+END = "<!-- END GENERATED: layers -->"
+
+
+def picture(mods, edges, top):
+    """Highest layer first: each layer's modules and the other modules each one uses."""
+    lines = []
+    for i in range(len(LAYERS) - 1, -1, -1):
+        name, ms = LAYERS[i]
+        present = [m for m in ms if any(top(k) == m for k in mods) and m != "lib"]
+        if not present:
+            continue
+        lines.append(f"{i} {name}")
+        for m in present:
+            uses = sorted({top(t) for k in mods if top(k) == m for t in edges.get(k, ()) if top(t) != m})
+            lines.append(f"    {m:<12} -> {', '.join(uses) if uses else '(nothing)'}")
+    return "\n".join(lines)
+
+
 def main():
     mods = files()
     texts = {k: test_free(strip_comments(open(p).read())) for k, p in mods.items()}
@@ -206,6 +228,25 @@ def main():
         return k.split("::")[0]
 
     cmd = sys.argv[1] if len(sys.argv) > 1 else "check"
+    if cmd in ("picture", "check-docs", "write-docs"):
+        pic = picture(mods, edges, top)
+        if cmd == "picture":
+            print(pic)
+            return 0
+        path = sys.argv[2]
+        text = open(path).read()
+        i, j = text.find(BEGIN), text.find(END)
+        if i < 0 or j < 0:
+            print(f"{path}: no generated picture block ({BEGIN} … {END})")
+            return 1
+        block = BEGIN + "\n```\n" + pic + "\n```\n" + END
+        if cmd == "write-docs":
+            open(path, "w").write(text[:i] + block + text[j + len(END):])
+            return 0
+        if text[i:j + len(END)] != block:
+            print(f"{path}: the layer picture is stale; run scripts/layers.py write-docs {path}")
+            return 1
+        return 0
     if cmd == "dot":
         print("digraph tokenwarden {\n  rankdir=BT; node [shape=box, fontname=monospace];")
         for i, (name, ms) in enumerate(LAYERS):

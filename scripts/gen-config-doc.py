@@ -1,0 +1,218 @@
+#!/usr/bin/env python3
+"""Generate the key reference of docs/configuration.md from config/default.toml.
+
+The table lists every key of config/default.toml with its default and its meaning; the meaning
+is the comment block right above the key. A comment block right after a `[section]` header that
+is followed by a blank line describes the section. Only the text between
+
+    <!-- BEGIN GENERATED: config -->
+    <!-- END GENERATED: config -->
+
+is rewritten; the prose around it is hand-written.
+
+    scripts/gen-config-doc.py            rewrite the block
+    scripts/gen-config-doc.py --check    exit 1 if the block is stale (nothing written)
+
+Python 3.11+ standard library only (tomllib).
+"""
+
+import argparse
+import difflib
+import json
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BEGIN = "<!-- BEGIN GENERATED: config -->"
+END = "<!-- END GENERATED: config -->"
+
+HEADER_RE = re.compile(r"^\[(\[)?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+KEY_RE = re.compile(r'^("(?:[^"\\]|\\.)*"|[A-Za-z0-9_-]+)\s*=')
+
+
+def section_name(raw):
+    return ".".join(p.strip().strip('"') for p in raw.split("."))
+
+
+def walk(text):
+    """Yields ("section", name, note_lines) and ("key", dotted_key, comment_lines) in file order."""
+    section = ""
+    pending = []  # comment lines since the last blank line / key / header
+    after_header = False  # pending started right after a header
+    lines = iter(text.splitlines())
+    for raw in lines:
+        line = raw.strip()
+        if not line:
+            if pending and after_header:
+                yield ("note", section, pending)
+            pending = []
+            after_header = False
+            continue
+        if line.startswith("#"):
+            pending.append(line.lstrip("#").strip())
+            continue
+        m = HEADER_RE.match(line)
+        if m:
+            section = section_name(m.group(2))
+            if m.group(1):
+                yield ("key", section, pending)
+                section += "[]"
+            yield ("section", section, [])
+            pending = []
+            after_header = True
+            continue
+        m = KEY_RE.match(line)
+        if not m:
+            raise SystemExit(f"config/default.toml: cannot read line: {raw!r}")
+        key = m.group(1).strip('"')
+        yield ("key", f"{section}.{key}" if section else key, pending)
+        pending = []
+        after_header = False
+        value = line[m.end():].strip()
+        # Skip the rest of a multi-line value (tomllib supplies the value itself).
+        if value.startswith(('"""', "'''")) and value[3:].find(value[:3]) < 0:
+            for more in lines:
+                if value[:3] in more:
+                    break
+        elif value.startswith(("[", "{")):
+            depth = bracket_depth(value)
+            while depth > 0:
+                depth += bracket_depth(next(lines))
+
+
+def bracket_depth(s):
+    depth, quote, escaped = 0, None, False
+    for c in s:
+        if quote:
+            if escaped:
+                escaped = False
+            elif c == "\\" and quote == '"':
+                escaped = True
+            elif c == quote:
+                quote = None
+        elif c in "\"'":
+            quote = c
+        elif c == "#":
+            break
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+    return depth
+
+
+def lookup(data, dotted):
+    node = data
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def leaves(data, prefix=""):
+    for k, v in data.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from leaves(v, path + ".")
+        else:
+            yield path
+
+
+def toml_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+def cell(s):
+    return s.replace("|", "\\|")
+
+
+def code(s):
+    """Inline code that survives backticks inside the value."""
+    fence = "``" if "`" in s else "`"
+    pad = " " if "`" in s else ""
+    return f"{fence}{pad}{cell(s)}{pad}{fence}"
+
+
+def render(config_path):
+    text = config_path.read_text()
+    data = tomllib.loads(text)
+    items = list(walk(text))
+    walked = [name for kind, name, _ in items if kind == "key" and "[]" not in name]
+    parsed = list(leaves(data))
+    if sorted(walked) != sorted(parsed):
+        raise SystemExit(
+            "config/default.toml: the line walker and tomllib disagree on the keys: "
+            f"only walker {sorted(set(walked) - set(parsed))}, "
+            f"only tomllib {sorted(set(parsed) - set(walked))}"
+        )
+    rel = config_path.relative_to(ROOT) if config_path.is_relative_to(ROOT) else config_path
+    out = [
+        f"<!-- Generated by scripts/gen-config-doc.py from {rel}; edit the comments there and run `make docs`. -->",
+    ]
+    open_table = False
+    for kind, name, comment in items:
+        if kind == "section":
+            out += ["", f"### `[{name}]`", ""]
+            open_table = False
+        elif kind == "note":
+            out += [" ".join(comment), ""]
+        else:
+            if not open_table:
+                out += ["| key | default | meaning |", "|---|---|---|"]
+                open_table = True
+            default = toml_value(lookup(data, name)) if "[]" not in name else ""
+            out.append(f"| `{name}` | {code(default) if default else ''} | {cell(' '.join(comment))} |")
+    # "note" rows come before the first key, so a table never has a paragraph inside it; drop
+    # blank lines doubled by empty sections.
+    rendered = "\n".join(out).replace("\n\n\n", "\n\n")
+    return rendered + "\n"
+
+
+def splice(doc, block, doc_path):
+    try:
+        head, rest = doc.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+    except ValueError:
+        raise SystemExit(f"{doc_path}: markers {BEGIN} / {END} not found")
+    return f"{head}{BEGIN}\n{block}{END}{tail}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if the generated block is stale")
+    ap.add_argument("--config", type=Path, default=ROOT / "config" / "default.toml")
+    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "configuration.md")
+    args = ap.parse_args()
+    if args.doc.resolve().is_relative_to(ROOT):
+        args.doc = args.doc.resolve().relative_to(ROOT)
+    doc = (ROOT / args.doc).read_text() if not args.doc.is_absolute() else args.doc.read_text()
+    new = splice(doc, render(args.config), args.doc)
+    if args.check:
+        if new != doc:
+            diff = difflib.unified_diff(
+                doc.splitlines(), new.splitlines(), str(args.doc), "generated", lineterm="", n=1
+            )
+            print("\n".join(diff))
+            print(f"{args.doc} is stale: run `make docs` (scripts/gen-config-doc.py)", file=sys.stderr)
+            return 1
+        print(f"{args.doc}: configuration table up to date")
+        return 0
+    if new != doc:
+        (ROOT / args.doc).write_text(new)
+        print(f"{args.doc}: configuration table rewritten")
+    else:
+        print(f"{args.doc}: configuration table already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
