@@ -5,6 +5,7 @@ Usage:
   scripts/privileges.py sql             the migration body: revoke all, grant what the matrix says,
                                         pin every listed function's search_path
   scripts/privileges.py docs            the Markdown table of docs/security.md
+  scripts/privileges.py summary         the per-role summary of the README
   scripts/privileges.py check-docs F    exit 1 when F's generated block differs from `docs`
   scripts/privileges.py write-docs F    rewrite F's generated block
 
@@ -18,6 +19,8 @@ MATRIX = os.path.join(ROOT, "security", "privileges.txt")
 ROLES = ["anon", "authenticated", "service_role", "PUBLIC"]
 BEGIN = "<!-- BEGIN GENERATED: privileges (scripts/privileges.py docs) -->"
 END = "<!-- END GENERATED: privileges -->"
+SUMMARY_BEGIN = "<!-- BEGIN GENERATED: privilege summary (scripts/privileges.py summary) -->"
+SUMMARY_END = "<!-- END GENERATED: privilege summary -->"
 
 
 def rows():
@@ -70,12 +73,33 @@ def docs():
     return "\n".join([BEGIN, head] + body + [END])
 
 
-def block_of(path):
-    text = open(path).read()
-    i, j = text.find(BEGIN), text.find(END)
-    if i < 0 or j < 0:
-        sys.exit(f"{path}: no generated privileges block ({BEGIN} … {END})")
-    return text, i, j + len(END)
+def summary():
+    """One row per role: what it may do, objects grouped by privilege."""
+    head = "| role | may |\n|---|---|"
+    body = []
+    for i, role in enumerate(ROLES):
+        by_priv = {}
+        for kind, obj, grants in rows():
+            for p in sorted(grants[i]):
+                short = obj.split("(")[0].removeprefix("public.")
+                by_priv.setdefault(p, []).append(f"`{short}`")
+        cell = "; ".join(f"{p} {', '.join(objs)}" for p, objs in by_priv.items()) or "nothing"
+        body.append(f"| `{role}` | {cell} |")
+    return "\n".join([SUMMARY_BEGIN, head] + body + [SUMMARY_END])
+
+
+BLOCKS = [(BEGIN, END, docs), (SUMMARY_BEGIN, SUMMARY_END, summary)]
+
+
+def regenerate(text):
+    """`text` with every generated block it has brought up to date; None if it has none."""
+    found = False
+    for begin, end, make in BLOCKS:
+        i, j = text.find(begin), text.find(end)
+        if i >= 0 and j >= 0:
+            found = True
+            text = text[:i] + make() + text[j + len(end):]
+    return text if found else None
 
 
 def main():
@@ -84,14 +108,19 @@ def main():
         sys.stdout.write(sql())
     elif cmd == "docs":
         print(docs())
+    elif cmd == "summary":
+        print(summary())
     elif cmd in ("check-docs", "write-docs"):
         path = sys.argv[2]
-        text, i, j = block_of(path)
+        text = open(path).read()
+        new = regenerate(text)
+        if new is None:
+            sys.exit(f"{path}: no generated privileges block")
         if cmd == "check-docs":
-            if text[i:j] != docs():
+            if new != text:
                 sys.exit(f"{path}: the privileges table is stale; run scripts/privileges.py write-docs {path}")
         else:
-            open(path, "w").write(text[:i] + docs() + text[j:])
+            open(path, "w").write(new)
     else:
         sys.exit(__doc__)
 

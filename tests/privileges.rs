@@ -430,3 +430,52 @@ async fn pg_temp_shadows_cannot_run_code_as_a_definer_function_owner() {
         }
     }
 }
+
+fn run_privileges_py(args: &[&str]) -> (bool, String) {
+    let root = common::repo_root();
+    let out = std::process::Command::new("python3")
+        .arg(root.join("scripts/privileges.py"))
+        .args(args)
+        .current_dir(&root)
+        .output()
+        .expect("python3 runs scripts/privileges.py (install python3)");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The newest generated privileges migration is what the matrix generates today, so a matrix
+/// change without a new migration fails here (and its database check fails in the tests above).
+#[test]
+fn the_newest_privileges_migration_is_generated_from_the_matrix() {
+    let dir = common::repo_root().join("migrations");
+    let mut generated: Vec<_> = std::fs::read_dir(&dir)
+        .expect("read migrations/")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with("_privileges.sql"))
+        .collect();
+    generated.sort();
+    let newest = generated.last().expect("a *_privileges.sql migration");
+    let on_disk = std::fs::read_to_string(dir.join(newest)).expect("read migration");
+    let (ok, sql) = run_privileges_py(&["sql"]);
+    assert!(ok, "{sql}");
+    assert_eq!(
+        on_disk, sql,
+        "migrations/{newest} differs from `scripts/privileges.py sql`: write the matrix change \
+         as a new migration: scripts/privileges.py sql > migrations/<timestamp>_privileges.sql"
+    );
+}
+
+#[test]
+fn the_security_tables_in_the_docs_are_generated_from_the_matrix() {
+    for doc in ["README.md", "docs/security.md"] {
+        let (ok, text) = run_privileges_py(&["check-docs", doc]);
+        assert!(ok, "{text}");
+    }
+}
