@@ -191,11 +191,10 @@ BEGIN
     v_metadata_max := LEAST(v_metadata_max, p_metadata_max_bytes);
     v_max_ttl := LEAST(v_max_ttl, p_max_ttl_secs);
     IF 'hold' = ANY (p_kinds) THEN
-        FOR i IN 1 .. n LOOP
-            IF p_kinds[i] = 'hold' AND p_ttl_secs[i] IS NULL THEN
-                p_ttl_secs[i] := v_default_ttl;
-            END IF;
-        END LOOP;
+        p_ttl_secs := ARRAY(
+            SELECT CASE WHEN x.k = 'hold' THEN coalesce(x.ttl, v_default_ttl) ELSE x.ttl END
+              FROM unnest(p_kinds, p_ttl_secs) WITH ORDINALITY AS x(k, ttl, ord)
+             ORDER BY x.ord);
     END IF;
 
     v_has_grant := 'grant' = ANY (p_kinds);
