@@ -27,7 +27,7 @@ struct Cli {
 enum Command {
     /// Run the worker: queue consumers, indexers, scheduler and the operations endpoint.
     Run,
-    /// Apply database migrations and exit.
+    /// Apply database migrations, write the `[ledger]` bounds into the database, and exit.
     Migrate,
     /// Put one job on its stream; with --wait, wait up to that many ms for its outcome.
     Enqueue {
@@ -63,6 +63,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Migrate => {
             let pool = tokenwarden::infra::connect_postgres(&cfg.database).await?;
             tokenwarden::infra::migrate(&pool).await?;
+            // The SQL door enforces the configured bounds even before a worker starts.
+            tokenwarden::ledger::Ledger::new(pool, cfg.ledger.clone())
+                .write_settings()
+                .await?;
             println!("migrations applied");
         }
         Command::Enqueue {

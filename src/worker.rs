@@ -11,6 +11,8 @@ use crate::config::Config;
 pub enum WorkerError {
     #[error(transparent)]
     Store(#[from] crate::infra::StoreError),
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
     #[error("{0}")]
     Other(String),
 }
@@ -27,7 +29,7 @@ pub fn job_registry(
         std::sync::Arc::new(ledger),
         ctx.cfg.ledger.max_batch,
     );
-    crate::ledger::jobs::register(&mut jobs, &batcher, &ctx.cfg.ledger);
+    crate::ledger::jobs::register(&mut jobs, &batcher);
     match crate::snapshots::SnapshotService::from_config(ctx.pool.clone(), &ctx.cfg.snapshots) {
         Ok(service) => {
             jobs.register(crate::snapshots::SnapshotCreateHandler::new(Arc::new(
@@ -46,6 +48,10 @@ pub fn job_registry(
 /// jobs finish within `queue.shutdown_grace_secs` and returns.
 pub async fn run(cfg: Config) -> Result<(), WorkerError> {
     let ctx = AppContext::connect(cfg).await?;
+    // Before anything is served: both ledger doors enforce the bounds of this config.
+    crate::ledger::Ledger::new(ctx.pool.clone(), ctx.cfg.ledger.clone())
+        .write_settings()
+        .await?;
     let indexers = crate::chain::spawn_indexers(&ctx);
     let maintenance = crate::maintenance::MaintenanceJobs::new(&ctx);
     let ops = crate::maintenance::http::spawn(ctx.clone())

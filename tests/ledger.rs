@@ -52,13 +52,13 @@ fn consume(request_id: RequestId, user: UserId, amount: i64) -> LedgerOp {
     }
 }
 
-fn hold(request_id: RequestId, user: UserId, amount: i64, ttl_secs: u32) -> LedgerOp {
+fn hold(request_id: RequestId, user: UserId, amount: i64, ttl_secs: i32) -> LedgerOp {
     LedgerOp::Hold {
         request_id,
         user_id: user,
         amount: credits(amount),
         operation_type: "image".into(),
-        ttl_secs,
+        ttl_secs: Some(ttl_secs),
         metadata: json!({}),
     }
 }
@@ -871,6 +871,259 @@ async fn bad_input_through_the_sql_door_is_rejected_with_a_stored_reason() {
     assert_eq!(account(&env.pool, user.0).await, Some((100, 0)));
 }
 
+// ---------------------------------------------------------------------------------------------
+// Bounds: owned by SQL (tw_ledger_settings), the same through both doors
+// ---------------------------------------------------------------------------------------------
+
+/// `tokenwarden enqueue <job_type> <payload> --wait`: the queue door as a caller sees it.
+fn enqueue_and_wait(env: &TestEnv, job_type: &str, payload: &Value) -> Value {
+    let out = std::process::Command::new(common::tokenwarden_bin())
+        .args(["enqueue", job_type, &payload.to_string(), "--wait", "60000"])
+        .envs(env.env_vars())
+        .output()
+        .expect("run tokenwarden enqueue");
+    assert!(
+        out.status.success(),
+        "enqueue {job_type} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("enqueue --wait prints the JSON reply")
+}
+
+/// The lifetime (seconds) and stored ttl_secs of hold `hold_id`.
+async fn hold_lifetime(pool: &PgPool, hold_id: Uuid) -> (f64, Option<i32>) {
+    sqlx::query_as::<_, (f64, Option<i32>)>(
+        "SELECT extract(epoch FROM l.expires_at - l.created_at)::float8, r.ttl_secs \
+         FROM public.token_consumption_locks l \
+         JOIN public.ledger_requests r ON r.request_id = l.hold_id WHERE l.hold_id = $1",
+    )
+    .bind(hold_id)
+    .fetch_one(pool)
+    .await
+    .expect("read hold")
+}
+
+/// Changing `ledger.metadata_max_bytes`, `ledger.max_hold_ttl_secs` and
+/// `ledger.default_hold_ttl_secs` changes them for BOTH doors: a worker started with them
+/// (queue door) and `consume_tokens_atomic` / `hold_tokens` (SQL door) reject the same
+/// oversized metadata and too-long hold with the same reason, accept the same metadata and hold
+/// just within the bounds, and give a hold without ttl_secs the same default lifetime.
+#[tokio::test]
+async fn both_doors_enforce_the_configured_bounds() {
+    let env = TestEnv::new().await;
+    let user = Uuid::new_v4();
+    add_tokens_sql(&env.pool, user, 1000, None).await;
+    let _worker = common::Child::spawn(
+        &env,
+        &["run"],
+        &[
+            ("TOKENWARDEN__LEDGER__METADATA_MAX_BYTES", "200"),
+            ("TOKENWARDEN__LEDGER__MAX_HOLD_TTL_SECS", "120"),
+            ("TOKENWARDEN__LEDGER__DEFAULT_HOLD_TTL_SECS", "60"),
+        ],
+    );
+    // Metadata whose jsonb text (the measure: octet_length(metadata::text)) is 200 and 201
+    // bytes. Its compact JSON is one byte shorter, so a door measuring that would disagree.
+    let at_limit = json!({"blob": "x".repeat(188)});
+    let over_limit = json!({"blob": "x".repeat(189)});
+    for (m, bytes) in [(&at_limit, 200), (&over_limit, 201)] {
+        let n: i32 = sqlx::query_scalar("SELECT octet_length($1::jsonb::text)")
+            .bind(m)
+            .fetch_one(&env.pool)
+            .await
+            .expect("measure metadata");
+        assert_eq!(n, bytes);
+    }
+    let consume_job = |metadata: &Value| {
+        json!({"request_id": Uuid::new_v4(), "user_id": user, "amount": 1,
+               "operation_type": "chat", "metadata": metadata})
+    };
+
+    // The queue door first: its reply also says the worker has written its bounds.
+    let queued = enqueue_and_wait(&env, "consume_tokens", &consume_job(&over_limit));
+    let direct = consume_sql(
+        &env.pool,
+        Uuid::new_v4(),
+        user,
+        1,
+        "chat",
+        over_limit.clone(),
+    )
+    .await;
+    assert_eq!(queued["status"], json!("rejected"), "{queued}");
+    assert_eq!(direct["status"], json!("rejected"), "{direct}");
+    assert_eq!(
+        queued["reason"],
+        json!("metadata is 201 bytes, more than the limit of 200 bytes")
+    );
+    assert_eq!(queued["reason"], direct["reason"]);
+
+    let queued = enqueue_and_wait(&env, "consume_tokens", &consume_job(&at_limit));
+    let direct = consume_sql(&env.pool, Uuid::new_v4(), user, 1, "chat", at_limit.clone()).await;
+    assert_eq!(queued["status"], json!("consumed"), "{queued}");
+    assert_eq!(direct["status"], json!("consumed"), "{direct}");
+
+    let hold_job = |request_id: Uuid, ttl_secs: Option<i32>| {
+        let mut p = json!({"request_id": request_id, "user_id": user, "amount": 1,
+                           "operation_type": "image"});
+        if let Some(t) = ttl_secs {
+            p["ttl_secs"] = json!(t);
+        }
+        p
+    };
+    let hold_sql = |request_id: Uuid, ttl_secs: Option<i32>| {
+        let pool = env.pool.clone();
+        async move {
+            sql(
+                &pool,
+                "SELECT public.hold_tokens($1, $2, 1, 'image', $3)",
+                |q| q.bind(request_id).bind(user).bind(ttl_secs),
+            )
+            .await
+        }
+    };
+    let queued = enqueue_and_wait(&env, "hold_tokens", &hold_job(Uuid::new_v4(), Some(121)));
+    let direct = hold_sql(Uuid::new_v4(), Some(121)).await;
+    assert_eq!(queued["status"], json!("rejected"), "{queued}");
+    assert_eq!(direct["status"], json!("rejected"), "{direct}");
+    assert_eq!(
+        queued["reason"],
+        json!("ttl_secs must be between 1 and 120")
+    );
+    assert_eq!(queued["reason"], direct["reason"]);
+
+    let (q_hold, s_hold) = (Uuid::new_v4(), Uuid::new_v4());
+    let queued = enqueue_and_wait(&env, "hold_tokens", &hold_job(q_hold, Some(120)));
+    let direct = hold_sql(s_hold, Some(120)).await;
+    assert_eq!(queued["status"], json!("held"), "{queued}");
+    assert_eq!(direct["status"], json!("held"), "{direct}");
+    assert_eq!(hold_lifetime(&env.pool, q_hold).await, (120.0, Some(120)));
+    assert_eq!(hold_lifetime(&env.pool, s_hold).await, (120.0, Some(120)));
+
+    // No ttl_secs: both doors get the configured default, applied (and stored) by SQL.
+    let (q_hold, s_hold) = (Uuid::new_v4(), Uuid::new_v4());
+    let queued = enqueue_and_wait(&env, "hold_tokens", &hold_job(q_hold, None));
+    let direct = sql(
+        &env.pool,
+        "SELECT public.hold_tokens($1, $2, 1, 'image')",
+        |q| q.bind(s_hold).bind(user),
+    )
+    .await;
+    assert_eq!(queued["status"], json!("held"), "{queued}");
+    assert_eq!(direct["status"], json!("held"), "{direct}");
+    assert_eq!(hold_lifetime(&env.pool, q_hold).await, (60.0, Some(60)));
+    assert_eq!(hold_lifetime(&env.pool, s_hold).await, (60.0, Some(60)));
+}
+
+/// The length rules of operation_type (1..100 characters) and reason (1..200) are SQL's: the
+/// queue door's job handler and the SQL door answer the same, with SQL's reason. (These
+/// assertions were the payload parser's before the bounds moved to SQL.)
+#[tokio::test]
+async fn text_bounds_are_the_same_through_both_doors() {
+    use std::sync::Arc;
+    use tokenwarden::ledger::batcher::Batcher;
+    use tokenwarden::ledger::jobs::{LedgerJob, LedgerJobKind};
+    use tokenwarden::queue::{JobError, JobHandler};
+
+    let env = TestEnv::new().await;
+    let l = ledger(&env);
+    let (batcher, _task) = Batcher::spawn(Arc::new(l.clone()), 10);
+    let user = uid();
+    apply_one(&l, grant(rid(), user, 100)).await;
+    let op_reason = "operation_type must be 1 to 100 characters";
+    let grant_reason = "reason must be 1 to 200 characters";
+    let cases: Vec<(LedgerJobKind, &str, String, Option<&str>)> = vec![
+        (
+            LedgerJobKind::Consume,
+            "operation_type",
+            String::new(),
+            Some(op_reason),
+        ),
+        (
+            LedgerJobKind::Consume,
+            "operation_type",
+            "o".repeat(101),
+            Some(op_reason),
+        ),
+        (
+            LedgerJobKind::Consume,
+            "operation_type",
+            "o".repeat(100),
+            None,
+        ),
+        (
+            LedgerJobKind::Hold,
+            "operation_type",
+            String::new(),
+            Some(op_reason),
+        ),
+        (
+            LedgerJobKind::Hold,
+            "operation_type",
+            "é".repeat(101),
+            Some(op_reason),
+        ),
+        (LedgerJobKind::Hold, "operation_type", "é".repeat(100), None),
+        (
+            LedgerJobKind::Grant,
+            "reason",
+            String::new(),
+            Some(grant_reason),
+        ),
+        (
+            LedgerJobKind::Grant,
+            "reason",
+            "r".repeat(201),
+            Some(grant_reason),
+        ),
+        (LedgerJobKind::Grant, "reason", "r".repeat(200), None),
+    ];
+    for (kind, field, text, rejected) in cases {
+        let job = json!({"request_id": Uuid::new_v4(), "user_id": user.0, "amount": 1,
+                         field: text});
+        let queued = LedgerJob::new(kind, batcher.clone()).handle(job).await;
+        let direct = match kind {
+            LedgerJobKind::Consume => {
+                consume_sql(&env.pool, Uuid::new_v4(), user.0, 1, &text, json!({})).await
+            }
+            LedgerJobKind::Hold => {
+                sql(&env.pool, "SELECT public.hold_tokens($1, $2, 1, $3)", |q| {
+                    q.bind(Uuid::new_v4()).bind(user.0).bind(text.clone())
+                })
+                .await
+            }
+            _ => {
+                sql(
+                    &env.pool,
+                    "SELECT public.add_tokens($1, 1, $2, '{}'::jsonb, $3)",
+                    |q| q.bind(user.0).bind(text.clone()).bind(Uuid::new_v4()),
+                )
+                .await
+            }
+        };
+        let n = text.chars().count();
+        match rejected {
+            Some(reason) => {
+                assert!(
+                    matches!(&queued, Err(JobError::Rejected(r)) if r == reason),
+                    "{kind:?} {field} of {n} chars through the queue: {queued:?}"
+                );
+                assert_eq!(direct["status"], json!("rejected"), "{direct}");
+                assert_eq!(direct["reason"], json!(reason));
+            }
+            None => {
+                let queued = queued.unwrap_or_else(|e| panic!("{kind:?} {field} of {n}: {e}"));
+                assert!(
+                    OutcomeStatus::parse(queued["status"].as_str().unwrap())
+                        .is_some_and(OutcomeStatus::is_success),
+                    "{queued}"
+                );
+                assert_eq!(direct["success"], json!(true), "{direct}");
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn an_open_block_anomaly_rate_limits_until_resolved() {
     let env = TestEnv::new().await;
@@ -1399,7 +1652,7 @@ async fn sql_door(pool: &PgPool, op: &LedgerOp) -> Observed {
                         .bind(user_id.0)
                         .bind(amount.get())
                         .bind(operation_type.clone())
-                        .bind(*ttl_secs as i32)
+                        .bind(*ttl_secs)
                         .bind(metadata.clone())
                 },
             )

@@ -10,9 +10,10 @@ use super::error::ConfigError;
 pub struct LedgerConfig {
     /// Largest number of operations applied in one Postgres transaction.
     pub max_batch: usize,
-    /// Largest accepted `metadata` object, in bytes of JSON.
+    /// Largest accepted `metadata` object, in bytes of its jsonb text. This and the two TTLs
+    /// are written into `tw_ledger_settings` at start and enforced by SQL for both doors.
     pub metadata_max_bytes: usize,
-    /// Hold lifetime when a hold job gives none (seconds).
+    /// Hold lifetime when a hold gives none (seconds).
     pub default_hold_ttl_secs: u32,
     /// Longest hold lifetime a caller may ask for (seconds).
     pub max_hold_ttl_secs: u32,

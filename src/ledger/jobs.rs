@@ -1,17 +1,20 @@
-//! The five ledger job types on the queue: payload parsing and validation (WIRE.md, schemas in
-//! `jobs/`), and the [`JobHandler`]s that hand valid operations to the [`Batcher`].
+//! The five ledger job types on the queue: payload parsing (WIRE.md, schemas in `jobs/`), and
+//! the [`JobHandler`]s that hand parsed operations to the [`Batcher`].
 //!
-//! Payloads are parsed with `deny_unknown_fields`; amounts must be integers in 1..=i64::MAX
-//! (zero, negative, fractional and overflowing values are rejected); text fields and
-//! `metadata` have size limits. Anything invalid is a [`JobError::Rejected`] with a reason
-//! naming the field, so the caller's `rejected` reply and the dead letter say what was wrong.
+//! Parsing checks the shape only: `deny_unknown_fields`, UUIDs, amounts that are integers in
+//! 1..=i64::MAX (zero, negative, fractional and overflowing values are rejected), strings,
+//! `ttl_secs` a Postgres integer, `metadata` a JSON object, and no NUL (which Postgres cannot
+//! store). A shape error is a [`JobError::Rejected`] with a reason naming the field. The bounds
+//! (operation_type and reason length, metadata size, hold TTL range and default) belong to the
+//! SQL rules, which read them from `tw_ledger_settings` for both doors: an operation that breaks
+//! one comes back as a `rejected` outcome with SQL's reason, and is rejected the same way (dead
+//! letter and `rejected` reply).
 
 use serde::Deserialize;
 use uuid::Uuid;
 
 use super::batcher::Batcher;
 use super::{Credits, LedgerOp, OutcomeStatus, RejectedRequest, RequestId, UserId};
-use crate::config::LedgerConfig;
 use crate::queue::{JobError, JobFuture, JobHandler, JobRegistry};
 
 /// Which ledger operation a job type carries.
@@ -86,7 +89,7 @@ struct HoldPayload {
     amount: Credits,
     operation_type: String,
     #[serde(default)]
-    ttl_secs: Option<u64>,
+    ttl_secs: Option<i32>,
     #[serde(default)]
     metadata: Option<serde_json::Value>,
 }
@@ -110,12 +113,9 @@ struct ReleasePayload {
     metadata: Option<serde_json::Value>,
 }
 
-/// Parses and validates one ledger job payload. The error is the rejection reason.
-pub fn parse(
-    kind: LedgerJobKind,
-    payload: serde_json::Value,
-    cfg: &LedgerConfig,
-) -> Result<LedgerOp, String> {
+/// Parses one ledger job payload (its shape; the bounds are SQL's). The error is the rejection
+/// reason.
+pub fn parse(kind: LedgerJobKind, payload: serde_json::Value) -> Result<LedgerOp, String> {
     let job = kind.job_type();
     let bad = |e: serde_path_to_error::Error<serde_json::Error>| {
         let path = e.path().to_string();
@@ -133,8 +133,8 @@ pub fn parse(
                 request_id: RequestId(p.request_id),
                 user_id: UserId(p.user_id),
                 amount: p.amount,
-                operation_type: text("operation_type", p.operation_type, 100)?,
-                metadata: metadata(p.metadata, cfg)?,
+                operation_type: text("operation_type", p.operation_type)?,
+                metadata: metadata(p.metadata)?,
             }
         }
         LedgerJobKind::Grant => {
@@ -143,29 +143,19 @@ pub fn parse(
                 request_id: RequestId(p.request_id),
                 user_id: UserId(p.user_id),
                 amount: p.amount,
-                reason: text("reason", p.reason, 200)?,
-                metadata: metadata(p.metadata, cfg)?,
+                reason: text("reason", p.reason)?,
+                metadata: metadata(p.metadata)?,
             }
         }
         LedgerJobKind::Hold => {
             let p: HoldPayload = serde_path_to_error::deserialize(payload).map_err(bad)?;
-            let ttl_secs = match p.ttl_secs {
-                None => cfg.default_hold_ttl_secs,
-                Some(t) if t >= 1 && t <= u64::from(cfg.max_hold_ttl_secs) => t as u32,
-                Some(t) => {
-                    return Err(format!(
-                        "ttl_secs must be between 1 and {} (ledger.max_hold_ttl_secs), got {t}",
-                        cfg.max_hold_ttl_secs
-                    ));
-                }
-            };
             LedgerOp::Hold {
                 request_id: RequestId(p.request_id),
                 user_id: UserId(p.user_id),
                 amount: p.amount,
-                operation_type: text("operation_type", p.operation_type, 100)?,
-                ttl_secs,
-                metadata: metadata(p.metadata, cfg)?,
+                operation_type: text("operation_type", p.operation_type)?,
+                ttl_secs: p.ttl_secs,
+                metadata: metadata(p.metadata)?,
             }
         }
         LedgerJobKind::Settle => {
@@ -174,7 +164,7 @@ pub fn parse(
                 request_id: RequestId(p.request_id),
                 hold_id: RequestId(p.hold_id),
                 amount: p.amount,
-                metadata: metadata(p.metadata, cfg)?,
+                metadata: metadata(p.metadata)?,
             }
         }
         LedgerJobKind::Release => {
@@ -182,7 +172,7 @@ pub fn parse(
             LedgerOp::Release {
                 request_id: RequestId(p.request_id),
                 hold_id: RequestId(p.hold_id),
-                metadata: metadata(p.metadata, cfg)?,
+                metadata: metadata(p.metadata)?,
             }
         }
     })
@@ -210,21 +200,17 @@ fn check_amount(payload: &serde_json::Value) -> Result<(), String> {
     }
 }
 
-fn text(field: &str, v: String, max_chars: usize) -> Result<String, String> {
-    // Postgres text cannot hold NUL: one such op would fail its whole batch.
+/// Postgres text cannot hold NUL: one such op would fail its whole batch. Its length is a rule
+/// of SQL's.
+fn text(field: &str, v: String) -> Result<String, String> {
     if v.contains('\0') {
         return Err(format!("{field} must not contain NUL (\\u0000)"));
-    }
-    let n = v.chars().count();
-    if n == 0 || n > max_chars {
-        return Err(format!(
-            "{field} must be 1 to {max_chars} characters, got {n}"
-        ));
     }
     Ok(v)
 }
 
-fn metadata(v: Option<serde_json::Value>, cfg: &LedgerConfig) -> Result<serde_json::Value, String> {
+/// A JSON object (absent and `null` mean `{}`) without NUL. Its size is a rule of SQL's.
+fn metadata(v: Option<serde_json::Value>) -> Result<serde_json::Value, String> {
     match v {
         None | Some(serde_json::Value::Null) => Ok(serde_json::Value::Object(Default::default())),
         Some(m @ serde_json::Value::Object(_)) => {
@@ -232,13 +218,6 @@ fn metadata(v: Option<serde_json::Value>, cfg: &LedgerConfig) -> Result<serde_js
                 return Err(
                     "metadata must not contain NUL (\\u0000) in keys or string values".into(),
                 );
-            }
-            let size = m.to_string().len();
-            if size > cfg.metadata_max_bytes {
-                return Err(format!(
-                    "metadata is {size} bytes of JSON, over the limit of {} (ledger.metadata_max_bytes)",
-                    cfg.metadata_max_bytes
-                ));
             }
             Ok(m)
         }
@@ -256,11 +235,11 @@ fn has_nul(v: &serde_json::Value) -> bool {
     }
 }
 
-/// What can be read of an invalid payload whose request id is a UUID, to record its
-/// `rejected` outcome as the SQL door would (same columns: the id's kind, its user or hold,
-/// amount, label, ttl and metadata, each when it has the right type; NUL, which Postgres
-/// cannot store, makes a text or metadata unreadable). `None` when the request id is not a
-/// UUID: then only the dead letter keeps the entry.
+/// What can be read of a payload that failed [`parse`] but whose request id is a UUID, for
+/// `tw_ledger_reject` to record its `rejected` outcome in the columns the SQL door fills (the
+/// id's kind, its user or hold, amount, label, ttl and metadata, each when it has the right
+/// type; NUL, which Postgres cannot store, makes a text or metadata unreadable). `None` when
+/// the request id is not a UUID: then only the dead letter keeps the entry.
 pub fn rejected_request(
     kind: LedgerJobKind,
     payload: &serde_json::Value,
@@ -315,16 +294,15 @@ pub fn rejected_request(
     })
 }
 
-/// Serves one ledger job type: validate, then apply through the batcher.
+/// Serves one ledger job type: parse, then apply through the batcher.
 pub struct LedgerJob {
     kind: LedgerJobKind,
     batcher: Batcher,
-    cfg: LedgerConfig,
 }
 
 impl LedgerJob {
-    pub fn new(kind: LedgerJobKind, batcher: Batcher, cfg: LedgerConfig) -> Self {
-        Self { kind, batcher, cfg }
+    pub fn new(kind: LedgerJobKind, batcher: Batcher) -> Self {
+        Self { kind, batcher }
     }
 }
 
@@ -335,7 +313,7 @@ impl JobHandler for LedgerJob {
 
     fn handle(&self, payload: serde_json::Value) -> JobFuture {
         let kind = self.kind;
-        let op = parse(kind, payload.clone(), &self.cfg);
+        let op = parse(kind, payload.clone());
         let batcher = self.batcher.clone();
         Box::pin(async move {
             let op = match op {
@@ -368,6 +346,14 @@ impl JobHandler for LedgerJob {
                     JobError::Retryable(e.message)
                 }
             })?;
+            // Input that broke a bound is rejected like input of the wrong shape: dead letter
+            // and `rejected` reply, with SQL's reason.
+            if outcome.is_rejected_input() {
+                let reason = outcome
+                    .reason
+                    .unwrap_or_else(|| "rejected by the ledger".into());
+                return Err(JobError::Rejected(reason));
+            }
             serde_json::to_value(&outcome)
                 .map_err(|e| JobError::Retryable(format!("cannot encode outcome: {e}")))
         })
@@ -375,9 +361,9 @@ impl JobHandler for LedgerJob {
 }
 
 /// Registers the five ledger job types, all sharing `batcher`.
-pub fn register(jobs: &mut JobRegistry, batcher: &Batcher, cfg: &LedgerConfig) {
+pub fn register(jobs: &mut JobRegistry, batcher: &Batcher) {
     for kind in LedgerJobKind::ALL {
-        jobs.register(LedgerJob::new(kind, batcher.clone(), cfg.clone()));
+        jobs.register(LedgerJob::new(kind, batcher.clone()));
     }
 }
 
@@ -385,15 +371,6 @@ pub fn register(jobs: &mut JobRegistry, batcher: &Batcher, cfg: &LedgerConfig) {
 mod tests {
     use super::*;
     use serde_json::json;
-
-    fn cfg() -> LedgerConfig {
-        LedgerConfig {
-            max_batch: 1000,
-            metadata_max_bytes: 64,
-            default_hold_ttl_secs: 600,
-            max_hold_ttl_secs: 3600,
-        }
-    }
 
     fn consume(extra: serde_json::Value) -> Result<LedgerOp, String> {
         let mut p = json!({
@@ -403,7 +380,7 @@ mod tests {
         for (k, v) in extra.as_object().unwrap() {
             p[k] = v.clone();
         }
-        parse(LedgerJobKind::Consume, p, &cfg())
+        parse(LedgerJobKind::Consume, p)
     }
 
     #[test]
@@ -437,20 +414,18 @@ mod tests {
         let err = parse(
             LedgerJobKind::Consume,
             json!({"request_id": Uuid::new_v4()}),
-            &cfg(),
         )
         .unwrap_err();
         assert!(err.contains("missing field"), "{err}");
     }
 
+    /// The bounds (metadata size, operation_type length, ttl_secs range) are SQL's: their
+    /// assertions live in tests/ledger.rs (`both_doors_enforce_the_configured_bounds`,
+    /// `text_bounds_are_the_same_through_both_doors`). Parsing leaves them to SQL.
     #[test]
-    fn limits_are_enforced() {
-        let err = consume(json!({"metadata": {"k": "x".repeat(100)}})).unwrap_err();
-        assert!(err.contains("metadata is"), "{err}");
+    fn shape_errors_are_rejected() {
         let err = consume(json!({"metadata": [1]})).unwrap_err();
         assert!(err.contains("metadata must be a JSON object"), "{err}");
-        let err = consume(json!({"operation_type": ""})).unwrap_err();
-        assert!(err.contains("operation_type"), "{err}");
         let err = consume(json!({"user_id": "not-a-uuid"})).unwrap_err();
         assert!(err.contains("UUID") || err.contains("uuid"), "{err}");
         for (extra, needle) in [
@@ -475,11 +450,45 @@ mod tests {
         }
         let grant = json!({"request_id": Uuid::new_v4(), "user_id": Uuid::new_v4(),
             "amount": 1, "reason": "\u{0}"});
-        let err = parse(LedgerJobKind::Grant, grant, &cfg()).unwrap_err();
+        let err = parse(LedgerJobKind::Grant, grant).unwrap_err();
         assert!(err.contains("reason must not contain NUL"), "{err}");
         let hold = json!({"request_id": Uuid::new_v4(), "user_id": Uuid::new_v4(),
-            "amount": 1, "operation_type": "x", "ttl_secs": 7200});
-        let err = parse(LedgerJobKind::Hold, hold, &cfg()).unwrap_err();
+            "amount": 1, "operation_type": "x", "ttl_secs": 3_000_000_000u64});
+        let err = parse(LedgerJobKind::Hold, hold).unwrap_err();
         assert!(err.contains("ttl_secs"), "{err}");
+    }
+
+    /// What SQL bounds, parsing passes on as it is: an absent ttl_secs stays absent (SQL applies
+    /// the default), an out-of-range one and an oversized text reach SQL to be rejected there.
+    #[test]
+    fn bounds_are_left_to_sql() {
+        let op =
+            consume(json!({"operation_type": "", "metadata": {"k": "x".repeat(10_000)}})).unwrap();
+        assert!(
+            matches!(op, LedgerOp::Consume { ref operation_type, .. } if operation_type.is_empty())
+        );
+        let hold = |extra: serde_json::Value| {
+            let mut p = json!({"request_id": Uuid::new_v4(), "user_id": Uuid::new_v4(),
+                "amount": 1, "operation_type": "x"});
+            for (k, v) in extra.as_object().unwrap() {
+                p[k] = v.clone();
+            }
+            parse(LedgerJobKind::Hold, p).unwrap()
+        };
+        assert!(matches!(
+            hold(json!({})),
+            LedgerOp::Hold { ttl_secs: None, .. }
+        ));
+        assert!(matches!(
+            hold(json!({"ttl_secs": null})),
+            LedgerOp::Hold { ttl_secs: None, .. }
+        ));
+        assert!(matches!(
+            hold(json!({"ttl_secs": 0})),
+            LedgerOp::Hold {
+                ttl_secs: Some(0),
+                ..
+            }
+        ));
     }
 }

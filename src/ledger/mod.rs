@@ -4,6 +4,11 @@
 //! queue path calls it with a whole batch of operations in one transaction, and the
 //! synchronous SQL door (`consume_tokens_atomic`, `add_tokens`, the hold functions) calls it with
 //! one operation. Both doors therefore give the same outcome for the same request.
+//!
+//! The bounds (operation_type and reason length, metadata size, hold TTL range and default) are
+//! SQL's too: `tw_ledger_apply` reads them from the one-row table `tw_ledger_settings`, which
+//! [`Ledger::write_settings`] fills from `[ledger]` when the worker starts. Rust parses the shape
+//! of a queue payload only.
 
 pub mod batcher;
 pub mod cli;

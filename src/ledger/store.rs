@@ -1,5 +1,6 @@
 //! The Rust door to the ledger: batches of operations go to `tw_ledger_apply` in one
-//! transaction per chunk; reads go straight to the tables.
+//! transaction per chunk; reads go straight to the tables. The bounds the rules enforce are
+//! SQL's, in `tw_ledger_settings`; [`Ledger::write_settings`] puts the `[ledger]` values there.
 
 use std::time::{Duration, Instant};
 
@@ -34,8 +35,16 @@ pub enum LedgerError {
     },
     #[error("unknown ledger status {status:?} for request {request_id}")]
     UnknownStatus { request_id: Uuid, status: String },
-    #[error("ttl_secs {ttl} of hold {request_id} does not fit in a Postgres integer")]
-    TtlOutOfRange { request_id: Uuid, ttl: u32 },
+    #[error(
+        "writing the [ledger] bounds (metadata_max_bytes {metadata_max_bytes}, max_hold_ttl_secs {max_hold_ttl_secs}, default_hold_ttl_secs {default_hold_ttl_secs}) into tw_ledger_settings failed: {source}"
+    )]
+    Settings {
+        metadata_max_bytes: i32,
+        max_hold_ttl_secs: i32,
+        default_hold_ttl_secs: i32,
+        #[source]
+        source: sqlx::Error,
+    },
     #[error("reading {what} failed: {source}")]
     Read {
         what: String,
@@ -96,7 +105,7 @@ struct Columns {
 }
 
 impl Columns {
-    fn from_ops(ops: &[LedgerOp]) -> Result<Self, LedgerError> {
+    fn from_ops(ops: &[LedgerOp]) -> Self {
         let mut c = Columns::default();
         for op in ops {
             let (user, amount, label, hold, ttl, meta) = match op {
@@ -129,26 +138,20 @@ impl Columns {
                     metadata,
                 ),
                 LedgerOp::Hold {
-                    request_id,
                     user_id,
                     amount,
                     operation_type,
                     ttl_secs,
                     metadata,
-                } => {
-                    let ttl = i32::try_from(*ttl_secs).map_err(|_| LedgerError::TtlOutOfRange {
-                        request_id: request_id.0,
-                        ttl: *ttl_secs,
-                    })?;
-                    (
-                        Some(user_id.0),
-                        Some(amount.get()),
-                        Some(operation_type.clone()),
-                        None,
-                        Some(ttl),
-                        metadata,
-                    )
-                }
+                    ..
+                } => (
+                    Some(user_id.0),
+                    Some(amount.get()),
+                    Some(operation_type.clone()),
+                    None,
+                    *ttl_secs,
+                    metadata,
+                ),
                 LedgerOp::Settle {
                     hold_id,
                     amount,
@@ -175,7 +178,7 @@ impl Columns {
             c.ttl_secs.push(ttl);
             c.metadata.push(meta.clone());
         }
-        Ok(c)
+        c
     }
 }
 
@@ -227,8 +230,8 @@ fn row_to_outcome(
 
 type OutcomeRow = (Uuid, String, Option<i64>, Option<i64>, Option<String>);
 
-/// A queue payload that failed validation but carries a readable request id: what of it could
-/// be read, recorded as a `rejected` outcome so the queue door answers like the SQL door (the
+/// A queue payload that failed parsing but carries a readable request id: what of it could be
+/// read, recorded as a `rejected` outcome so the queue door answers like the SQL door (the
 /// outcome is readable by request id; a resend with other fields is a conflict).
 #[derive(Debug, Clone)]
 pub struct RejectedRequest {
@@ -249,28 +252,43 @@ impl Ledger {
         Ledger { pool, cfg }
     }
 
-    /// Records `r` as a `rejected` outcome unless its request id is already used. Returns the
-    /// outcome a caller gets, exactly as `tw_ledger_apply` would answer a resend: the stored
-    /// outcome when the stored fields are these, else `request_id_conflict` (not stored).
+    /// Writes this ledger's `[ledger]` bounds into `tw_ledger_settings`, the one row both doors
+    /// read, so SQL enforces the configured values whichever door a request takes. The worker
+    /// calls it when it starts; the row is shared, so the last worker started decides.
+    /// Values beyond a Postgres integer are capped at `i32::MAX`, which no request reaches.
+    pub async fn write_settings(&self) -> Result<(), LedgerError> {
+        let metadata_max_bytes = i32::try_from(self.cfg.metadata_max_bytes).unwrap_or(i32::MAX);
+        let max_hold_ttl_secs = i32::try_from(self.cfg.max_hold_ttl_secs).unwrap_or(i32::MAX);
+        let default_hold_ttl_secs =
+            i32::try_from(self.cfg.default_hold_ttl_secs).unwrap_or(i32::MAX);
+        sqlx::query(
+            "UPDATE public.tw_ledger_settings \
+                SET metadata_max_bytes = $1, max_hold_ttl_secs = $2, \
+                    default_hold_ttl_secs = $3, updated_at = pg_catalog.now() \
+              WHERE id = 1",
+        )
+        .bind(metadata_max_bytes)
+        .bind(max_hold_ttl_secs)
+        .bind(default_hold_ttl_secs)
+        .execute(&self.pool)
+        .await
+        .map_err(|source| LedgerError::Settings {
+            metadata_max_bytes,
+            max_hold_ttl_secs,
+            default_hold_ttl_secs,
+            source,
+        })?;
+        Ok(())
+    }
+
+    /// Records `r` as a `rejected` outcome unless its request id is already used
+    /// (`tw_ledger_reject`). Returns the outcome a caller gets, as `tw_ledger_apply` would
+    /// answer a resend: the stored outcome when the stored fields are these, else
+    /// `request_id_conflict` (not stored).
     pub async fn record_rejected(&self, r: &RejectedRequest) -> Result<Outcome, LedgerError> {
-        let row = sqlx::query_as::<_, (bool, String, Option<i64>, Option<i64>, Option<String>)>(
-            "WITH ins AS ( \
-               INSERT INTO public.ledger_requests \
-                      (request_id, kind, user_id, hold_id, amount, label, ttl_secs, metadata, \
-                       status, reason) \
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'rejected', $9) \
-               ON CONFLICT (request_id) DO NOTHING \
-               RETURNING status, reason) \
-             SELECT true, i.status, NULL::bigint, NULL::bigint, i.reason FROM ins i \
-             UNION ALL \
-             SELECT (r.kind, CASE WHEN r.kind IN ('consume', 'grant', 'hold') THEN r.user_id END, \
-                     r.hold_id, r.amount, r.label, r.ttl_secs, r.metadata) \
-                    IS NOT DISTINCT FROM \
-                    ($2, CASE WHEN $2 IN ('consume', 'grant', 'hold') THEN $3 END, \
-                     $4, $5, $6, $7, $8), \
-                    r.status, r.balance_after, r.held_after, r.reason \
-               FROM public.ledger_requests r \
-              WHERE r.request_id = $1 AND NOT EXISTS (SELECT 1 FROM ins)",
+        let (rid, status, balance, held, reason) = sqlx::query_as::<_, OutcomeRow>(
+            "SELECT request_id, status, balance, held, reason \
+             FROM public.tw_ledger_reject($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(r.request_id)
         .bind(r.kind)
@@ -281,33 +299,16 @@ impl Ledger {
         .bind(r.ttl_secs)
         .bind(r.metadata.as_ref())
         .bind(&r.reason)
-        .fetch_optional(&self.pool)
+        .fetch_one(&self.pool)
         .await
         .map_err(|source| LedgerError::Read {
             what: format!("recording rejected request {}", r.request_id),
             source,
         })?;
-        match row {
-            Some((true, status, balance, held, reason)) => {
-                row_to_outcome(r.request_id, status, balance, held, reason)
-            }
-            Some((false, ..)) => Ok(Outcome {
-                request_id: RequestId(r.request_id),
-                status: OutcomeStatus::RequestIdConflict,
-                balance: None,
-                held: None,
-                reason: Some("request id already used with different fields".into()),
-            }),
-            // The conflicting row was inserted and deleted meanwhile (never happens: outcomes
-            // are not deleted); report it rather than guess.
-            None => Err(LedgerError::OutcomeCount {
-                expected: 1,
-                got: 0,
-            }),
-        }
+        row_to_outcome(rid, status, balance, held, reason)
     }
 
-    /// The configuration this ledger validates with.
+    /// The configuration this ledger batches with and writes into `tw_ledger_settings`.
     pub fn config(&self) -> &LedgerConfig {
         &self.cfg
     }
@@ -329,14 +330,12 @@ impl Ledger {
         if ops.is_empty() {
             return Ok(Vec::new());
         }
-        let cols = Columns::from_ops(ops)?;
-        let metadata_max = i32::try_from(self.cfg.metadata_max_bytes).unwrap_or(i32::MAX);
-        let max_ttl = i32::try_from(self.cfg.max_hold_ttl_secs).unwrap_or(i32::MAX);
+        let cols = Columns::from_ops(ops);
         let started = Instant::now();
         let call = || async {
             sqlx::query_as::<_, OutcomeRow>(
                 "SELECT request_id, status, balance, held, reason \
-                 FROM public.tw_ledger_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                 FROM public.tw_ledger_apply($1, $2, $3, $4, $5, $6, $7, $8)",
             )
             .bind(&cols.request_ids)
             .bind(&cols.kinds)
@@ -346,8 +345,6 @@ impl Ledger {
             .bind(&cols.hold_ids)
             .bind(&cols.ttl_secs)
             .bind(&cols.metadata)
-            .bind(metadata_max)
-            .bind(max_ttl)
             .fetch_all(&self.pool)
             .await
         };

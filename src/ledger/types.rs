@@ -58,13 +58,14 @@ pub enum LedgerOp {
         metadata: serde_json::Value,
     },
     /// Reserve `amount` until it is settled, released, or expires after `ttl_secs`.
-    /// The hold is identified by this operation's request id.
+    /// The hold is identified by this operation's request id. `ttl_secs: None` takes the
+    /// ledger's default; SQL applies it and checks the range (see `tw_ledger_settings`).
     Hold {
         request_id: RequestId,
         user_id: UserId,
         amount: Credits,
         operation_type: String,
-        ttl_secs: u32,
+        ttl_secs: Option<i32>,
         metadata: serde_json::Value,
     },
     /// Debit the actual `amount` (≤ held) of hold `hold_id`; the rest returns to the balance.
@@ -126,6 +127,16 @@ pub struct Outcome {
     /// Why a request was rejected or failed, for humans.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+impl Outcome {
+    /// A `rejected` outcome without an account state: the request's own fields broke a rule of
+    /// the ledger (a bound, a required field), so resending it can never succeed. The other
+    /// `rejected` outcomes (a settle over the held amount, a grant that would overflow) depend
+    /// on the account and come with its balance.
+    pub fn is_rejected_input(&self) -> bool {
+        self.status == OutcomeStatus::Rejected && self.balance.is_none() && self.held.is_none()
+    }
 }
 
 impl OutcomeStatus {
