@@ -30,6 +30,8 @@ REVOKE ALL ON TABLE public.scheduler_ticks FROM PUBLIC, anon, authenticated, ser
 ALTER TABLE public.scheduler_ticks ENABLE ROW LEVEL SECURITY;
 REVOKE ALL ON TABLE public._sqlx_migrations FROM PUBLIC, anon, authenticated, service_role;
 ALTER TABLE public._sqlx_migrations ENABLE ROW LEVEL SECURITY;
+REVOKE ALL ON TABLE public.tw_ledger_settings FROM PUBLIC, anon, authenticated, service_role;
+ALTER TABLE public.tw_ledger_settings ENABLE ROW LEVEL SECURITY;
 REVOKE ALL ON TABLE public.chain_tokens FROM PUBLIC, anon, authenticated, service_role;
 GRANT SELECT ON TABLE public.chain_tokens TO anon, authenticated, service_role;
 ALTER TABLE public.chain_tokens ENABLE ROW LEVEL SECURITY;
@@ -90,6 +92,10 @@ REVOKE ALL ON FUNCTION public.tw_ledger_apply_one(uuid,text,uuid,bigint,text,uui
 ALTER FUNCTION public.tw_ledger_apply_one(uuid,text,uuid,bigint,text,uuid,integer,jsonb) SET search_path = pg_catalog, pg_temp;
 REVOKE ALL ON FUNCTION public.tw_snapshots_delete_holders() FROM PUBLIC, anon, authenticated, service_role;
 ALTER FUNCTION public.tw_snapshots_delete_holders() SET search_path = pg_catalog, pg_temp;
+REVOKE ALL ON FUNCTION public.tw_ledger_reject(uuid,text,uuid,uuid,bigint,text,integer,jsonb,text) FROM PUBLIC, anon, authenticated, service_role;
+ALTER FUNCTION public.tw_ledger_reject(uuid,text,uuid,uuid,bigint,text,integer,jsonb,text) SET search_path = pg_catalog, pg_temp;
+REVOKE ALL ON FUNCTION public.tw_ledger_same_request(text,uuid,uuid,bigint,text,integer,jsonb,text,uuid,uuid,bigint,text,integer,jsonb) FROM PUBLIC, anon, authenticated, service_role;
+ALTER FUNCTION public.tw_ledger_same_request(text,uuid,uuid,bigint,text,integer,jsonb,text,uuid,uuid,bigint,text,integer,jsonb) SET search_path = pg_catalog, pg_temp;
 REVOKE ALL ON FUNCTION public.verify_address_in_snapshot(uuid,text,text) FROM PUBLIC, anon, authenticated, service_role;
 GRANT EXECUTE ON FUNCTION public.verify_address_in_snapshot(uuid,text,text) TO anon, authenticated, service_role;
 ALTER FUNCTION public.verify_address_in_snapshot(uuid,text,text) SET search_path = pg_catalog, pg_temp;
