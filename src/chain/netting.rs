@@ -24,7 +24,7 @@ pub struct Changes {
 
 impl Changes {
     /// No change yet, as of `block`.
-    pub fn at(block: u64) -> Changes {
+    pub(crate) fn at(block: u64) -> Changes {
         Changes {
             block,
             holders: BTreeMap::new(),
@@ -33,7 +33,7 @@ impl Changes {
 
     /// Records a transfer of a non-zero amount: both sides changed, except the zero address
     /// (mint and burn) and a transfer to oneself.
-    pub fn add(&mut self, token: Address, from: Address, to: Address) {
+    pub(crate) fn add(&mut self, token: Address, from: Address, to: Address) {
         if from == to {
             return;
         }
@@ -49,7 +49,7 @@ impl Changes {
 /// The net ERC-20 change of one holder's balance in a batch. Never zero: holders whose
 /// credits and debits cancel out are left out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delta {
+pub(crate) enum Delta {
     Credit(U256),
     Debit(U256),
 }
@@ -66,7 +66,7 @@ impl fmt::Display for Delta {
 
 /// One holder's net balance change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BalanceDelta {
+pub(crate) struct BalanceDelta {
     pub token: Address,
     pub holder: Address,
     pub delta: Delta,
@@ -74,7 +74,7 @@ pub struct BalanceDelta {
 
 /// The owner of an ERC-721 id after a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OwnerChange {
+pub(crate) struct OwnerChange {
     pub token: Address,
     pub token_id: U256,
     /// `None`: the id was burned (its last transfer went to the zero address).
@@ -86,7 +86,7 @@ pub struct OwnerChange {
 /// A batch netted: what is written besides the transfer rows themselves. `deltas` and
 /// `owners` are in no particular order.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Netted {
+pub(crate) struct Netted {
     pub deltas: Vec<BalanceDelta>,
     pub owners: Vec<OwnerChange>,
     pub changes: Changes,
@@ -103,7 +103,7 @@ pub enum NettingError {
 /// (no token id) add to the receiver's and subtract from the sender's balance, the zero
 /// address excepted; zero-value and self transfers change nothing. ERC-721 rows set the id's
 /// owner to the receiver, so the last transfer of an id wins.
-pub fn net(rows: &[TransferRow], last_block: u64) -> Result<Netted, NettingError> {
+pub(crate) fn net(rows: &[TransferRow], last_block: u64) -> Result<Netted, NettingError> {
     let mut changes = Changes::at(last_block);
     // (credited, debited) per (token, holder).
     let mut sums: HashMap<(Address, Address), (U256, U256)> = HashMap::new();
@@ -169,7 +169,7 @@ pub fn net(rows: &[TransferRow], last_block: u64) -> Result<Netted, NettingError
 
 /// The block of `holder`'s first ERC-20 debit of `token` (both lowercase hex, as stored) in
 /// `rows`: where the history missing behind a negative balance shows.
-pub fn first_debit_block(rows: &[TransferRow], token: &str, holder: &str) -> Option<u64> {
+pub(crate) fn first_debit_block(rows: &[TransferRow], token: &str, holder: &str) -> Option<u64> {
     rows.iter()
         .find(|r| {
             r.token_id.is_none() && addr_hex(&r.token) == token && addr_hex(&r.from) == holder

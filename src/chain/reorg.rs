@@ -9,7 +9,7 @@ use super::store::Checkpoint;
 
 /// How far back the index may undo by itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Window {
+pub(crate) struct Window {
     /// The committed tip, which the chain no longer has.
     pub checkpoint: Checkpoint,
     /// `reorg_depth`: the deepest reorg undone automatically.
@@ -36,7 +36,7 @@ impl Window {
 
 /// The outcome of the fork search.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ForkBase {
+pub(crate) enum ForkBase {
     /// The newest remembered block still on the chain: it stays, everything after goes.
     Block(Checkpoint),
     /// Nothing remembered survived, but everything indexed is inside the window: undo all.
@@ -48,7 +48,7 @@ pub enum ForkBase {
 impl ForkBase {
     /// The first block to undo and the checkpoint to rewind to (`None`: nothing survives);
     /// `None` for [`ForkBase::TooDeep`].
-    pub fn undo(self, start_block: u64) -> Option<(u64, Option<Checkpoint>)> {
+    pub(crate) fn undo(self, start_block: u64) -> Option<(u64, Option<Checkpoint>)> {
         match self {
             ForkBase::Block(b) => Some((b.number + 1, Some(b))),
             ForkBase::StartOver => Some((start_block, None)),
@@ -60,7 +60,7 @@ impl ForkBase {
 /// Walks `remembered` (stored blocks below the detection point, newest first) and asks the
 /// chain for each one's hash until one matches. Stops at the first match, so a shallow reorg
 /// costs one or two header calls.
-pub async fn find_fork_base<S: ChainSource>(
+pub(crate) async fn find_fork_base<S: ChainSource>(
     source: &S,
     remembered: &[Checkpoint],
     window: &Window,

@@ -11,7 +11,7 @@ use super::rpc::{HeaderInfo, Rpc, RpcError};
 
 /// The calls the indexer makes. Every call fails with a classified [`RpcError`]: its class
 /// decides whether the indexer splits a range, waits, or gives up.
-pub trait ChainSource: Clone + Send + Sync + 'static {
+pub(crate) trait ChainSource: Clone + Send + Sync + 'static {
     /// The latest block number.
     fn head(&self) -> impl Future<Output = Result<u64, RpcError>> + Send;
 

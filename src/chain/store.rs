@@ -131,7 +131,7 @@ pub struct Checkpoint {
 /// A contiguous range of blocks ready to commit: its transfers (in chain order), the headers
 /// to remember, and the new checkpoint (the last header).
 #[derive(Debug, Clone)]
-pub struct Batch {
+pub(crate) struct Batch {
     pub from_block: u64,
     pub rows: Vec<TransferRow>,
     /// Logs of the range that were rejected, kept with their reason.
@@ -142,7 +142,7 @@ pub struct Batch {
 
 /// Token metadata read from the chain.
 #[derive(Debug, Clone)]
-pub struct TokenMeta {
+pub(crate) struct TokenMeta {
     pub address: Address,
     pub standard: TokenStandard,
     pub decimals: Option<i32>,
@@ -153,7 +153,7 @@ pub struct TokenMeta {
 
 /// What the index knows of a tracked token (its `chain_tokens` row).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IndexedToken {
+pub(crate) struct IndexedToken {
     pub standard: TokenStandard,
     pub decimals: Option<i32>,
     pub start_block: u64,
@@ -161,7 +161,7 @@ pub struct IndexedToken {
 
 /// What [`ChainStore::holders_at`] wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HoldersWritten {
+pub(crate) struct HoldersWritten {
     /// Holder rows inserted.
     pub inserted: i64,
     /// ERC-20 addresses whose computed balance is negative (0 for ERC-721), and the smallest.
@@ -268,8 +268,7 @@ fn owner_columns(owners: &[OwnerChange]) -> Result<OwnerColumns, ChainStoreError
 /// snapshots read inside their own transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChainStore {
-    chain_id: u64,
-    /// `chain_id` as the tables store it.
+    /// The chain id as the tables store it.
     id: i64,
 }
 
@@ -277,13 +276,8 @@ impl ChainStore {
     /// The store of `chain_id`; fails when the id does not fit the tables' `bigint`.
     pub fn new(chain_id: u64) -> Result<ChainStore, ChainStoreError> {
         Ok(ChainStore {
-            chain_id,
             id: bigint("chain id", chain_id)?,
         })
-    }
-
-    pub fn chain_id(&self) -> u64 {
-        self.chain_id
     }
 
     /// The committed checkpoint, if any.
@@ -303,7 +297,7 @@ impl ChainStore {
 
     /// The highest committed block considered final (`chain_checkpoints.finalized_block`);
     /// `None` before the first commit.
-    pub async fn finalized_block(
+    pub(crate) async fn finalized_block(
         &self,
         exec: impl PgExecutor<'_>,
     ) -> Result<Option<u64>, ChainStoreError> {
@@ -318,7 +312,7 @@ impl ChainStore {
     }
 
     /// Remembered blocks below `below`, newest first, at most `limit`.
-    pub async fn recent_blocks(
+    pub(crate) async fn recent_blocks(
         &self,
         exec: impl PgExecutor<'_>,
         below: u64,
@@ -340,7 +334,7 @@ impl ChainStore {
     }
 
     /// Records the tracked tokens (metadata from the chain; NULL where the contract has none).
-    pub async fn upsert_tokens(
+    pub(crate) async fn upsert_tokens(
         &self,
         conn: &mut PgConnection,
         tokens: &[TokenMeta],
@@ -368,7 +362,7 @@ impl ChainStore {
     }
 
     /// The symbol of every recorded token (`None` where the contract has none).
-    pub async fn token_symbols(
+    pub(crate) async fn token_symbols(
         &self,
         exec: impl PgExecutor<'_>,
     ) -> Result<HashMap<Address, Option<String>>, ChainStoreError> {
@@ -384,7 +378,7 @@ impl ChainStore {
     }
 
     /// The `chain_tokens` row of `token`; `None` when it is not indexed.
-    pub async fn indexed_token(
+    pub(crate) async fn indexed_token(
         &self,
         exec: impl PgExecutor<'_>,
         token: Address,
@@ -414,7 +408,7 @@ impl ChainStore {
     }
 
     /// Every stored ERC-20 balance of `token` (zero balances included: rows are kept).
-    pub async fn holder_balances(
+    pub(crate) async fn holder_balances(
         &self,
         exec: impl PgExecutor<'_>,
         token: Address,
@@ -429,7 +423,7 @@ impl ChainStore {
     }
 
     /// Every stored owner of an ERC-721 `token`: (token id, owner).
-    pub async fn nft_owners(
+    pub(crate) async fn nft_owners(
         &self,
         exec: impl PgExecutor<'_>,
         token: Address,
@@ -472,7 +466,7 @@ impl ChainStore {
     ///   excluding the zero address, keeping positive balances; negative ones are counted.
     /// - ERC-721: the owner of each id is the `to_address` of its last transfer up to `block`
     ///   (burns go to the zero address and drop out); a holder's balance is its id count.
-    pub async fn holders_at(
+    pub(crate) async fn holders_at(
         &self,
         conn: &mut PgConnection,
         snapshot_id: Uuid,
@@ -535,7 +529,7 @@ impl ChainStore {
     /// Net (pure, [`netting::net`]) → build the COPY payload (pure) → run the statements: the
     /// checkpoint lock, one COPY, one balance upsert, two NFT statements, the block hashes, the
     /// rejected logs, the checkpoint, the prune.
-    pub async fn commit_batch(
+    pub(crate) async fn commit_batch(
         &self,
         conn: &mut PgConnection,
         reorg_depth: u64,
@@ -755,7 +749,7 @@ impl ChainStore {
     /// transfer (ids minted in dropped blocks disappear), dropped transfers and block hashes are
     /// deleted and the checkpoint is rewound to `new_checkpoint` (the last block still on the
     /// chain; `None` when nothing indexed survives).
-    pub async fn undo_from(
+    pub(crate) async fn undo_from(
         &self,
         conn: &mut PgConnection,
         tokens: &[Address],
@@ -887,7 +881,7 @@ impl ChainStore {
     }
 
     /// The recorded stop of this chain's indexer (see `chain_indexer_faults`), if any.
-    pub async fn fault(
+    pub(crate) async fn fault(
         &self,
         exec: impl PgExecutor<'_>,
     ) -> Result<Option<String>, ChainStoreError> {
@@ -899,7 +893,7 @@ impl ChainStore {
     }
 
     /// Records that this chain's indexer stopped and why; every replica then stays off it.
-    pub async fn record_fault(
+    pub(crate) async fn record_fault(
         &self,
         exec: impl PgExecutor<'_>,
         at_block: u64,

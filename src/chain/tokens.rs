@@ -19,7 +19,7 @@ pub struct BadTokenAddress {
 
 /// One configured token, its address parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TrackedToken {
+pub(crate) struct TrackedToken {
     pub address: Address,
     pub standard: TokenStandard,
     pub start_block: u64,
@@ -43,7 +43,7 @@ impl TryFrom<&TokenConfig> for TrackedToken {
 }
 
 /// Parses every entry of `tokens`; the first bad one fails the lot.
-pub fn tracked(tokens: &[TokenConfig]) -> Result<Vec<TrackedToken>, BadTokenAddress> {
+pub(crate) fn tracked(tokens: &[TokenConfig]) -> Result<Vec<TrackedToken>, BadTokenAddress> {
     tokens.iter().map(TrackedToken::try_from).collect()
 }
 

@@ -62,7 +62,7 @@ pub enum OwnIndexError {
 impl OwnIndexError {
     /// The Postgres failure behind this error, if it is one (the snapshot is then retried
     /// rather than failed).
-    pub fn into_db(self) -> Result<sqlx::Error, OwnIndexError> {
+    pub(crate) fn into_db(self) -> Result<sqlx::Error, OwnIndexError> {
         match self {
             OwnIndexError::Db(e) | OwnIndexError::Index(ChainStoreError::Db { source: e, .. }) => {
                 Ok(e)
