@@ -22,7 +22,7 @@ use super::chains;
 use super::claim::CrawlClaim;
 use super::crawl::{self, CrawlError};
 use super::goldrush::{GoldRushClient, GoldRushError, normalize_address};
-use super::index::{self, IndexError};
+use super::own_index;
 pub use super::store::SnapshotSource;
 use super::store::{self, Completed, NewSnapshot, SnapshotRow, SnapshotStatus};
 use crate::config::SnapshotsConfig;
@@ -282,11 +282,14 @@ impl SnapshotService {
 
     async fn run_index(&self, id: Uuid, req: &SnapshotRequest) -> Result<(), Failure> {
         let chain_id =
-            index::parse_chain_id(&req.chain).map_err(|e| Failure::Reason(e.to_string()))?;
-        match index::snapshot_into(&self.pool, id, chain_id, &req.token, req.block_height).await {
+            own_index::parse_chain_id(&req.chain).map_err(|e| Failure::Reason(e.to_string()))?;
+        match own_index::snapshot_into(&self.pool, id, chain_id, &req.token, req.block_height).await
+        {
             Ok(_) => Ok(()),
-            Err(IndexError::Db(e)) => Err(Failure::Db(e)),
-            Err(other) => Err(Failure::Reason(other.to_string())),
+            Err(e) => Err(match e.into_db() {
+                Ok(db) => Failure::Db(db),
+                Err(other) => Failure::Reason(other.to_string()),
+            }),
         }
     }
 }
