@@ -38,6 +38,7 @@ pub fn job_registry(
         }
         Err(e) => tracing::error!(error = %e, "snapshot_create jobs are not served"),
     }
+    jobs.register(crate::chain::job::IndexTokenHandler::new(ctx.pool.clone()));
     for handler in maintenance.handlers() {
         jobs.register_arc(handler);
     }

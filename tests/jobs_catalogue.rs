@@ -17,6 +17,7 @@ const JOB_TYPES: &[&str] = &[
     "settle_hold",
     "release_hold",
     "snapshot_create",
+    "index_token",
     "cleanup_locks",
     "detect_anomalies",
     "prune",
@@ -386,4 +387,19 @@ async fn worker_rejects_what_the_schemas_reject() {
             "worker accepts {payload}: {handled:?}"
         );
     }
+}
+
+/// The worker parses `index_token` with `chain::job::parse_payload`: it accepts the example,
+/// and the schema refuses an `add` without a standard as the worker does.
+#[test]
+fn worker_parser_accepts_the_index_token_example() {
+    let ex = example("index_token");
+    let job = tokenwarden::chain::job::parse_payload(ex.clone())
+        .unwrap_or_else(|e| panic!("worker rejects index_token.example.json: {e}"));
+    assert_eq!(job.chain_id, 1514);
+    let bad = variant("index_token", |m| {
+        m.remove("standard");
+    });
+    assert!(!errors("index_token", &bad).is_empty());
+    assert!(tokenwarden::chain::job::parse_payload(bad).is_err());
 }

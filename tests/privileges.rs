@@ -305,6 +305,7 @@ fn call_args(types: &str, id: &str) -> String {
                 "integer" => "1::pg_catalog.int4".to_string(),
                 "jsonb" => "'{}'::pg_catalog.jsonb".to_string(),
                 "interval" => "'1 minute'::pg_catalog.interval".to_string(),
+                "boolean" => "false::pg_catalog.bool".to_string(),
                 other => panic!("no test literal for argument type {other}"),
             };
             if array { format!("ARRAY[{lit}]") } else { lit }

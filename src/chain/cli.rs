@@ -9,20 +9,73 @@ use futures::{StreamExt, TryStreamExt};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use super::catalogue::{CatalogueToken, TokenStatus};
 use super::decode::{IERC20, IERC721, addr_hex};
 use super::rpc::{Rpc, RpcError};
 use super::store::{ChainStore, ChainStoreError};
+use super::store_catalogue::TokenRequest;
 use super::tokens::{self, BadTokenAddress};
-use crate::config::{ChainConfig, TokenStandard};
+use crate::config::{ChainConfig, TokenConfig, TokenStandard};
 
 /// `tokenwarden index` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum IndexCommand {
-    /// Per token: checkpoint, chain head, lag.
+    /// Per token: state (backfilling with percent and logs/s, live, paused, stopped with its
+    /// reason), checkpoint, chain head, lag.
     Status,
+    /// The tracked-token catalogue: add, pause, resume, remove, list.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Compare stored balances and owners with balanceOf/ownerOf at the checkpoint block;
     /// exits non-zero on any mismatch.
     Reconcile {
+        #[arg(long)]
+        chain_id: Option<u64>,
+    },
+}
+
+/// `tokenwarden index token …`: changes the catalogue through `chain_token_request`; the
+/// chain's leading indexer applies the change within seconds.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Track a token; on an indexed chain it gets its own backfill from `--start-block`.
+    Add {
+        #[arg(long)]
+        chain_id: u64,
+        #[arg(long)]
+        address: String,
+        /// erc20 or erc721.
+        #[arg(long)]
+        standard: String,
+        /// Its deployment block (the first block that can hold a transfer).
+        #[arg(long, default_value_t = 0)]
+        start_block: u64,
+    },
+    /// Stop indexing a token; `resume` backfills what it missed.
+    Pause {
+        #[arg(long)]
+        chain_id: u64,
+        #[arg(long)]
+        address: String,
+    },
+    /// Index a paused token again.
+    Resume {
+        #[arg(long)]
+        chain_id: u64,
+        #[arg(long)]
+        address: String,
+    },
+    /// Stop tracking a token and delete its rows in one transaction (`--keep-rows`: keep them).
+    Remove {
+        #[arg(long)]
+        chain_id: u64,
+        #[arg(long)]
+        address: String,
+        #[arg(long)]
+        keep_rows: bool,
+    },
+    /// The catalogue: every token with its state and requested state.
+    List {
         #[arg(long)]
         chain_id: Option<u64>,
     },
@@ -43,6 +96,10 @@ pub enum CliError {
     UnknownChain(u64),
     #[error("{0} mismatch(es) between the index and the chain")]
     Mismatches(usize),
+    #[error("token address {0:?} is not a 0x-prefixed 20-byte hex address")]
+    BadAddress(String),
+    #[error("standard {0:?} is not erc20 or erc721")]
+    BadStandard(String),
 }
 
 /// Multicall3, deployed at the same address on most chains (Story included).
@@ -66,6 +123,7 @@ pub async fn run(cmd: IndexCommand, cfg: &crate::config::Config) -> Result<(), C
     let pool = crate::infra::connect_postgres(&cfg.database).await?;
     match cmd {
         IndexCommand::Status => status(&pool, cfg).await,
+        IndexCommand::Token(cmd) => token(&pool, cfg, cmd).await,
         IndexCommand::Reconcile { chain_id } => {
             let mut total = 0usize;
             let mut any = false;
@@ -74,7 +132,8 @@ pub async fn run(cmd: IndexCommand, cfg: &crate::config::Config) -> Result<(), C
                     continue;
                 }
                 any = true;
-                let report = reconcile(&pool, c, &cfg.chain.tokens_of(c.chain_id)).await?;
+                let live = live_tokens(&pool, c.chain_id).await?;
+                let report = reconcile(&pool, c, &live).await?;
                 println!(
                     "chain {} at block {}: {} checked, {} mismatch(es) (via {})",
                     c.chain_id,
@@ -105,38 +164,162 @@ pub async fn run(cmd: IndexCommand, cfg: &crate::config::Config) -> Result<(), C
     }
 }
 
+/// The live catalogue tokens of a chain, as token entries (what reconciliation compares).
+async fn live_tokens(pool: &PgPool, chain_id: u64) -> Result<Vec<TokenConfig>, CliError> {
+    let store = ChainStore::new(chain_id)?;
+    Ok(store
+        .catalogue(pool)
+        .await?
+        .into_iter()
+        .filter(|t| t.status == TokenStatus::Live)
+        .map(|t| TokenConfig {
+            chain_id,
+            address: addr_hex(&t.address),
+            standard: t.standard,
+            start_block: t.start_block,
+        })
+        .collect())
+}
+
+/// The state column of `index status` and `index token list`.
+fn state_of(t: &CatalogueToken, cp: Option<u64>) -> String {
+    match t.status {
+        TokenStatus::Backfilling => {
+            let rate = match t.backfill_secs {
+                Some(s) if s > 0.0 => (t.backfill_logs as f64 / s) as u64,
+                _ => 0,
+            };
+            format!(
+                "backfilling {:.1}% {rate} logs/s",
+                cp.map_or(0.0, |cp| t.percent(cp))
+            )
+        }
+        TokenStatus::Stopped => format!(
+            "stopped: {}",
+            t.reason.as_deref().unwrap_or("no reason recorded")
+        ),
+        s => s.as_str().to_string(),
+    }
+}
+
 async fn status(pool: &PgPool, cfg: &crate::config::Config) -> Result<(), CliError> {
     println!(
-        "{:<8} {:<44} {:<7} {:<10} {:>12} {:>12} {:>8}",
+        "{:<8} {:<44} {:<7} {:<10} {:>12} {:>12} {:>8}  state",
         "chain", "token", "std", "symbol", "checkpoint", "head", "lag"
     );
     for c in &cfg.chain.chains {
         let store = ChainStore::new(c.chain_id)?;
         let cp = store.checkpoint(pool).await?.map(|cp| cp.number);
-        let symbols = store.token_symbols(pool).await?;
         let rpc = Rpc::new(c, CancellationToken::new())?;
         let head = rpc.head().await.ok();
-        for t in tokens::tracked(&cfg.chain.tokens_of(c.chain_id))? {
-            let symbol = symbols.get(&t.address).cloned().flatten();
+        for t in store.catalogue(pool).await? {
+            if t.status == TokenStatus::Removed {
+                continue;
+            }
             let lag = match (cp, head) {
                 (Some(cp), Some(h)) => (h as i64 - cp as i64).to_string(),
                 _ => "-".into(),
             };
             println!(
-                "{:<8} {:<44} {:<7} {:<10} {:>12} {:>12} {:>8}",
+                "{:<8} {:<44} {:<7} {:<10} {:>12} {:>12} {:>8}  {}",
                 c.chain_id,
                 addr_hex(&t.address),
                 t.standard.as_str(),
-                symbol.unwrap_or_else(|| "-".into()),
+                t.symbol.clone().unwrap_or_else(|| "-".into()),
                 cp.map_or("-".into(), |n| n.to_string()),
                 head.map_or("unreachable".into(), |n| n.to_string()),
-                lag
+                lag,
+                state_of(&t, cp)
             );
         }
         if let Some(reason) = store.fault(pool).await? {
             println!("chain {} indexer STOPPED: {reason}", c.chain_id);
         }
     }
+    Ok(())
+}
+
+/// `index token …`.
+async fn token(
+    pool: &PgPool,
+    cfg: &crate::config::Config,
+    cmd: TokenCommand,
+) -> Result<(), CliError> {
+    let (chain_id, address, request) = match cmd {
+        TokenCommand::List { chain_id } => {
+            println!(
+                "{:<8} {:<44} {:<7} {:>12} {:<10} {:<10} state",
+                "chain", "token", "std", "start", "symbol", "requested"
+            );
+            for c in &cfg.chain.chains {
+                if chain_id.is_some_and(|id| id != c.chain_id) {
+                    continue;
+                }
+                let store = ChainStore::new(c.chain_id)?;
+                let cp = store.checkpoint(pool).await?.map(|cp| cp.number);
+                for t in store.catalogue(pool).await? {
+                    let requested = match t.requested {
+                        super::catalogue::Requested::Live => "live",
+                        super::catalogue::Requested::Paused => "paused",
+                        super::catalogue::Requested::Removed if t.keep_rows => {
+                            "removed (rows kept)"
+                        }
+                        super::catalogue::Requested::Removed => "removed",
+                    };
+                    println!(
+                        "{:<8} {:<44} {:<7} {:>12} {:<10} {:<10} {}",
+                        c.chain_id,
+                        addr_hex(&t.address),
+                        t.standard.as_str(),
+                        t.start_block,
+                        t.symbol.clone().unwrap_or_else(|| "-".into()),
+                        requested,
+                        state_of(&t, cp)
+                    );
+                }
+            }
+            return Ok(());
+        }
+        TokenCommand::Add {
+            chain_id,
+            address,
+            standard,
+            start_block,
+        } => {
+            let standard = match standard.to_ascii_lowercase().as_str() {
+                "erc20" => TokenStandard::Erc20,
+                "erc721" => TokenStandard::Erc721,
+                _ => return Err(CliError::BadStandard(standard)),
+            };
+            (
+                chain_id,
+                address,
+                TokenRequest::Add {
+                    standard,
+                    start_block,
+                },
+            )
+        }
+        TokenCommand::Pause { chain_id, address } => (chain_id, address, TokenRequest::Pause),
+        TokenCommand::Resume { chain_id, address } => (chain_id, address, TokenRequest::Resume),
+        TokenCommand::Remove {
+            chain_id,
+            address,
+            keep_rows,
+        } => (chain_id, address, TokenRequest::Remove { keep_rows }),
+    };
+    if !cfg.chain.chains.iter().any(|c| c.chain_id == chain_id) {
+        return Err(CliError::UnknownChain(chain_id));
+    }
+    let token: Address = address
+        .parse()
+        .map_err(|_| CliError::BadAddress(address.clone()))?;
+    let store = ChainStore::new(chain_id)?;
+    let requested = store.request_token(pool, token, request).await?;
+    println!(
+        "chain {chain_id} token {}: requested {requested}; the chain's leading indexer applies it within seconds (see `tokenwarden index status`)",
+        addr_hex(&token)
+    );
     Ok(())
 }
 

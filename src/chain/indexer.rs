@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
+use super::catalogue::{self, CatalogueToken, TokenStatus, Transition};
 use super::decode::{self, IERC20, RejectedLog, TRANSFER_TOPIC, TransferRow};
 use super::lease::Lease;
 use super::netting::Changes;
@@ -27,6 +28,9 @@ use super::source::ChainSource;
 use super::store::{Batch, ChainStore, ChainStoreError, Checkpoint, TokenMeta};
 use super::tokens::{self, BadTokenAddress, TrackedToken};
 use crate::config::{ChainConfig, TokenConfig, TokenStandard};
+
+/// How often the leader looks for catalogue changes (`chain_tokens`).
+const CATALOGUE_POLL: Duration = Duration::from_secs(1);
 
 /// Everything one chain's indexer needs.
 pub struct IndexerParams {
@@ -170,6 +174,15 @@ struct Indexer<S: ChainSource> {
     label: String,
     source: S,
     store: ChainStore,
+    /// The configured tokens: they seed the catalogue at start.
+    configured: Vec<TrackedToken>,
+    /// The catalogue as last read, and its fingerprint.
+    catalogue: Vec<CatalogueToken>,
+    catalogue_version: Option<(Option<String>, i64)>,
+    catalogue_checked: Instant,
+    /// Every catalogue token (a reorg undoes the dropped blocks of all of them).
+    all_addresses: Vec<Address>,
+    /// The live tokens: those that move with the chain checkpoint.
     tokens: Vec<TrackedToken>,
     standards: Arc<HashMap<Address, TokenStandard>>,
     addresses: Vec<Address>,
@@ -192,10 +205,7 @@ struct Indexer<S: ChainSource> {
 
 impl<S: ChainSource> Indexer<S> {
     fn new(p: &IndexerParams, source: S) -> Result<Indexer<S>, IndexerError> {
-        let tokens = tokens::tracked(&p.tokens)?;
-        let standards = tokens.iter().map(|t| (t.address, t.standard)).collect();
-        let addresses: Vec<Address> = tokens.iter().map(|t| t.address).collect();
-        let start_block = tokens.iter().map(|t| t.start_block).min().unwrap_or(0);
+        let configured = tokens::tracked(&p.tokens)?;
         let initial = p.chain.max_block_range.clamp(1, 100);
         let (announcer, mut queue) = tokio::sync::mpsc::unbounded_channel::<Changes>();
         let (mut redis, prefix, chain_id) =
@@ -210,13 +220,16 @@ impl<S: ChainSource> Indexer<S> {
             chain: p.chain.clone(),
             source,
             store: ChainStore::new(p.chain.chain_id)?,
-            tokens,
-            standards: Arc::new(standards),
-            base_filter: Filter::new()
-                .address(addresses.clone())
-                .event_signature(TRANSFER_TOPIC),
-            addresses,
-            start_block,
+            configured,
+            catalogue: Vec::new(),
+            catalogue_version: None,
+            catalogue_checked: Instant::now(),
+            all_addresses: Vec::new(),
+            tokens: Vec::new(),
+            standards: Arc::new(HashMap::new()),
+            base_filter: Filter::new().event_signature(TRANSFER_TOPIC),
+            addresses: Vec::new(),
+            start_block: 0,
             announcer,
             _announcer_task: AbortOnDropHandle::new(announcer_task),
             cancel: p.shutdown.clone(),
@@ -247,7 +260,7 @@ impl<S: ChainSource> Indexer<S> {
             return Err(IndexerError::Stopped(reason));
         }
         if !self.metadata_done {
-            let metas = self.read_metadata().await;
+            let metas = self.read_metadata(&self.configured).await;
             self.store.upsert_tokens(lease.conn(), &metas).await?;
             self.metadata_done = true;
         }
@@ -262,6 +275,7 @@ impl<S: ChainSource> Indexer<S> {
             ))));
         }
         self.cp = self.store.checkpoint(lease.conn()).await?;
+        self.refresh_catalogue(lease, true).await?;
         // A reorg may have happened while no replica was running.
         if let Some(cp) = self.cp {
             self.verify_tip(lease, cp).await?;
@@ -269,6 +283,12 @@ impl<S: ChainSource> Indexer<S> {
         loop {
             if self.cancel.is_cancelled() {
                 return Ok(());
+            }
+            self.refresh_catalogue(lease, false).await?;
+            if self.all_addresses.is_empty() || (self.cp.is_none() && self.addresses.is_empty()) {
+                // Nothing tracked yet: wait for the catalogue, ask the chain nothing.
+                self.wait_for_block().await;
+                continue;
             }
             let next = self.cp.map_or(self.start_block, |c| c.number + 1);
             let head = self.source.head().await?;
@@ -278,7 +298,9 @@ impl<S: ChainSource> Indexer<S> {
                 if let Some(cp) = self.cp {
                     self.verify_tip(lease, cp).await?;
                 }
-                self.wait_for_block().await;
+                if !self.token_backfill_step(lease, head).await? {
+                    self.wait_for_block().await;
+                }
                 continue;
             }
             if target - next >= self.chain.reorg_depth {
@@ -315,10 +337,10 @@ impl<S: ChainSource> Indexer<S> {
     }
 
     /// decimals / symbol / name from the chain; `None` where the contract does not answer.
-    async fn read_metadata(&self) -> Vec<TokenMeta> {
+    async fn read_metadata(&self, tokens: &[TrackedToken]) -> Vec<TokenMeta> {
         let mut out = Vec::new();
         let latest = BlockId::Number(BlockNumberOrTag::Latest);
-        for t in &self.tokens {
+        for t in tokens {
             let address = t.address;
             let call = |data: Vec<u8>| self.source.call(address, Bytes::from(data), latest);
             let decimals = if t.standard == TokenStandard::Erc20 {
@@ -397,7 +419,7 @@ impl<S: ChainSource> Indexer<S> {
         );
         let changes = self
             .store
-            .undo_from(lease.conn(), &self.addresses, fork, back_to, depth)
+            .undo_from(lease.conn(), &self.all_addresses, fork, back_to, depth)
             .await?;
         metrics::counter!("tokenwarden_indexer_reorgs_total", "chain_id" => self.label.clone())
             .increment(1);
@@ -424,8 +446,13 @@ impl<S: ChainSource> Indexer<S> {
             self.handle_reorg(lease, n).await?;
             return Ok(false);
         }
-        let filter = self.base_filter.clone().at_block_hash(h.hash);
-        let logs = self.source.block_logs(&filter).await?;
+        let logs = if self.addresses.is_empty() {
+            // No live token (all paused or backfilling): the chain moves on, nothing to fetch.
+            Vec::new()
+        } else {
+            let filter = self.base_filter.clone().at_block_hash(h.hash);
+            self.source.block_logs(&filter).await?
+        };
         let mut rows = Vec::with_capacity(logs.len());
         let mut rejected = Vec::new();
         for log in &logs {
@@ -501,6 +528,264 @@ impl<S: ChainSource> Indexer<S> {
         Ok(())
     }
 
+    /// A backfill range fetch over `filter` (the live tokens, or one backfilling token).
+    fn fetch_job(
+        &self,
+        filter: Filter,
+        standards: Arc<HashMap<Address, TokenStandard>>,
+    ) -> FetchJob<S> {
+        FetchJob {
+            source: self.source.clone(),
+            filter,
+            standards,
+            range: self.range.clone(),
+            cap: self.cap.clone(),
+            max_range: self.chain.max_block_range,
+            target_logs: self.chain.target_logs_per_request,
+            max_failures: self.chain.rpc_max_retries,
+            label: self.label.clone(),
+        }
+    }
+
+    /// Applies the catalogue's pending requests (at most every [`CATALOGUE_POLL`], or now when
+    /// `force`), then rebuilds the live token set. Runs between commits only, so the filter a
+    /// batch was fetched with is the set its commit belongs to.
+    async fn refresh_catalogue(
+        &mut self,
+        lease: &mut Lease,
+        force: bool,
+    ) -> Result<(), IndexerError> {
+        if !force && self.catalogue_checked.elapsed() < CATALOGUE_POLL {
+            return Ok(());
+        }
+        self.catalogue_checked = Instant::now();
+        let version = self.store.catalogue_version(lease.conn()).await?;
+        if !force && self.catalogue_version.as_ref() == Some(&version) {
+            return Ok(());
+        }
+        let cp = self.cp.map(|c| c.number);
+        let mut rows = self.store.catalogue(lease.conn()).await?;
+        let mut changed = false;
+        for t in &rows {
+            let step = catalogue::transition(t, cp);
+            if step == Transition::None {
+                continue;
+            }
+            if t.status == TokenStatus::Pending
+                && t.symbol.is_none()
+                && matches!(step, Transition::GoLive | Transition::Backfill)
+            {
+                let tracked = TrackedToken {
+                    address: t.address,
+                    standard: t.standard,
+                    start_block: t.start_block,
+                };
+                for m in self.read_metadata(&[tracked]).await {
+                    self.store
+                        .set_token_metadata(
+                            lease.conn(),
+                            m.address,
+                            m.decimals,
+                            m.symbol.as_deref(),
+                            m.name.as_deref(),
+                        )
+                        .await?;
+                }
+            }
+            self.store
+                .apply_transition(lease.conn(), t.address, step)
+                .await?;
+            tracing::info!(
+                chain_id = self.chain_id(),
+                token = %decode::addr_hex(&t.address),
+                from = t.status.as_str(),
+                transition = ?step,
+                "token catalogue change applied"
+            );
+            changed = true;
+        }
+        if changed {
+            rows = self.store.catalogue(lease.conn()).await?;
+        }
+        self.catalogue_version = Some(self.store.catalogue_version(lease.conn()).await?);
+        self.set_catalogue(rows);
+        Ok(())
+    }
+
+    /// Rebuilds the live token set (filter, decoders) from the catalogue.
+    fn set_catalogue(&mut self, rows: Vec<CatalogueToken>) {
+        let live: Vec<TrackedToken> = rows
+            .iter()
+            .filter(|t| t.status == TokenStatus::Live)
+            .map(|t| TrackedToken {
+                address: t.address,
+                standard: t.standard,
+                start_block: t.start_block,
+            })
+            .collect();
+        self.all_addresses = rows.iter().map(|t| t.address).collect();
+        self.addresses = live.iter().map(|t| t.address).collect();
+        self.standards = Arc::new(live.iter().map(|t| (t.address, t.standard)).collect());
+        self.base_filter = Filter::new()
+            .address(self.addresses.clone())
+            .event_signature(TRANSFER_TOPIC);
+        self.start_block = live.iter().map(|t| t.start_block).min().unwrap_or(0);
+        self.tokens = live;
+        let per_status = |s: TokenStatus| rows.iter().filter(|t| t.status == s).count() as f64;
+        for s in [
+            TokenStatus::Backfilling,
+            TokenStatus::Live,
+            TokenStatus::Paused,
+            TokenStatus::Stopped,
+        ] {
+            metrics::gauge!("tokenwarden_indexer_tokens", "chain_id" => self.label.clone(), "status" => s.as_str())
+                .set(per_status(s));
+        }
+        self.catalogue = rows;
+    }
+
+    /// One step of the own backfill of the backfilling token that is furthest behind, run
+    /// between head blocks: its logs from where it stands up to the chain checkpoint, by range
+    /// below the reorg window and by the stored block hashes inside it (so the seam is exactly
+    /// the chain's own blocks). When the step reaches the checkpoint the token goes live in
+    /// the same transaction. Returns false when no token backfills.
+    async fn token_backfill_step(
+        &mut self,
+        lease: &mut Lease,
+        head: u64,
+    ) -> Result<bool, IndexerError> {
+        let Some(cp) = self.cp else { return Ok(false) };
+        let Some(t) = self
+            .catalogue
+            .iter()
+            .filter(|t| t.status == TokenStatus::Backfilling)
+            .min_by_key(|t| t.next_block())
+            .cloned()
+        else {
+            return Ok(false);
+        };
+        let from = t.next_block();
+        let final_top = head.saturating_sub(self.chain.confirmations + self.chain.reorg_depth);
+        let filter = Filter::new()
+            .address(t.address)
+            .event_signature(TRANSFER_TOPIC);
+        let standards = Arc::new(HashMap::from([(t.address, t.standard)]));
+        let mut seam = Vec::new();
+        let batch = if from <= cp.number.min(final_top) {
+            let size = self
+                .range
+                .load(Ordering::Relaxed)
+                .clamp(1, self.chain.max_block_range);
+            let end = from.saturating_add(size - 1).min(cp.number.min(final_top));
+            self.fetch_job(filter, standards).fetch(from, end).await?
+        } else {
+            // Inside the reorg window: by the hashes the chain's own data was indexed at.
+            if from <= cp.number {
+                seam = self
+                    .store
+                    .stored_blocks(lease.conn(), from, cp.number)
+                    .await?;
+                let contiguous = seam.len() as u64 == cp.number - from + 1
+                    && seam.iter().zip(from..).all(|(b, n)| b.number == n);
+                if !contiguous {
+                    return Err(ChainStoreError::TokenMoved {
+                        token: decode::addr_hex(&t.address),
+                    }
+                    .into());
+                }
+            }
+            let mut rows = Vec::new();
+            let mut rejected = Vec::new();
+            for b in &seam {
+                let logs = self
+                    .source
+                    .block_logs(&filter.clone().at_block_hash(b.hash))
+                    .await?;
+                for log in &logs {
+                    if let Some(r) = decode_in_range(
+                        log,
+                        &standards,
+                        b.number,
+                        b.number,
+                        &self.label,
+                        &mut rejected,
+                    )? {
+                        if r.block_hash != b.hash {
+                            return Err(RpcError::InvalidReply {
+                                method: "eth_getLogs",
+                                message: format!(
+                                    "log of block {} has hash {} not {}",
+                                    b.number, r.block_hash, b.hash
+                                ),
+                            }
+                            .into());
+                        }
+                        rows.push(r);
+                    }
+                }
+            }
+            rows.sort_by_key(|r| (r.block_number, r.log_index));
+            let last = HeaderInfo {
+                number: cp.number,
+                hash: cp.hash,
+                parent_hash: B256::ZERO,
+            };
+            Batch {
+                from_block: from,
+                rows,
+                rejected,
+                headers: Vec::new(),
+                last,
+            }
+        };
+        let logs = batch.rows.len() as u64;
+        let token = decode::addr_hex(&t.address);
+        match self
+            .store
+            .commit_token_batch(lease.conn(), t.address, cp.number, &seam, &batch)
+            .await
+        {
+            Ok(changes) => {
+                metrics::counter!("tokenwarden_indexer_logs_total", "chain_id" => self.label.clone())
+                    .increment(logs);
+                self.announce(changes);
+                if batch.last.number == cp.number {
+                    tracing::info!(
+                        chain_id = self.chain_id(),
+                        token,
+                        joined_at = cp.number,
+                        "token backfill joined the chain"
+                    );
+                } else {
+                    tracing::debug!(
+                        chain_id = self.chain_id(),
+                        token,
+                        to = batch.last.number,
+                        logs,
+                        "token backfill step committed"
+                    );
+                }
+            }
+            Err(e @ ChainStoreError::NegativeBalance { .. }) => {
+                // This token's history is incomplete (start_block after its first transfer):
+                // it stops, the chain and the other tokens go on.
+                tracing::error!(chain_id = self.chain_id(), token, error = %e, "TOKEN BACKFILL STOPPED");
+                self.store
+                    .stop_token(lease.conn(), t.address, &e.to_string())
+                    .await?;
+            }
+            Err(
+                e @ (ChainStoreError::TokenMoved { .. }
+                | ChainStoreError::CheckpointMismatch { .. }),
+            ) => {
+                tracing::info!(chain_id = self.chain_id(), token, reason = %e, "token backfill step dropped; planning again");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.refresh_catalogue(lease, true).await?;
+        Ok(true)
+    }
+
     /// Backfills `[from, to]` (all below the reorg window): ranges fetched concurrently,
     /// committed in order.
     async fn backfill(
@@ -517,24 +802,23 @@ impl<S: ChainSource> Indexer<S> {
         let mut inflight: VecDeque<AbortOnDropHandle<Result<Batch, IndexerError>>> =
             VecDeque::new();
         tracing::info!(chain_id = self.chain_id(), from, to, "backfill started");
+        let mut catalogue_changed = false;
         loop {
-            while inflight.len() < self.chain.fetch_concurrency && next <= to {
+            if !catalogue_changed && self.catalogue_checked.elapsed() >= CATALOGUE_POLL {
+                // A catalogue change ends this pass after the ranges in flight (fetched with
+                // the old token set) are committed; the loop then applies it.
+                self.catalogue_checked = Instant::now();
+                let version = self.store.catalogue_version(lease.conn()).await?;
+                catalogue_changed = self.catalogue_version.as_ref() != Some(&version);
+            }
+            while !catalogue_changed && inflight.len() < self.chain.fetch_concurrency && next <= to
+            {
                 let size = self
                     .range
                     .load(Ordering::Relaxed)
                     .clamp(1, self.chain.max_block_range);
                 let end = next.saturating_add(size - 1).min(to);
-                let job = FetchJob {
-                    source: self.source.clone(),
-                    filter: self.base_filter.clone(),
-                    standards: self.standards.clone(),
-                    range: self.range.clone(),
-                    cap: self.cap.clone(),
-                    max_range: self.chain.max_block_range,
-                    target_logs: self.chain.target_logs_per_request,
-                    max_failures: self.chain.rpc_max_retries,
-                    label: self.label.clone(),
-                };
+                let job = self.fetch_job(self.base_filter.clone(), self.standards.clone());
                 inflight.push_back(AbortOnDropHandle::new(tokio::spawn(job.fetch(next, end))));
                 next = end + 1;
             }
@@ -654,6 +938,11 @@ impl<S: ChainSource> FetchJob<S> {
         let mut cur = from;
         let mut schedule = Rpc::backoff();
         let mut failures = 0u32;
+        // No token to ask for (every token paused or backfilling): an address-less filter
+        // would return every Transfer of the chain, so only the header is read.
+        if self.standards.is_empty() {
+            cur = to + 1;
+        }
         while cur <= to {
             let size = self.range.load(Ordering::Relaxed).clamp(1, self.max_range);
             let end = cur.saturating_add(size - 1).min(to);

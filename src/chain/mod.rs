@@ -6,18 +6,23 @@
 //! | [`rpc`] | JSON-RPC calls, error classification, retries |
 //! | [`source`] | the calls the indexer needs, as a trait ([`rpc::Rpc`] implements it) |
 //! | [`tokens`] | the configured tokens of a chain, addresses parsed |
+//! | [`catalogue`] | the tracked-token catalogue: token states and the transitions toward the requested one (pure) |
 //! | [`decode`] | logs → transfer rows |
 //! | [`netting`] | a batch's transfers → balance deltas, NFT owners, changed holders (pure) |
 //! | [`reorg`] | the fork base of a reorg: newest remembered block still on the chain |
 //! | [`store`] | the only reader and writer of the chain tables: batches and reorg undo (one transaction each), checkpoints, faults, holdings |
+//! | [`store_catalogue`] | the store's catalogue statements: requests, transitions, token backfill commits |
 //! | [`lease`] | one leader per chain across replicas |
 //! | [`notify`] | Redis announcements |
 //! | [`indexer`] | backfill, head following, reorg detection |
+//! | [`job`] | the `index_token` job handler |
 //! | [`cli`] | operator commands |
 
+pub mod catalogue;
 pub mod cli;
 pub mod decode;
 pub mod indexer;
+pub mod job;
 pub mod lease;
 pub mod netting;
 pub mod notify;
@@ -25,9 +30,11 @@ pub mod reorg;
 pub mod rpc;
 pub mod source;
 pub mod store;
+pub mod store_catalogue;
 pub mod tokens;
 
-/// Starts one indexer task per configured chain (each waits for its lease before indexing).
+/// Starts one indexer task per configured chain (each waits for its lease before indexing;
+/// a chain whose catalogue is empty waits for its first token without asking the chain).
 /// Returns nothing to wait on when `chain.enabled` is false. The tasks stop when
 /// `ctx.shutdown` is cancelled.
 pub fn spawn_indexers(ctx: &crate::app::AppContext) -> Vec<tokio::task::JoinHandle<()>> {
@@ -38,7 +45,6 @@ pub fn spawn_indexers(ctx: &crate::app::AppContext) -> Vec<tokio::task::JoinHand
     section
         .chains
         .iter()
-        .filter(|c| !section.tokens_of(c.chain_id).is_empty())
         .map(|c| {
             let params = indexer::IndexerParams {
                 chain: c.clone(),

@@ -9,7 +9,6 @@
 //! checkpoint) or a reorg undo. The indexer's writes run on the lease connection (see
 //! [`super::lease`]), so a replica that lost its lease cannot write.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::str::FromStr;
 
@@ -47,6 +46,19 @@ pub enum ChainStoreError {
     },
     #[error(transparent)]
     Netting(#[from] NettingError),
+    /// `chain_token_request` refused (bad input, unknown token) or could not run.
+    #[error("token request {action} {token}: {source}")]
+    Request {
+        token: String,
+        action: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    /// A token backfill step no longer matches the catalogue or the chain (paused, removed,
+    /// or a reorg undo replaced a block it was fetched by): nothing was written; the step is
+    /// planned again.
+    #[error("token {token} moved under its backfill step (paused, removed or reorged); retrying")]
+    TokenMoved { token: String },
     #[error("stored {what} {value:?} is corrupt: {reason}")]
     Corrupt {
         what: &'static str,
@@ -66,12 +78,12 @@ pub enum ChainStoreError {
     },
 }
 
-fn db(what: &'static str) -> impl FnOnce(sqlx::Error) -> ChainStoreError {
+pub(super) fn db(what: &'static str) -> impl FnOnce(sqlx::Error) -> ChainStoreError {
     move |source| ChainStoreError::Db { what, source }
 }
 
 /// `value` as a Postgres `bigint`.
-fn bigint(what: &'static str, value: u64) -> Result<i64, ChainStoreError> {
+pub(super) fn bigint(what: &'static str, value: u64) -> Result<i64, ChainStoreError> {
     i64::try_from(value).map_err(|_| ChainStoreError::OutOfRange {
         what,
         value,
@@ -88,7 +100,7 @@ fn int(what: &'static str, value: u64) -> Result<i32, ChainStoreError> {
     })
 }
 
-fn corrupt(what: &'static str, value: &str, reason: impl ToString) -> ChainStoreError {
+pub(super) fn corrupt(what: &'static str, value: &str, reason: impl ToString) -> ChainStoreError {
     ChainStoreError::Corrupt {
         what,
         value: value.to_string(),
@@ -97,7 +109,7 @@ fn corrupt(what: &'static str, value: &str, reason: impl ToString) -> ChainStore
 }
 
 /// A stored `bigint` that is a block number.
-fn block_of(what: &'static str, n: i64) -> Result<u64, ChainStoreError> {
+pub(super) fn block_of(what: &'static str, n: i64) -> Result<u64, ChainStoreError> {
     u64::try_from(n).map_err(|e| corrupt(what, &n.to_string(), e))
 }
 
@@ -113,7 +125,7 @@ fn block_ref(what: &'static str, (n, h): (i64, String)) -> Result<Checkpoint, Ch
     })
 }
 
-fn address_of(what: &'static str, s: &str) -> Result<Address, ChainStoreError> {
+pub(super) fn address_of(what: &'static str, s: &str) -> Result<Address, ChainStoreError> {
     s.parse().map_err(|e| corrupt(what, s, e))
 }
 
@@ -172,7 +184,10 @@ pub(crate) struct HoldersWritten {
 /// The text-format COPY payload of `rows` for `chain_transfers` (columns as in
 /// [`COPY_TRANSFERS`]). Text COPY is Postgres' fastest bulk path into one table, and every
 /// field here is hex or decimal, so nothing needs escaping.
-fn transfers_copy(chain_id: i64, rows: &[TransferRow]) -> Result<String, ChainStoreError> {
+pub(super) fn transfers_copy(
+    chain_id: i64,
+    rows: &[TransferRow],
+) -> Result<String, ChainStoreError> {
     let mut copy = String::with_capacity(rows.len() * 340);
     for r in rows {
         let id = r
@@ -199,7 +214,10 @@ const COPY_TRANSFERS: &str = "COPY public.chain_transfers (chain_id, block_numbe
      log_index, tx_hash, token, from_address, to_address, value, token_id) FROM STDIN";
 
 /// Sends the COPY payload of a batch's transfer rows.
-async fn copy_transfers(conn: &mut PgConnection, payload: String) -> Result<(), ChainStoreError> {
+pub(super) async fn copy_transfers(
+    conn: &mut PgConnection,
+    payload: String,
+) -> Result<(), ChainStoreError> {
     let mut copy_in = conn
         .copy_in_raw(COPY_TRANSFERS)
         .await
@@ -272,7 +290,21 @@ pub struct ChainStore {
     id: i64,
 }
 
+/// A stored `chain_tokens.standard`.
+pub(super) fn standard_of(s: &str) -> Result<TokenStandard, ChainStoreError> {
+    match s {
+        "erc20" => Ok(TokenStandard::Erc20),
+        "erc721" => Ok(TokenStandard::Erc721),
+        other => Err(corrupt("token standard", other, "not erc20 or erc721")),
+    }
+}
+
 impl ChainStore {
+    /// The chain id as the tables store it.
+    pub(super) fn id(&self) -> i64 {
+        self.id
+    }
+
     /// The store of `chain_id`; fails when the id does not fit the tables' `bigint`.
     pub fn new(chain_id: u64) -> Result<ChainStore, ChainStoreError> {
         Ok(ChainStore {
@@ -333,7 +365,10 @@ impl ChainStore {
             .collect()
     }
 
-    /// Records the tracked tokens (metadata from the chain; NULL where the contract has none).
+    /// Seeds the catalogue with the configured tokens (metadata from the chain; NULL where the
+    /// contract has none). A token new to the catalogue arrives `pending`, so the leader gives
+    /// it its own backfill when the chain is already indexed; a known one keeps its state (a
+    /// removed one stays removed until it is added again).
     pub(crate) async fn upsert_tokens(
         &self,
         conn: &mut PgConnection,
@@ -341,11 +376,14 @@ impl ChainStore {
     ) -> Result<(), ChainStoreError> {
         for t in tokens {
             sqlx::query(
-                "INSERT INTO public.chain_tokens (chain_id, address, standard, decimals, symbol, name, start_block) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) \
-                 ON CONFLICT (chain_id, address) DO UPDATE SET standard = EXCLUDED.standard, \
+                "INSERT INTO public.chain_tokens (chain_id, address, standard, decimals, symbol, name, start_block, status) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending') \
+                 ON CONFLICT (chain_id, address) DO UPDATE SET \
                  decimals = EXCLUDED.decimals, symbol = EXCLUDED.symbol, name = EXCLUDED.name, \
-                 start_block = EXCLUDED.start_block",
+                 standard = CASE WHEN public.chain_tokens.status IN ('live', 'pending') \
+                            THEN EXCLUDED.standard ELSE public.chain_tokens.standard END, \
+                 start_block = CASE WHEN public.chain_tokens.status IN ('live', 'pending') \
+                            THEN EXCLUDED.start_block ELSE public.chain_tokens.start_block END",
             )
             .bind(self.id)
             .bind(addr_hex(&t.address))
@@ -359,22 +397,6 @@ impl ChainStore {
             .map_err(db("record tracked token"))?;
         }
         Ok(())
-    }
-
-    /// The symbol of every recorded token (`None` where the contract has none).
-    pub(crate) async fn token_symbols(
-        &self,
-        exec: impl PgExecutor<'_>,
-    ) -> Result<HashMap<Address, Option<String>>, ChainStoreError> {
-        let rows: Vec<(String, Option<String>)> =
-            sqlx::query_as("SELECT address, symbol FROM public.chain_tokens WHERE chain_id = $1")
-                .bind(self.id)
-                .fetch_all(exec)
-                .await
-                .map_err(db("read token symbols"))?;
-        rows.into_iter()
-            .map(|(a, s)| Ok((address_of("token address", &a)?, s)))
-            .collect()
     }
 
     /// The `chain_tokens` row of `token`; `None` when it is not indexed.
@@ -393,11 +415,7 @@ impl ChainStore {
         .await
         .map_err(db("read tracked token"))?;
         row.map(|(standard, decimals, start)| {
-            let standard = match standard.as_str() {
-                "erc20" => TokenStandard::Erc20,
-                "erc721" => TokenStandard::Erc721,
-                other => return Err(corrupt("token standard", other, "not erc20 or erc721")),
-            };
+            let standard = standard_of(&standard)?;
             Ok(IndexedToken {
                 standard,
                 decimals,
@@ -575,7 +593,7 @@ impl ChainStore {
 
     /// Adds the netted deltas to `token_balances`; fails (the caller then drops the
     /// transaction, rolling the batch back) when a balance would go below zero.
-    async fn apply_deltas(
+    pub(super) async fn apply_deltas(
         &self,
         conn: &mut PgConnection,
         deltas: &[BalanceDelta],
@@ -616,7 +634,7 @@ impl ChainStore {
     }
 
     /// Moves ERC-721 ids to their final owner of the batch and deletes burned ones.
-    async fn apply_owners(
+    pub(super) async fn apply_owners(
         &self,
         conn: &mut PgConnection,
         owners: &[OwnerChange],
@@ -682,7 +700,7 @@ impl ChainStore {
     }
 
     /// Keeps the batch's rejected logs with their reason.
-    async fn keep_rejected(
+    pub(super) async fn keep_rejected(
         &self,
         conn: &mut PgConnection,
         rejected: &[RejectedLog],
@@ -852,6 +870,18 @@ impl ChainStore {
             .execute(&mut *tx)
             .await
             .map_err(db("delete dropped block hashes"))?;
+        // Tokens that do not move with the chain (own backfill, paused, removed with rows
+        // kept) lost their data of the dropped blocks too: their progress rewinds with it.
+        sqlx::query(
+            "UPDATE public.chain_tokens SET updated_at = pg_catalog.now(), \
+                    indexed_to = CASE WHEN $2 - 1 < start_block THEN NULL ELSE $2 - 1 END \
+              WHERE chain_id = $1 AND indexed_to >= $2",
+        )
+        .bind(self.id)
+        .bind(fork_i)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("rewind token backfills"))?;
         match new_checkpoint {
             Some(c) => {
                 sqlx::query(

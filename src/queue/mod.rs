@@ -46,6 +46,7 @@ pub const KNOWN_JOB_TYPES: &[&str] = &[
     "settle_hold",
     "release_hold",
     "snapshot_create",
+    "index_token",
     "cleanup_locks",
     "detect_anomalies",
     "prune",
