@@ -11,6 +11,7 @@
 //! | [`netting`] | a batch's transfers → balance deltas, NFT owners, changed holders (pure) |
 //! | [`reorg`] | the fork base of a reorg: newest remembered block still on the chain |
 //! | [`store`] | the only reader and writer of the chain tables: batches and reorg undo (one transaction each), checkpoints, faults, holdings |
+//! | [`history`] | balances at any block and holder lists at a block, from the stored transfers |
 //! | [`store_catalogue`] | the store's catalogue statements: requests, transitions, token backfill commits |
 //! | [`lease`] | one leader per chain across replicas |
 //! | [`notify`] | Redis announcements |
@@ -21,6 +22,7 @@
 pub mod catalogue;
 pub mod cli;
 pub mod decode;
+pub mod history;
 pub mod indexer;
 pub mod job;
 pub mod lease;

@@ -57,6 +57,19 @@ pub enum ChainStoreError {
     /// A token backfill step no longer matches the catalogue or the chain (paused, removed,
     /// or a reorg undo replaced a block it was fetched by): nothing was written; the step is
     /// planned again.
+    /// A history question about a block the index does not hold yet for this token (after
+    /// the chain checkpoint, or after a backfilling token's progress).
+    #[error("token {token} is not indexed through block {block} (indexed through {covered:?})")]
+    NotIndexed {
+        token: String,
+        block: u64,
+        covered: Option<u64>,
+    },
+    /// A history question about a token the catalogue does not track.
+    #[error("token {token} is not tracked on this chain")]
+    NotTracked { token: String },
+    #[error("empty block window {from}..={to}")]
+    EmptyWindow { from: u64, to: u64 },
     #[error("token {token} moved under its backfill step (paused, removed or reorged); retrying")]
     TokenMoved { token: String },
     #[error("stored {what} {value:?} is corrupt: {reason}")]
@@ -129,7 +142,7 @@ pub(super) fn address_of(what: &'static str, s: &str) -> Result<Address, ChainSt
     s.parse().map_err(|e| corrupt(what, s, e))
 }
 
-fn amount_of(what: &'static str, s: &str) -> Result<U256, ChainStoreError> {
+pub(super) fn amount_of(what: &'static str, s: &str) -> Result<U256, ChainStoreError> {
     U256::from_str(s).map_err(|e| corrupt(what, s, e))
 }
 
