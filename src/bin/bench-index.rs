@@ -1,7 +1,8 @@
 //! Indexer benchmark (`make bench-index`): on a fresh anvil, generates a history of Transfer
 //! logs, times one `eth_getLogs` over it (the chain's own speed), runs `tokenwarden run` until
 //! its checkpoint is the head and every balance reconciles exactly, then measures head lag
-//! (block mined → balances committed) at one block per second. Prints the figures.
+//! (block mined → balances committed) at one block per second and the latency of balance-at-block
+//! queries (`balance_at`, `min_balance_between`) over the history. Prints the figures.
 
 use std::error::Error;
 use std::path::PathBuf;
@@ -14,6 +15,7 @@ use alloy::rpc::types::TransactionRequest;
 use alloy::sol;
 use alloy::sol_types::SolCall;
 use futures::StreamExt;
+use rand::{Rng, SeedableRng};
 
 sol! {
     interface TestToken20 {
@@ -29,6 +31,7 @@ struct Args {
     per_tx: u64,
     blocks_per_tx: u64,
     lag_blocks: u64,
+    history_queries: u64,
     root: PathBuf,
     tokenwarden: PathBuf,
     db_admin: String,
@@ -84,6 +87,7 @@ async fn main() -> Res<()> {
         per_tx: arg("per-tx", "1000").parse()?,
         blocks_per_tx: arg("blocks-per-tx", "10").parse()?,
         lag_blocks: arg("lag-blocks", "60").parse()?,
+        history_queries: arg("history-queries", "2000").parse()?,
         tokenwarden: PathBuf::from(arg("tokenwarden", "target/release/tokenwarden")),
         db_admin: arg("db", "postgres://postgres@127.0.0.1:5432/postgres"),
         redis: arg("redis", "redis://127.0.0.1:6379"),
@@ -333,6 +337,32 @@ start_block = {deploy_block}
         hist.record(t_send.elapsed().as_micros() as u64)?;
     }
     let hwm_end = vm_hwm_kb(pid).unwrap_or(0);
+
+    // 5. Balance at any block (access checks): random holders at random blocks of the history.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let head_now = index.checkpoint(&pool).await?.map_or(head, |c| c.number);
+    let holder_of = |k: u64| Address::from(U160::from(0x10_0000u64 + k));
+    let mut at = hdrhistogram::Histogram::<u64>::new(3)?;
+    let mut since = hdrhistogram::Histogram::<u64>::new(3)?;
+    for _ in 0..a.history_queries {
+        let h = holder_of(rng.random_range(0..a.holders));
+        let b = rng.random_range(deploy_block..=head_now);
+        let t = Instant::now();
+        index.balance_at(&pool, token, h, b).await?;
+        at.record(t.elapsed().as_micros() as u64)?;
+        let from = rng.random_range(deploy_block..=b);
+        let t = Instant::now();
+        index.min_balance_between(&pool, token, h, from, b).await?;
+        since.record(t.elapsed().as_micros() as u64)?;
+    }
+    println!(
+        "balance at a block, {} random (holder, block): balance_at p50 {:.2} ms, p99 {:.2} ms; min_balance_between p50 {:.2} ms, p99 {:.2} ms",
+        at.len(),
+        at.value_at_quantile(0.5) as f64 / 1000.0,
+        at.value_at_quantile(0.99) as f64 / 1000.0,
+        since.value_at_quantile(0.5) as f64 / 1000.0,
+        since.value_at_quantile(0.99) as f64 / 1000.0
+    );
     println!(
         "head lag (tx sent → block mined → balances committed and announced), {} blocks at 1/s: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         hist.len(),
