@@ -506,3 +506,44 @@ async fn a_reorg_at_the_seam_of_a_token_backfill_is_undone_exactly() {
         indexer.stop().await;
     }
 }
+
+/// Where the chain serves the `finalized` block tag (anvil: head − 2 × slots per epoch), the
+/// checkpoint's finalized_block follows it when it is above `checkpoint − reorg_depth`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finalized_block_follows_the_chains_finalized_tag() {
+    let env = TestEnv::new().await;
+    let anvil = Anvil::spawn_with(&["--slots-in-an-epoch", "1"]).await;
+    let a = anvil.deploy("TestToken20").await;
+    let mut model = Model::new(14);
+    for _ in 0..12 {
+        model.tx(&anvil, a, 2).await;
+    }
+    let cfg = config_with(&env, chain_config(&anvil.url, serde_json::json!({})), &[a]);
+    let indexer = InProc::start(cfg).await;
+    wait_synced(&env, &anvil).await;
+    // The tag is read at most every 5 s: new blocks until a commit has read it.
+    let (cp, finalized) = wait_until(
+        Duration::from_secs(30),
+        "finalized_block follows the tag",
+        || async {
+            anvil.mine(1).await;
+            let (cp, finalized): (i64, i64) = sqlx::query_as(
+                "SELECT block_number, finalized_block FROM chain_checkpoints WHERE chain_id = $1",
+            )
+            .bind(CHAIN_ID as i64)
+            .fetch_one(&env.pool)
+            .await
+            .ok()?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            (finalized > cp - 8).then_some((cp, finalized))
+        },
+    )
+    .await;
+    assert_eq!(
+        finalized,
+        cp - 2,
+        "the chain's finalized tag, not cp − reorg_depth (8)"
+    );
+    assert_exact(&env, &anvil, &model, a).await;
+    indexer.stop().await;
+}

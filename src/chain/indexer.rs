@@ -25,12 +25,15 @@ use super::netting::Changes;
 use super::reorg::{self, Window};
 use super::rpc::{HeaderInfo, Rpc, RpcError};
 use super::source::ChainSource;
-use super::store::{Batch, ChainStore, ChainStoreError, Checkpoint, TokenMeta};
+use super::store::{Batch, ChainStore, ChainStoreError, Checkpoint, Finality, TokenMeta};
 use super::tokens::{self, BadTokenAddress, TrackedToken};
 use crate::config::{ChainConfig, TokenConfig, TokenStandard};
 
 /// How often the leader looks for catalogue changes (`chain_tokens`).
 const CATALOGUE_POLL: Duration = Duration::from_secs(1);
+
+/// How often the leader reads the chain's `finalized` block tag.
+const FINALIZED_POLL: Duration = Duration::from_secs(5);
 
 /// Everything one chain's indexer needs.
 pub struct IndexerParams {
@@ -201,6 +204,9 @@ struct Indexer<S: ChainSource> {
     ws_task: Option<AbortOnDropHandle<()>>,
     cp: Option<Checkpoint>,
     metadata_done: bool,
+    /// The chain's `finalized` block as last read (`None`: not served), and when.
+    chain_finalized: Option<u64>,
+    finalized_checked: Option<Instant>,
 }
 
 impl<S: ChainSource> Indexer<S> {
@@ -239,6 +245,8 @@ impl<S: ChainSource> Indexer<S> {
             ws_task: None,
             cp: None,
             metadata_done: false,
+            chain_finalized: None,
+            finalized_checked: None,
         })
     }
 
@@ -513,9 +521,10 @@ impl<S: ChainSource> Indexer<S> {
                 expected: expected_from,
             });
         }
+        let finality = self.finality().await;
         let changes = self
             .store
-            .commit_batch(lease.conn(), self.chain.reorg_depth, expected, &batch)
+            .commit_batch(lease.conn(), finality, expected, &batch)
             .await?;
         self.cp = Some(Checkpoint {
             number: batch.last.number,
@@ -526,6 +535,29 @@ impl<S: ChainSource> Indexer<S> {
         self.report_lag(head);
         self.announce(changes);
         Ok(())
+    }
+
+    /// The finality of the next commit: the chain's `finalized` tag (read at most every
+    /// [`FINALIZED_POLL`]; a chain that does not serve it, or a failed read, leaves only the
+    /// reorg window).
+    async fn finality(&mut self) -> Finality {
+        if self
+            .finalized_checked
+            .is_none_or(|t| t.elapsed() >= FINALIZED_POLL)
+        {
+            self.finalized_checked = Some(Instant::now());
+            self.chain_finalized = match self.source.finalized().await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::debug!(chain_id = self.chain_id(), error = %e, "no finalized block tag; finality from reorg_depth");
+                    None
+                }
+            };
+        }
+        Finality {
+            reorg_depth: self.chain.reorg_depth,
+            chain_finalized: self.chain_finalized,
+        }
     }
 
     /// A backfill range fetch over `filter` (the live tokens, or one backfilling token).

@@ -313,6 +313,18 @@ impl Rpc {
         }))
     }
 
+    /// The chain's `finalized` block (one attempt); `None` when the chain does not serve the
+    /// tag (pre-merge chains, some L2s and dev nodes answer an error or nothing).
+    pub async fn finalized(&self) -> Result<Option<u64>, RpcError> {
+        let p = self.provider().clone();
+        let block = self
+            .once("eth_getBlockByNumber", async move {
+                p.get_block_by_number(BlockNumberOrTag::Finalized).await
+            })
+            .await?;
+        Ok(block.map(|b| b.header.number))
+    }
+
     /// One `eth_getLogs` attempt (no retry: the caller adapts the range to the failure).
     pub async fn logs_once(&self, filter: &Filter) -> Result<Vec<Log>, RpcError> {
         let p = self.provider().clone();

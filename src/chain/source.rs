@@ -21,6 +21,9 @@ pub(crate) trait ChainSource: Clone + Send + Sync + 'static {
         number: u64,
     ) -> impl Future<Output = Result<Option<HeaderInfo>, RpcError>> + Send;
 
+    /// The chain's `finalized` block, one attempt; `None` when the tag is not served.
+    fn finalized(&self) -> impl Future<Output = Result<Option<u64>, RpcError>> + Send;
+
     /// The logs of one block by hash (EIP-234), retried on retryable failures.
     fn block_logs(
         &self,
@@ -56,6 +59,10 @@ pub(crate) trait ChainSource: Clone + Send + Sync + 'static {
 impl ChainSource for Rpc {
     fn head(&self) -> impl Future<Output = Result<u64, RpcError>> + Send {
         Rpc::head(self)
+    }
+
+    fn finalized(&self) -> impl Future<Output = Result<Option<u64>, RpcError>> + Send {
+        Rpc::finalized(self)
     }
 
     fn header(
@@ -191,6 +198,10 @@ pub(crate) mod fake {
                 .max()
                 .copied()
                 .unwrap_or(0))
+        }
+
+        async fn finalized(&self) -> Result<Option<u64>, RpcError> {
+            Ok(None)
         }
 
         async fn header(&self, number: u64) -> Result<Option<HeaderInfo>, RpcError> {

@@ -165,6 +165,15 @@ pub(crate) struct Batch {
     pub last: HeaderInfo,
 }
 
+/// What decides a commit's `finalized_block`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Finality {
+    /// The chain's `reorg_depth`: blocks deeper than it are final for the index.
+    pub reorg_depth: u64,
+    /// The chain's `finalized` block tag, where the chain serves it.
+    pub chain_finalized: Option<u64>,
+}
+
 /// Token metadata read from the chain.
 #[derive(Debug, Clone)]
 pub(crate) struct TokenMeta {
@@ -563,7 +572,7 @@ impl ChainStore {
     pub(crate) async fn commit_batch(
         &self,
         conn: &mut PgConnection,
-        reorg_depth: u64,
+        finality: Finality,
         expected_checkpoint: Option<u64>,
         batch: &Batch,
     ) -> Result<Changes, ChainStoreError> {
@@ -578,7 +587,7 @@ impl ChainStore {
         }
         self.remember_blocks(&mut tx, &batch.headers).await?;
         self.keep_rejected(&mut tx, &batch.rejected).await?;
-        self.advance_checkpoint(&mut tx, &batch.last, reorg_depth)
+        self.advance_checkpoint(&mut tx, &batch.last, finality)
             .await?;
         tx.commit().await.map_err(db("commit batch"))?;
         Ok(netted.changes)
@@ -743,18 +752,24 @@ impl ChainStore {
     }
 
     /// Moves the checkpoint to `last` and forgets block hashes older than twice the reorg
-    /// window (batch ends inside it stay).
+    /// window (batch ends inside it stay). `finalized_block` is the highest committed block
+    /// that is final by the chain's own `finalized` tag or lies deeper than the reorg window
+    /// (which the index never undoes by itself).
     async fn advance_checkpoint(
         &self,
         conn: &mut PgConnection,
         last: &HeaderInfo,
-        reorg_depth: u64,
+        finality: Finality,
     ) -> Result<(), ChainStoreError> {
         let number = bigint("block number", last.number)?;
-        let depth = bigint("reorg depth", reorg_depth)?;
+        let depth = bigint("reorg depth", finality.reorg_depth)?;
+        let chain_final = finality
+            .chain_finalized
+            .map(|n| bigint("finalized block", n))
+            .transpose()?;
         sqlx::query(
             "INSERT INTO public.chain_checkpoints (chain_id, block_number, block_hash, finalized_block, updated_at) \
-             VALUES ($1, $2, $3, GREATEST($2 - $4, 0), pg_catalog.now()) \
+             VALUES ($1, $2, $3, GREATEST($2 - $4, LEAST($2, $5), 0), pg_catalog.now()) \
              ON CONFLICT (chain_id) DO UPDATE SET block_number = EXCLUDED.block_number, \
              block_hash = EXCLUDED.block_hash, finalized_block = EXCLUDED.finalized_block, \
              updated_at = EXCLUDED.updated_at",
@@ -763,6 +778,7 @@ impl ChainStore {
         .bind(number)
         .bind(hash_hex(&last.hash))
         .bind(depth)
+        .bind(chain_final)
         .execute(&mut *conn)
         .await
         .map_err(db("advance checkpoint"))?;
