@@ -24,7 +24,7 @@ ALTER TABLE public.chain_tokens
     ADD COLUMN backfill_started_at timestamptz NULL,
     ADD COLUMN reason text NULL,
     ADD COLUMN origin text NOT NULL DEFAULT 'config'
-        CHECK (origin IN ('config', 'request')),
+        CHECK (origin IN ('config', 'request', 'factory')),
     ADD COLUMN updated_at timestamptz NOT NULL DEFAULT pg_catalog.now();
 
 -- One door for every change of the catalogue: validates, records the request, wakes nobody

@@ -547,3 +547,123 @@ async fn finalized_block_follows_the_chains_finalized_tag() {
     assert_exact(&env, &anvil, &model, a).await;
     indexer.stop().await;
 }
+
+alloy::sol! {
+    interface TestVaultFactory {
+        function deploy(address ipId, address holder, uint256 amount) external returns (address vault);
+    }
+}
+
+/// The vaults the factory announced so far, oldest first (the second data word).
+async fn vaults(anvil: &Anvil, factory: Address) -> Vec<Address> {
+    let filter = alloy::rpc::types::Filter::new()
+        .address(factory)
+        .from_block(0)
+        .to_block(anvil.head().await);
+    anvil
+        .provider
+        .get_logs(&filter)
+        .await
+        .unwrap()
+        .iter()
+        .map(|l| Address::from_slice(&l.data().data[44..64]))
+        .collect()
+}
+
+async fn create_vault(anvil: &Anvil, model: &mut Model, factory: Address, ip: u8) -> Address {
+    use alloy::sol_types::SolCall;
+    let holder = model.holders[ip as usize % model.holders.len()];
+    let amount = U256::from(100_000_000u64);
+    let data = TestVaultFactory::deployCall {
+        ipId: addr_ip(ip),
+        holder,
+        amount,
+    }
+    .abi_encode();
+    anvil.send(factory, data).await;
+    let vault = *vaults(anvil, factory).await.last().unwrap();
+    model.balances.insert((vault, holder), amount);
+    vault
+}
+
+fn addr_ip(i: u8) -> Address {
+    Address::with_last_byte(0xe0 + i)
+}
+
+async fn catalogued(env: &TestEnv, token: Address) -> bool {
+    status(env, token).await.is_some()
+}
+
+/// A Story-shaped factory (`IpRoyaltyVaultDeployed(address ipId, address ipRoyaltyVault)`,
+/// both in the data): vaults created before and while the indexer runs are added and indexed
+/// exactly from their creation block; one created in a block that a reorg drops disappears with
+/// every row it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn factory_created_tokens_are_indexed_and_a_reorged_creation_disappears() {
+    let env = TestEnv::new().await;
+    let anvil = Anvil::spawn().await;
+    let factory = anvil.deploy("TestVaultFactory").await;
+    let mut model = Model::new(15);
+    let v1 = create_vault(&anvil, &mut model, factory, 1).await;
+    for _ in 0..5 {
+        model.tx(&anvil, v1, 3).await;
+    }
+    let mut cfg = config_with(&env, chain_config(&anvil.url, serde_json::json!({})), &[]);
+    cfg.chain.factories = vec![tokenwarden::config::FactoryConfig {
+        chain_id: CHAIN_ID,
+        address: format!("{factory:#x}"),
+        event: "IpRoyaltyVaultDeployed(address,address)".into(),
+        token_arg: "data1".into(),
+        standard: TokenStandard::Erc20,
+        start_block: 0,
+    }];
+    cfg.validate().expect("valid config");
+    let indexer = InProc::start(cfg).await;
+    wait_status(&env, v1, "live", Duration::from_secs(60)).await;
+    wait_synced(&env, &anvil).await;
+    assert_exact(&env, &anvil, &model, v1).await;
+
+    // Created while the indexer follows the head, then used at once.
+    let v2 = create_vault(&anvil, &mut model, factory, 2).await;
+    model.tx(&anvil, v2, 3).await;
+    model.tx(&anvil, v1, 3).await;
+    wait_status(&env, v2, "live", Duration::from_secs(60)).await;
+    model.tx(&anvil, v2, 3).await;
+    wait_synced(&env, &anvil).await;
+    assert_exact(&env, &anvil, &model, v1).await;
+    assert_exact(&env, &anvil, &model, v2).await;
+    let (origin, start): (String, i64) =
+        sqlx::query_as("SELECT origin, start_block FROM chain_tokens WHERE address = $1")
+            .bind(format!("{v2:#x}"))
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(origin, "factory");
+    assert!(start > 0);
+
+    // A creation in a block that a reorg then drops: the token and its rows go.
+    let v3 = create_vault(&anvil, &mut model, factory, 3).await;
+    wait_until(Duration::from_secs(30), "v3 catalogued", || async {
+        catalogued(&env, v3).await.then_some(())
+    })
+    .await;
+    wait_synced(&env, &anvil).await;
+    anvil.raw("anvil_reorg", serde_json::json!([1, []])).await;
+    wait_until(Duration::from_secs(30), "v3 forgotten", || async {
+        (!catalogued(&env, v3).await).then_some(())
+    })
+    .await;
+    wait_synced(&env, &anvil).await;
+    let left: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM chain_transfers WHERE token = $1) \
+              + (SELECT count(*) FROM token_balances WHERE token = $1)",
+    )
+    .bind(format!("{v3:#x}"))
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(left, 0, "the reorged creation left no rows");
+    assert_exact(&env, &anvil, &model, v1).await;
+    assert_exact(&env, &anvil, &model, v2).await;
+    indexer.stop().await;
+}

@@ -20,6 +20,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::catalogue::{self, CatalogueToken, TokenStatus, Transition};
 use super::decode::{self, IERC20, RejectedLog, TRANSFER_TOPIC, TransferRow};
+use super::factory::{self, BadFactory, CreatedToken, FactoryRule};
 use super::lease::Lease;
 use super::netting::Changes;
 use super::reorg::{self, Window};
@@ -39,6 +40,7 @@ const FINALIZED_POLL: Duration = Duration::from_secs(5);
 pub struct IndexerParams {
     pub chain: ChainConfig,
     pub tokens: Vec<TokenConfig>,
+    pub factories: Vec<crate::config::FactoryConfig>,
     pub database_url: secrecy::SecretString,
     pub pool: PgPool,
     pub redis: redis::aio::ConnectionManager,
@@ -55,6 +57,8 @@ pub enum IndexerError {
     Store(#[from] ChainStoreError),
     #[error(transparent)]
     TokenAddress(#[from] BadTokenAddress),
+    #[error(transparent)]
+    Factory(#[from] BadFactory),
     #[error(
         "reorg deeper than reorg_depth ({depth}) detected at block {at}: no stored block hash within the window matches the chain; the index of this chain is left at its last good checkpoint and this chain's indexer is STOPPED (raise reorg_depth or rebuild the index)"
     )]
@@ -183,11 +187,15 @@ struct Indexer<S: ChainSource> {
     catalogue: Vec<CatalogueToken>,
     catalogue_version: Option<(Option<String>, i64)>,
     catalogue_checked: Instant,
+    /// Set when a backfill pass ended early on a catalogue change: the next refresh reads it.
+    catalogue_stale: bool,
     /// Every catalogue token (a reorg undoes the dropped blocks of all of them).
     all_addresses: Vec<Address>,
     /// The live tokens: those that move with the chain checkpoint.
     tokens: Vec<TrackedToken>,
     standards: Arc<HashMap<Address, TokenStandard>>,
+    /// The configured factories' creation events, by (factory, topic0).
+    factories: Arc<FactoryMap>,
     addresses: Vec<Address>,
     base_filter: Filter,
     start_block: u64,
@@ -212,6 +220,7 @@ struct Indexer<S: ChainSource> {
 impl<S: ChainSource> Indexer<S> {
     fn new(p: &IndexerParams, source: S) -> Result<Indexer<S>, IndexerError> {
         let configured = tokens::tracked(&p.tokens)?;
+        let factories = factory::rules(&p.factories)?;
         let initial = p.chain.max_block_range.clamp(1, 100);
         let (announcer, mut queue) = tokio::sync::mpsc::unbounded_channel::<Changes>();
         let (mut redis, prefix, chain_id) =
@@ -230,9 +239,11 @@ impl<S: ChainSource> Indexer<S> {
             catalogue: Vec::new(),
             catalogue_version: None,
             catalogue_checked: Instant::now(),
+            catalogue_stale: false,
             all_addresses: Vec::new(),
             tokens: Vec::new(),
             standards: Arc::new(HashMap::new()),
+            factories: Arc::new(factories),
             base_filter: Filter::new().event_signature(TRANSFER_TOPIC),
             addresses: Vec::new(),
             start_block: 0,
@@ -293,7 +304,10 @@ impl<S: ChainSource> Indexer<S> {
                 return Ok(());
             }
             self.refresh_catalogue(lease, false).await?;
-            if self.all_addresses.is_empty() || (self.cp.is_none() && self.addresses.is_empty()) {
+            let watching = !self.addresses.is_empty() || !self.factories.is_empty();
+            if (self.all_addresses.is_empty() && self.factories.is_empty())
+                || (self.cp.is_none() && !watching)
+            {
                 // Nothing tracked yet: wait for the catalogue, ask the chain nothing.
                 self.wait_for_block().await;
                 continue;
@@ -454,17 +468,18 @@ impl<S: ChainSource> Indexer<S> {
             self.handle_reorg(lease, n).await?;
             return Ok(false);
         }
-        let logs = if self.addresses.is_empty() {
-            // No live token (all paused or backfilling): the chain moves on, nothing to fetch.
+        let logs = if self.addresses.is_empty() && self.factories.is_empty() {
+            // No live token (all paused or backfilling) and no factory: the chain moves on,
+            // nothing to fetch.
             Vec::new()
         } else {
             let filter = self.base_filter.clone().at_block_hash(h.hash);
             self.source.block_logs(&filter).await?
         };
         let mut rows = Vec::with_capacity(logs.len());
-        let mut rejected = Vec::new();
+        let mut side = Side::default();
         for log in &logs {
-            if let Some(r) = self.decode_checked(log, n, n, &mut rejected)? {
+            if let Some(r) = self.decode_checked(log, n, n, &mut side)? {
                 if r.block_hash != h.hash {
                     return Err(RpcError::InvalidReply {
                         method: "eth_getLogs",
@@ -478,7 +493,7 @@ impl<S: ChainSource> Indexer<S> {
                 rows.push(r);
             }
         }
-        if let Some(r) = rejected.iter().find(|r| r.block_hash != h.hash) {
+        if let Some(r) = side.rejected.iter().find(|r| r.block_hash != h.hash) {
             return Err(RpcError::InvalidReply {
                 method: "eth_getLogs",
                 message: format!("log of block {n} has hash {} not {}", r.block_hash, h.hash),
@@ -489,7 +504,8 @@ impl<S: ChainSource> Indexer<S> {
         let batch = Batch {
             from_block: n,
             rows,
-            rejected,
+            rejected: side.rejected,
+            created: side.created,
             headers: vec![h],
             last: h,
         };
@@ -502,9 +518,17 @@ impl<S: ChainSource> Indexer<S> {
         log: &alloy::rpc::types::Log,
         from: u64,
         to: u64,
-        rejected: &mut Vec<RejectedLog>,
+        side: &mut Side,
     ) -> Result<Option<TransferRow>, IndexerError> {
-        decode_in_range(log, &self.standards, from, to, &self.label, rejected)
+        decode_in_range(
+            log,
+            &self.standards,
+            &self.factories,
+            from,
+            to,
+            &self.label,
+            side,
+        )
     }
 
     async fn commit(
@@ -522,6 +546,9 @@ impl<S: ChainSource> Indexer<S> {
             });
         }
         let finality = self.finality().await;
+        // Tokens a factory created in this batch join the catalogue in its transaction; the
+        // next loop turn gives them their own backfill from their creation block.
+        self.catalogue_stale |= !batch.created.is_empty();
         let changes = self
             .store
             .commit_batch(lease.conn(), finality, expected, &batch)
@@ -570,6 +597,7 @@ impl<S: ChainSource> Indexer<S> {
             source: self.source.clone(),
             filter,
             standards,
+            factories: self.factories.clone(),
             range: self.range.clone(),
             cap: self.cap.clone(),
             max_range: self.chain.max_block_range,
@@ -587,6 +615,7 @@ impl<S: ChainSource> Indexer<S> {
         lease: &mut Lease,
         force: bool,
     ) -> Result<(), IndexerError> {
+        let force = force || std::mem::take(&mut self.catalogue_stale);
         if !force && self.catalogue_checked.elapsed() < CATALOGUE_POLL {
             return Ok(());
         }
@@ -658,10 +687,19 @@ impl<S: ChainSource> Indexer<S> {
         self.all_addresses = rows.iter().map(|t| t.address).collect();
         self.addresses = live.iter().map(|t| t.address).collect();
         self.standards = Arc::new(live.iter().map(|t| (t.address, t.standard)).collect());
-        self.base_filter = Filter::new()
-            .address(self.addresses.clone())
-            .event_signature(TRANSFER_TOPIC);
-        self.start_block = live.iter().map(|t| t.start_block).min().unwrap_or(0);
+        let mut watched = self.addresses.clone();
+        let mut topics = vec![TRANSFER_TOPIC];
+        for rule in self.factories.values() {
+            watched.push(rule.address);
+            topics.push(rule.topic0);
+        }
+        self.base_filter = Filter::new().address(watched).event_signature(topics);
+        self.start_block = live
+            .iter()
+            .map(|t| t.start_block)
+            .chain(self.factories.values().map(|f| f.start_block))
+            .min()
+            .unwrap_or(0);
         self.tokens = live;
         let per_status = |s: TokenStatus| rows.iter().filter(|t| t.status == s).count() as f64;
         for s in [
@@ -709,7 +747,9 @@ impl<S: ChainSource> Indexer<S> {
                 .load(Ordering::Relaxed)
                 .clamp(1, self.chain.max_block_range);
             let end = from.saturating_add(size - 1).min(cp.number.min(final_top));
-            self.fetch_job(filter, standards).fetch(from, end).await?
+            let mut job = self.fetch_job(filter, standards);
+            job.factories = Arc::new(FactoryMap::new());
+            job.fetch(from, end).await?
         } else {
             // Inside the reorg window: by the hashes the chain's own data was indexed at.
             if from <= cp.number {
@@ -727,7 +767,8 @@ impl<S: ChainSource> Indexer<S> {
                 }
             }
             let mut rows = Vec::new();
-            let mut rejected = Vec::new();
+            let mut side = Side::default();
+            let no_factories = FactoryMap::new();
             for b in &seam {
                 let logs = self
                     .source
@@ -737,10 +778,11 @@ impl<S: ChainSource> Indexer<S> {
                     if let Some(r) = decode_in_range(
                         log,
                         &standards,
+                        &no_factories,
                         b.number,
                         b.number,
                         &self.label,
-                        &mut rejected,
+                        &mut side,
                     )? {
                         if r.block_hash != b.hash {
                             return Err(RpcError::InvalidReply {
@@ -765,7 +807,8 @@ impl<S: ChainSource> Indexer<S> {
             Batch {
                 from_block: from,
                 rows,
-                rejected,
+                rejected: side.rejected,
+                created: Vec::new(),
                 headers: Vec::new(),
                 last,
             }
@@ -842,6 +885,7 @@ impl<S: ChainSource> Indexer<S> {
                 self.catalogue_checked = Instant::now();
                 let version = self.store.catalogue_version(lease.conn()).await?;
                 catalogue_changed = self.catalogue_version.as_ref() != Some(&version);
+                self.catalogue_stale = catalogue_changed;
             }
             while !catalogue_changed && inflight.len() < self.chain.fetch_concurrency && next <= to
             {
@@ -901,14 +945,46 @@ impl<S: ChainSource> Indexer<S> {
     }
 }
 
+/// The configured factory events, by (factory address, topic0).
+type FactoryMap = HashMap<(Address, B256), FactoryRule>;
+
+/// What a range's logs yield besides transfers: rejected logs and factory creations.
+#[derive(Debug, Default)]
+struct Side {
+    rejected: Vec<RejectedLog>,
+    created: Vec<CreatedToken>,
+}
+
 fn decode_in_range(
     log: &alloy::rpc::types::Log,
     standards: &HashMap<Address, TokenStandard>,
+    factories: &FactoryMap,
     from: u64,
     to: u64,
     label: &str,
-    rejected: &mut Vec<RejectedLog>,
+    side: &mut Side,
 ) -> Result<Option<TransferRow>, IndexerError> {
+    if let Some(rule) = log
+        .topics()
+        .first()
+        .and_then(|t| factories.get(&(log.address(), *t)))
+    {
+        match factory::decode_creation(log, rule) {
+            Ok(c) if c.block < from || c.block > to => {
+                return Err(RpcError::InvalidReply {
+                    method: "eth_getLogs",
+                    message: format!("log of block {} outside asked range {from}..={to}", c.block),
+                }
+                .into());
+            }
+            Ok(c) => side.created.push(c),
+            Err(reason) => {
+                tracing::warn!(chain_id = label, factory = %decode::addr_hex(&rule.address), reason, "factory creation log not understood; no token added");
+            }
+        }
+        return Ok(None);
+    }
+    let rejected = &mut side.rejected;
     match decode::decode(log, standards) {
         Ok(Some(r)) => {
             if r.block_number < from || r.block_number > to {
@@ -953,6 +1029,7 @@ struct FetchJob<S: ChainSource> {
     source: S,
     filter: Filter,
     standards: Arc<HashMap<Address, TokenStandard>>,
+    factories: Arc<FactoryMap>,
     range: Arc<AtomicU64>,
     cap: Arc<AtomicU64>,
     max_range: u64,
@@ -966,13 +1043,13 @@ impl<S: ChainSource> FetchJob<S> {
     /// and the header of `to`.
     async fn fetch(self, from: u64, to: u64) -> Result<Batch, IndexerError> {
         let mut rows = Vec::new();
-        let mut rejected = Vec::new();
+        let mut side = Side::default();
         let mut cur = from;
         let mut schedule = Rpc::backoff();
         let mut failures = 0u32;
         // No token to ask for (every token paused or backfilling): an address-less filter
         // would return every Transfer of the chain, so only the header is read.
-        if self.standards.is_empty() {
+        if self.standards.is_empty() && self.factories.is_empty() {
             cur = to + 1;
         }
         while cur <= to {
@@ -986,10 +1063,11 @@ impl<S: ChainSource> FetchJob<S> {
                         if let Some(r) = decode_in_range(
                             log,
                             &self.standards,
+                            &self.factories,
                             cur,
                             end,
                             &self.label,
-                            &mut rejected,
+                            &mut side,
                         )? {
                             rows.push(r);
                         }
@@ -1060,7 +1138,8 @@ impl<S: ChainSource> FetchJob<S> {
         Ok(Batch {
             from_block: from,
             rows,
-            rejected,
+            rejected: side.rejected,
+            created: side.created,
             headers: vec![header],
             last: header,
         })
@@ -1148,6 +1227,7 @@ mod tests {
             source: chain.clone(),
             filter: Filter::new().address(token).event_signature(TRANSFER_TOPIC),
             standards: Arc::new(HashMap::from([(token, TokenStandard::Erc20)])),
+            factories: Arc::new(HashMap::new()),
             range: Arc::new(AtomicU64::new(100)),
             cap: Arc::new(AtomicU64::new(2000)),
             max_range: 2000,

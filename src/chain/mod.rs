@@ -8,6 +8,7 @@
 //! | [`tokens`] | the configured tokens of a chain, addresses parsed |
 //! | [`catalogue`] | the tracked-token catalogue: token states and the transitions toward the requested one (pure) |
 //! | [`decode`] | logs → transfer rows |
+//! | [`factory`] | factory rules and creation logs → created tokens (pure) |
 //! | [`netting`] | a batch's transfers → balance deltas, NFT owners, changed holders (pure) |
 //! | [`reorg`] | the fork base of a reorg: newest remembered block still on the chain |
 //! | [`store`] | the only reader and writer of the chain tables: batches and reorg undo (one transaction each), checkpoints, faults, holdings |
@@ -22,6 +23,7 @@
 pub mod catalogue;
 pub mod cli;
 pub mod decode;
+pub mod factory;
 pub mod history;
 pub mod indexer;
 pub mod job;
@@ -51,6 +53,7 @@ pub fn spawn_indexers(ctx: &crate::app::AppContext) -> Vec<tokio::task::JoinHand
             let params = indexer::IndexerParams {
                 chain: c.clone(),
                 tokens: section.tokens_of(c.chain_id),
+                factories: section.factories_of(c.chain_id),
                 database_url: ctx.cfg.database.url.clone(),
                 pool: ctx.pool.clone(),
                 redis: ctx.redis.clone(),

@@ -17,6 +17,7 @@ use sqlx::{Connection, PgConnection, PgExecutor, Row};
 use uuid::Uuid;
 
 use super::decode::{RejectedLog, TransferRow, addr_hex, hash_hex};
+use super::factory::CreatedToken;
 use super::netting::{self, BalanceDelta, Changes, NettingError, OwnerChange};
 use super::rpc::HeaderInfo;
 use crate::config::TokenStandard;
@@ -161,6 +162,8 @@ pub(crate) struct Batch {
     pub rows: Vec<TransferRow>,
     /// Logs of the range that were rejected, kept with their reason.
     pub rejected: Vec<RejectedLog>,
+    /// Tokens factories created in the range: added to the catalogue with the batch.
+    pub created: Vec<CreatedToken>,
     pub headers: Vec<HeaderInfo>,
     pub last: HeaderInfo,
 }
@@ -587,6 +590,7 @@ impl ChainStore {
         }
         self.remember_blocks(&mut tx, &batch.headers).await?;
         self.keep_rejected(&mut tx, &batch.rejected).await?;
+        self.add_created(&mut tx, &batch.created).await?;
         self.advance_checkpoint(&mut tx, &batch.last, finality)
             .await?;
         tx.commit().await.map_err(db("commit batch"))?;
@@ -751,6 +755,29 @@ impl ChainStore {
         Ok(())
     }
 
+    /// Adds the tokens factories created to the catalogue (`pending`, from their creation
+    /// block, origin `factory`); a token already tracked is left as it is.
+    async fn add_created(
+        &self,
+        conn: &mut PgConnection,
+        created: &[CreatedToken],
+    ) -> Result<(), ChainStoreError> {
+        for c in created {
+            sqlx::query(
+                "INSERT INTO public.chain_tokens (chain_id, address, standard, start_block, status, origin) \
+                 VALUES ($1, $2, $3, $4, 'pending', 'factory') ON CONFLICT (chain_id, address) DO NOTHING",
+            )
+            .bind(self.id)
+            .bind(addr_hex(&c.address))
+            .bind(c.standard.as_str())
+            .bind(bigint("block number", c.block)?)
+            .execute(&mut *conn)
+            .await
+            .map_err(db("add a factory-created token"))?;
+        }
+        Ok(())
+    }
+
     /// Moves the checkpoint to `last` and forgets block hashes older than twice the reorg
     /// window (batch ends inside it stay). `finalized_block` is the highest committed block
     /// that is final by the chain's own `finalized` tag or lies deeper than the reorg window
@@ -899,6 +926,20 @@ impl ChainStore {
             .execute(&mut *tx)
             .await
             .map_err(db("delete dropped block hashes"))?;
+        // Tokens a factory created in a dropped block were never created.
+        sqlx::query(
+            "WITH gone AS ( \
+               DELETE FROM public.chain_tokens WHERE chain_id = $1 AND origin = 'factory' \
+                  AND start_block >= $2 RETURNING address), \
+             balances AS ( \
+               DELETE FROM public.token_balances b USING gone WHERE b.chain_id = $1 AND b.token = gone.address) \
+             DELETE FROM public.nft_owners n USING gone WHERE n.chain_id = $1 AND n.token = gone.address",
+        )
+        .bind(self.id)
+        .bind(fork_i)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("forget dropped factory tokens"))?;
         // Tokens that do not move with the chain (own backfill, paused, removed with rows
         // kept) lost their data of the dropped blocks too: their progress rewinds with it.
         sqlx::query(

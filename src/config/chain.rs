@@ -13,6 +13,54 @@ pub struct ChainSection {
     pub chains: Vec<ChainConfig>,
     #[serde(default)]
     pub tokens: Vec<TokenConfig>,
+    #[serde(default)]
+    pub factories: Vec<FactoryConfig>,
+}
+
+/// A factory contract whose creation event announces new tokens: each one is added to the
+/// catalogue from its creation block.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FactoryConfig {
+    pub chain_id: u64,
+    pub address: String,
+    /// The creation event's canonical signature, e.g.
+    /// `IpRoyaltyVaultDeployed(address,address)` (topic0 is its keccak256).
+    pub event: String,
+    /// Where the new token's address is: `topic1`..`topic3` (an indexed argument) or `dataN`
+    /// (the N-th 32-byte word of the data, from 0).
+    pub token_arg: String,
+    /// The created tokens' standard.
+    pub standard: TokenStandard,
+    /// The factory's deployment block: a chain without a checkpoint starts no later.
+    #[serde(default)]
+    pub start_block: u64,
+}
+
+/// Where a factory event carries the created token's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenArg {
+    /// Indexed argument: topic 1..=3.
+    Topic(usize),
+    /// The N-th 32-byte word of the data.
+    Data(usize),
+}
+
+impl FactoryConfig {
+    /// `token_arg` parsed; `None` when it is not `topic1..3` or `dataN`.
+    pub fn token_arg(&self) -> Option<TokenArg> {
+        if let Some(n) = self.token_arg.strip_prefix("topic") {
+            return n
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=3).contains(n))
+                .map(TokenArg::Topic);
+        }
+        self.token_arg
+            .strip_prefix("data")
+            .and_then(|n| n.parse::<usize>().ok())
+            .map(TokenArg::Data)
+    }
 }
 
 /// One EVM chain to follow.
@@ -176,7 +224,49 @@ impl ChainSection {
                 ));
             }
         }
+        for (i, f) in self.factories.iter().enumerate() {
+            if !self.chains.iter().any(|c| c.chain_id == f.chain_id) {
+                return Err(ConfigError::invalid(
+                    format!("chain.factories[{i}].chain_id"),
+                    format!("chain {} is not configured in chain.chains", f.chain_id),
+                ));
+            }
+            let hex = f.address.strip_prefix("0x").unwrap_or("");
+            if hex.len() != 40 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(ConfigError::invalid(
+                    format!("chain.factories[{i}].address"),
+                    format!("not a 0x-prefixed 20-byte hex address: {:?}", f.address),
+                ));
+            }
+            let shaped = f.event.split_once('(').is_some_and(|(name, rest)| {
+                !name.is_empty() && rest.ends_with(')') && !f.event.contains(char::is_whitespace)
+            });
+            if !shaped {
+                return Err(ConfigError::invalid(
+                    format!("chain.factories[{i}].event"),
+                    format!(
+                        "not a canonical event signature like Name(address,address): {:?}",
+                        f.event
+                    ),
+                ));
+            }
+            if f.token_arg().is_none() {
+                return Err(ConfigError::invalid(
+                    format!("chain.factories[{i}].token_arg"),
+                    format!("not topic1..topic3 or dataN: {:?}", f.token_arg),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The factories watched on `chain_id`.
+    pub fn factories_of(&self, chain_id: u64) -> Vec<FactoryConfig> {
+        self.factories
+            .iter()
+            .filter(|f| f.chain_id == chain_id)
+            .cloned()
+            .collect()
     }
 
     /// The tokens tracked on `chain_id`.

@@ -29,7 +29,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-pub use chain::{ChainConfig, ChainSection, TokenConfig, TokenStandard};
+pub use chain::{ChainConfig, ChainSection, FactoryConfig, TokenArg, TokenConfig, TokenStandard};
 pub use error::ConfigError;
 pub use ledger::LedgerConfig;
 pub use maintenance::{
