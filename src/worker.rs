@@ -11,8 +11,10 @@ use crate::config::Config;
 pub enum WorkerError {
     #[error(transparent)]
     Store(#[from] crate::infra::StoreError),
-    #[error("{0}")]
-    Other(String),
+    #[error(transparent)]
+    Ops(#[from] crate::maintenance::http::HttpError),
+    #[error(transparent)]
+    Queue(#[from] crate::queue::QueueError),
 }
 
 /// The job handlers this process serves: one line per handler. A job type without a line
@@ -48,9 +50,7 @@ pub async fn run(cfg: Config) -> Result<(), WorkerError> {
     let ctx = AppContext::connect(cfg).await?;
     let indexers = crate::chain::spawn_indexers(&ctx);
     let maintenance = crate::maintenance::MaintenanceJobs::new(&ctx);
-    let ops = crate::maintenance::http::spawn(ctx.clone())
-        .await
-        .map_err(|e| WorkerError::Other(e.to_string()))?;
+    let ops = crate::maintenance::http::spawn(ctx.clone()).await?;
     let scheduler = ctx
         .cfg
         .maintenance
@@ -74,7 +74,7 @@ pub async fn run(cfg: Config) -> Result<(), WorkerError> {
     }
     // Everything has drained; the endpoint (answering readyz = 503 since the signal) goes too.
     ops.abort();
-    queue.map_err(|e| WorkerError::Other(e.to_string()))?;
+    queue?;
     tracing::info!("tokenwarden worker stopped");
     Ok(())
 }

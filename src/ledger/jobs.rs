@@ -3,16 +3,16 @@
 //!
 //! Payloads are parsed with `deny_unknown_fields`; amounts must be integers in 1..=i64::MAX
 //! (zero, negative, fractional and overflowing values are rejected); text fields and
-//! `metadata` have size limits. Anything invalid is a [`JobError::Rejected`] with a reason
-//! naming the field, so the caller's `rejected` reply and the dead letter say what was wrong.
+//! `metadata` have size limits. Anything invalid is a [`Rejected`] with a reason naming the
+//! field, so the caller's `rejected` reply and the dead letter say what was wrong.
 
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::batcher::Batcher;
+use super::batcher::{BatchError, Batcher};
 use super::{Credits, LedgerOp, OutcomeStatus, RejectedRequest, RequestId, UserId};
 use crate::config::LedgerConfig;
-use crate::queue::{JobError, JobFuture, JobHandler, JobRegistry};
+use crate::queue::{JobError, JobFuture, JobHandler, JobRegistry, Rejected};
 
 /// Which ledger operation a job type carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,20 +110,20 @@ struct ReleasePayload {
     metadata: Option<serde_json::Value>,
 }
 
-/// Parses and validates one ledger job payload. The error is the rejection reason.
+/// Parses and validates one ledger job payload.
 pub fn parse(
     kind: LedgerJobKind,
     payload: serde_json::Value,
     cfg: &LedgerConfig,
-) -> Result<LedgerOp, String> {
+) -> Result<LedgerOp, Rejected> {
     let job = kind.job_type();
     let bad = |e: serde_path_to_error::Error<serde_json::Error>| {
         let path = e.path().to_string();
-        if path == "." {
+        Rejected::new(if path == "." {
             format!("invalid {job} payload: {}", e.inner())
         } else {
             format!("invalid {job} payload: {path}: {}", e.inner())
-        }
+        })
     };
     check_amount(&payload)?;
     Ok(match kind {
@@ -153,10 +153,10 @@ pub fn parse(
                 None => cfg.default_hold_ttl_secs,
                 Some(t) if t >= 1 && t <= u64::from(cfg.max_hold_ttl_secs) => t as u32,
                 Some(t) => {
-                    return Err(format!(
+                    return Err(Rejected::new(format!(
                         "ttl_secs must be between 1 and {} (ledger.max_hold_ttl_secs), got {t}",
                         cfg.max_hold_ttl_secs
-                    ));
+                    )));
                 }
             };
             LedgerOp::Hold {
@@ -190,59 +190,66 @@ pub fn parse(
 
 /// serde's own message for an overflowing or fractional amount ("invalid type: floating point
 /// `1e+20`, expected i64") does not name the field; this one does.
-fn check_amount(payload: &serde_json::Value) -> Result<(), String> {
+fn check_amount(payload: &serde_json::Value) -> Result<(), Rejected> {
     match payload.get("amount") {
         None => Ok(()),
         Some(serde_json::Value::Number(n)) if n.as_i64().is_some() || n.as_u64().is_some() => {
             match n.as_i64() {
                 Some(v) if v > 0 => Ok(()),
-                Some(v) => Err(format!("amount must be a positive integer, got {v}")),
-                None => Err(format!(
+                Some(v) => Err(Rejected::new(format!(
+                    "amount must be a positive integer, got {v}"
+                ))),
+                None => Err(Rejected::new(format!(
                     "amount must be an integer between 1 and {}, got {n}",
                     i64::MAX
-                )),
+                ))),
             }
         }
-        Some(other) => Err(format!(
+        Some(other) => Err(Rejected::new(format!(
             "amount must be an integer between 1 and {}, got {other}",
             i64::MAX
-        )),
+        ))),
     }
 }
 
-fn text(field: &str, v: String, max_chars: usize) -> Result<String, String> {
+fn text(field: &str, v: String, max_chars: usize) -> Result<String, Rejected> {
     // Postgres text cannot hold NUL: one such op would fail its whole batch.
     if v.contains('\0') {
-        return Err(format!("{field} must not contain NUL (\\u0000)"));
+        return Err(Rejected::new(format!(
+            "{field} must not contain NUL (\\u0000)"
+        )));
     }
     let n = v.chars().count();
     if n == 0 || n > max_chars {
-        return Err(format!(
+        return Err(Rejected::new(format!(
             "{field} must be 1 to {max_chars} characters, got {n}"
-        ));
+        )));
     }
     Ok(v)
 }
 
-fn metadata(v: Option<serde_json::Value>, cfg: &LedgerConfig) -> Result<serde_json::Value, String> {
+fn metadata(
+    v: Option<serde_json::Value>,
+    cfg: &LedgerConfig,
+) -> Result<serde_json::Value, Rejected> {
     match v {
         None | Some(serde_json::Value::Null) => Ok(serde_json::Value::Object(Default::default())),
         Some(m @ serde_json::Value::Object(_)) => {
             if has_nul(&m) {
-                return Err(
-                    "metadata must not contain NUL (\\u0000) in keys or string values".into(),
-                );
+                return Err(Rejected::new(
+                    "metadata must not contain NUL (\\u0000) in keys or string values",
+                ));
             }
             let size = m.to_string().len();
             if size > cfg.metadata_max_bytes {
-                return Err(format!(
+                return Err(Rejected::new(format!(
                     "metadata is {size} bytes of JSON, over the limit of {} (ledger.metadata_max_bytes)",
                     cfg.metadata_max_bytes
-                ));
+                )));
             }
             Ok(m)
         }
-        Some(_) => Err("metadata must be a JSON object".into()),
+        Some(_) => Err(Rejected::new("metadata must be a JSON object")),
     }
 }
 
@@ -340,38 +347,43 @@ impl JobHandler for LedgerJob {
         Box::pin(async move {
             let op = match op {
                 Ok(op) => op,
-                Err(reason) => {
+                Err(Rejected { reason }) => {
                     // Like the SQL door: the rejection is the request id's durable outcome.
                     let Some(r) = rejected_request(kind, &payload, &reason) else {
                         return Err(JobError::Rejected(reason));
                     };
-                    let outcome = batcher
-                        .record_rejected(&r)
-                        .await
-                        .map_err(|e| JobError::Retryable(e.message))?;
+                    let outcome = batcher.record_rejected(&r).await.map_err(retryable)?;
                     return match outcome.status {
                         // Dead letter + `rejected` reply with the stored reason.
                         OutcomeStatus::Rejected => {
                             Err(JobError::Rejected(outcome.reason.unwrap_or(reason)))
                         }
                         // The id is another request's: answer as the SQL door does.
-                        _ => serde_json::to_value(&outcome).map_err(|e| {
-                            JobError::Retryable(format!("cannot encode outcome: {e}"))
-                        }),
+                        _ => encode(&outcome),
                     };
                 }
             };
             let outcome = batcher.apply(op).await.map_err(|e| {
                 if e.bad_data {
-                    JobError::Rejected(format!("the ledger refused this job's data: {}", e.message))
+                    JobError::Rejected(format!("the ledger refused this job's data: {e}"))
                 } else {
-                    JobError::Retryable(e.message)
+                    retryable(e)
                 }
             })?;
-            serde_json::to_value(&outcome)
-                .map_err(|e| JobError::Retryable(format!("cannot encode outcome: {e}")))
+            encode(&outcome)
         })
     }
+}
+
+/// A batch that failed for a reason a retry may not meet again (database down, batcher gone).
+fn retryable(e: BatchError) -> JobError {
+    JobError::Retryable(e.to_string())
+}
+
+/// The reply: the outcome as the SQL door returns it.
+fn encode(outcome: &super::Outcome) -> Result<serde_json::Value, JobError> {
+    serde_json::to_value(outcome)
+        .map_err(|e| JobError::Retryable(format!("cannot encode outcome: {e}")))
 }
 
 /// Registers the five ledger job types, all sharing `batcher`.
@@ -403,7 +415,7 @@ mod tests {
         for (k, v) in extra.as_object().unwrap() {
             p[k] = v.clone();
         }
-        parse(LedgerJobKind::Consume, p, &cfg())
+        parse(LedgerJobKind::Consume, p, &cfg()).map_err(|e| e.reason)
     }
 
     #[test]
@@ -439,7 +451,8 @@ mod tests {
             json!({"request_id": Uuid::new_v4()}),
             &cfg(),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .reason;
         assert!(err.contains("missing field"), "{err}");
     }
 
@@ -475,11 +488,13 @@ mod tests {
         }
         let grant = json!({"request_id": Uuid::new_v4(), "user_id": Uuid::new_v4(),
             "amount": 1, "reason": "\u{0}"});
-        let err = parse(LedgerJobKind::Grant, grant, &cfg()).unwrap_err();
+        let err = parse(LedgerJobKind::Grant, grant, &cfg())
+            .unwrap_err()
+            .reason;
         assert!(err.contains("reason must not contain NUL"), "{err}");
         let hold = json!({"request_id": Uuid::new_v4(), "user_id": Uuid::new_v4(),
             "amount": 1, "operation_type": "x", "ttl_secs": 7200});
-        let err = parse(LedgerJobKind::Hold, hold, &cfg()).unwrap_err();
+        let err = parse(LedgerJobKind::Hold, hold, &cfg()).unwrap_err().reason;
         assert!(err.contains("ttl_secs"), "{err}");
     }
 }

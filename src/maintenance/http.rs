@@ -220,9 +220,29 @@ fn assess_lag(target: u64, checkpoint: i64, max_lag: u64) -> (bool, String) {
     )
 }
 
+/// Why an RPC URL gave no head block. reqwest errors are kept without their URL: it may carry
+/// an API key.
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error("request failed: {0}")]
+    Request(#[source] reqwest::Error),
+    #[error("HTTP {0}")]
+    Status(reqwest::StatusCode),
+    #[error("not JSON: {0}")]
+    NotJson(#[source] reqwest::Error),
+    #[error("no result in reply: {0}")]
+    NoResult(serde_json::Value),
+    #[error("bad block number {hex:?}: {source}")]
+    BadNumber {
+        hex: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+}
+
 /// Plain JSON-RPC `eth_blockNumber` (hand-written: one request with the shared client and
 /// timeout, rather than building an alloy provider per probe).
-async fn eth_block_number(http: &reqwest::Client, url: &str) -> Result<u64, String> {
+async fn eth_block_number(http: &reqwest::Client, url: &str) -> Result<u64, ProbeError> {
     let resp = http
         .post(url)
         .json(&serde_json::json!({
@@ -230,20 +250,21 @@ async fn eth_block_number(http: &reqwest::Client, url: &str) -> Result<u64, Stri
         }))
         .send()
         .await
-        .map_err(|e| format!("request failed: {}", e.without_url()))?;
+        .map_err(|e| ProbeError::Request(e.without_url()))?;
     if !resp.status().is_success() {
-        return Err(format!("HTTP {}", resp.status()));
+        return Err(ProbeError::Status(resp.status()));
     }
     let body: serde_json::Value = resp
         .json()
         .await
-        .map_err(|e| format!("not JSON: {}", e.without_url()))?;
-    let hex = body
-        .get("result")
-        .and_then(|r| r.as_str())
-        .ok_or_else(|| format!("no result in reply: {body}"))?;
-    u64::from_str_radix(hex.trim_start_matches("0x"), 16)
-        .map_err(|e| format!("bad block number {hex:?}: {e}"))
+        .map_err(|e| ProbeError::NotJson(e.without_url()))?;
+    let Some(hex) = body.get("result").and_then(|r| r.as_str()) else {
+        return Err(ProbeError::NoResult(body));
+    };
+    u64::from_str_radix(hex.trim_start_matches("0x"), 16).map_err(|source| ProbeError::BadNumber {
+        hex: hex.to_string(),
+        source,
+    })
 }
 
 #[cfg(test)]
