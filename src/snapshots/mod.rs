@@ -25,5 +25,6 @@ pub mod store;
 
 pub use job::SnapshotCreateHandler;
 pub use service::{
-    SnapshotError, SnapshotOutcome, SnapshotRequest, SnapshotService, SnapshotSource,
+    InvalidRequest, SnapshotError, SnapshotOutcome, SnapshotRequest, SnapshotService,
+    SnapshotSource,
 };
