@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: run test services tools build lint fmt check-fmt clean-test-dbs bench-ledger bench-index bench-snapshots docs docs-check
+.PHONY: run test services tools ops-tools build lint fmt check-fmt clean-test-dbs bench-ledger bench-index bench-snapshots docs docs-check
 
 ## Start Postgres and Redis if none is running (installing them if missing).
 services:
@@ -12,6 +12,10 @@ services:
 tools:
 	@scripts/node-tools.sh
 
+## Install promtool (Debian package prometheus), which tests/deploy.rs runs on deploy/.
+ops-tools:
+	@scripts/ops-tools.sh
+
 build:
 	$(CARGO) build --release --locked
 
@@ -20,7 +24,7 @@ run: services tools
 	@scripts/run-demo.sh
 
 ## Run every test against real Postgres, Redis and anvil.
-test: services tools clean-test-dbs
+test: services tools ops-tools clean-test-dbs
 	$(CARGO) test --locked --all-targets --no-fail-fast -- --test-threads=$${TEST_THREADS:-8}
 
 ## Drop databases left behind by earlier test runs.
