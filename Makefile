@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: run test services tools ops-tools build lint fmt check-fmt clean-test-dbs bench-ledger bench-index bench-snapshots docs docs-check
+.PHONY: run test services tools ops-tools build lint fmt check-fmt clean-test-dbs bench-ledger bench-index bench-snapshots chaos docs docs-check
 
 ## Start Postgres and Redis if none is running (installing them if missing).
 services:
@@ -50,6 +50,11 @@ bench-index: services tools
 ## Snapshot benchmark: 1,000,000-holder GoldRush crawl from the local mock.
 bench-snapshots: services tools
 	@scripts/bench-snapshots.sh
+
+## Ledger chaos run: replicas SIGKILLed, Redis and Postgres restarted, outcomes checked against
+## a model (own Postgres and Redis in a temp dir; at most 10 minutes). CHAOS_ARGS="--ops 20000".
+chaos: services
+	@scripts/chaos.sh $(CHAOS_ARGS)
 
 ## Regenerate the generated tables in docs/ (configuration keys, metrics).
 docs:
