@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: run test services tools ops-tools build lint fmt check-fmt clean-test-dbs bench-ledger bench-index bench-snapshots chaos docs docs-check
+.PHONY: run test services tools ops-tools build lint fmt check-fmt clean-test-dbs bench-ledger bench-index bench-snapshots chaos soak docs docs-check
 
 ## Start Postgres and Redis if none is running (installing them if missing).
 services:
@@ -55,6 +55,11 @@ bench-snapshots: services tools
 ## a model (own Postgres and Redis in a temp dir; at most 10 minutes). CHAOS_ARGS="--ops 20000".
 chaos: services
 	@scripts/chaos.sh $(CHAOS_ARGS)
+
+## Soak run: 1,000 req/s through the queue door for 10 minutes (SOAK_ARGS="--duration 24h"),
+## sampled every 10 s into docs/soak.csv and docs/soak.png.
+soak: services
+	@scripts/soak.sh $(SOAK_ARGS)
 
 ## Regenerate the generated tables in docs/ (configuration keys, metrics).
 docs:

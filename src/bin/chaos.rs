@@ -29,7 +29,10 @@ use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
+use support::{Postgres, RedisServer, load_average, peak_rss_kib, redis_conn};
 use uuid::Uuid;
+
+mod support;
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Ledger chaos run: faults injected, outcomes checked against a model")]
@@ -135,7 +138,7 @@ async fn run(args: &Args, seed: u64, dir: &Path, started: Instant) -> Result<Rep
     let end = started + Duration::from_secs(args.max_secs);
     // The producers stop a minute before the end, so the drain and the checks fit.
     let deadline = end - Duration::from_secs(60).min(Duration::from_secs(args.max_secs / 4));
-    let mut pg = Postgres::init(&args.pg_bin_dir, dir)?;
+    let mut pg = Postgres::init(&args.pg_bin_dir, dir, "")?;
     pg.start()?;
     let mut redis_srv = RedisServer::new(dir)?;
     redis_srv.start()?;
@@ -230,215 +233,6 @@ async fn run(args: &Args, seed: u64, dir: &Path, started: Instant) -> Result<Rep
     redis_srv.stop();
     pg.stop();
     outcome
-}
-
-// ---------------------------------------------------------------------------------------------
-// Own Postgres and Redis
-
-/// A throw-away Postgres cluster in the run's temp dir, on a free port (run as the `postgres`
-/// user when this process is root: initdb refuses root).
-struct Postgres {
-    bin: PathBuf,
-    data: PathBuf,
-    port: u16,
-    as_postgres: bool,
-    log: PathBuf,
-}
-
-impl Postgres {
-    fn init(bin: &Path, dir: &Path) -> Result<Postgres> {
-        let data = dir.join("pg");
-        std::fs::create_dir_all(&data)?;
-        let as_postgres = is_root();
-        if as_postgres {
-            run_cmd(Command::new("chown").arg("-R").arg("postgres").arg(dir))?;
-        }
-        let pg = Postgres {
-            bin: bin.to_path_buf(),
-            data,
-            port: free_port()?,
-            as_postgres,
-            log: dir.join("postgres.log"),
-        };
-        let mut initdb = pg.cmd("initdb");
-        initdb.arg("-D").arg(&pg.data).args([
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--no-sync",
-        ]);
-        run_cmd(&mut initdb).context("initdb")?;
-        let conf = format!(
-            "port = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = on\nsynchronous_commit = on\nmax_connections = 100\nlog_min_messages = warning\n",
-            pg.port,
-            dir.display()
-        );
-        let path = pg.data.join("postgresql.auto.conf");
-        std::fs::write(&path, conf)?;
-        if as_postgres {
-            run_cmd(Command::new("chown").arg("postgres").arg(&path))?;
-        }
-        Ok(pg)
-    }
-
-    fn cmd(&self, tool: &str) -> Command {
-        let exe = self.bin.join(tool);
-        if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(exe);
-            c
-        } else {
-            Command::new(exe)
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-
-    fn start(&mut self) -> Result<()> {
-        let mut c = self.cmd("pg_ctl");
-        c.arg("-D")
-            .arg(&self.data)
-            .arg("-l")
-            .arg(&self.log)
-            .args(["-w", "-t", "60", "start"]);
-        run_cmd(&mut c).context("pg_ctl start")
-    }
-
-    /// Fast shutdown: open transactions are rolled back, connections cut.
-    fn stop_fast(&mut self) -> Result<()> {
-        let mut c = self.cmd("pg_ctl");
-        c.arg("-D")
-            .arg(&self.data)
-            .args(["-m", "fast", "-w", "-t", "60", "stop"]);
-        run_cmd(&mut c).context("pg_ctl stop -m fast")
-    }
-
-    fn stop(&mut self) {
-        let mut c = self.cmd("pg_ctl");
-        c.arg("-D")
-            .arg(&self.data)
-            .args(["-m", "immediate", "-w", "stop"]);
-        let _ = c.stdout(Stdio::null()).stderr(Stdio::null()).status();
-    }
-}
-
-/// A `redis-server` child process with AOF on, on a free port, data in the run's temp dir.
-struct RedisServer {
-    dir: PathBuf,
-    port: u16,
-    child: Option<Child>,
-}
-
-impl RedisServer {
-    fn new(dir: &Path) -> Result<RedisServer> {
-        let dir = dir.join("redis");
-        std::fs::create_dir_all(&dir)?;
-        Ok(RedisServer {
-            dir,
-            port: free_port()?,
-            child: None,
-        })
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn start(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("redis.log"))?;
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args([
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "everysec",
-                "--save",
-                "",
-            ])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("start redis-server (apt-get install redis-server)")?;
-        self.child = Some(child);
-        let until = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < until {
-            if let Ok(client) = redis::Client::open(self.url())
-                && let Ok(mut c) = client.get_connection()
-                && redis::cmd("PING").query::<String>(&mut c).is_ok()
-            {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!(
-            "redis-server on port {} did not answer within 30 s",
-            self.port
-        )
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Deletes the AOF (and any RDB): the next start is empty, as after a restart of a Redis
-    /// without persistence.
-    fn wipe(&self) -> Result<()> {
-        for entry in std::fs::read_dir(&self.dir)? {
-            let path = entry?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if path.is_dir() && name == "appendonlydir" {
-                std::fs::remove_dir_all(&path)?;
-            } else if name.ends_with(".aof") || name.ends_with(".rdb") {
-                std::fs::remove_file(&path)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn stop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn run_cmd(c: &mut Command) -> Result<()> {
-    let out = c.output().with_context(|| format!("cannot run {c:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{c:?} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -602,28 +396,6 @@ impl Workers {
     }
 }
 
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
-}
-
-async fn redis_conn(url: &str) -> redis::RedisResult<MultiplexedConnection> {
-    let cfg = redis::AsyncConnectionConfig::new()
-        .set_response_timeout(None)
-        .set_connection_timeout(Some(Duration::from_secs(2)));
-    redis::Client::open(url)?
-        .get_multiplexed_async_connection_with_config(&cfg)
-        .await
-}
-
-/// Waits until the replicas answer a grant (migrations applied, consumers reading).
 async fn wait_ready(redis_url: &str, workers: &Workers, deadline: Instant) -> Result<()> {
     let mut conn = redis_conn(redis_url).await?;
     let rid = Uuid::new_v4();
@@ -1806,10 +1578,4 @@ fn check_reply(
             .mismatches
             .push(format!("{rid} {what}: reply {got:?}, model {expected:?}"));
     }
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
