@@ -326,3 +326,44 @@ fn glyph(c: char) -> [u8; 7] {
         _ => [0; 7],
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32_is_the_png_one() {
+        assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
+        assert_eq!(crc32(b"IEND"), 0xae42_6082);
+    }
+
+    #[test]
+    fn renders_a_png_with_the_declared_size() {
+        let dir = std::env::temp_dir().join(format!("tw-chart-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("t.png");
+        let panel = Panel {
+            title: "P99 MS".into(),
+            series: vec![Series {
+                label: "P99".into(),
+                color: BLUE,
+                points: vec![(0.0, 1.0), (1.0, 30.0), (2.0, 5.0)],
+            }],
+            target: Some((20.0, "TARGET".into())),
+        };
+        render(&path, "TEST", &[panel]).expect("render");
+        let bytes = std::fs::read(&path).expect("read png");
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        assert_eq!(&bytes[12..16], b"IHDR");
+        assert_eq!(
+            u32::from_be_bytes(bytes[16..20].try_into().expect("4 bytes")),
+            WIDTH as u32
+        );
+        assert_eq!(
+            u32::from_be_bytes(bytes[20..24].try_into().expect("4 bytes")),
+            (TOP + PANEL_H + 10) as u32
+        );
+        assert!(bytes.ends_with(&[0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xae, 0x42, 0x60, 0x82]));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
