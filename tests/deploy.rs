@@ -195,7 +195,7 @@ struct Refs {
 
 /// Words that are not metric names: aggregation operators (which may be followed by `by`
 /// before their parenthesis), set and binary operator keywords, modifiers.
-const KEYWORDS: [&str; 26] = [
+const KEYWORDS: [&str; 20] = [
     "sum",
     "min",
     "max",
@@ -208,12 +208,6 @@ const KEYWORDS: [&str; 26] = [
     "bottomk",
     "topk",
     "quantile",
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
     "and",
     "or",
     "unless",
@@ -222,6 +216,16 @@ const KEYWORDS: [&str; 26] = [
     "inf",
     "nan",
     "atan2",
+];
+
+/// Clauses followed by a list of label names.
+const GROUPING: [&str; 6] = [
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
 ];
 
 fn promql_refs(expr: &str) -> Refs {
@@ -281,17 +285,7 @@ fn promql_refs(expr: &str) -> Refs {
         let next = skip_ws(i);
         let next_char = chars.get(next).copied();
         let lower = word.to_ascii_lowercase();
-        if [
-            "by",
-            "without",
-            "on",
-            "ignoring",
-            "group_left",
-            "group_right",
-        ]
-        .contains(&lower.as_str())
-            && next_char == Some('(')
-        {
+        if GROUPING.contains(&lower.as_str()) && next_char == Some('(') {
             let close = chars[next..]
                 .iter()
                 .position(|&c| c == ')')
@@ -308,7 +302,10 @@ fn promql_refs(expr: &str) -> Refs {
             i = close + 1;
             continue;
         }
-        if KEYWORDS.contains(&lower.as_str()) || next_char == Some('(') {
+        if KEYWORDS.contains(&lower.as_str())
+            || GROUPING.contains(&lower.as_str())
+            || next_char == Some('(')
+        {
             // A keyword, or a function / aggregation call.
             continue;
         }

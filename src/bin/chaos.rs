@@ -74,15 +74,8 @@ struct Args {
     /// Seed of every random choice (operations and fault times); random when absent.
     #[arg(long)]
     seed: Option<u64>,
-    /// The `tokenwarden` binary (default: next to this binary).
-    #[arg(long)]
-    worker_bin: Option<PathBuf>,
-    /// Directory of initdb / pg_ctl / postgres.
-    #[arg(long, default_value = "/usr/lib/postgresql/15/bin")]
-    pg_bin_dir: PathBuf,
-    /// Keep the temp directory (data, logs) instead of deleting it.
-    #[arg(long)]
-    keep: bool,
+    #[command(flatten)]
+    run: support::RunArgs,
 }
 
 const LEDGER_STREAMS: [&str; 5] = [
@@ -111,7 +104,7 @@ async fn main() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     println!("chaos run: seed {seed}, temp dir {}", dir.display());
     let result = run(&args, seed, &dir, started).await;
-    if args.keep || result.as_ref().map(|r| !r.passed()).unwrap_or(true) {
+    if args.run.keep || result.as_ref().map(|r| !r.passed()).unwrap_or(true) {
         println!("kept {} (data and logs)", dir.display());
     }
     let report = match result {
@@ -125,7 +118,7 @@ async fn main() -> Result<()> {
         }
     };
     report.print(&args, seed, started.elapsed());
-    if !args.keep && report.passed() {
+    if !args.run.keep && report.passed() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     if !report.passed() {
@@ -138,7 +131,7 @@ async fn run(args: &Args, seed: u64, dir: &Path, started: Instant) -> Result<Rep
     let end = started + Duration::from_secs(args.max_secs);
     // The producers stop a minute before the end, so the drain and the checks fit.
     let deadline = end - Duration::from_secs(60).min(Duration::from_secs(args.max_secs / 4));
-    let mut pg = Postgres::init(&args.pg_bin_dir, dir, "")?;
+    let mut pg = Postgres::init(&args.run.pg_bin_dir, dir, "")?;
     pg.start()?;
     let mut redis_srv = RedisServer::new(dir)?;
     redis_srv.start()?;
@@ -254,13 +247,7 @@ struct Workers {
 
 impl Workers {
     fn new(args: &Args, dir: &Path, pg_url: &str, redis_url: &str) -> Result<Workers> {
-        let bin = match &args.worker_bin {
-            Some(b) => b.clone(),
-            None => std::env::current_exe()?
-                .parent()
-                .context("binary has a directory")?
-                .join("tokenwarden"),
-        };
+        let bin = args.run.worker_bin()?;
         let env = [
             ("TOKENWARDEN__DATABASE__URL", pg_url.to_string()),
             ("TOKENWARDEN__REDIS__URL", redis_url.to_string()),

@@ -50,15 +50,8 @@ struct Args {
     /// Where the CSV and the PNG chart are written (`soak.csv`, `soak.png`).
     #[arg(long, default_value = "docs")]
     out_dir: PathBuf,
-    /// The `tokenwarden` binary (default: next to this binary).
-    #[arg(long)]
-    worker_bin: Option<PathBuf>,
-    /// Directory of initdb / pg_ctl / postgres.
-    #[arg(long, default_value = "/usr/lib/postgresql/15/bin")]
-    pg_bin_dir: PathBuf,
-    /// Keep the temp directory (data, logs).
-    #[arg(long)]
-    keep: bool,
+    #[command(flatten)]
+    run: support::RunArgs,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -105,7 +98,7 @@ async fn main() -> Result<()> {
         dir.display()
     );
     let mut pg = Postgres::init(
-        &args.pg_bin_dir,
+        &args.run.pg_bin_dir,
         &dir,
         "log_checkpoints = on\nlog_autovacuum_min_duration = 0\nlog_min_messages = log\nlog_line_prefix = '%m '\nlog_timezone = 'UTC'",
     )?;
@@ -117,7 +110,7 @@ async fn main() -> Result<()> {
     pg.stop();
     let report = result?;
     let passed = report.print(&args);
-    if args.keep {
+    if args.run.keep {
         println!("kept {}", dir.display());
     } else {
         let _ = std::fs::remove_dir_all(&dir);
@@ -205,13 +198,7 @@ async fn fund(pool: &sqlx::PgPool, users: &[Uuid]) -> Result<()> {
 }
 
 fn start_worker(args: &Args, pg: &Postgres, redis_srv: &RedisServer) -> Result<Child> {
-    let bin = match &args.worker_bin {
-        Some(b) => b.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("binary has a directory")?
-            .join("tokenwarden"),
-    };
+    let bin = args.run.worker_bin()?;
     let log = std::fs::File::create(std::env::temp_dir().join("tw-soak-worker.log"))?;
     let port = support::free_port()?;
     Command::new(&bin)
@@ -515,29 +502,53 @@ fn pg_log_events(
     out
 }
 
+/// The columns of a window: (CSV name, short name for the printed table, value as text).
+const COLUMNS: [(&str, &str); 15] = [
+    ("t_secs", "t s"),
+    ("sent", "sent"),
+    ("replied", "replied"),
+    ("timeouts", "tmo"),
+    ("p50_ms", "p50 ms"),
+    ("p99_ms", "p99 ms"),
+    ("max_ms", "max ms"),
+    ("worker_rss_mib", "rss MiB"),
+    ("pg_connections", "pgc"),
+    ("redis_used_mib", "redisMiB"),
+    ("stream_entries", "entries"),
+    ("pending", "pending"),
+    ("dead_letters", "dlq"),
+    ("checkpoints", "ckpt"),
+    ("autovacuums", "vac"),
+];
+
+impl Window {
+    /// The values in COLUMNS order.
+    fn cells(&self) -> [String; 15] {
+        [
+            self.t_secs.to_string(),
+            self.sent.to_string(),
+            self.replied.to_string(),
+            self.timeouts.to_string(),
+            format!("{:.2}", self.p50_ms),
+            format!("{:.2}", self.p99_ms),
+            format!("{:.2}", self.max_ms),
+            format!("{:.1}", self.rss_mib),
+            self.pg_connections.to_string(),
+            format!("{:.1}", self.redis_mib),
+            self.stream_len.to_string(),
+            self.pending.to_string(),
+            self.dead_letters.to_string(),
+            self.checkpoints.to_string(),
+            self.autovacuums.to_string(),
+        ]
+    }
+}
+
 fn write_csv(path: &Path, windows: &[Window]) -> Result<()> {
-    let mut s = String::from(
-        "t_secs,sent,replied,timeouts,p50_ms,p99_ms,max_ms,worker_rss_mib,pg_connections,redis_used_mib,stream_entries,pending,dead_letters,checkpoints,autovacuums\n",
-    );
+    let mut s = COLUMNS.map(|c| c.0).join(",") + "\n";
     for w in windows {
-        s.push_str(&format!(
-            "{},{},{},{},{:.2},{:.2},{:.2},{:.1},{},{:.1},{},{},{},{},{}\n",
-            w.t_secs,
-            w.sent,
-            w.replied,
-            w.timeouts,
-            w.p50_ms,
-            w.p99_ms,
-            w.max_ms,
-            w.rss_mib,
-            w.pg_connections,
-            w.redis_mib,
-            w.stream_len,
-            w.pending,
-            w.dead_letters,
-            w.checkpoints,
-            w.autovacuums
-        ));
+        s.push_str(&w.cells().join(","));
+        s.push('\n');
     }
     std::fs::write(path, s).with_context(|| format!("write {}", path.display()))
 }
@@ -632,43 +643,18 @@ impl Report {
             self.load_start,
             load_average()
         );
-        println!(
-            "{:>6} {:>6} {:>6} {:>5} {:>8} {:>8} {:>8} {:>8} {:>5} {:>8} {:>9} {:>7} {:>5} {:>4} {:>4}",
-            "t s",
-            "sent",
-            "replied",
-            "tmo",
-            "p50 ms",
-            "p99 ms",
-            "max ms",
-            "rss MiB",
-            "pgc",
-            "redisMiB",
-            "entries",
-            "pending",
-            "dlq",
-            "ckpt",
-            "vac"
-        );
+        let row = |cells: &[String]| {
+            let widths = [6, 6, 7, 5, 8, 8, 8, 8, 5, 8, 9, 7, 5, 4, 4];
+            let line: Vec<String> = cells
+                .iter()
+                .zip(widths)
+                .map(|(c, w)| format!("{c:>w$}"))
+                .collect();
+            println!("{}", line.join(" "));
+        };
+        row(&COLUMNS.map(|c| c.1.to_string()));
         for w in &self.windows {
-            println!(
-                "{:>6} {:>6} {:>6} {:>5} {:>8.2} {:>8.2} {:>8.2} {:>8.1} {:>5} {:>8.1} {:>9} {:>7} {:>5} {:>4} {:>4}",
-                w.t_secs,
-                w.sent,
-                w.replied,
-                w.timeouts,
-                w.p50_ms,
-                w.p99_ms,
-                w.max_ms,
-                w.rss_mib,
-                w.pg_connections,
-                w.redis_mib,
-                w.stream_len,
-                w.pending,
-                w.dead_letters,
-                w.checkpoints,
-                w.autovacuums
-            );
+            row(&w.cells());
         }
         let over: Vec<u64> = self
             .windows

@@ -12,6 +12,33 @@ use redis::aio::MultiplexedConnection;
 
 pub mod chart;
 
+/// Options every run-time tool takes: which worker binary, where Postgres's tools are, and
+/// whether to keep the temp dir.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// The `tokenwarden` binary (default: next to this binary).
+    #[arg(long)]
+    pub worker_bin: Option<PathBuf>,
+    /// Directory of initdb / pg_ctl / postgres.
+    #[arg(long, default_value = "/usr/lib/postgresql/15/bin")]
+    pub pg_bin_dir: PathBuf,
+    /// Keep the temp directory (data, logs) instead of deleting it.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+impl RunArgs {
+    pub fn worker_bin(&self) -> Result<PathBuf> {
+        match &self.worker_bin {
+            Some(b) => Ok(b.clone()),
+            None => Ok(std::env::current_exe()?
+                .parent()
+                .context("the binary has a directory")?
+                .join("tokenwarden")),
+        }
+    }
+}
+
 /// Where the server writes its log (the soak run reads checkpoints and autovacuum runs from it).
 impl Postgres {
     pub fn log_path(&self) -> &Path {
