@@ -1227,6 +1227,10 @@ impl Report {
             self.dead_letters, self.dead_letters_valid
         );
         println!(
+            "fire-and-forget malformed entries a Redis wipe took before they were read: {}",
+            self.lost_to_wipe
+        );
+        println!(
             "stale replies (left in a reply list by another attempt of a repeated id): {}",
             self.stale_replies
         );

@@ -164,11 +164,13 @@ pub fn render(path: &std::path::Path, title: &str, panels: &[Panel]) -> Result<(
             } else {
                 format!("{x:.0}")
             };
-            cv.text(px(x) as usize, bottom + 6, &label, AXIS);
+            if px(x) as usize + text_width(&label) <= right {
+                cv.text(px(x) as usize, bottom + 6, &label, AXIS);
+            }
             x += step;
         }
         if n + 1 == panels.len() {
-            cv.text(right - text_width("MIN"), bottom + 6, "MIN", AXIS);
+            cv.text(left - 6 - text_width("MIN"), bottom + 6, "MIN", AXIS);
         }
         cv.line(
             (left as i64, top as i64),
