@@ -105,10 +105,11 @@ async fn main() -> Result<()> {
     pg.start()?;
     let mut redis_srv = RedisServer::new(&dir)?;
     redis_srv.start()?;
-    let result = soak(&args, &pg, &redis_srv).await;
+    let result = soak(&args, &dir, &pg, &redis_srv).await;
     redis_srv.stop();
     pg.stop();
-    let report = result?;
+    let report =
+        result.with_context(|| format!("soak run failed; logs kept in {}", dir.display()))?;
     let passed = report.print(&args);
     if args.run.keep {
         println!("kept {}", dir.display());
@@ -149,7 +150,7 @@ struct Report {
     load_start: String,
 }
 
-async fn soak(args: &Args, pg: &Postgres, redis_srv: &RedisServer) -> Result<Report> {
+async fn soak(args: &Args, dir: &Path, pg: &Postgres, redis_srv: &RedisServer) -> Result<Report> {
     let pool = PgPoolOptions::new()
         .max_connections(2)
         .acquire_timeout(Duration::from_secs(30))
@@ -159,7 +160,7 @@ async fn soak(args: &Args, pg: &Postgres, redis_srv: &RedisServer) -> Result<Rep
     tokenwarden::infra::migrate(&pool).await?;
     let users: Vec<Uuid> = (0..args.users).map(|_| Uuid::new_v4()).collect();
     fund(&pool, &users).await?;
-    let mut worker = start_worker(args, pg, redis_srv)?;
+    let mut worker = start_worker(args, dir, pg, redis_srv)?;
     let outcome = load(args, &pool, redis_srv, &users, &mut worker, pg.log_path()).await;
     let _ = Command::new("kill")
         .arg("-TERM")
@@ -197,9 +198,9 @@ async fn fund(pool: &sqlx::PgPool, users: &[Uuid]) -> Result<()> {
     Ok(())
 }
 
-fn start_worker(args: &Args, pg: &Postgres, redis_srv: &RedisServer) -> Result<Child> {
+fn start_worker(args: &Args, dir: &Path, pg: &Postgres, redis_srv: &RedisServer) -> Result<Child> {
     let bin = args.run.worker_bin()?;
-    let log = std::fs::File::create(std::env::temp_dir().join("tw-soak-worker.log"))?;
+    let log = std::fs::File::create(dir.join("worker.log"))?;
     let port = support::free_port()?;
     Command::new(&bin)
         .arg("run")
@@ -231,7 +232,7 @@ async fn warm_up(conn: &mut MultiplexedConnection, user: Uuid, worker: &mut Chil
     let until = Instant::now() + Duration::from_secs(120);
     while Instant::now() < until {
         if let Some(status) = worker.try_wait()? {
-            bail!("the worker exited at start: {status} (log: /tmp/tw-soak-worker.log)");
+            bail!("the worker exited at start: {status} (see worker.log in the temp dir)");
         }
         let reply: Option<(String, String)> = redis::cmd("BLPOP")
             .arg(format!("{PREFIX}:reply:{rid}"))
@@ -369,7 +370,7 @@ async fn load(
             tasks.retain(|t| !t.is_finished());
         }
         if i % 1000 == 0 && worker.try_wait()?.is_some() {
-            bail!("the worker exited during the soak run (log: /tmp/tw-soak-worker.log)");
+            bail!("the worker exited during the soak run (see worker.log in the temp dir)");
         }
     }
     for t in tasks {
