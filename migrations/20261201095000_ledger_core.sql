@@ -15,9 +15,9 @@
 --   * No account row is left by an operation that did not succeed: the fast path creates a
 --     grant's account only when the grant is decided here, and a batch removes the accounts
 --     it created for grants that failed.
--- Validation (tw_ledger_invalid), metadata normalisation (tw_ledger_metadata) and the
--- same-fields rule against a stored outcome (tw_ledger_same_stored) are functions, each
--- used by both paths and by tw_ledger_reject.
+-- The per-operation checks (tw_ledger_check: validation and metadata normalisation) and the
+-- same-fields rule against a stored outcome (tw_ledger_same_stored) are functions, each used by
+-- both paths (the latter by tw_ledger_reject too).
 -- Every helper here is PL/pgSQL, tw_ledger_same_request too (redefined): the privileges
 -- migration pins every function's search_path, and a SQL function with a SET clause is never
 -- inlined, so it re-plans its body for each calling statement (15-100 µs a call, measured;
@@ -28,59 +28,55 @@ ALTER TABLE public.ledger_requests ADD COLUMN fields_sha256 bytea NULL;
 COMMENT ON COLUMN public.ledger_requests.fields_sha256 IS
     'Rejected requests only: SHA-256 of the request''s fields (tw_ledger_fields_sha256); label and metadata are stored cut (tw_ledger_kept_label, tw_ledger_kept_metadata).';
 
--- NULL or JSON null metadata means {}.
-CREATE FUNCTION public.tw_ledger_metadata(p_metadata jsonb)
-RETURNS jsonb
-LANGUAGE plpgsql
-IMMUTABLE
-PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
-AS $fn$
-BEGIN
-    RETURN CASE WHEN p_metadata IS NULL OR pg_catalog.jsonb_typeof(p_metadata) = 'null'
-                THEN '{}'::jsonb ELSE p_metadata END;
-END
-$fn$;
-
--- Why an operation is rejected (NULL: it is valid). p_metadata is normalised
--- (tw_ledger_metadata); the bounds come from tw_ledger_settings.
-CREATE FUNCTION public.tw_ledger_invalid(
-    p_kind text, p_user_id uuid, p_hold_id uuid, p_amount bigint, p_label text,
-    p_ttl_secs integer, p_metadata jsonb, p_optype_max integer, p_reason_max integer,
-    p_metadata_max integer, p_max_ttl integer
+-- The per-operation checks, once per call for all operations: `metadata` is p_metadata with
+-- NULL and JSON null read as {}; `rejections` says why each operation is rejected (NULL: it is
+-- valid). The bounds come from tw_ledger_settings. One query over the arrays, planned once per
+-- session, so a batch pays no function call per operation.
+CREATE FUNCTION public.tw_ledger_check(
+    p_kinds text[], p_user_ids uuid[], p_hold_ids uuid[], p_amounts bigint[], p_labels text[],
+    p_ttl_secs integer[], p_metadata jsonb[], p_optype_max integer, p_reason_max integer,
+    p_metadata_max integer, p_max_ttl integer,
+    OUT metadata jsonb[], OUT rejections text[]
 )
-RETURNS text
 LANGUAGE plpgsql
-IMMUTABLE
+STABLE
 PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 BEGIN
-    RETURN CASE
-        WHEN p_kind IS NULL OR p_kind NOT IN ('consume', 'grant', 'hold', 'settle', 'release')
-            THEN 'unknown operation kind'
-        WHEN p_kind IN ('consume', 'grant', 'hold') AND p_user_id IS NULL
-            THEN 'user_id is required'
-        WHEN p_kind IN ('settle', 'release') AND p_hold_id IS NULL
-            THEN 'hold_id is required'
-        WHEN p_kind <> 'release' AND p_amount IS NULL
-            THEN 'amount is required'
-        WHEN p_kind <> 'release' AND p_amount <= 0
-            THEN pg_catalog.format('amount must be a positive integer, got %s', p_amount)
-        WHEN p_kind IN ('consume', 'hold')
-             AND (p_label IS NULL OR pg_catalog.char_length(p_label) NOT BETWEEN 1 AND p_optype_max)
-            THEN pg_catalog.format('operation_type must be 1 to %s characters', p_optype_max)
-        WHEN p_kind = 'grant'
-             AND (p_label IS NULL OR pg_catalog.char_length(p_label) NOT BETWEEN 1 AND p_reason_max)
-            THEN pg_catalog.format('reason must be 1 to %s characters', p_reason_max)
-        WHEN pg_catalog.jsonb_typeof(p_metadata) <> 'object'
-            THEN 'metadata must be a JSON object'
-        WHEN pg_catalog.octet_length(p_metadata::text) > p_metadata_max
-            THEN pg_catalog.format('metadata is %s bytes, more than the limit of %s bytes',
-                                   pg_catalog.octet_length(p_metadata::text), p_metadata_max)
-        WHEN p_kind = 'hold' AND (p_ttl_secs IS NULL OR p_ttl_secs < 1 OR p_ttl_secs > p_max_ttl)
-            THEN pg_catalog.format('ttl_secs must be between 1 and %s', p_max_ttl)
-        END;
+    SELECT pg_catalog.array_agg(t.m ORDER BY t.ord),
+           pg_catalog.array_agg(CASE
+               WHEN t.k IS NULL OR t.k NOT IN ('consume', 'grant', 'hold', 'settle', 'release')
+                   THEN 'unknown operation kind'
+               WHEN t.k IN ('consume', 'grant', 'hold') AND t.u IS NULL
+                   THEN 'user_id is required'
+               WHEN t.k IN ('settle', 'release') AND t.h IS NULL
+                   THEN 'hold_id is required'
+               WHEN t.k <> 'release' AND t.a IS NULL
+                   THEN 'amount is required'
+               WHEN t.k <> 'release' AND t.a <= 0
+                   THEN pg_catalog.format('amount must be a positive integer, got %s', t.a)
+               WHEN t.k IN ('consume', 'hold')
+                    AND (t.l IS NULL OR pg_catalog.char_length(t.l) NOT BETWEEN 1 AND p_optype_max)
+                   THEN pg_catalog.format('operation_type must be 1 to %s characters', p_optype_max)
+               WHEN t.k = 'grant'
+                    AND (t.l IS NULL OR pg_catalog.char_length(t.l) NOT BETWEEN 1 AND p_reason_max)
+                   THEN pg_catalog.format('reason must be 1 to %s characters', p_reason_max)
+               WHEN pg_catalog.jsonb_typeof(t.m) <> 'object'
+                   THEN 'metadata must be a JSON object'
+               WHEN pg_catalog.octet_length(t.m::text) > p_metadata_max
+                   THEN pg_catalog.format(
+                       'metadata is %s bytes, more than the limit of %s bytes',
+                       pg_catalog.octet_length(t.m::text), p_metadata_max)
+               WHEN t.k = 'hold' AND (t.ttl IS NULL OR t.ttl < 1 OR t.ttl > p_max_ttl)
+                   THEN pg_catalog.format('ttl_secs must be between 1 and %s', p_max_ttl)
+               END ORDER BY t.ord)
+      INTO metadata, rejections
+      FROM (SELECT x.ord, x.k, x.u, x.h, x.a, x.l, x.ttl,
+                   CASE WHEN x.m IS NULL OR pg_catalog.jsonb_typeof(x.m) = 'null'
+                        THEN '{}'::jsonb ELSE x.m END AS m
+              FROM unnest(p_kinds, p_user_ids, p_hold_ids, p_amounts, p_labels, p_ttl_secs,
+                          p_metadata) WITH ORDINALITY AS x(k, u, h, a, l, ttl, m, ord)) t;
 END
 $fn$;
 
@@ -358,10 +354,10 @@ BEGIN
         IF v_single THEN
             op_ord := ARRAY[1];
             op_first := ARRAY[1];
-            op_meta := ARRAY[public.tw_ledger_metadata(p_metadata[1])];
-            op_reject := ARRAY[public.tw_ledger_invalid(
-                p_kinds[1], p_user_ids[1], p_hold_ids[1], p_amounts[1], p_labels[1], p_ttl_secs[1],
-                op_meta[1], v_optype_max, v_reason_max, v_metadata_max, v_max_ttl)];
+            SELECT c.metadata, c.rejections INTO op_meta, op_reject
+              FROM public.tw_ledger_check(p_kinds, p_user_ids, p_hold_ids, p_amounts, p_labels,
+                                          p_ttl_secs, p_metadata, v_optype_max, v_reason_max,
+                                          v_metadata_max, v_max_ttl) c;
             op_slot := ARRAY[1];
             op_hslot := ARRAY[NULL::integer];
             SELECT r.status,
@@ -484,18 +480,19 @@ BEGIN
             --    (read after the locks, so a concurrent batch's commit on these accounts is visible),
             --    slots. The aggregates read a subquery sorted by position (one sort instead of one per
             --    aggregate); the loop checks the positions came back in order.
-            SELECT pg_catalog.array_agg(q.ord), pg_catalog.array_agg(q.m),
-                   pg_catalog.array_agg(q.first_ord), pg_catalog.array_agg(q.rej),
+            SELECT c.metadata, c.rejections INTO op_meta, op_reject
+              FROM public.tw_ledger_check(p_kinds, p_user_ids, p_hold_ids, p_amounts, p_labels,
+                                          p_ttl_secs, p_metadata, v_optype_max, v_reason_max,
+                                          v_metadata_max, v_max_ttl) c;
+            SELECT pg_catalog.array_agg(q.ord), pg_catalog.array_agg(q.first_ord),
                    pg_catalog.array_agg(q.aslot), pg_catalog.array_agg(q.hslot),
                    pg_catalog.array_agg(q.status), pg_catalog.array_agg(q.same),
                    pg_catalog.array_agg(q.balance_after), pg_catalog.array_agg(q.held_after),
                    pg_catalog.array_agg(q.reason)
-              INTO op_ord, op_meta, op_first, op_reject, op_slot, op_hslot, ex_status, ex_same,
+              INTO op_ord, op_first, op_slot, op_hslot, ex_status, ex_same,
                    ex_balance, ex_held, ex_reason
               FROM (
-                SELECT t.ord::integer AS ord, t.m, t.first_ord::integer AS first_ord,
-                       public.tw_ledger_invalid(t.k, t.u, t.h, t.a, t.l, t.ttl, t.m, v_optype_max,
-                                                v_reason_max, v_metadata_max, v_max_ttl) AS rej,
+                SELECT t.ord::integer AS ord, t.first_ord::integer AS first_ord,
                        au.slot::integer AS aslot,
                        hx.slot::integer AS hslot,
                        r.status,
@@ -506,10 +503,9 @@ BEGIN
                   FROM (
                     SELECT y.*, pg_catalog.min(y.ord) OVER (PARTITION BY y.rid) AS first_ord
                       FROM (
-                        SELECT x.ord, x.rid, x.k, x.u, x.h, x.a, x.l, x.ttl,
-                               public.tw_ledger_metadata(x.m) AS m
+                        SELECT x.ord, x.rid, x.k, x.u, x.h, x.a, x.l, x.ttl, x.m
                           FROM unnest(p_request_ids, p_kinds, p_user_ids, p_hold_ids, p_amounts,
-                                      p_labels, p_ttl_secs, p_metadata)
+                                      p_labels, p_ttl_secs, op_meta)
                                WITH ORDINALITY AS x(rid, k, u, h, a, l, ttl, m, ord)
                       ) y
                   ) t
