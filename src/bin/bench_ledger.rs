@@ -539,7 +539,7 @@ impl Bench {
     async fn throughput(&self, args: &Args, hot: bool, workers: &mut [Child]) -> Result<Rate> {
         let label = if hot { "hot user" } else { "10k users" };
         println!(
-            "tokenwarden {label}: enqueueing {} consume jobs ...",
+            "queue door {label}: enqueueing {} consume jobs ...",
             args.jobs
         );
         let payloads: Vec<(Uuid, String)> = (0..args.jobs)
@@ -674,7 +674,7 @@ impl Bench {
     /// from that scheduled time to the moment its reply is popped.
     async fn latency(&self, args: &Args) -> Result<Latency> {
         println!(
-            "tokenwarden latency: {} req/s for {} s over 10k users ...",
+            "queue door latency: {} req/s for {} s over 10k users ...",
             args.rate, args.latency_secs
         );
         let total = args.rate * args.latency_secs;
