@@ -839,7 +839,7 @@ async fn alert_webhook_receives_each_new_finding_with_retries() {
         tokenwarden::maintenance::anomalies::Alerter::start(url, &ctx.cfg.maintenance.alerts);
     let detector = tokenwarden::maintenance::anomalies::DetectAnomalies::new(
         env.pool.clone(),
-        tokenwarden::maintenance::anomalies::builtin_rules(&ctx.cfg.maintenance.anomalies),
+        tokenwarden::ledger::anomalies::builtin_rules(&ctx.cfg.maintenance.anomalies),
         alerter,
     );
     let user = uuid::Uuid::new_v4();

@@ -260,13 +260,11 @@ start_block = {deploy_block}
             .spawn()?,
     );
     let pid = worker.0.id();
+    let index = tokenwarden::chain::store::ChainStore::new(31337)?;
     loop {
-        let cp: Option<i64> =
-            sqlx::query_scalar("SELECT block_number FROM chain_checkpoints WHERE chain_id = 31337")
-                .fetch_optional(&pool)
-                .await
-                .unwrap_or(None);
-        if cp == Some(head as i64) {
+        // Errors (the worker has not migrated yet) count as "not there yet".
+        let cp = index.checkpoint(&pool).await.ok().flatten();
+        if cp.map(|c| c.number) == Some(head) {
             break;
         }
         if t0.elapsed() > Duration::from_secs(600) {

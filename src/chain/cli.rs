@@ -1,7 +1,5 @@
 //! `tokenwarden index …`: indexer status and reconciliation against the chain.
 
-use std::str::FromStr;
-
 use alloy::primitives::{Address, Bytes, U256, address};
 use alloy::rpc::types::BlockId;
 use alloy::sol;
@@ -13,6 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::decode::{IERC20, IERC721, addr_hex};
 use super::rpc::{Rpc, RpcError};
+use super::store::{ChainStore, ChainStoreError};
+use super::tokens::{self, BadTokenAddress};
 use crate::config::{ChainConfig, TokenStandard};
 
 /// `tokenwarden index` subcommands.
@@ -33,14 +33,16 @@ pub enum IndexCommand {
 pub enum CliError {
     #[error(transparent)]
     Store(#[from] crate::infra::StoreError),
+    #[error(transparent)]
+    Index(#[from] ChainStoreError),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
     #[error(transparent)]
     Rpc(#[from] RpcError),
+    #[error(transparent)]
+    TokenAddress(#[from] BadTokenAddress),
     #[error("chain {0} is not configured")]
     UnknownChain(u64),
-    #[error("stored data is corrupt: {0}")]
-    Corrupt(String),
     #[error("{0} mismatch(es) between the index and the chain")]
     Mismatches(usize),
 }
@@ -62,10 +64,13 @@ const MULTICALL_CHUNK: usize = 500;
 const CALL_CONCURRENCY: usize = 16;
 
 /// Runs one command and prints its result on stdout.
-pub async fn run(cmd: IndexCommand, cfg: &crate::config::Config) -> Result<(), CliError> {
-    let pool = crate::infra::connect_postgres(&cfg.database).await?;
+pub async fn run(
+    cmd: IndexCommand,
+    pool: &PgPool,
+    cfg: &crate::config::Config,
+) -> Result<(), CliError> {
     match cmd {
-        IndexCommand::Status => status(&pool, cfg).await,
+        IndexCommand::Status => status(pool, cfg).await,
         IndexCommand::Reconcile { chain_id } => {
             let mut total = 0usize;
             let mut any = false;
@@ -74,7 +79,7 @@ pub async fn run(cmd: IndexCommand, cfg: &crate::config::Config) -> Result<(), C
                     continue;
                 }
                 any = true;
-                let report = reconcile(&pool, c, &cfg.chain.tokens_of(c.chain_id)).await?;
+                let report = reconcile(pool, c, &cfg.chain.tokens_of(c.chain_id)).await?;
                 println!(
                     "chain {} at block {}: {} checked, {} mismatch(es) (via {})",
                     c.chain_id,
@@ -111,32 +116,21 @@ async fn status(pool: &PgPool, cfg: &crate::config::Config) -> Result<(), CliErr
         "chain", "token", "std", "symbol", "checkpoint", "head", "lag"
     );
     for c in &cfg.chain.chains {
-        let cid = c.chain_id as i64;
-        let cp: Option<i64> = sqlx::query_scalar(
-            "SELECT block_number FROM public.chain_checkpoints WHERE chain_id = $1",
-        )
-        .bind(cid)
-        .fetch_optional(pool)
-        .await?;
+        let store = ChainStore::new(c.chain_id)?;
+        let cp = store.checkpoint(pool).await?.map(|cp| cp.number);
+        let symbols = store.token_symbols(pool).await?;
         let rpc = Rpc::new(c, CancellationToken::new())?;
         let head = rpc.head().await.ok();
-        for t in cfg.chain.tokens_of(c.chain_id) {
-            let symbol: Option<String> = sqlx::query_scalar(
-                "SELECT symbol FROM public.chain_tokens WHERE chain_id = $1 AND address = $2",
-            )
-            .bind(cid)
-            .bind(t.address.to_ascii_lowercase())
-            .fetch_optional(pool)
-            .await?
-            .flatten();
+        for t in tokens::tracked(&cfg.chain.tokens_of(c.chain_id))? {
+            let symbol = symbols.get(&t.address).cloned().flatten();
             let lag = match (cp, head) {
-                (Some(cp), Some(h)) => (h as i64 - cp).to_string(),
+                (Some(cp), Some(h)) => (h as i64 - cp as i64).to_string(),
                 _ => "-".into(),
             };
             println!(
                 "{:<8} {:<44} {:<7} {:<10} {:>12} {:>12} {:>8}",
                 c.chain_id,
-                t.address.to_ascii_lowercase(),
+                addr_hex(&t.address),
                 t.standard.as_str(),
                 symbol.unwrap_or_else(|| "-".into()),
                 cp.map_or("-".into(), |n| n.to_string()),
@@ -144,13 +138,7 @@ async fn status(pool: &PgPool, cfg: &crate::config::Config) -> Result<(), CliErr
                 lag
             );
         }
-        let fault: Option<String> = sqlx::query_scalar(
-            "SELECT reason FROM public.chain_indexer_faults WHERE chain_id = $1",
-        )
-        .bind(cid)
-        .fetch_optional(pool)
-        .await?;
-        if let Some(reason) = fault {
+        if let Some(reason) = store.fault(pool).await? {
             println!("chain {} indexer STOPPED: {reason}", c.chain_id);
         }
     }
@@ -175,73 +163,42 @@ pub async fn reconcile(
     chain: &ChainConfig,
     tokens: &[crate::config::TokenConfig],
 ) -> Result<ReconcileReport, CliError> {
-    let cid = chain.chain_id as i64;
-    let cp: Option<i64> =
-        sqlx::query_scalar("SELECT block_number FROM public.chain_checkpoints WHERE chain_id = $1")
-            .bind(cid)
-            .fetch_optional(pool)
-            .await?;
-    let Some(cp) = cp else {
+    let store = ChainStore::new(chain.chain_id)?;
+    let Some(cp) = store.checkpoint(pool).await?.map(|cp| cp.number) else {
         return Ok(ReconcileReport::default());
     };
-    let block = BlockId::number(cp as u64);
+    let block = BlockId::number(cp);
     let rpc = Rpc::new(chain, CancellationToken::new())?;
     let multicall = !rpc.code(MULTICALL3, block).await?.is_empty();
     let mut report = ReconcileReport {
-        block: Some(cp as u64),
+        block: Some(cp),
         multicall,
         ..ReconcileReport::default()
     };
-    for t in tokens {
-        let token: Address = t
-            .address
-            .parse()
-            .map_err(|e| CliError::Corrupt(format!("token {}: {e}", t.address)))?;
+    for t in tokens::tracked(tokens)? {
+        let token = t.address;
         let token_hex = addr_hex(&token);
         // (what, calldata, expected answer)
         let mut checks: Vec<(String, Vec<u8>, Expected)> = Vec::new();
         match t.standard {
             TokenStandard::Erc20 => {
-                let rows: Vec<(String, String)> = sqlx::query_as(
-                    "SELECT holder, balance::text FROM public.token_balances \
-                     WHERE chain_id = $1 AND token = $2",
-                )
-                .bind(cid)
-                .bind(&token_hex)
-                .fetch_all(pool)
-                .await?;
-                for (holder, balance) in rows {
-                    let h: Address = holder
-                        .parse()
-                        .map_err(|e| CliError::Corrupt(format!("holder {holder}: {e}")))?;
-                    let b = U256::from_str(&balance)
-                        .map_err(|e| CliError::Corrupt(format!("balance {balance}: {e}")))?;
+                for (holder, balance) in store.holder_balances(pool, token).await? {
                     checks.push((
-                        format!("{token_hex} balanceOf({holder}) stored {balance}"),
-                        IERC20::balanceOfCall { owner: h }.abi_encode(),
-                        Expected::Amount(b),
+                        format!(
+                            "{token_hex} balanceOf({}) stored {balance}",
+                            addr_hex(&holder)
+                        ),
+                        IERC20::balanceOfCall { owner: holder }.abi_encode(),
+                        Expected::Amount(balance),
                     ));
                 }
             }
             TokenStandard::Erc721 => {
-                let rows: Vec<(String, String)> = sqlx::query_as(
-                    "SELECT token_id::text, owner FROM public.nft_owners \
-                     WHERE chain_id = $1 AND token = $2",
-                )
-                .bind(cid)
-                .bind(&token_hex)
-                .fetch_all(pool)
-                .await?;
-                for (id, owner) in rows {
-                    let i = U256::from_str(&id)
-                        .map_err(|e| CliError::Corrupt(format!("token id {id}: {e}")))?;
-                    let o: Address = owner
-                        .parse()
-                        .map_err(|e| CliError::Corrupt(format!("owner {owner}: {e}")))?;
+                for (id, owner) in store.nft_owners(pool, token).await? {
                     checks.push((
-                        format!("{token_hex} ownerOf({id}) stored {owner}"),
-                        IERC721::ownerOfCall { tokenId: i }.abi_encode(),
-                        Expected::Owner(o),
+                        format!("{token_hex} ownerOf({id}) stored {}", addr_hex(&owner)),
+                        IERC721::ownerOfCall { tokenId: id }.abi_encode(),
+                        Expected::Owner(owner),
                     ));
                 }
             }

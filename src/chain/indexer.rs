@@ -20,8 +20,12 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::decode::{self, IERC20, RejectedLog, TRANSFER_TOPIC, TransferRow};
 use super::lease::Lease;
+use super::netting::Changes;
+use super::reorg::{self, Window};
 use super::rpc::{HeaderInfo, Rpc, RpcError};
-use super::sink::{self, Batch, Checkpoint, SinkError, TokenMeta};
+use super::source::ChainSource;
+use super::store::{Batch, ChainStore, ChainStoreError, Checkpoint, TokenMeta};
+use super::tokens::{self, BadTokenAddress, TrackedToken};
 use crate::config::{ChainConfig, TokenConfig, TokenStandard};
 
 /// Everything one chain's indexer needs.
@@ -41,13 +45,17 @@ pub enum IndexerError {
     #[error(transparent)]
     Rpc(#[from] RpcError),
     #[error(transparent)]
-    Sink(#[from] SinkError),
+    Store(#[from] ChainStoreError),
+    #[error(transparent)]
+    TokenAddress(#[from] BadTokenAddress),
     #[error(
         "reorg deeper than reorg_depth ({depth}) detected at block {at}: no stored block hash within the window matches the chain; the index of this chain is left at its last good checkpoint and this chain's indexer is STOPPED (raise reorg_depth or rebuild the index)"
     )]
     DeepReorg { at: u64, depth: u64 },
     #[error("fetch task failed: {0}")]
-    Task(String),
+    Task(#[from] tokio::task::JoinError),
+    #[error("batch starts at {from} but the next block is {expected}")]
+    OutOfOrder { from: u64, expected: u64 },
     #[error("stopped by a recorded fault: {0}")]
     Stopped(String),
 }
@@ -56,7 +64,8 @@ impl IndexerError {
     fn is_fatal(&self) -> bool {
         matches!(
             self,
-            IndexerError::DeepReorg { .. } | IndexerError::Sink(SinkError::NegativeBalance { .. })
+            IndexerError::DeepReorg { .. }
+                | IndexerError::Store(ChainStoreError::NegativeBalance { .. })
         )
     }
 }
@@ -76,7 +85,10 @@ pub async fn run_chain(p: IndexerParams) {
         else {
             return;
         };
-        let mut ix = match Indexer::new(&p) {
+        let mut ix = match Rpc::new(&p.chain, p.shutdown.clone())
+            .map_err(IndexerError::from)
+            .and_then(|rpc| Indexer::new(&p, rpc))
+        {
             Ok(ix) => ix,
             Err(e) => {
                 tracing::error!(chain_id, error = %e, "chain indexer cannot start");
@@ -104,13 +116,17 @@ pub async fn run_chain(p: IndexerParams) {
                     tracing::error!(chain_id, error = %e, "CHAIN INDEXER STOPPED");
                     let at = match &e {
                         IndexerError::DeepReorg { at, .. } => *at,
-                        IndexerError::Sink(SinkError::NegativeBalance { block, .. }) => *block,
+                        IndexerError::Store(ChainStoreError::NegativeBalance { block, .. }) => {
+                            *block
+                        }
                         _ => 0,
                     };
                     // Recorded so no replica resumes from a state known to disagree with the
                     // chain; balances stay at the last good checkpoint.
-                    if let Err(db) =
-                        sink::record_fault(lease.conn(), chain_id, at, &e.to_string()).await
+                    if let Err(db) = ix
+                        .store
+                        .record_fault(lease.conn(), at, &e.to_string())
+                        .await
                     {
                         tracing::error!(chain_id, error = %db, "cannot record the indexer fault");
                     }
@@ -149,18 +165,19 @@ pub async fn run_chain(p: IndexerParams) {
     }
 }
 
-struct Indexer {
+struct Indexer<S: ChainSource> {
     chain: ChainConfig,
     label: String,
-    rpc: Rpc,
-    configured: Vec<TokenConfig>,
+    source: S,
+    store: ChainStore,
+    tokens: Vec<TrackedToken>,
     standards: Arc<HashMap<Address, TokenStandard>>,
-    token_list: Vec<String>,
+    addresses: Vec<Address>,
     base_filter: Filter,
     start_block: u64,
     /// Committed changes go to the announcer task, so Redis work is off the commit path
     /// (announcements keep commit order).
-    announcer: tokio::sync::mpsc::UnboundedSender<super::sink::Changes>,
+    announcer: tokio::sync::mpsc::UnboundedSender<Changes>,
     _announcer_task: AbortOnDropHandle<()>,
     cancel: CancellationToken,
     /// Blocks per `eth_getLogs` (adapts).
@@ -173,25 +190,14 @@ struct Indexer {
     metadata_done: bool,
 }
 
-impl Indexer {
-    fn new(p: &IndexerParams) -> Result<Indexer, IndexerError> {
-        let rpc = Rpc::new(&p.chain, p.shutdown.clone())?;
-        let mut standards = HashMap::new();
-        let mut addresses = Vec::new();
-        for t in &p.tokens {
-            let a: Address = t.address.parse().map_err(|e| {
-                IndexerError::Rpc(RpcError::Rejected {
-                    method: "config",
-                    message: format!("token address {}: {e}", t.address),
-                })
-            })?;
-            standards.insert(a, t.standard);
-            addresses.push(a);
-        }
-        let token_list = addresses.iter().map(decode::addr_hex).collect();
-        let start_block = p.tokens.iter().map(|t| t.start_block).min().unwrap_or(0);
+impl<S: ChainSource> Indexer<S> {
+    fn new(p: &IndexerParams, source: S) -> Result<Indexer<S>, IndexerError> {
+        let tokens = tokens::tracked(&p.tokens)?;
+        let standards = tokens.iter().map(|t| (t.address, t.standard)).collect();
+        let addresses: Vec<Address> = tokens.iter().map(|t| t.address).collect();
+        let start_block = tokens.iter().map(|t| t.start_block).min().unwrap_or(0);
         let initial = p.chain.max_block_range.clamp(1, 100);
-        let (announcer, mut queue) = tokio::sync::mpsc::unbounded_channel::<super::sink::Changes>();
+        let (announcer, mut queue) = tokio::sync::mpsc::unbounded_channel::<Changes>();
         let (mut redis, prefix, chain_id) =
             (p.redis.clone(), p.redis_prefix.clone(), p.chain.chain_id);
         let announcer_task = tokio::spawn(async move {
@@ -202,13 +208,14 @@ impl Indexer {
         Ok(Indexer {
             label: p.chain.chain_id.to_string(),
             chain: p.chain.clone(),
-            rpc,
-            configured: p.tokens.clone(),
+            source,
+            store: ChainStore::new(p.chain.chain_id)?,
+            tokens,
             standards: Arc::new(standards),
-            token_list,
             base_filter: Filter::new()
-                .address(addresses)
+                .address(addresses.clone())
                 .event_signature(TRANSFER_TOPIC),
+            addresses,
             start_block,
             announcer,
             _announcer_task: AbortOnDropHandle::new(announcer_task),
@@ -226,7 +233,7 @@ impl Indexer {
         self.chain.chain_id
     }
 
-    fn announce(&self, changes: super::sink::Changes) {
+    fn announce(&self, changes: Changes) {
         if self.announcer.send(changes).is_err() {
             tracing::warn!(
                 chain_id = self.chain_id(),
@@ -236,12 +243,12 @@ impl Indexer {
     }
 
     async fn run(&mut self, lease: &mut Lease) -> Result<(), IndexerError> {
-        if let Some(reason) = sink::fault(lease.conn(), self.chain_id()).await? {
+        if let Some(reason) = self.store.fault(lease.conn()).await? {
             return Err(IndexerError::Stopped(reason));
         }
         if !self.metadata_done {
             let metas = self.read_metadata().await;
-            sink::upsert_tokens(lease.conn(), self.chain_id(), &metas).await?;
+            self.store.upsert_tokens(lease.conn(), &metas).await?;
             self.metadata_done = true;
         }
         if self.ws_task.is_none()
@@ -254,7 +261,7 @@ impl Indexer {
                 self.cancel.clone(),
             ))));
         }
-        self.cp = sink::checkpoint(lease.conn(), self.chain_id()).await?;
+        self.cp = self.store.checkpoint(lease.conn()).await?;
         // A reorg may have happened while no replica was running.
         if let Some(cp) = self.cp {
             self.verify_tip(lease, cp).await?;
@@ -264,7 +271,7 @@ impl Indexer {
                 return Ok(());
             }
             let next = self.cp.map_or(self.start_block, |c| c.number + 1);
-            let head = self.rpc.head().await?;
+            let head = self.source.head().await?;
             self.report_lag(head);
             let target = head.saturating_sub(self.chain.confirmations);
             if next > target {
@@ -311,18 +318,16 @@ impl Indexer {
     async fn read_metadata(&self) -> Vec<TokenMeta> {
         let mut out = Vec::new();
         let latest = BlockId::Number(BlockNumberOrTag::Latest);
-        for t in &self.configured {
-            let Ok(address) = t.address.parse::<Address>() else {
-                continue;
-            };
-            let call = |data: Vec<u8>| self.rpc.call(address, Bytes::from(data), latest);
+        for t in &self.tokens {
+            let address = t.address;
+            let call = |data: Vec<u8>| self.source.call(address, Bytes::from(data), latest);
             let decimals = if t.standard == TokenStandard::Erc20 {
                 match call(IERC20::decimalsCall {}.abi_encode()).await {
                     Ok(b) => IERC20::decimalsCall::abi_decode_returns(&b)
                         .ok()
                         .map(i32::from),
                     Err(e) => {
-                        tracing::warn!(token = %t.address, error = %e, "cannot read decimals");
+                        tracing::warn!(token = %decode::addr_hex(&address), error = %e, "cannot read decimals");
                         None
                     }
                 }
@@ -351,7 +356,7 @@ impl Indexer {
 
     /// Checks that the committed tip is still on the chain; undoes the dropped part if not.
     async fn verify_tip(&mut self, lease: &mut Lease, cp: Checkpoint) -> Result<(), IndexerError> {
-        let on_chain = self.rpc.header(cp.number).await?;
+        let on_chain = self.source.header(cp.number).await?;
         if on_chain.map(|h| h.hash) != Some(cp.hash) {
             self.handle_reorg(lease, cp.number + 1).await?;
         }
@@ -368,40 +373,35 @@ impl Indexer {
         let chain_id = self.chain_id();
         let depth = self.chain.reorg_depth;
         let Some(cp) = self.cp else { return Ok(()) };
-        let stored = sink::recent_blocks(lease.conn(), chain_id, detected_at, depth + 1).await?;
-        let mut fork_base: Option<Option<Checkpoint>> = None;
-        for (number, hash) in stored {
-            if cp.number.saturating_sub(number) > depth {
-                break;
-            }
-            let on_chain = self.rpc.header(number).await?;
-            if on_chain.map(|h| h.hash) == Some(hash) {
-                fork_base = Some(Some(Checkpoint { number, hash }));
-                break;
-            }
-        }
-        if fork_base.is_none() && cp.number + 1 - self.start_block <= depth {
-            // Everything indexed is inside the window: start over.
-            fork_base = Some(None);
-        }
-        let Some(base) = fork_base else {
+        let remembered = self
+            .store
+            .recent_blocks(lease.conn(), detected_at, depth + 1)
+            .await?;
+        let window = Window {
+            checkpoint: cp,
+            depth,
+            start_block: self.start_block,
+        };
+        let base = reorg::find_fork_base(&self.source, &remembered, &window).await?;
+        let Some((fork, back_to)) = base.undo(self.start_block) else {
             return Err(IndexerError::DeepReorg {
                 at: detected_at,
                 depth,
             });
         };
-        let fork = base.map_or(self.start_block, |b| b.number + 1);
         tracing::warn!(
             chain_id,
             fork,
-            undone = cp.number + 1 - fork,
+            undone = (cp.number + 1).saturating_sub(fork),
             "reorg: undoing dropped blocks"
         );
-        let changes =
-            sink::undo_from(lease.conn(), chain_id, &self.token_list, fork, base, depth).await?;
+        let changes = self
+            .store
+            .undo_from(lease.conn(), &self.addresses, fork, back_to, depth)
+            .await?;
         metrics::counter!("tokenwarden_indexer_reorgs_total", "chain_id" => self.label.clone())
             .increment(1);
-        self.cp = base;
+        self.cp = back_to;
         self.announce(changes);
         Ok(())
     }
@@ -414,7 +414,7 @@ impl Indexer {
         n: u64,
         head: u64,
     ) -> Result<bool, IndexerError> {
-        let Some(h) = self.rpc.header(n).await? else {
+        let Some(h) = self.source.header(n).await? else {
             return Ok(false);
         };
         if let Some(cp) = self.cp
@@ -425,7 +425,7 @@ impl Indexer {
             return Ok(false);
         }
         let filter = self.base_filter.clone().at_block_hash(h.hash);
-        let logs = self.rpc.logs_retrying(&filter).await?;
+        let logs = self.source.block_logs(&filter).await?;
         let mut rows = Vec::with_capacity(logs.len());
         let mut rejected = Vec::new();
         for log in &logs {
@@ -481,19 +481,15 @@ impl Indexer {
         let expected = self.cp.map(|c| c.number);
         let expected_from = expected.map_or(self.start_block, |n| n + 1);
         if batch.from_block != expected_from {
-            return Err(IndexerError::Task(format!(
-                "batch starts at {} but the next block is {expected_from}",
-                batch.from_block
-            )));
+            return Err(IndexerError::OutOfOrder {
+                from: batch.from_block,
+                expected: expected_from,
+            });
         }
-        let changes = sink::commit_batch(
-            lease.conn(),
-            self.chain_id(),
-            self.chain.reorg_depth,
-            expected,
-            &batch,
-        )
-        .await?;
+        let changes = self
+            .store
+            .commit_batch(lease.conn(), self.chain.reorg_depth, expected, &batch)
+            .await?;
         self.cp = Some(Checkpoint {
             number: batch.last.number,
             hash: batch.last.hash,
@@ -529,7 +525,7 @@ impl Indexer {
                     .clamp(1, self.chain.max_block_range);
                 let end = next.saturating_add(size - 1).min(to);
                 let job = FetchJob {
-                    rpc: self.rpc.clone(),
+                    source: self.source.clone(),
                     filter: self.base_filter.clone(),
                     standards: self.standards.clone(),
                     range: self.range.clone(),
@@ -546,9 +542,7 @@ impl Indexer {
                 break;
             };
             let waited = Instant::now();
-            let batch = task
-                .await
-                .map_err(|e| IndexerError::Task(e.to_string()))??;
+            let batch = task.await??;
             let wait_ms = waited.elapsed().as_millis() as u64;
             logs_done += batch.rows.len() as u64;
             let at = batch.last.number;
@@ -639,8 +633,8 @@ fn decode_in_range(
 }
 
 /// One backfill range fetch, run as its own task.
-struct FetchJob {
-    rpc: Rpc,
+struct FetchJob<S: ChainSource> {
+    source: S,
     filter: Filter,
     standards: Arc<HashMap<Address, TokenStandard>>,
     range: Arc<AtomicU64>,
@@ -651,7 +645,7 @@ struct FetchJob {
     label: String,
 }
 
-impl FetchJob {
+impl<S: ChainSource> FetchJob<S> {
     /// Fetches every Transfer log of `[from, to]` (splitting the range as the provider asks)
     /// and the header of `to`.
     async fn fetch(self, from: u64, to: u64) -> Result<Batch, IndexerError> {
@@ -665,7 +659,7 @@ impl FetchJob {
             let end = cur.saturating_add(size - 1).min(to);
             let span = end - cur + 1;
             let filter = self.filter.clone().from_block(cur).to_block(end);
-            match self.rpc.logs_once(&filter).await {
+            match self.source.range_logs(&filter).await {
                 Ok(logs) => {
                     for log in &logs {
                         if let Some(r) = decode_in_range(
@@ -686,7 +680,7 @@ impl FetchJob {
                 }
                 Err(RpcError::Cancelled) => return Err(RpcError::Cancelled.into()),
                 Err(e) => {
-                    self.rpc.record_error(&e);
+                    self.source.record_error(&e);
                     failures += 1;
                     if failures > self.max_failures.saturating_mul(2) {
                         return Err(e.into());
@@ -702,18 +696,18 @@ impl FetchJob {
                             }
                             tracing::debug!(from = cur, to = end, next_range = n, error = %e, "getLogs range limited");
                             if span == 1 {
-                                self.rpc.wait_after(&e, &mut schedule).await?;
+                                self.source.wait_after(&e, &mut schedule).await?;
                             }
                         }
                         RpcError::Retryable { .. } => {
-                            self.rpc.wait_after(&e, &mut schedule).await?;
+                            self.source.wait_after(&e, &mut schedule).await?;
                         }
                         _ => {
                             // Timeouts and unknown errors: halve, then back off at one block.
                             if span > 1 {
                                 self.range.store((span / 2).max(1), Ordering::Relaxed);
                             } else {
-                                self.rpc.wait_after(&e, &mut schedule).await?;
+                                self.source.wait_after(&e, &mut schedule).await?;
                             }
                         }
                     }
@@ -722,7 +716,7 @@ impl FetchJob {
         }
         rows.sort_by_key(|r| (r.block_number, r.log_index));
         let header = self
-            .rpc
+            .source
             .header(to)
             .await?
             .ok_or_else(|| RpcError::InvalidReply {
@@ -784,7 +778,7 @@ async fn watch_heads(url: String, chain_id: u64, wake: Arc<Notify>, cancel: Canc
             _ = cancel.cancelled() => return,
             r = attempt => {
                 if let Err(e) = r {
-                    tracing::warn!(chain_id, url = %crate::redact::redact_endpoint(&url), error = %super::rpc::scrub_endpoints(&e.to_string(), std::slice::from_ref(&url)), "new-heads subscription failed; polling until it is back");
+                    tracing::warn!(chain_id, url = %crate::redact::redact_endpoint(&url), error = %crate::redact::scrub_endpoints(&e.to_string(), std::slice::from_ref(&url)), "new-heads subscription failed; polling until it is back");
                 }
             }
         }
@@ -800,3 +794,59 @@ async fn watch_heads(url: String, chain_id: u64, wake: Arc<Notify>, cancel: Canc
 pub type BlockHash = B256;
 /// For the CLI and tests: the header type re-exported.
 pub type Header = HeaderInfo;
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicU64;
+
+    use alloy::primitives::{Address, U256};
+    use alloy::rpc::types::Filter;
+
+    use super::FetchJob;
+    use crate::chain::decode::TRANSFER_TOPIC;
+    use crate::chain::source::fake::FakeChain;
+    use crate::config::TokenStandard;
+
+    /// A provider that refuses ranges over 10 blocks: the backfill fetch splits to what it
+    /// names, remembers that cap, and still returns every log of the range in chain order
+    /// with the header of its last block.
+    #[tokio::test]
+    async fn a_range_limit_splits_the_fetch_without_losing_logs() {
+        let chain = FakeChain {
+            max_range: Some(10),
+            ..FakeChain::with_blocks(100, 101, 0)
+        };
+        let token = Address::with_last_byte(0x77);
+        let (a, b) = (Address::with_last_byte(1), Address::with_last_byte(2));
+        chain.push_transfer(99, 0, token, (a, b, 3));
+        chain.push_transfer(5, 1, token, (Address::ZERO, a, 10));
+        chain.push_transfer(50, 0, token, (a, b, 4));
+        let job = FetchJob {
+            source: chain.clone(),
+            filter: Filter::new().address(token).event_signature(TRANSFER_TOPIC),
+            standards: Arc::new(HashMap::from([(token, TokenStandard::Erc20)])),
+            range: Arc::new(AtomicU64::new(100)),
+            cap: Arc::new(AtomicU64::new(2000)),
+            max_range: 2000,
+            target_logs: 10_000,
+            max_failures: 3,
+            label: "31337".into(),
+        };
+        let cap = job.cap.clone();
+        let batch = job.fetch(0, 100).await.unwrap();
+        let blocks: Vec<u64> = batch.rows.iter().map(|r| r.block_number).collect();
+        assert_eq!(blocks, vec![5, 50, 99]);
+        assert_eq!(batch.rows[0].value, U256::from(10u64));
+        assert_eq!(batch.from_block, 0);
+        assert_eq!(batch.last.number, 100);
+        assert_eq!(batch.headers, vec![batch.last]);
+        assert_eq!(cap.load(std::sync::atomic::Ordering::Relaxed), 10);
+        let ranges = chain.asked_ranges.lock().unwrap().clone();
+        assert_eq!(ranges[0], (0, 99));
+        assert!(ranges[1..].iter().all(|(f, t)| t - f < 10), "{ranges:?}");
+        assert_eq!(ranges.last().map(|r| r.1), Some(100));
+        assert_eq!(*chain.errors.lock().unwrap(), vec!["range_limit"]);
+    }
+}

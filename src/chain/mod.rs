@@ -1,18 +1,31 @@
 //! The chain indexer: follows ERC-20 and ERC-721 `Transfer` logs, keeps exact holder balances
 //! and NFT owners in Postgres, survives reorgs, RPC faults and restarts, and announces changes.
 //!
-//! Layout: [`rpc`] (JSON-RPC calls, error classification, retries), [`decode`] (logs → transfer
-//! rows), [`sink`] (the Postgres writes: batches and reorg undo, one transaction each),
-//! [`lease`] (one leader per chain across replicas), [`notify`] (Redis announcements),
-//! [`indexer`] (backfill, head following, reorg detection), [`cli`] (operator commands).
+//! | module | concern |
+//! |---|---|
+//! | [`rpc`] | JSON-RPC calls, error classification, retries |
+//! | [`source`] | the calls the indexer needs, as a trait ([`rpc::Rpc`] implements it) |
+//! | [`tokens`] | the configured tokens of a chain, addresses parsed |
+//! | [`decode`] | logs → transfer rows |
+//! | [`netting`] | a batch's transfers → balance deltas, NFT owners, changed holders (pure) |
+//! | [`reorg`] | the fork base of a reorg: newest remembered block still on the chain |
+//! | [`store`] | the only reader and writer of the chain tables: batches and reorg undo (one transaction each), checkpoints, faults, holdings |
+//! | [`lease`] | one leader per chain across replicas |
+//! | [`notify`] | Redis announcements |
+//! | [`indexer`] | backfill, head following, reorg detection |
+//! | [`cli`] | operator commands |
 
 pub mod cli;
 pub mod decode;
 pub mod indexer;
 pub mod lease;
+pub mod netting;
 pub mod notify;
+pub mod reorg;
 pub mod rpc;
-pub mod sink;
+pub mod source;
+pub mod store;
+pub mod tokens;
 
 /// Starts one indexer task per configured chain (each waits for its lease before indexing).
 /// Returns nothing to wait on when `chain.enabled` is false. The tasks stop when

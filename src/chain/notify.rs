@@ -12,7 +12,10 @@
 
 use redis::aio::ConnectionManager;
 
-use super::sink::Changes;
+use alloy::primitives::Address;
+
+use super::decode::addr_hex;
+use super::netting::Changes;
 
 /// Largest number of keys deleted per Redis command.
 const DEL_CHUNK: usize = 1000;
@@ -38,7 +41,9 @@ pub async fn announce(
         if holders.is_empty() {
             continue;
         }
-        if let Err(e) = announce_token(redis, prefix, chain_id, token, holders, changes.block).await
+        let token = addr_hex(token);
+        if let Err(e) =
+            announce_token(redis, prefix, chain_id, &token, holders, changes.block).await
         {
             metrics::counter!("tokenwarden_indexer_announce_errors_total",
                 "chain_id" => chain_id.to_string())
@@ -53,10 +58,10 @@ async fn announce_token(
     prefix: &str,
     chain_id: u64,
     token: &str,
-    holders: &std::collections::BTreeSet<String>,
+    holders: &std::collections::BTreeSet<Address>,
     block: u64,
 ) -> Result<(), redis::RedisError> {
-    let list: Vec<&String> = holders.iter().collect();
+    let list: Vec<String> = holders.iter().map(addr_hex).collect();
     for chunk in list.chunks(DEL_CHUNK) {
         let keys: Vec<String> = chunk
             .iter()

@@ -17,6 +17,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 
 use crate::app::AppContext;
+use crate::chain::store::ChainStore;
 
 /// Why the endpoint could not start.
 #[derive(Debug, thiserror::Error)]
@@ -186,14 +187,15 @@ async fn check_chain(s: &OpsState, chain: &crate::config::ChainConfig, timeout: 
     if s.ctx.cfg.chain.tokens_of(chain.chain_id).is_empty() {
         return Check::ok(name, Some(format!("head {head}, no tokens indexed")));
     }
-    let q = sqlx::query_scalar::<_, i64>(
-        "SELECT block_number FROM public.chain_checkpoints WHERE chain_id = $1",
-    )
-    .bind(i64::try_from(chain.chain_id).unwrap_or(i64::MAX))
-    .fetch_optional(&s.ctx.pool);
+    let store = match ChainStore::new(chain.chain_id) {
+        Ok(store) => store,
+        Err(e) => return Check::fail(name, e.to_string()),
+    };
+    let q = store.checkpoint(&s.ctx.pool);
     let checkpoint = match tokio::time::timeout(timeout, q).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Check::fail(name, format!("cannot read checkpoint: {e}")),
+        Ok(Ok(c)) => c.map(|c| c.number),
+        // The store names what failed ("read checkpoint: …").
+        Ok(Err(e)) => return Check::fail(name, e.to_string()),
         Err(_) => return Check::fail(name, format!("checkpoint query over {timeout:?}")),
     };
     let max_lag = s.ctx.cfg.maintenance.readiness.max_indexer_lag_blocks;
@@ -212,17 +214,37 @@ async fn check_chain(s: &OpsState, chain: &crate::config::ChainConfig, timeout: 
 
 /// Whether an indexer at `checkpoint` keeps up with `target` (the head minus the chain's
 /// confirmations), and the figures for the body.
-fn assess_lag(target: u64, checkpoint: i64, max_lag: u64) -> (bool, String) {
-    let lag = target.saturating_sub(u64::try_from(checkpoint).unwrap_or(0));
+fn assess_lag(target: u64, checkpoint: u64, max_lag: u64) -> (bool, String) {
+    let lag = target.saturating_sub(checkpoint);
     (
         lag <= max_lag,
         format!("target {target}, checkpoint {checkpoint}, lag {lag} (max {max_lag})"),
     )
 }
 
+/// Why the readiness probe got no head from one RPC URL. reqwest errors lose their URL
+/// (`without_url`): it may carry an API key, and the caller names the endpoint redacted.
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error("request failed: {0}")]
+    Request(#[source] reqwest::Error),
+    #[error("HTTP {0}")]
+    Status(reqwest::StatusCode),
+    #[error("not JSON: {0}")]
+    NotJson(#[source] reqwest::Error),
+    #[error("no result in reply: {0}")]
+    NoResult(serde_json::Value),
+    #[error("bad block number {hex:?}: {source}")]
+    BadNumber {
+        hex: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+}
+
 /// Plain JSON-RPC `eth_blockNumber` (hand-written: one request with the shared client and
 /// timeout, rather than building an alloy provider per probe).
-async fn eth_block_number(http: &reqwest::Client, url: &str) -> Result<u64, String> {
+async fn eth_block_number(http: &reqwest::Client, url: &str) -> Result<u64, ProbeError> {
     let resp = http
         .post(url)
         .json(&serde_json::json!({
@@ -230,20 +252,21 @@ async fn eth_block_number(http: &reqwest::Client, url: &str) -> Result<u64, Stri
         }))
         .send()
         .await
-        .map_err(|e| format!("request failed: {}", e.without_url()))?;
+        .map_err(|e| ProbeError::Request(e.without_url()))?;
     if !resp.status().is_success() {
-        return Err(format!("HTTP {}", resp.status()));
+        return Err(ProbeError::Status(resp.status()));
     }
     let body: serde_json::Value = resp
         .json()
         .await
-        .map_err(|e| format!("not JSON: {}", e.without_url()))?;
-    let hex = body
-        .get("result")
-        .and_then(|r| r.as_str())
-        .ok_or_else(|| format!("no result in reply: {body}"))?;
-    u64::from_str_radix(hex.trim_start_matches("0x"), 16)
-        .map_err(|e| format!("bad block number {hex:?}: {e}"))
+        .map_err(|e| ProbeError::NotJson(e.without_url()))?;
+    let Some(hex) = body.get("result").and_then(|r| r.as_str()) else {
+        return Err(ProbeError::NoResult(body));
+    };
+    u64::from_str_radix(hex.trim_start_matches("0x"), 16).map_err(|source| ProbeError::BadNumber {
+        hex: hex.to_string(),
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 //! | [`store`] | the `snapshots` / `snapshot_holders` tables: pending → complete/failed, COPY per page |
 //! | [`claim`] | one crawler per snapshot: a session advisory lock held for the whole crawl |
 //! | [`crawl`] | a GoldRush crawl streamed page by page into Postgres |
-//! | [`index`] | own-index snapshots computed in SQL from `chain_transfers` |
+//! | [`own_index`] | own-index snapshots: holders computed from the chain indexer's tables (through [`crate::chain::store`]) |
 //! | [`service`] | one entry point for jobs and the CLI: validate a request, run it, record the outcome |
 //! | [`job`] | the `snapshot_create` job handler |
 //! | [`cli`] | `tokenwarden snapshot create|show|check|diff` |
@@ -18,12 +18,13 @@ pub mod claim;
 pub mod cli;
 pub mod crawl;
 pub mod goldrush;
-pub mod index;
 pub mod job;
+pub mod own_index;
 pub mod service;
 pub mod store;
 
 pub use job::SnapshotCreateHandler;
 pub use service::{
-    SnapshotError, SnapshotOutcome, SnapshotRequest, SnapshotService, SnapshotSource,
+    InvalidRequest, SnapshotError, SnapshotOutcome, SnapshotRequest, SnapshotService,
+    SnapshotSource,
 };

@@ -277,6 +277,19 @@ pub async fn complete(
     })
 }
 
+/// The sum of a snapshot's stored balances (decimal text; 0 when it has no holders).
+pub async fn total_supply(
+    conn: &mut PgConnection,
+    id: Uuid,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(balance), 0)::text FROM public.snapshot_holders WHERE snapshot_id = $1",
+    )
+    .bind(id)
+    .fetch_one(conn)
+    .await
+}
+
 /// Marks a snapshot failed with `reason` and deletes its holder rows, in one transaction.
 pub async fn fail(conn: &mut PgConnection, id: Uuid, reason: &str) -> Result<(), sqlx::Error> {
     let mut tx = conn.begin().await?;
