@@ -1913,11 +1913,7 @@ async fn arrays_that_do_not_start_at_one_are_refused() {
             Some("22023"),
             "{kind:?}: two-dimensional amounts"
         );
-        assert_eq!(
-            account(&env.pool, user.0).await,
-            Some((5_000, 0)),
-            "{kind:?}"
-        );
+        assert_eq!(env.account(user.0).await, Some((5_000, 0)), "{kind:?}");
         for r in [a, b, c] {
             assert_eq!(
                 stored(&env.pool, r).await,
@@ -2032,7 +2028,7 @@ async fn rejected_input_is_stored_bounded_and_repeats_still_get_their_answer() {
             "request_id_conflict",
             "{kind:?}"
         );
-        assert_eq!(account(&env.pool, user.0).await, Some((99, 0)), "{kind:?}");
+        assert_eq!(env.account(user.0).await, Some((99, 0)), "{kind:?}");
     }
 }
 
@@ -2073,7 +2069,7 @@ async fn operations_that_fail_leave_no_account_row() {
             0,
             "{kind:?}: rejected grants"
         );
-        assert_eq!(account(&env.pool, u3).await, Some((5, 0)), "{kind:?}");
+        assert_eq!(env.account(u3).await, Some((5, 0)), "{kind:?}");
 
         // One request id reused for other users: the repeats are conflicts and create nothing,
         // through both doors.

@@ -290,7 +290,8 @@ impl SnapshotService {
 
     async fn run_index(&self, id: Uuid, req: &SnapshotRequest) -> Result<(), Failure> {
         let chain_id = own_index::parse_chain_id(&req.chain).map_err(Refusal::OwnIndex)?;
-        match own_index::snapshot_into(&self.pool, id, chain_id, &req.token, req.block_height).await {
+        match own_index::snapshot_into(&self.pool, id, chain_id, &req.token, req.block_height).await
+        {
             Ok(_) => Ok(()),
             Err(e) => Err(match e.into_db() {
                 Ok(db) => Failure::Db(db),
