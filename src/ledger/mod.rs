@@ -15,7 +15,7 @@
 
 pub mod anomalies;
 pub mod batcher;
-pub mod cli;
+pub(crate) mod cli;
 pub mod jobs;
 mod store;
 mod types;

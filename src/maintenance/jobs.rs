@@ -25,9 +25,10 @@ pub const PRUNE: &str = "prune";
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MaintenancePayload {
-    /// Present when the caller waits for the reply; the queue uses it, the job does not.
-    #[serde(default)]
-    pub request_id: Option<uuid::Uuid>,
+    /// Present when the caller waits for the reply: the queue reads it from the raw payload;
+    /// declared here only so that it is accepted (and checked to be a uuid).
+    #[serde(default, rename = "request_id")]
+    _request_id: Option<uuid::Uuid>,
 }
 
 /// Validates a maintenance payload, rejecting anything but an optional `request_id`.

@@ -9,11 +9,11 @@
 //! purges dead letters, trims streams and reads the gauge figures).
 
 pub mod anomalies;
-pub mod cli;
-pub mod http;
-pub mod jobs;
-pub mod metrics;
-pub mod scheduler;
+pub(crate) mod cli;
+pub(crate) mod http;
+pub(crate) mod jobs;
+pub(crate) mod metrics;
+pub(crate) mod scheduler;
 
 use std::sync::Arc;
 

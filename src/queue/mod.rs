@@ -26,19 +26,19 @@
 //! | [`unknown`] | the sweep that dead-letters entries of job types nobody serves |
 //! | [`cli`] | `tokenwarden enqueue` and `tokenwarden dead-letters` |
 
-pub mod acker;
-pub mod backend;
-pub mod cli;
-pub mod consumer;
+pub(crate) mod acker;
+pub(crate) mod backend;
+pub(crate) mod cli;
+pub(crate) mod consumer;
 pub mod dead_letter;
 pub mod entry;
-pub mod error;
-pub mod figures;
+pub(crate) mod error;
+pub(crate) mod figures;
 pub mod job;
-pub mod reader;
-pub mod registry;
-pub mod streams;
-pub mod unknown;
+pub(crate) mod reader;
+pub(crate) mod registry;
+pub(crate) mod streams;
+pub(crate) mod unknown;
 
 pub use consumer::run_consumers;
 pub use error::QueueError;

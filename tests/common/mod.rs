@@ -201,6 +201,11 @@ impl CliOutput {
     pub fn text(&self) -> String {
         format!("{}{}", self.stdout, self.stderr)
     }
+
+    /// Whether it succeeded, and what it printed on stdout (its answer; logs go to stderr).
+    pub fn status_and_stdout(self) -> (bool, String) {
+        (self.ok, self.stdout)
+    }
 }
 
 /// Actions a test takes on its environment: one implementation each, shared by every test file.
@@ -281,6 +286,21 @@ impl TestEnv {
     pub fn reply_key(&self, request_id: &str) -> String {
         format!("{}:reply:{request_id}", self.redis_prefix)
     }
+}
+
+/// Writes `dir/chain.toml`: chain indexing on, one chain 31337 named "down" served by
+/// `rpc_url` (nothing need answer there), no token; returns its path for `--config`.
+pub fn chain_config_file(dir: &std::path::Path, rpc_url: &str) -> String {
+    let file = dir.join("chain.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[chain]\nenabled = true\n\n[[chain.chains]]\nchain_id = 31337\nname = \"down\"\n\
+             rpc_urls = [\"{rpc_url}\"]\n"
+        ),
+    )
+    .expect("write config");
+    file.to_string_lossy().into_owned()
 }
 
 /// XADDs one entry with `fields` to `stream`; returns its id.
