@@ -1849,3 +1849,275 @@ async fn bench_ledger_apply() {
         1_000_000_000_000 - (runs / 2) as i64 * total as i64
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Defects found in review (issue 9 §4), on both kinds of database
+// ---------------------------------------------------------------------------------------------
+
+/// `tw_ledger_apply` with parallel arrays given as SQL literals: `amounts` may start at any
+/// index. Returns the SQLSTATE of the error, if any.
+async fn apply_with_amounts(
+    pool: &PgPool,
+    user: Uuid,
+    rids: &[Uuid],
+    amounts: &str,
+) -> Option<String> {
+    let n = rids.len();
+    let q = format!(
+        "SELECT status FROM public.tw_ledger_apply($1, $2, $3, '{amounts}'::bigint[], $4, $5, $6, $7)"
+    );
+    let res = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(q))
+        .bind(rids)
+        .bind(vec!["consume".to_string(); n])
+        .bind(vec![user; n])
+        .bind(vec!["chat".to_string(); n])
+        .bind(vec![None::<Uuid>; n])
+        .bind(vec![None::<i32>; n])
+        .bind(vec![json!({}); n])
+        .fetch_all(pool)
+        .await;
+    match res {
+        Ok(_) => None,
+        Err(sqlx::Error::Database(db)) => db.code().map(|c| c.to_string()),
+        Err(e) => panic!("tw_ledger_apply failed unexpectedly: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn arrays_that_do_not_start_at_one_are_refused() {
+    for kind in DbKind::ALL {
+        let env = TestEnv::on(kind).await;
+        let l = ledger(&env);
+        let user = uid();
+        apply_one(&l, grant(rid(), user, 5_000)).await;
+        // Two operations, amounts indexed 0..1: once charged 1000 and recorded 1.
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let code = apply_with_amounts(&env.pool, user.0, &[a, b], "[0:1]={1,1000}").await;
+        assert_eq!(
+            code.as_deref(),
+            Some("22023"),
+            "{kind:?}: two ops, amounts from index 0"
+        );
+        // One operation (the single-operation path), amounts indexed 0..0.
+        let c = Uuid::new_v4();
+        let code = apply_with_amounts(&env.pool, user.0, &[c], "[0:0]={7}").await;
+        assert_eq!(
+            code.as_deref(),
+            Some("22023"),
+            "{kind:?}: one op, amount at index 0"
+        );
+        // Two dimensions are refused too.
+        let code = apply_with_amounts(&env.pool, user.0, &[a, b], "{{1},{1000}}").await;
+        assert_eq!(
+            code.as_deref(),
+            Some("22023"),
+            "{kind:?}: two-dimensional amounts"
+        );
+        assert_eq!(env.account(user.0).await, Some((5_000, 0)), "{kind:?}");
+        for r in [a, b, c] {
+            assert_eq!(
+                stored(&env.pool, r).await,
+                None,
+                "{kind:?}: nothing recorded"
+            );
+        }
+    }
+}
+
+/// Size in bytes of what `ledger_requests` keeps of one request (label, metadata, reason).
+async fn stored_size(pool: &PgPool, request_id: Uuid) -> i64 {
+    sqlx::query_scalar::<_, i64>(
+        "SELECT (coalesce(octet_length(label), 0) + coalesce(octet_length(metadata::text), 0)
+                 + coalesce(octet_length(reason), 0))::bigint
+           FROM public.ledger_requests WHERE request_id = $1",
+    )
+    .bind(request_id)
+    .fetch_one(pool)
+    .await
+    .expect("read stored request")
+}
+
+/// Whether `ledger_requests` keeps the digest of a request's fields.
+async fn stored_digest(pool: &PgPool, request_id: Uuid) -> bool {
+    sqlx::query_scalar::<_, bool>(
+        "SELECT fields_sha256 IS NOT NULL FROM public.ledger_requests WHERE request_id = $1",
+    )
+    .bind(request_id)
+    .fetch_one(pool)
+    .await
+    .expect("read stored digest")
+}
+
+#[tokio::test]
+async fn rejected_input_is_stored_bounded_and_repeats_still_get_their_answer() {
+    for kind in DbKind::ALL {
+        let env = TestEnv::on(kind).await;
+        let l = ledger(&env);
+        let user = uid();
+        apply_one(&l, grant(rid(), user, 100)).await;
+        let huge_type = "t".repeat(10_000_000);
+        let huge_meta = json!({ "blob": "m".repeat(1_000_000) });
+
+        // SQL door, one operation: a 10,000,000-character operation type.
+        let r1 = Uuid::new_v4();
+        let first = consume_sql(&env.pool, r1, user.0, 1, &huge_type, json!({})).await;
+        assert_eq!(first["status"], json!("rejected"), "{kind:?}: {first}");
+        // Queue door shape, a batch: 1 MB of metadata next to a valid op.
+        let r2 = rid();
+        let mut big = consume(r2, user, 1);
+        if let LedgerOp::Consume { metadata, .. } = &mut big {
+            *metadata = huge_meta.clone();
+        }
+        let batch = l
+            .apply(&[big.clone(), consume(rid(), user, 1)])
+            .await
+            .unwrap();
+        assert_eq!(batch[0].status, OutcomeStatus::Rejected, "{kind:?}");
+        assert_eq!(batch[1].status, OutcomeStatus::Consumed, "{kind:?}");
+        // A payload the worker could not parse, recorded by tw_ledger_reject.
+        let r3 = Uuid::new_v4();
+        let reject = |label: String, meta: Value| {
+            sqlx::query_scalar::<_, String>(
+                "SELECT status FROM public.tw_ledger_reject($1, 'consume', $2, NULL, 1, $3, NULL, $4, 'bad payload')",
+            )
+            .bind(r3)
+            .bind(user.0)
+            .bind(label)
+            .bind(meta)
+            .fetch_one(&env.pool)
+        };
+        let big_array = json!(["a".repeat(1_000_000)]);
+        assert_eq!(
+            reject(huge_type.clone(), big_array.clone()).await.unwrap(),
+            "rejected"
+        );
+
+        for r in [r1, r2.0, r3] {
+            let bytes = stored_size(&env.pool, r).await;
+            assert!(bytes <= 8_192, "{kind:?}: request {r} keeps {bytes} bytes");
+            assert!(
+                stored_digest(&env.pool, r).await,
+                "{kind:?}: request {r} keeps the digest of its fields"
+            );
+        }
+
+        // The same oversized fields again: the stored `rejected` outcome, through each door.
+        let again = consume_sql(&env.pool, r1, user.0, 1, &huge_type, json!({})).await;
+        assert_eq!(again, first, "{kind:?}");
+        assert_eq!(apply_one(&l, big.clone()).await, batch[0], "{kind:?}");
+        assert_eq!(
+            reject(huge_type.clone(), big_array.clone()).await.unwrap(),
+            "rejected"
+        );
+        // Other fields with the same id: a conflict, also when only the cut-off part differs.
+        let mut other_type = huge_type.clone();
+        other_type.push('u');
+        let v = consume_sql(&env.pool, r1, user.0, 1, &other_type, json!({})).await;
+        assert_eq!(v["status"], json!("request_id_conflict"), "{kind:?}");
+        let mut other = consume(r2, user, 1);
+        if let LedgerOp::Consume { metadata, .. } = &mut other {
+            *metadata = json!({ "blob": format!("{}n", "m".repeat(999_999)) });
+        }
+        assert_eq!(
+            apply_one(&l, other).await.status,
+            OutcomeStatus::RequestIdConflict
+        );
+        let other_array = json!([format!("{}b", "a".repeat(999_999))]);
+        assert_eq!(
+            reject(huge_type.clone(), other_array).await.unwrap(),
+            "request_id_conflict",
+            "{kind:?}"
+        );
+        assert_eq!(env.account(user.0).await, Some((99, 0)), "{kind:?}");
+    }
+}
+
+async fn account_count(pool: &PgPool, users: &[Uuid]) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM public.credit_accounts WHERE user_id = ANY ($1)")
+        .bind(users)
+        .fetch_one(pool)
+        .await
+        .expect("count accounts")
+}
+
+#[tokio::test]
+async fn operations_that_fail_leave_no_account_row() {
+    for kind in DbKind::ALL {
+        let env = TestEnv::on(kind).await;
+        let l = ledger(&env);
+        let long_reason = "r".repeat(300);
+
+        // A rejected grant, through the SQL door and in a batch next to a good grant.
+        let (u1, u2, u3) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let v = sql(&env.pool, "SELECT public.add_tokens($1, 5, $2)", |q| {
+            q.bind(u1).bind(long_reason.clone())
+        })
+        .await;
+        assert_eq!(v["status"], json!("rejected"), "{kind:?}");
+        let bad = LedgerOp::Grant {
+            request_id: rid(),
+            user_id: UserId(u2),
+            amount: credits(5),
+            reason: long_reason.clone(),
+            metadata: json!({}),
+        };
+        let out = l.apply(&[bad, grant(rid(), UserId(u3), 5)]).await.unwrap();
+        assert_eq!(out[0].status, OutcomeStatus::Rejected, "{kind:?}");
+        assert_eq!(out[1].status, OutcomeStatus::Granted, "{kind:?}");
+        assert_eq!(
+            account_count(&env.pool, &[u1, u2]).await,
+            0,
+            "{kind:?}: rejected grants"
+        );
+        assert_eq!(env.account(u3).await, Some((5, 0)), "{kind:?}");
+
+        // One request id reused for other users: the repeats are conflicts and create nothing,
+        // through both doors.
+        let r = Uuid::new_v4();
+        let first = add_tokens_sql(&env.pool, u3, 7, Some(r)).await;
+        assert_eq!(first["status"], json!("granted"), "{kind:?}");
+        let (v1, v2) = (Uuid::new_v4(), Uuid::new_v4());
+        let again = add_tokens_sql(&env.pool, v1, 7, Some(r)).await;
+        assert_eq!(again["status"], json!("request_id_conflict"), "{kind:?}");
+        let out = apply_one(&l, grant(RequestId(r), UserId(v2), 7)).await;
+        assert_eq!(out.status, OutcomeStatus::RequestIdConflict, "{kind:?}");
+        assert_eq!(
+            account_count(&env.pool, &[v1, v2]).await,
+            0,
+            "{kind:?}: conflicts"
+        );
+
+        // A race: one new request id, 16 users at once; one wins, the losers leave nothing.
+        let r = Uuid::new_v4();
+        let users: Vec<Uuid> = (0..16).map(|_| Uuid::new_v4()).collect();
+        let mut tasks = Vec::new();
+        for (i, u) in users.iter().copied().enumerate() {
+            let pool = env.pool.clone();
+            let l = ledger(&env);
+            tasks.push(tokio::spawn(async move {
+                if i % 2 == 0 {
+                    add_tokens_sql(&pool, u, 3, Some(r)).await["status"]
+                        .as_str()
+                        .map(str::to_string)
+                } else {
+                    let out = l.apply(&[grant(RequestId(r), UserId(u), 3)]).await.unwrap();
+                    Some(format!("{:?}", out[0].status))
+                }
+            }));
+        }
+        let mut statuses = Vec::new();
+        for t in tasks {
+            statuses.push(t.await.unwrap().unwrap_or_default());
+        }
+        let winners = statuses
+            .iter()
+            .filter(|s| *s == "granted" || *s == "Granted")
+            .count();
+        assert_eq!(winners, 1, "{kind:?}: {statuses:?}");
+        assert_eq!(
+            account_count(&env.pool, &users).await,
+            1,
+            "{kind:?}: race losers"
+        );
+    }
+}
