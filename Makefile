@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: run test services tools build lint fmt check-fmt clean-test-dbs bench-ledger bench-index bench-snapshots docs docs-check
+.PHONY: run test services tools ops-tools build lint fmt check-fmt clean-test-dbs bench-ledger bench-index bench-snapshots chaos soak docs docs-check
 
 ## Start Postgres and Redis if none is running (installing them if missing).
 services:
@@ -12,6 +12,10 @@ services:
 tools:
 	@scripts/node-tools.sh
 
+## Install promtool (Debian package prometheus), which tests/deploy.rs runs on deploy/.
+ops-tools:
+	@scripts/ops-tools.sh
+
 build:
 	$(CARGO) build --release --locked
 
@@ -20,7 +24,7 @@ run: services tools
 	@scripts/run-demo.sh
 
 ## Run every test against real Postgres, Redis and anvil.
-test: services tools clean-test-dbs
+test: services tools ops-tools clean-test-dbs
 	$(CARGO) test --locked --all-targets --no-fail-fast -- --test-threads=$${TEST_THREADS:-8}
 
 ## Drop databases left behind by earlier test runs.
@@ -46,6 +50,16 @@ bench-index: services tools
 ## Snapshot benchmark: 1,000,000-holder GoldRush crawl from the local mock.
 bench-snapshots: services tools
 	@scripts/bench-snapshots.sh
+
+## Ledger chaos run: replicas SIGKILLed, Redis and Postgres restarted, outcomes checked against
+## a model (own Postgres and Redis in a temp dir; at most 10 minutes). CHAOS_ARGS="--ops 20000".
+chaos: services
+	@scripts/chaos.sh $(CHAOS_ARGS)
+
+## Soak run: 1,000 req/s through the queue door for 10 minutes (SOAK_ARGS="--duration 24h"),
+## sampled every 10 s into docs/soak.csv and docs/soak.png.
+soak: services
+	@scripts/soak.sh $(SOAK_ARGS)
 
 ## Regenerate the generated tables in docs/ (configuration keys, metrics).
 docs:

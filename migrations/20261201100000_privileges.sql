@@ -99,6 +99,16 @@ REVOKE ALL ON FUNCTION public.tw_ledger_reject(uuid,text,uuid,uuid,bigint,text,i
 ALTER FUNCTION public.tw_ledger_reject(uuid,text,uuid,uuid,bigint,text,integer,jsonb,text) SET search_path = pg_catalog, pg_temp;
 REVOKE ALL ON FUNCTION public.tw_ledger_same_request(text,uuid,uuid,bigint,text,integer,jsonb,text,uuid,uuid,bigint,text,integer,jsonb) FROM PUBLIC, anon, authenticated, service_role;
 ALTER FUNCTION public.tw_ledger_same_request(text,uuid,uuid,bigint,text,integer,jsonb,text,uuid,uuid,bigint,text,integer,jsonb) SET search_path = pg_catalog, pg_temp;
+REVOKE ALL ON FUNCTION public.tw_ledger_same_stored(text,uuid,uuid,bigint,text,integer,jsonb,bytea,text,uuid,uuid,bigint,text,integer,jsonb) FROM PUBLIC, anon, authenticated, service_role;
+ALTER FUNCTION public.tw_ledger_same_stored(text,uuid,uuid,bigint,text,integer,jsonb,bytea,text,uuid,uuid,bigint,text,integer,jsonb) SET search_path = pg_catalog, pg_temp;
+REVOKE ALL ON FUNCTION public.tw_ledger_check(text[],uuid[],uuid[],bigint[],text[],integer[],jsonb[],integer,integer,integer,integer) FROM PUBLIC, anon, authenticated, service_role;
+ALTER FUNCTION public.tw_ledger_check(text[],uuid[],uuid[],bigint[],text[],integer[],jsonb[],integer,integer,integer,integer) SET search_path = pg_catalog, pg_temp;
+REVOKE ALL ON FUNCTION public.tw_ledger_kept_label(text) FROM PUBLIC, anon, authenticated, service_role;
+ALTER FUNCTION public.tw_ledger_kept_label(text) SET search_path = pg_catalog, pg_temp;
+REVOKE ALL ON FUNCTION public.tw_ledger_kept_metadata(jsonb) FROM PUBLIC, anon, authenticated, service_role;
+ALTER FUNCTION public.tw_ledger_kept_metadata(jsonb) SET search_path = pg_catalog, pg_temp;
+REVOKE ALL ON FUNCTION public.tw_ledger_fields_sha256(text,uuid,uuid,bigint,text,integer,jsonb) FROM PUBLIC, anon, authenticated, service_role;
+ALTER FUNCTION public.tw_ledger_fields_sha256(text,uuid,uuid,bigint,text,integer,jsonb) SET search_path = pg_catalog, pg_temp;
 REVOKE ALL ON FUNCTION public.verify_address_in_snapshot(uuid,text,text) FROM PUBLIC, anon, authenticated, service_role;
 GRANT EXECUTE ON FUNCTION public.verify_address_in_snapshot(uuid,text,text) TO anon, authenticated, service_role;
 ALTER FUNCTION public.verify_address_in_snapshot(uuid,text,text) SET search_path = pg_catalog, pg_temp;

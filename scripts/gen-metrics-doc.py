@@ -17,12 +17,17 @@ is rewritten.
     scripts/gen-metrics-doc.py --check    exit 1, naming them, if metrics are missing from or
                                           extra in the table, a meaning is a TODO, or the
                                           generated columns are stale (nothing written)
+    scripts/gen-metrics-doc.py --json     print the scan as JSON (nothing written): metric ->
+                                          {"type", "labels": {key: {"values", "dynamic"}}};
+                                          tests/deploy.rs checks the dashboards and alert
+                                          rules in deploy/ against it
 
 Python 3.11+ standard library only.
 """
 
 import argparse
 import difflib
+import json
 import re
 import sys
 from collections import defaultdict
@@ -115,6 +120,24 @@ def area_of(rel):
     return parts[-1]
 
 
+def as_json(metrics):
+    """The scan as plain data: label values that are literals in the code, and whether some
+    value is computed at run time (then any value may appear)."""
+    return {
+        name: {
+            "type": next(iter(e["types"])),
+            "labels": {
+                key: {
+                    "values": sorted(v for v in values if v is not None),
+                    "dynamic": None in values,
+                }
+                for key, values in e["labels"].items()
+            },
+        }
+        for name, e in metrics.items()
+    }
+
+
 def split_row(line):
     cells, cur, i = [], "", 0
     body = line.strip()
@@ -180,6 +203,7 @@ def render(metrics, meanings):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if the table is stale")
+    ap.add_argument("--json", action="store_true", help="print the registered metrics as JSON")
     ap.add_argument("--src", type=Path, default=ROOT / "src")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "metrics.md")
     args = ap.parse_args()
@@ -199,6 +223,9 @@ def main():
             file=sys.stderr,
         )
         return 1
+    if args.json:
+        print(json.dumps(as_json(metrics), indent=2, sort_keys=True))
+        return 0
     meanings = existing_rows(block)
     missing = sorted(set(metrics) - set(meanings))
     extra = sorted(set(meanings) - set(metrics))

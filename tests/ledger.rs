@@ -128,16 +128,6 @@ async fn add_tokens_sql(pool: &PgPool, user: Uuid, amount: i64, request_id: Opti
     .await
 }
 
-async fn account(pool: &PgPool, user: Uuid) -> Option<(i64, i64)> {
-    sqlx::query_as::<_, (i64, i64)>(
-        "SELECT balance, held FROM public.credit_accounts WHERE user_id = $1",
-    )
-    .bind(user)
-    .fetch_optional(pool)
-    .await
-    .expect("read account")
-}
-
 async fn stored(pool: &PgPool, request_id: Uuid) -> Option<(String, Option<String>)> {
     sqlx::query_as::<_, (String, Option<String>)>(
         "SELECT status, reason FROM public.ledger_requests WHERE request_id = $1",
@@ -226,7 +216,7 @@ async fn same_request_id_twice_debits_once_with_the_same_outcome() {
         .unwrap();
     assert_eq!(same_batch[0], same_batch[1]);
     assert_eq!(same_batch[0].balance, Some(33));
-    assert_eq!(account(&env.pool, user.0).await, Some((33, 0)));
+    assert_eq!(env.account(user.0).await, Some((33, 0)));
 
     // SQL door: same.
     let r3 = Uuid::new_v4();
@@ -234,7 +224,7 @@ async fn same_request_id_twice_debits_once_with_the_same_outcome() {
     let b = consume_sql(&env.pool, r3, user.0, 3, "chat", json!({})).await;
     assert_eq!(a, b);
     assert_eq!(a["balance"], json!(30));
-    assert_eq!(account(&env.pool, user.0).await, Some((30, 0)));
+    assert_eq!(env.account(user.0).await, Some((30, 0)));
     let consumes = history_kinds(&env.pool, user.0)
         .await
         .into_iter()
@@ -246,10 +236,10 @@ async fn same_request_id_twice_debits_once_with_the_same_outcome() {
     let g = Uuid::new_v4();
     add_tokens_sql(&env.pool, user.0, 10, Some(g)).await;
     add_tokens_sql(&env.pool, user.0, 10, Some(g)).await;
-    assert_eq!(account(&env.pool, user.0).await, Some((40, 0)));
+    assert_eq!(env.account(user.0).await, Some((40, 0)));
     add_tokens_sql(&env.pool, user.0, 10, None).await;
     add_tokens_sql(&env.pool, user.0, 10, None).await;
-    assert_eq!(account(&env.pool, user.0).await, Some((60, 0)));
+    assert_eq!(env.account(user.0).await, Some((60, 0)));
 }
 
 #[tokio::test]
@@ -272,7 +262,7 @@ async fn zero_balance_gives_insufficient_tokens_and_the_failure_is_final() {
     apply_one(&l, grant(rid(), user, 10)).await;
     let retry = apply_one(&l, consume(r, user, 1)).await;
     assert_eq!(retry, o);
-    assert_eq!(account(&env.pool, user.0).await, Some((10, 0)));
+    assert_eq!(env.account(user.0).await, Some((10, 0)));
     assert_eq!(
         stored(&env.pool, r.0).await.map(|s| s.0).as_deref(),
         Some("insufficient_tokens")
@@ -294,7 +284,7 @@ async fn unknown_user_consume_is_insufficient_tokens_without_an_account() {
     assert_eq!(h.status, OutcomeStatus::InsufficientTokens);
     let v = consume_sql(&env.pool, Uuid::new_v4(), user.0, 1, "chat", json!({})).await;
     assert_eq!(v["error"], json!("insufficient_tokens"));
-    assert_eq!(account(&env.pool, user.0).await, None);
+    assert_eq!(env.account(user.0).await, None);
     assert!(l.balance(user).await.unwrap().is_none());
 }
 
@@ -326,7 +316,7 @@ async fn same_id_with_different_fields_is_a_conflict_and_not_stored() {
     // The original outcome stands, nothing else moved.
     assert_eq!(l.outcome(r).await.unwrap(), Some(first.clone()));
     assert_eq!(apply_one(&l, consume(r, user, 10)).await, first);
-    assert_eq!(account(&env.pool, user.0).await, Some((89, 0)));
+    assert_eq!(env.account(user.0).await, Some((89, 0)));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -363,10 +353,10 @@ async fn concurrent_consumptions_end_with_the_exact_balance() {
     let user = uid();
     apply_one(&l, grant(rid(), user, 600)).await;
     assert_eq!(concurrent_sql_consumptions(&env.pool, user.0, 10).await, 10);
-    assert_eq!(account(&env.pool, user.0).await, Some((590, 0)));
+    assert_eq!(env.account(user.0).await, Some((590, 0)));
     let consumed = concurrent_sql_consumptions(&env.pool, user.0, 1000).await;
     assert_eq!(consumed, 590);
-    assert_eq!(account(&env.pool, user.0).await, Some((0, 0)));
+    assert_eq!(env.account(user.0).await, Some((0, 0)));
 
     // Queue door: 40 concurrent Ledger::apply batches of 25 on one hot user, plus the SQL
     // door at the same time.
@@ -393,7 +383,7 @@ async fn concurrent_consumptions_end_with_the_exact_balance() {
         spent += t.await.expect("task");
     }
     spent += sql_side.await.expect("sql task");
-    let (balance, held) = account(&env.pool, user2.0).await.expect("account");
+    let (balance, held) = env.account(user2.0).await.expect("account");
     assert_eq!(held, 0);
     assert_eq!(balance, 1500 - spent as i64);
     assert!(
@@ -456,7 +446,7 @@ async fn concurrent_batches_over_many_users_do_not_deadlock() {
     }
     for u in &users {
         let spent = consumed.get(&u.0).copied().unwrap_or(0);
-        assert_eq!(account(&env.pool, u.0).await, Some((100 - spent, 0)));
+        assert_eq!(env.account(u.0).await, Some((100 - spent, 0)));
     }
 }
 
@@ -595,7 +585,7 @@ async fn a_nul_label_fails_alone_and_the_rest_of_its_batch_is_applied() {
             assert_eq!(o.status, OutcomeStatus::Consumed, "op {i}");
         }
     }
-    assert_eq!(account(&env.pool, user.0).await, Some((1000 - 19, 0)));
+    assert_eq!(env.account(user.0).await, Some((1000 - 19, 0)));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -745,7 +735,7 @@ async fn an_expired_hold_cannot_be_settled() {
         .map(|h| h.0)
         .collect();
     assert_eq!(kinds, ["grant", "hold", "expire"]);
-    assert_eq!(account(&env.pool, user.0).await, Some((100, 0)));
+    assert_eq!(env.account(user.0).await, Some((100, 0)));
 }
 
 #[tokio::test]
@@ -767,14 +757,14 @@ async fn cleanup_expired_locks_returns_tokens_with_history_rows() {
         .await
         .unwrap();
     assert!(out.iter().all(|o| o.status == OutcomeStatus::Held));
-    assert_eq!(account(&env.pool, u1.0).await, Some((70, 30)));
+    assert_eq!(env.account(u1.0).await, Some((70, 30)));
     for h in [h1, h2, h3] {
         wait_until_expired(&env.pool, h.0).await;
     }
 
     assert_eq!(l.cleanup_expired_locks().await.unwrap(), 3);
-    assert_eq!(account(&env.pool, u1.0).await, Some((100, 0)));
-    assert_eq!(account(&env.pool, u2.0).await, Some((95, 5)));
+    assert_eq!(env.account(u1.0).await, Some((100, 0)));
+    assert_eq!(env.account(u2.0).await, Some((95, 5)));
     let hist = history_kinds(&env.pool, u1.0).await;
     let expires: Vec<_> = hist.iter().filter(|h| h.0 == "expire").collect();
     assert_eq!(expires.len(), 2);
@@ -868,7 +858,7 @@ async fn bad_input_through_the_sql_door_is_rejected_with_a_stored_reason() {
     .await;
     assert_eq!(o.status, OutcomeStatus::Rejected);
     // Nothing was debited.
-    assert_eq!(account(&env.pool, user.0).await, Some((100, 0)));
+    assert_eq!(env.account(user.0).await, Some((100, 0)));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -877,17 +867,9 @@ async fn bad_input_through_the_sql_door_is_rejected_with_a_stored_reason() {
 
 /// `tokenwarden enqueue <job_type> <payload> --wait`: the queue door as a caller sees it.
 fn enqueue_and_wait(env: &TestEnv, job_type: &str, payload: &Value) -> Value {
-    let out = std::process::Command::new(common::tokenwarden_bin())
-        .args(["enqueue", job_type, &payload.to_string(), "--wait", "60000"])
-        .envs(env.env_vars())
-        .output()
-        .expect("run tokenwarden enqueue");
-    assert!(
-        out.status.success(),
-        "enqueue {job_type} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("enqueue --wait prints the JSON reply")
+    let out = env.cli(&["enqueue", job_type, &payload.to_string(), "--wait", "60000"]);
+    assert!(out.ok, "enqueue {job_type} failed: {}", out.stderr);
+    serde_json::from_str(&out.stdout).expect("enqueue --wait prints the JSON reply")
 }
 
 /// The lifetime (seconds) and stored ttl_secs of hold `hold_id`.
@@ -1169,7 +1151,7 @@ async fn an_open_block_anomaly_rate_limits_until_resolved() {
     );
     // The rate-limited id keeps its stored outcome.
     assert_eq!(apply_one(&l, consume(r, user, 1)).await, c);
-    assert_eq!(account(&env.pool, user.0).await, Some((94, 0)));
+    assert_eq!(env.account(user.0).await, Some((94, 0)));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1312,7 +1294,7 @@ async fn rls_users_read_only_their_own_rows_on(env: TestEnv) {
             .unwrap();
     assert_eq!(v["status"], json!("consumed"));
     tx.commit().await.unwrap();
-    assert_eq!(account(&env.pool, alice.0).await, Some((96, 2)));
+    assert_eq!(env.account(alice.0).await, Some((96, 2)));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1320,18 +1302,8 @@ async fn rls_users_read_only_their_own_rows_on(env: TestEnv) {
 // ---------------------------------------------------------------------------------------------
 
 fn credits_cli(env: &TestEnv, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(common::tokenwarden_bin())
-        .arg("credits")
-        .args(args)
-        .envs(env.env_vars())
-        .output()
-        .expect("run tokenwarden credits");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    let out = env.cli(&[&["credits"], args].concat());
+    (out.ok, out.text())
 }
 
 #[tokio::test]
@@ -1691,10 +1663,10 @@ async fn sql_door(pool: &PgPool, op: &LedgerOp) -> Observed {
     (status, v["balance"].as_i64(), v["held"].as_i64())
 }
 
-async fn final_balances(pool: &PgPool, users: &[UserId]) -> Vec<(i64, i64)> {
+async fn final_balances(env: &TestEnv, users: &[UserId]) -> Vec<(i64, i64)> {
     let mut out = Vec::new();
     for u in users {
-        out.push(account(pool, u.0).await.unwrap_or((0, 0)));
+        out.push(env.account(u.0).await.unwrap_or((0, 0)));
     }
     out
 }
@@ -1736,7 +1708,7 @@ async fn model_based_both_doors_agree_with_the_model() {
         for (i, (g, e)) in got_a.iter().zip(&expected).enumerate() {
             assert_eq!(g, e, "SQL door, seed {seed}, op {i}: {:?}", ops[i]);
         }
-        assert_eq!(final_balances(&env_a.pool, &users).await, expected_balances);
+        assert_eq!(final_balances(&env_a, &users).await, expected_balances);
 
         // (b) random-size batches through Ledger::apply, on another fresh database.
         let env_b = TestEnv::new().await;
@@ -1757,7 +1729,7 @@ async fn model_based_both_doors_agree_with_the_model() {
         for (i, (g, e)) in got_b.iter().zip(&expected).enumerate() {
             assert_eq!(g, e, "queue door, seed {seed}, op {i}: {:?}", ops[i]);
         }
-        assert_eq!(final_balances(&env_b.pool, &users).await, expected_balances);
+        assert_eq!(final_balances(&env_b, &users).await, expected_balances);
 
         // The durable outcome of every id is the model's first decision.
         for op in ops.iter().take(50) {
@@ -1871,9 +1843,281 @@ async fn bench_ledger_apply() {
             runs += 1;
         }
     }
-    let hot_balance = account(&env.pool, hot[0].0).await.unwrap().0;
+    let hot_balance = env.account(hot[0].0).await.unwrap().0;
     assert_eq!(
         hot_balance,
         1_000_000_000_000 - (runs / 2) as i64 * total as i64
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Defects found in review (issue 9 §4), on both kinds of database
+// ---------------------------------------------------------------------------------------------
+
+/// `tw_ledger_apply` with parallel arrays given as SQL literals: `amounts` may start at any
+/// index. Returns the SQLSTATE of the error, if any.
+async fn apply_with_amounts(
+    pool: &PgPool,
+    user: Uuid,
+    rids: &[Uuid],
+    amounts: &str,
+) -> Option<String> {
+    let n = rids.len();
+    let q = format!(
+        "SELECT status FROM public.tw_ledger_apply($1, $2, $3, '{amounts}'::bigint[], $4, $5, $6, $7)"
+    );
+    let res = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(q))
+        .bind(rids)
+        .bind(vec!["consume".to_string(); n])
+        .bind(vec![user; n])
+        .bind(vec!["chat".to_string(); n])
+        .bind(vec![None::<Uuid>; n])
+        .bind(vec![None::<i32>; n])
+        .bind(vec![json!({}); n])
+        .fetch_all(pool)
+        .await;
+    match res {
+        Ok(_) => None,
+        Err(sqlx::Error::Database(db)) => db.code().map(|c| c.to_string()),
+        Err(e) => panic!("tw_ledger_apply failed unexpectedly: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn arrays_that_do_not_start_at_one_are_refused() {
+    for kind in DbKind::ALL {
+        let env = TestEnv::on(kind).await;
+        let l = ledger(&env);
+        let user = uid();
+        apply_one(&l, grant(rid(), user, 5_000)).await;
+        // Two operations, amounts indexed 0..1: once charged 1000 and recorded 1.
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let code = apply_with_amounts(&env.pool, user.0, &[a, b], "[0:1]={1,1000}").await;
+        assert_eq!(
+            code.as_deref(),
+            Some("22023"),
+            "{kind:?}: two ops, amounts from index 0"
+        );
+        // One operation (the single-operation path), amounts indexed 0..0.
+        let c = Uuid::new_v4();
+        let code = apply_with_amounts(&env.pool, user.0, &[c], "[0:0]={7}").await;
+        assert_eq!(
+            code.as_deref(),
+            Some("22023"),
+            "{kind:?}: one op, amount at index 0"
+        );
+        // Two dimensions are refused too.
+        let code = apply_with_amounts(&env.pool, user.0, &[a, b], "{{1},{1000}}").await;
+        assert_eq!(
+            code.as_deref(),
+            Some("22023"),
+            "{kind:?}: two-dimensional amounts"
+        );
+        assert_eq!(env.account(user.0).await, Some((5_000, 0)), "{kind:?}");
+        for r in [a, b, c] {
+            assert_eq!(
+                stored(&env.pool, r).await,
+                None,
+                "{kind:?}: nothing recorded"
+            );
+        }
+    }
+}
+
+/// Size in bytes of what `ledger_requests` keeps of one request (label, metadata, reason).
+async fn stored_size(pool: &PgPool, request_id: Uuid) -> i64 {
+    sqlx::query_scalar::<_, i64>(
+        "SELECT (coalesce(octet_length(label), 0) + coalesce(octet_length(metadata::text), 0)
+                 + coalesce(octet_length(reason), 0))::bigint
+           FROM public.ledger_requests WHERE request_id = $1",
+    )
+    .bind(request_id)
+    .fetch_one(pool)
+    .await
+    .expect("read stored request")
+}
+
+/// Whether `ledger_requests` keeps the digest of a request's fields.
+async fn stored_digest(pool: &PgPool, request_id: Uuid) -> bool {
+    sqlx::query_scalar::<_, bool>(
+        "SELECT fields_sha256 IS NOT NULL FROM public.ledger_requests WHERE request_id = $1",
+    )
+    .bind(request_id)
+    .fetch_one(pool)
+    .await
+    .expect("read stored digest")
+}
+
+#[tokio::test]
+async fn rejected_input_is_stored_bounded_and_repeats_still_get_their_answer() {
+    for kind in DbKind::ALL {
+        let env = TestEnv::on(kind).await;
+        let l = ledger(&env);
+        let user = uid();
+        apply_one(&l, grant(rid(), user, 100)).await;
+        let huge_type = "t".repeat(10_000_000);
+        let huge_meta = json!({ "blob": "m".repeat(1_000_000) });
+
+        // SQL door, one operation: a 10,000,000-character operation type.
+        let r1 = Uuid::new_v4();
+        let first = consume_sql(&env.pool, r1, user.0, 1, &huge_type, json!({})).await;
+        assert_eq!(first["status"], json!("rejected"), "{kind:?}: {first}");
+        // Queue door shape, a batch: 1 MB of metadata next to a valid op.
+        let r2 = rid();
+        let mut big = consume(r2, user, 1);
+        if let LedgerOp::Consume { metadata, .. } = &mut big {
+            *metadata = huge_meta.clone();
+        }
+        let batch = l
+            .apply(&[big.clone(), consume(rid(), user, 1)])
+            .await
+            .unwrap();
+        assert_eq!(batch[0].status, OutcomeStatus::Rejected, "{kind:?}");
+        assert_eq!(batch[1].status, OutcomeStatus::Consumed, "{kind:?}");
+        // A payload the worker could not parse, recorded by tw_ledger_reject.
+        let r3 = Uuid::new_v4();
+        let reject = |label: String, meta: Value| {
+            sqlx::query_scalar::<_, String>(
+                "SELECT status FROM public.tw_ledger_reject($1, 'consume', $2, NULL, 1, $3, NULL, $4, 'bad payload')",
+            )
+            .bind(r3)
+            .bind(user.0)
+            .bind(label)
+            .bind(meta)
+            .fetch_one(&env.pool)
+        };
+        let big_array = json!(["a".repeat(1_000_000)]);
+        assert_eq!(
+            reject(huge_type.clone(), big_array.clone()).await.unwrap(),
+            "rejected"
+        );
+
+        for r in [r1, r2.0, r3] {
+            let bytes = stored_size(&env.pool, r).await;
+            assert!(bytes <= 8_192, "{kind:?}: request {r} keeps {bytes} bytes");
+            assert!(
+                stored_digest(&env.pool, r).await,
+                "{kind:?}: request {r} keeps the digest of its fields"
+            );
+        }
+
+        // The same oversized fields again: the stored `rejected` outcome, through each door.
+        let again = consume_sql(&env.pool, r1, user.0, 1, &huge_type, json!({})).await;
+        assert_eq!(again, first, "{kind:?}");
+        assert_eq!(apply_one(&l, big.clone()).await, batch[0], "{kind:?}");
+        assert_eq!(
+            reject(huge_type.clone(), big_array.clone()).await.unwrap(),
+            "rejected"
+        );
+        // Other fields with the same id: a conflict, also when only the cut-off part differs.
+        let mut other_type = huge_type.clone();
+        other_type.push('u');
+        let v = consume_sql(&env.pool, r1, user.0, 1, &other_type, json!({})).await;
+        assert_eq!(v["status"], json!("request_id_conflict"), "{kind:?}");
+        let mut other = consume(r2, user, 1);
+        if let LedgerOp::Consume { metadata, .. } = &mut other {
+            *metadata = json!({ "blob": format!("{}n", "m".repeat(999_999)) });
+        }
+        assert_eq!(
+            apply_one(&l, other).await.status,
+            OutcomeStatus::RequestIdConflict
+        );
+        let other_array = json!([format!("{}b", "a".repeat(999_999))]);
+        assert_eq!(
+            reject(huge_type.clone(), other_array).await.unwrap(),
+            "request_id_conflict",
+            "{kind:?}"
+        );
+        assert_eq!(env.account(user.0).await, Some((99, 0)), "{kind:?}");
+    }
+}
+
+async fn account_count(pool: &PgPool, users: &[Uuid]) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM public.credit_accounts WHERE user_id = ANY ($1)")
+        .bind(users)
+        .fetch_one(pool)
+        .await
+        .expect("count accounts")
+}
+
+#[tokio::test]
+async fn operations_that_fail_leave_no_account_row() {
+    for kind in DbKind::ALL {
+        let env = TestEnv::on(kind).await;
+        let l = ledger(&env);
+        let long_reason = "r".repeat(300);
+
+        // A rejected grant, through the SQL door and in a batch next to a good grant.
+        let (u1, u2, u3) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let v = sql(&env.pool, "SELECT public.add_tokens($1, 5, $2)", |q| {
+            q.bind(u1).bind(long_reason.clone())
+        })
+        .await;
+        assert_eq!(v["status"], json!("rejected"), "{kind:?}");
+        let bad = LedgerOp::Grant {
+            request_id: rid(),
+            user_id: UserId(u2),
+            amount: credits(5),
+            reason: long_reason.clone(),
+            metadata: json!({}),
+        };
+        let out = l.apply(&[bad, grant(rid(), UserId(u3), 5)]).await.unwrap();
+        assert_eq!(out[0].status, OutcomeStatus::Rejected, "{kind:?}");
+        assert_eq!(out[1].status, OutcomeStatus::Granted, "{kind:?}");
+        assert_eq!(
+            account_count(&env.pool, &[u1, u2]).await,
+            0,
+            "{kind:?}: rejected grants"
+        );
+        assert_eq!(env.account(u3).await, Some((5, 0)), "{kind:?}");
+
+        // One request id reused for other users: the repeats are conflicts and create nothing,
+        // through both doors.
+        let r = Uuid::new_v4();
+        let first = add_tokens_sql(&env.pool, u3, 7, Some(r)).await;
+        assert_eq!(first["status"], json!("granted"), "{kind:?}");
+        let (v1, v2) = (Uuid::new_v4(), Uuid::new_v4());
+        let again = add_tokens_sql(&env.pool, v1, 7, Some(r)).await;
+        assert_eq!(again["status"], json!("request_id_conflict"), "{kind:?}");
+        let out = apply_one(&l, grant(RequestId(r), UserId(v2), 7)).await;
+        assert_eq!(out.status, OutcomeStatus::RequestIdConflict, "{kind:?}");
+        assert_eq!(
+            account_count(&env.pool, &[v1, v2]).await,
+            0,
+            "{kind:?}: conflicts"
+        );
+
+        // A race: one new request id, 16 users at once; one wins, the losers leave nothing.
+        let r = Uuid::new_v4();
+        let users: Vec<Uuid> = (0..16).map(|_| Uuid::new_v4()).collect();
+        let mut tasks = Vec::new();
+        for (i, u) in users.iter().copied().enumerate() {
+            let pool = env.pool.clone();
+            let l = ledger(&env);
+            tasks.push(tokio::spawn(async move {
+                if i % 2 == 0 {
+                    add_tokens_sql(&pool, u, 3, Some(r)).await["status"]
+                        .as_str()
+                        .map(str::to_string)
+                } else {
+                    let out = l.apply(&[grant(RequestId(r), UserId(u), 3)]).await.unwrap();
+                    Some(format!("{:?}", out[0].status))
+                }
+            }));
+        }
+        let mut statuses = Vec::new();
+        for t in tasks {
+            statuses.push(t.await.unwrap().unwrap_or_default());
+        }
+        let winners = statuses
+            .iter()
+            .filter(|s| *s == "granted" || *s == "Granted")
+            .count();
+        assert_eq!(winners, 1, "{kind:?}: {statuses:?}");
+        assert_eq!(
+            account_count(&env.pool, &users).await,
+            1,
+            "{kind:?}: race losers"
+        );
+    }
 }

@@ -1,6 +1,7 @@
-//! Ledger benchmark: the whole path, caller → Redis stream → worker process → Postgres (durable
-//! commits) → reply list, against the seed design (one `consume_tokens_atomic` call per debit,
-//! row lock, 32 connections), in one run on a fresh database.
+//! Ledger benchmark, in one run on a fresh database: the seed's design as written (its
+//! `consume_tokens_atomic`, created by this bench in schema `seed`: `bench_ledger_seed.sql`), our
+//! SQL door (`public.consume_tokens_atomic`), both over 32 connections, and our queue door, the
+//! whole path caller → Redis stream → worker process → Postgres (durable commits) → reply list.
 //!
 //! Run through `make bench-ledger` (scripts/bench-ledger.sh), which builds this and the worker
 //! in release mode. Every phase is bounded in time; the run stops by itself.
@@ -25,7 +26,7 @@ use tokio::sync::{Mutex, Semaphore};
 use uuid::Uuid;
 
 #[derive(Parser, Debug, Clone)]
-#[command(about = "Ledger benchmark: whole path vs the seed design's one-call-per-debit")]
+#[command(about = "Ledger benchmark: the seed's function, our SQL door and our queue door")]
 struct Args {
     /// Admin Postgres URL; a fresh database `tw_bench_*` is created next to it and dropped after.
     #[arg(
@@ -52,10 +53,10 @@ struct Args {
     /// Users in the spread-out phases.
     #[arg(long, default_value_t = 10_000)]
     users: usize,
-    /// Connections of the seed-design baseline.
+    /// Connections of the SQL phases (the seed's function and our SQL door).
     #[arg(long, default_value_t = 32)]
     baseline_connections: usize,
-    /// Seconds per baseline phase.
+    /// Seconds per SQL phase.
     #[arg(long, default_value_t = 8)]
     baseline_secs: u64,
     /// Requests per second of the latency phase (open loop).
@@ -70,13 +71,45 @@ struct Args {
     /// Keep the benchmark database instead of dropping it.
     #[arg(long)]
     keep_db: bool,
-    /// Run only the seed-design baseline (no worker needed).
+    /// Run only the SQL phases: the seed's function and our SQL door (no worker needed).
     #[arg(long)]
     baseline_only: bool,
 }
 
 /// Each account starts with this many credits, far more than any phase can spend.
 const START_BALANCE: i64 = 1_000_000_000_000;
+
+/// The seed's design as written: schema `seed` with its tables and `consume_tokens_atomic`.
+const SEED_DESIGN: &str = include_str!("bench_ledger_seed.sql");
+
+/// Which function the SQL phases call for each debit.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SqlDoor {
+    /// The seed's `consume_tokens_atomic` (schema `seed`), the baseline.
+    Seed,
+    /// tokenwarden's `public.consume_tokens_atomic`.
+    Ours,
+}
+
+impl SqlDoor {
+    fn call(self) -> &'static str {
+        match self {
+            SqlDoor::Seed => {
+                "SELECT (seed.consume_tokens_atomic($1, $2, $3, $4, $5))::jsonb ->> 'status'"
+            }
+            SqlDoor::Ours => {
+                "SELECT (public.consume_tokens_atomic($1, $2, $3, $4, $5))::jsonb ->> 'status'"
+            }
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            SqlDoor::Seed => "seed's consume_tokens_atomic",
+            SqlDoor::Ours => "tokenwarden SQL door",
+        }
+    }
+}
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -110,6 +143,8 @@ struct Report {
     settings: Vec<(String, String)>,
     baseline_hot: Option<Rate>,
     baseline_spread: Option<Rate>,
+    sql_hot: Option<Rate>,
+    sql_spread: Option<Rate>,
     ours_hot: Option<Rate>,
     ours_spread: Option<Rate>,
     latency: Option<Latency>,
@@ -261,20 +296,32 @@ impl Bench {
         self.grant_all().await?;
         println!("funded in {:.1} s", t.elapsed().as_secs_f64());
 
-        println!(
-            "baseline: seed design, one consume_tokens_atomic per debit, {} connections",
-            args.baseline_connections
-        );
-        let cpu = self.cpu_snapshot(&[]).await;
-        report.baseline_hot = Some(self.baseline(args, true).await?);
-        report
-            .cpu
-            .push(("baseline hot user".into(), self.cpu_since(&cpu, &[]).await));
-        let cpu = self.cpu_snapshot(&[]).await;
-        report.baseline_spread = Some(self.baseline(args, false).await?);
-        report
-            .cpu
-            .push(("baseline 10k users".into(), self.cpu_since(&cpu, &[]).await));
+        for door in [SqlDoor::Seed, SqlDoor::Ours] {
+            println!(
+                "{}: one call per debit, {} connections",
+                door.name(),
+                args.baseline_connections
+            );
+            for hot in [true, false] {
+                let cpu = self.cpu_snapshot(&[]).await;
+                let rate = Some(self.sql_phase(args, door, hot).await?);
+                let phase = match (door, hot) {
+                    (SqlDoor::Seed, true) => "seed function hot user",
+                    (SqlDoor::Seed, false) => "seed function 10k users",
+                    (SqlDoor::Ours, true) => "SQL door hot user",
+                    (SqlDoor::Ours, false) => "SQL door 10k users",
+                };
+                report
+                    .cpu
+                    .push((phase.into(), self.cpu_since(&cpu, &[]).await));
+                match (door, hot) {
+                    (SqlDoor::Seed, true) => report.baseline_hot = rate,
+                    (SqlDoor::Seed, false) => report.baseline_spread = rate,
+                    (SqlDoor::Ours, true) => report.sql_hot = rate,
+                    (SqlDoor::Ours, false) => report.sql_spread = rate,
+                }
+            }
+        }
         if args.baseline_only {
             return Ok(report);
         }
@@ -286,19 +333,19 @@ impl Bench {
             let cpu = self.cpu_snapshot(&pids).await;
             report.ours_hot = Some(self.throughput(args, true, &mut workers).await?);
             report.cpu.push((
-                "tokenwarden hot user".into(),
+                "queue door hot user".into(),
                 self.cpu_since(&cpu, &pids).await,
             ));
             let cpu = self.cpu_snapshot(&pids).await;
             report.ours_spread = Some(self.throughput(args, false, &mut workers).await?);
             report.cpu.push((
-                "tokenwarden 10k users".into(),
+                "queue door 10k users".into(),
                 self.cpu_since(&cpu, &pids).await,
             ));
             let cpu = self.cpu_snapshot(&pids).await;
             report.latency = Some(self.latency(args).await?);
             report.cpu.push((
-                "tokenwarden latency run".into(),
+                "queue door latency run".into(),
                 self.cpu_since(&cpu, &pids).await,
             ));
             anyhow::Ok(())
@@ -314,8 +361,9 @@ impl Bench {
         Ok(report)
     }
 
-    /// Funds every account through the ledger's batch path (`Ledger::apply`), 1,000 grants
-    /// per transaction.
+    /// Creates the seed's design (schema `seed`) and funds its accounts, and funds every
+    /// tokenwarden account through the ledger's batch path (`Ledger::apply`), 1,000 grants per
+    /// transaction.
     async fn grant_all(&self) -> Result<()> {
         use tokenwarden::ledger::{Credits, Ledger, LedgerOp, OutcomeStatus, RequestId, UserId};
         let cfg = tokenwarden::config::Config::load_with_env(None, Vec::<(String, String)>::new())?;
@@ -324,6 +372,14 @@ impl Bench {
         let all: Vec<Uuid> = std::iter::once(self.hot_user)
             .chain(self.users.iter().copied())
             .collect();
+        sqlx::raw_sql(SEED_DESIGN).execute(&self.pool).await?;
+        sqlx::query(
+            "INSERT INTO seed.user_tokens (user_id, balance) SELECT u, $2 FROM unnest($1::uuid[]) u",
+        )
+        .bind(&all)
+        .bind(START_BALANCE)
+        .execute(&self.pool)
+        .await?;
         for chunk in all.chunks(1000) {
             let ops: Vec<LedgerOp> = chunk
                 .iter()
@@ -343,9 +399,10 @@ impl Bench {
         Ok(())
     }
 
-    /// The seed design: each debit is its own `consume_tokens_atomic` call (own transaction,
-    /// row lock on the account, durable commit), from `baseline_connections` connections.
-    async fn baseline(&self, args: &Args, hot: bool) -> Result<Rate> {
+    /// One SQL phase: each debit is its own `consume_tokens_atomic` call of `door` (own
+    /// transaction, row lock on the account, durable commit), from `baseline_connections`
+    /// connections.
+    async fn sql_phase(&self, args: &Args, door: SqlDoor, hot: bool) -> Result<Rate> {
         let done = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
         let users = Arc::new(self.users.clone());
@@ -363,7 +420,7 @@ impl Bench {
             tasks.push(tokio::spawn(async move {
                 let mut conn = pool.acquire().await?;
                 for _ in 0..5 {
-                    consume_once(&mut conn, users[c % users.len()]).await?;
+                    consume_once(&mut conn, door, users[c % users.len()]).await?;
                 }
                 ready.wait().await;
                 let deadline = Instant::now() + run_for;
@@ -375,7 +432,7 @@ impl Bench {
                         users[i % users.len()]
                     };
                     i += connections;
-                    match consume_once(&mut conn, user).await {
+                    match consume_once(&mut conn, door, user).await {
                         Ok(true) => done.fetch_add(1, Ordering::Relaxed),
                         _ => failed.fetch_add(1, Ordering::Relaxed),
                     };
@@ -391,7 +448,10 @@ impl Bench {
         let secs = start.elapsed().as_secs_f64();
         let failed = failed.load(Ordering::Relaxed);
         if failed > 0 {
-            bail!("baseline: {failed} consume_tokens_atomic calls did not return status consumed");
+            bail!(
+                "{}: {failed} calls did not return status consumed",
+                door.name()
+            );
         }
         Ok(Rate {
             debits: done.load(Ordering::Relaxed),
@@ -479,7 +539,7 @@ impl Bench {
     async fn throughput(&self, args: &Args, hot: bool, workers: &mut [Child]) -> Result<Rate> {
         let label = if hot { "hot user" } else { "10k users" };
         println!(
-            "tokenwarden {label}: enqueueing {} consume jobs ...",
+            "queue door {label}: enqueueing {} consume jobs ...",
             args.jobs
         );
         let payloads: Vec<(Uuid, String)> = (0..args.jobs)
@@ -614,7 +674,7 @@ impl Bench {
     /// from that scheduled time to the moment its reply is popped.
     async fn latency(&self, args: &Args) -> Result<Latency> {
         println!(
-            "tokenwarden latency: {} req/s for {} s over 10k users ...",
+            "queue door latency: {} req/s for {} s over 10k users ...",
             args.rate, args.latency_secs
         );
         let total = args.rate * args.latency_secs;
@@ -773,19 +833,21 @@ impl Bench {
     }
 }
 
-/// One seed-design debit: its own `consume_tokens_atomic` call, i.e. its own transaction and
-/// durable commit. True when the status is `consumed`.
-async fn consume_once(conn: &mut sqlx::PgConnection, user: Uuid) -> sqlx::Result<bool> {
-    let status: Option<String> = sqlx::query_scalar(
-        "SELECT (public.consume_tokens_atomic($1, $2, $3, $4, $5))::jsonb ->> 'status'",
-    )
-    .bind(Uuid::new_v4())
-    .bind(user)
-    .bind(1_i64)
-    .bind("bench-baseline")
-    .bind(serde_json::json!({}))
-    .fetch_one(conn)
-    .await?;
+/// One debit through `door`: its own `consume_tokens_atomic` call, i.e. its own transaction
+/// and durable commit. True when the status is `consumed`.
+async fn consume_once(
+    conn: &mut sqlx::PgConnection,
+    door: SqlDoor,
+    user: Uuid,
+) -> sqlx::Result<bool> {
+    let status: Option<String> = sqlx::query_scalar(door.call())
+        .bind(Uuid::new_v4())
+        .bind(user)
+        .bind(1_i64)
+        .bind("bench-baseline")
+        .bind(serde_json::json!({}))
+        .fetch_one(conn)
+        .await?;
     Ok(status.as_deref() == Some("consumed"))
 }
 
@@ -903,36 +965,47 @@ impl Report {
                     " (INCOMPLETE: phase timed out)"
                 };
                 println!(
-                    "{name:<44} {:>10.0} debits/s  ({} debits in {:.2} s{enq}){partial}",
+                    "{name:<46} {:>10.0} debits/s  ({} debits in {:.2} s{enq}){partial}",
                     r.per_sec(),
                     r.debits,
                     r.secs
                 );
             }
         };
+        let conns = args.baseline_connections;
         println!("\n-- throughput --");
         line(
-            "baseline (seed design, 32 conns) hot user",
+            &format!("seed's function ({conns} conns) hot user"),
             &self.baseline_hot,
         );
         line(
-            "baseline (seed design, 32 conns) 10k users",
+            &format!("seed's function ({conns} conns) 10k users"),
             &self.baseline_spread,
         );
+        line(&format!("SQL door ({conns} conns) hot user"), &self.sql_hot);
         line(
-            "tokenwarden (Redis→worker→Postgres) hot user",
+            &format!("SQL door ({conns} conns) 10k users"),
+            &self.sql_spread,
+        );
+        line(
+            "queue door (Redis→worker→Postgres) hot user",
             &self.ours_hot,
         );
         line(
-            "tokenwarden (Redis→worker→Postgres) 10k users",
+            "queue door (Redis→worker→Postgres) 10k users",
             &self.ours_spread,
         );
         let ratio = |a: &Option<Rate>, b: &Option<Rate>| match (a, b) {
-            (Some(a), Some(b)) if b.per_sec() > 0.0 => format!("{:.1}x", a.per_sec() / b.per_sec()),
+            (Some(a), Some(b)) if b.per_sec() > 0.0 => format!("{:.2}x", a.per_sec() / b.per_sec()),
             _ => "n/a".into(),
         };
         println!(
-            "ratio tokenwarden / baseline: hot user {}, 10k users {}",
+            "ratio SQL door / seed's function:   hot user {}, 10k users {}",
+            ratio(&self.sql_hot, &self.baseline_hot),
+            ratio(&self.sql_spread, &self.baseline_spread)
+        );
+        println!(
+            "ratio queue door / seed's function: hot user {}, 10k users {}",
             ratio(&self.ours_hot, &self.baseline_hot),
             ratio(&self.ours_spread, &self.baseline_spread)
         );

@@ -13,7 +13,6 @@ use alloy::providers::{Provider, ProviderBuilder, WsConnect};
 use alloy::rpc::types::{BlockId, Filter};
 use alloy::sol_types::SolCall;
 use futures::StreamExt;
-use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -42,7 +41,6 @@ pub struct IndexerParams {
     pub tokens: Vec<TokenConfig>,
     pub factories: Vec<crate::config::FactoryConfig>,
     pub database_url: secrecy::SecretString,
-    pub pool: PgPool,
     pub redis: redis::aio::ConnectionManager,
     pub redis_prefix: String,
     pub shutdown: CancellationToken,
@@ -1189,11 +1187,6 @@ async fn watch_heads(url: String, chain_id: u64, wake: Arc<Notify>, cancel: Canc
         }
     }
 }
-
-/// For the CLI and tests: the hash type re-exported.
-pub type BlockHash = B256;
-/// For the CLI and tests: the header type re-exported.
-pub type Header = HeaderInfo;
 
 #[cfg(test)]
 mod tests {

@@ -20,22 +20,22 @@
 //! | [`job`] | the `index_token` job handler |
 //! | [`cli`] | operator commands |
 
-pub mod catalogue;
+pub(crate) mod catalogue;
 pub mod cli;
-pub mod decode;
-pub mod factory;
-pub mod history;
-pub mod indexer;
+pub(crate) mod decode;
+pub(crate) mod factory;
+pub(crate) mod history;
+pub(crate) mod indexer;
 pub mod job;
-pub mod lease;
-pub mod netting;
-pub mod notify;
-pub mod reorg;
-pub mod rpc;
-pub mod source;
+pub(crate) mod lease;
+pub(crate) mod netting;
+pub(crate) mod notify;
+pub(crate) mod reorg;
+pub(crate) mod rpc;
+pub(crate) mod source;
 pub mod store;
-pub mod store_catalogue;
-pub mod tokens;
+pub(crate) mod store_catalogue;
+pub(crate) mod tokens;
 
 /// Starts one indexer task per configured chain (each waits for its lease before indexing;
 /// a chain whose catalogue is empty waits for its first token without asking the chain).
@@ -55,7 +55,6 @@ pub fn spawn_indexers(ctx: &crate::app::AppContext) -> Vec<tokio::task::JoinHand
                 tokens: section.tokens_of(c.chain_id),
                 factories: section.factories_of(c.chain_id),
                 database_url: ctx.cfg.database.url.clone(),
-                pool: ctx.pool.clone(),
                 redis: ctx.redis.clone(),
                 redis_prefix: ctx.cfg.redis.prefix.clone(),
                 shutdown: ctx.shutdown.clone(),

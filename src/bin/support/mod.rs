@@ -1,0 +1,294 @@
+//! What the chaos and soak binaries share: their own throw-away Postgres and Redis servers, and
+//! readings of processes and the machine. Kept out of the library: only these run-time tools
+//! start servers. Each binary uses a part of this module, hence `allow(dead_code)`.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use redis::aio::MultiplexedConnection;
+
+pub mod chart;
+
+/// Options every run-time tool takes: which worker binary, where Postgres's tools are, and
+/// whether to keep the temp dir.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// The `tokenwarden` binary (default: next to this binary).
+    #[arg(long)]
+    pub worker_bin: Option<PathBuf>,
+    /// Directory of initdb / pg_ctl / postgres.
+    #[arg(long, default_value = "/usr/lib/postgresql/15/bin")]
+    pub pg_bin_dir: PathBuf,
+    /// Keep the temp directory (data, logs) instead of deleting it.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+impl RunArgs {
+    pub fn worker_bin(&self) -> Result<PathBuf> {
+        match &self.worker_bin {
+            Some(b) => Ok(b.clone()),
+            None => Ok(std::env::current_exe()?
+                .parent()
+                .context("the binary has a directory")?
+                .join("tokenwarden")),
+        }
+    }
+}
+
+/// Where the server writes its log (the soak run reads checkpoints and autovacuum runs from it).
+impl Postgres {
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+}
+
+// Own Postgres and Redis
+
+/// A throw-away Postgres cluster in the run's temp dir, on a free port (run as the `postgres`
+/// user when this process is root: initdb refuses root).
+pub struct Postgres {
+    bin: PathBuf,
+    data: PathBuf,
+    port: u16,
+    as_postgres: bool,
+    log: PathBuf,
+}
+
+impl Postgres {
+    /// `extra` is appended to the server configuration (one `key = value` per line).
+    pub fn init(bin: &Path, dir: &Path, extra: &str) -> Result<Postgres> {
+        let data = dir.join("pg");
+        std::fs::create_dir_all(&data)?;
+        let as_postgres = is_root();
+        if as_postgres {
+            run_cmd(Command::new("chown").arg("-R").arg("postgres").arg(dir))?;
+        }
+        let pg = Postgres {
+            bin: bin.to_path_buf(),
+            data,
+            port: free_port()?,
+            as_postgres,
+            log: dir.join("postgres.log"),
+        };
+        let mut initdb = pg.cmd("initdb");
+        initdb.arg("-D").arg(&pg.data).args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ]);
+        run_cmd(&mut initdb).context("initdb")?;
+        let conf = format!(
+            "port = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = on\nsynchronous_commit = on\nmax_connections = 100\nlog_min_messages = warning\n{extra}\n",
+            pg.port,
+            dir.display()
+        );
+        let path = pg.data.join("postgresql.auto.conf");
+        std::fs::write(&path, conf)?;
+        if as_postgres {
+            run_cmd(Command::new("chown").arg("postgres").arg(&path))?;
+        }
+        Ok(pg)
+    }
+
+    fn cmd(&self, tool: &str) -> Command {
+        let exe = self.bin.join(tool);
+        if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(exe);
+            c
+        } else {
+            Command::new(exe)
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    pub fn start(&mut self) -> Result<()> {
+        let mut c = self.cmd("pg_ctl");
+        c.arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(&self.log)
+            .args(["-w", "-t", "60", "start"]);
+        run_cmd(&mut c).context("pg_ctl start")
+    }
+
+    /// Fast shutdown: open transactions are rolled back, connections cut.
+    pub fn stop_fast(&mut self) -> Result<()> {
+        let mut c = self.cmd("pg_ctl");
+        c.arg("-D")
+            .arg(&self.data)
+            .args(["-m", "fast", "-w", "-t", "60", "stop"]);
+        run_cmd(&mut c).context("pg_ctl stop -m fast")
+    }
+
+    pub fn stop(&mut self) {
+        let mut c = self.cmd("pg_ctl");
+        c.arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"]);
+        let _ = c.stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
+}
+
+/// A `redis-server` child process with AOF on, on a free port, data in the run's temp dir.
+pub struct RedisServer {
+    dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn new(dir: &Path) -> Result<RedisServer> {
+        let dir = dir.join("redis");
+        std::fs::create_dir_all(&dir)?;
+        Ok(RedisServer {
+            dir,
+            port: free_port()?,
+            child: None,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn start(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("redis.log"))?;
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start redis-server (apt-get install redis-server)")?;
+        self.child = Some(child);
+        let until = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < until {
+            if let Ok(client) = redis::Client::open(self.url())
+                && let Ok(mut c) = client.get_connection()
+                && redis::cmd("PING").query::<String>(&mut c).is_ok()
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "redis-server on port {} did not answer within 30 s",
+            self.port
+        )
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Deletes the AOF (and any RDB): the next start is empty, as after a restart of a Redis
+    /// without persistence.
+    pub fn wipe(&self) -> Result<()> {
+        for entry in std::fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if path.is_dir() && name == "appendonlydir" {
+                std::fs::remove_dir_all(&path)?;
+            } else if name.ends_with(".aof") || name.ends_with(".rdb") {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn stop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+pub fn run_cmd(c: &mut Command) -> Result<()> {
+    let out = c.output().with_context(|| format!("cannot run {c:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{c:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Peak resident set size (VmHWM) of a running process, in KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    proc_status_kib(pid, "VmHWM:")
+}
+
+/// Current resident set size (VmRSS) of a running process, in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    proc_status_kib(pid, "VmRSS:")
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+pub async fn redis_conn(url: &str) -> redis::RedisResult<MultiplexedConnection> {
+    let cfg = redis::AsyncConnectionConfig::new()
+        .set_response_timeout(None)
+        .set_connection_timeout(Some(Duration::from_secs(2)));
+    redis::Client::open(url)?
+        .get_multiplexed_async_connection_with_config(&cfg)
+        .await
+}
+
+/// Waits until the replicas answer a grant (migrations applied, consumers reading).
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
