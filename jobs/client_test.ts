@@ -4,6 +4,8 @@
  *
  *   TOKENWARDEN_REDIS_URL, TOKENWARDEN_REDIS_PREFIX   where the worker listens
  *   TW_TEST_FUNDED_USER, TW_TEST_FUNDED_BALANCE       a user granted that many tokens
+ *   TW_TEST_LINK_USER, TW_TEST_LINK_MESSAGE,          a user, a SIWE message with a nonce
+ *   TW_TEST_LINK_SIGNATURE, TW_TEST_LINK_ADDRESS      issued to them, its signature, the wallet
  *
  *   node_modules/.bin/deno test --node-modules-dir=manual --allow-net --allow-env --allow-read \
  *     jobs/client_test.ts
@@ -16,7 +18,9 @@ import { deepStrictEqual as assertEquals, ok as assert } from "node:assert/stric
 import {
   consumeTokensAtomic,
   defaultTokenwardenClient,
+  linkWallet,
   TokenwardenClient,
+  unlinkWallet,
 } from "./client.ts";
 
 function required(name: string): string {
@@ -165,6 +169,26 @@ Deno.test("no reply within the timeout gives error 'timeout' with the request id
   } finally {
     await lonely.close();
   }
+});
+
+Deno.test("linkWallet: linked, replayed nonce refused, malformed message refused, unlink", async () => {
+  const userId = required("TW_TEST_LINK_USER");
+  const message = required("TW_TEST_LINK_MESSAGE");
+  const signature = required("TW_TEST_LINK_SIGNATURE");
+  const address = required("TW_TEST_LINK_ADDRESS");
+  const bad = await client.linkWallet({ userId, message: "let me in", signature });
+  assertEquals([bad.success, bad.status, bad.reason], [false, "refused", "malformed_message"]);
+  const ok = await linkWallet({ userId, message, signature });
+  assertEquals([ok.success, ok.status, ok.method, ok.address], [true, "linked", "eoa", address]);
+  assertEquals(ok.movedFromUser, null);
+  const replay = await client.linkWallet({ userId, message, signature });
+  assertEquals([replay.success, replay.reason], [false, "nonce_used"]);
+  const local = await client.linkWallet({ userId, message, signature: "not hex" });
+  assertEquals(local.error, "invalid_request");
+  const gone = await unlinkWallet({ userId, address });
+  assertEquals([gone.success, gone.status], [true, "unlinked"]);
+  const again = await client.unlinkWallet({ userId, address });
+  assertEquals([again.success, again.status], [false, "not_linked"]);
 });
 
 Deno.test("close the shared clients", async () => {

@@ -102,3 +102,15 @@ ALTER FUNCTION public.verify_address_in_snapshot(uuid,text,text) SET search_path
 REVOKE ALL ON FUNCTION public.tw_whole_to_base_units(text,integer) FROM PUBLIC, anon, authenticated, service_role;
 GRANT EXECUTE ON FUNCTION public.tw_whole_to_base_units(text,integer) TO anon, authenticated, service_role;
 ALTER FUNCTION public.tw_whole_to_base_units(text,integer) SET search_path = pg_catalog, pg_temp;
+REVOKE ALL ON TABLE public.user_wallets FROM PUBLIC, anon, authenticated, service_role;
+GRANT SELECT ON TABLE public.user_wallets TO authenticated, service_role;
+ALTER TABLE public.user_wallets ENABLE ROW LEVEL SECURITY;
+REVOKE ALL ON TABLE public.access_siwe_nonces FROM PUBLIC, anon, authenticated, service_role;
+ALTER TABLE public.access_siwe_nonces ENABLE ROW LEVEL SECURITY;
+REVOKE ALL ON TABLE public.tw_access_settings FROM PUBLIC, anon, authenticated, service_role;
+ALTER TABLE public.tw_access_settings ENABLE ROW LEVEL SECURITY;
+REVOKE ALL ON FUNCTION public.access_wallet_nonce() FROM PUBLIC, anon, authenticated, service_role;
+GRANT EXECUTE ON FUNCTION public.access_wallet_nonce() TO authenticated;
+ALTER FUNCTION public.access_wallet_nonce() SET search_path = pg_catalog, pg_temp;
+REVOKE ALL ON FUNCTION public.tw_access_issue_nonce(uuid) FROM PUBLIC, anon, authenticated, service_role;
+ALTER FUNCTION public.tw_access_issue_nonce(uuid) SET search_path = pg_catalog, pg_temp;

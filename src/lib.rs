@@ -20,6 +20,7 @@
 //! transport (`queue`) → domain (`ledger`, `chain`) → derived (`snapshots`) → operations
 //! (`maintenance`) → composition (`worker`).
 
+pub mod access;
 pub mod app;
 pub mod chain;
 pub mod config;

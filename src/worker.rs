@@ -13,6 +13,8 @@ pub enum WorkerError {
     Store(#[from] crate::infra::StoreError),
     #[error(transparent)]
     Ledger(#[from] crate::ledger::LedgerError),
+    #[error(transparent)]
+    Wallets(#[from] crate::access::WalletStoreError),
     #[error("{0}")]
     Other(String),
 }
@@ -38,6 +40,11 @@ pub fn job_registry(
         }
         Err(e) => tracing::error!(error = %e, "snapshot_create jobs are not served"),
     }
+    let wallets = crate::access::WalletStore::new(ctx.pool.clone());
+    match crate::access::WalletLinker::from_config(wallets, &ctx.cfg, ctx.shutdown.clone()) {
+        Ok(linker) => crate::access::jobs::register(&mut jobs, Arc::new(linker)),
+        Err(e) => tracing::error!(error = %e, "link_wallet and unlink_wallet jobs are not served"),
+    }
     for handler in maintenance.handlers() {
         jobs.register_arc(handler);
     }
@@ -51,6 +58,10 @@ pub async fn run(cfg: Config) -> Result<(), WorkerError> {
     // Before anything is served: both ledger doors enforce the bounds of this config.
     crate::ledger::Ledger::new(ctx.pool.clone(), ctx.cfg.ledger.clone())
         .write_settings()
+        .await?;
+    // The nonce door (`access_wallet_nonce`) enforces the SIWE bounds of this config.
+    crate::access::WalletStore::new(ctx.pool.clone())
+        .write_settings(&ctx.cfg.access)
         .await?;
     let indexers = crate::chain::spawn_indexers(&ctx);
     let maintenance = crate::maintenance::MaintenanceJobs::new(&ctx);

@@ -49,6 +49,8 @@ pub const KNOWN_JOB_TYPES: &[&str] = &[
     "cleanup_locks",
     "detect_anomalies",
     "prune",
+    "link_wallet",
+    "unlink_wallet",
 ];
 
 /// The stream a job type lives on.
