@@ -152,6 +152,56 @@ export interface UnlinkWalletParams {
   requestId?: string;
 }
 
+/** `verifyAccess` arguments: `creatorId`, or `chainId` and `token` (the seed's form). */
+export interface VerifyAccessParams {
+  userId: string;
+  creatorId?: string;
+  chainId?: number;
+  token?: string;
+  feature: string;
+  requestId?: string;
+}
+
+/** An access decision as the worker replies it (docs/access.md). */
+export interface AccessDecision {
+  allowed: boolean;
+  reason: "no_rule" | "no_wallet" | "stale" | "not_met" | null;
+  user_id: string;
+  creator_id: string;
+  feature: string;
+  rule_version: number | null;
+  source: "cache" | "index" | "snapshot";
+  as_of_block: number | null;
+  stale: boolean;
+  evidence: Array<{
+    path: string;
+    kind: string;
+    chain_id?: number;
+    token?: string;
+    snapshot_id?: string;
+    token_id?: string;
+    minimum: string;
+    amount: string;
+    wallets: Array<{ address: string; amount: string }>;
+    block: number | null;
+    source: "index" | "snapshot";
+    passed: boolean;
+    stale?: string;
+  }>;
+  checked_at: string;
+}
+
+/** The answer to `verifyAccess`. */
+export interface AccessResult {
+  /** The decision's `allowed`. */
+  success: boolean;
+  requestId: string;
+  decision?: AccessDecision;
+  /** The denial reason, or a client failure (`invalid_request`, `timeout`, ...). */
+  error?: string;
+  reason?: string;
+}
+
 /** The answer to `linkWallet` / `unlinkWallet`. */
 export interface WalletResult {
   success: boolean;
@@ -413,6 +463,35 @@ export class TokenwardenClient {
     return walletResult(r, "unlinked");
   }
 
+  /**
+   * May `userId` use `feature` of `creatorId` now? (Or, with `chainId` and `token` instead of
+   * `creatorId`, the seed's `verifyAccess(userId, tokenAddress, feature)`.) `success` is the
+   * decision's `allowed`; `decision` has the reason, evidence per condition, source and block.
+   */
+  async verifyAccess(p: VerifyAccessParams): Promise<AccessResult> {
+    const r = await this.#ask("verify_access", p.requestId, (request_id) => {
+      const target = p.creatorId !== undefined
+        ? { creator_id: checkText("creatorId", p.creatorId, 200) }
+        : {
+          chain_id: checkAmount("chainId", p.chainId),
+          token: checkAddress("token", p.token),
+        };
+      return {
+        request_id,
+        user_id: checkUuid("userId", p.userId),
+        ...target,
+        feature: checkText("feature", p.feature, 100),
+      };
+    });
+    if ("failure" in r) {
+      return { success: false, error: r.failure, requestId: r.requestId, reason: r.reason };
+    }
+    const decision = r.reply as AccessDecision;
+    const result: AccessResult = { success: decision.allowed === true, requestId: r.requestId, decision };
+    if (!result.success) result.error = decision.reason ?? "denied";
+    return result;
+  }
+
   /** Enqueues one job with a request id and waits for its reply, or says what went wrong. */
   async #ask(
     jobType: string,
@@ -521,4 +600,9 @@ export function linkWallet(p: LinkWalletParams): Promise<WalletResult> {
 /** {@link TokenwardenClient.unlinkWallet} on the shared client. */
 export function unlinkWallet(p: UnlinkWalletParams): Promise<WalletResult> {
   return defaultTokenwardenClient().unlinkWallet(p);
+}
+
+/** {@link TokenwardenClient.verifyAccess} on the shared client. */
+export function verifyAccess(p: VerifyAccessParams): Promise<AccessResult> {
+  return defaultTokenwardenClient().verifyAccess(p);
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use tokenwarden::access::cli::AccessCommand;
 use tokenwarden::chain::cli::IndexCommand;
 use tokenwarden::config::Config;
 use tokenwarden::ledger::cli::CreditsCommand;
@@ -51,6 +52,9 @@ enum Command {
     /// Usage anomalies.
     #[command(subcommand)]
     Anomalies(AnomaliesCommand),
+    /// Access rules, checks and proven wallets.
+    #[command(subcommand)]
+    Access(AccessCommand),
 }
 
 #[tokio::main]
@@ -67,9 +71,7 @@ async fn main() -> anyhow::Result<()> {
             tokenwarden::ledger::Ledger::new(pool.clone(), cfg.ledger.clone())
                 .write_settings()
                 .await?;
-            tokenwarden::access::WalletStore::new(pool)
-                .write_settings(&cfg.access)
-                .await?;
+            tokenwarden::access::settings::write_settings(&pool, &cfg.access).await?;
             println!("migrations applied");
         }
         Command::Enqueue {
@@ -81,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
         Command::DeadLetters(cmd) => tokenwarden::queue::cli::run(cmd, &cfg).await?,
         Command::Index(cmd) => tokenwarden::chain::cli::run(cmd, &cfg).await?,
         Command::Snapshot(cmd) => tokenwarden::snapshots::cli::run(cmd, &cfg).await?,
+        Command::Access(cmd) => tokenwarden::access::cli::run(cmd, &cfg).await?,
         Command::Anomalies(cmd) => tokenwarden::maintenance::cli::run(cmd, &cfg).await?,
     }
     Ok(())

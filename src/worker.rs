@@ -14,7 +14,7 @@ pub enum WorkerError {
     #[error(transparent)]
     Ledger(#[from] crate::ledger::LedgerError),
     #[error(transparent)]
-    Wallets(#[from] crate::access::WalletStoreError),
+    AccessSettings(#[from] crate::access::settings::SettingsError),
     #[error("{0}")]
     Other(String),
 }
@@ -45,6 +45,12 @@ pub fn job_registry(
         Ok(linker) => crate::access::jobs::register(&mut jobs, Arc::new(linker)),
         Err(e) => tracing::error!(error = %e, "link_wallet and unlink_wallet jobs are not served"),
     }
+    jobs.register(crate::access::rule_job::AccessRuleHandler::new(Arc::new(
+        crate::access::RuleStore::new(ctx.pool.clone()),
+    )));
+    jobs.register(crate::access::check_job::VerifyAccessHandler::new(
+        Arc::new(crate::access::AccessChecker::new(ctx.pool.clone())),
+    ));
     for handler in maintenance.handlers() {
         jobs.register_arc(handler);
     }
@@ -59,11 +65,10 @@ pub async fn run(cfg: Config) -> Result<(), WorkerError> {
     crate::ledger::Ledger::new(ctx.pool.clone(), ctx.cfg.ledger.clone())
         .write_settings()
         .await?;
-    // The nonce door (`access_wallet_nonce`) enforces the SIWE bounds of this config.
-    crate::access::WalletStore::new(ctx.pool.clone())
-        .write_settings(&ctx.cfg.access)
-        .await?;
+    // The SQL side of access (nonce door, staleness) enforces the bounds of this config.
+    crate::access::settings::write_settings(&ctx.pool, &ctx.cfg.access).await?;
     let indexers = crate::chain::spawn_indexers(&ctx);
+    let head_watchers = crate::access::heads::spawn(&ctx);
     let maintenance = crate::maintenance::MaintenanceJobs::new(&ctx);
     let ops = crate::maintenance::http::spawn(ctx.clone())
         .await
@@ -83,7 +88,7 @@ pub async fn run(cfg: Config) -> Result<(), WorkerError> {
     let registry = job_registry(&ctx, &maintenance);
     let queue = crate::queue::run_consumers(&ctx, registry).await;
     ctx.shutdown.cancel();
-    for h in indexers {
+    for h in indexers.into_iter().chain(head_watchers) {
         let _ = h.await;
     }
     if let Some(scheduler) = scheduler {

@@ -51,6 +51,40 @@ async fn deno_client_consumes_grants_and_holds_through_a_running_worker() {
             .expect("sign the SIWE message");
         format!("0x{}", hex::encode(sig.as_bytes()))
     };
+    // A member of creator-deno's CHAT: an indexed balance of 7 whole tokens (rows as the
+    // indexer writes them) on a wallet the member has proven.
+    let (member, token, member_wallet) = (
+        Uuid::new_v4(),
+        "0x7e57000000000000000000000000000000000000",
+        "0x00000000000000000000000000000000000000aa",
+    );
+    for sql in [
+        "INSERT INTO public.chain_tokens (chain_id, address, standard, decimals, start_block) VALUES (31337, $1, 'erc20', 18, 0)",
+        "INSERT INTO public.chain_checkpoints (chain_id, block_number, block_hash, finalized_block) VALUES (31337, 5, '0x01', 0)",
+        "INSERT INTO public.token_balances (chain_id, token, holder, balance, updated_block) VALUES (31337, $1, $2, 7000000000000000000, 5)",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(token)
+            .bind(member_wallet)
+            .execute(&env.pool)
+            .await
+            .expect("index rows");
+    }
+    sqlx::query("INSERT INTO public.user_wallets (user_id, address, chains, method) VALUES ($1, $2, '{31337}', 'eoa')")
+        .bind(member)
+        .bind(member_wallet)
+        .execute(&env.pool)
+        .await
+        .expect("the member's wallet");
+    tokenwarden::access::RuleStore::new(env.pool.clone())
+        .set(
+            "creator-deno",
+            "CHAT",
+            &serde_json::json!({"condition": {"erc20": {"chain_id": 31337, "token": token, "min": "5"}}}),
+            "deno test",
+        )
+        .await
+        .expect("the CHAT rule");
     let config = tempfile::Builder::new()
         .suffix(".toml")
         .tempfile()
@@ -109,6 +143,9 @@ async fn deno_client_consumes_grants_and_holds_through_a_running_worker() {
         .env("TW_TEST_LINK_MESSAGE", &message)
         .env("TW_TEST_LINK_SIGNATURE", &signature)
         .env("TW_TEST_LINK_ADDRESS", format!("{:#x}", signer.address()))
+        .env("TW_TEST_MEMBER", member.to_string())
+        .env("TW_TEST_CREATOR", "creator-deno")
+        .env("TW_TEST_TOKEN", token)
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(180), run)
@@ -124,8 +161,8 @@ async fn deno_client_consumes_grants_and_holds_through_a_running_worker() {
     );
     // Guard against a run that found nothing to test.
     assert!(
-        stdout.contains("ok | 6 passed") && stdout.contains("| 0 failed"),
-        "expected the 6 client tests to pass:\n{stdout}\n{stderr}"
+        stdout.contains("ok | 7 passed") && stdout.contains("| 0 failed"),
+        "expected the 7 client tests to pass:\n{stdout}\n{stderr}"
     );
 
     // What the client reported is what Postgres holds: 120 + 30 consumed (the repeat did not

@@ -22,6 +22,8 @@ const JOB_TYPES: &[&str] = &[
     "prune",
     "link_wallet",
     "unlink_wallet",
+    "access_rule",
+    "verify_access",
 ];
 
 fn jobs_dir() -> PathBuf {
@@ -277,6 +279,38 @@ fn schemas_reject_what_the_worker_rejects() {
             "message too long",
             variant("link_wallet", |m| {
                 m.insert("message".into(), json!("x".repeat(4097)));
+            }),
+        ),
+        (
+            "verify_access",
+            "both creator_id and token",
+            variant("verify_access", |m| {
+                m.insert("chain_id".into(), json!(1514));
+                m.insert(
+                    "token".into(),
+                    json!("0x1514000000000000000000000000000000000000"),
+                );
+            }),
+        ),
+        (
+            "verify_access",
+            "neither creator_id nor token",
+            variant("verify_access", |m| {
+                m.remove("creator_id");
+            }),
+        ),
+        (
+            "access_rule",
+            "set without a rule",
+            variant("access_rule", |m| {
+                m.remove("rule");
+            }),
+        ),
+        (
+            "access_rule",
+            "delete with a rule",
+            variant("access_rule", |m| {
+                m.insert("action".into(), json!("delete"));
             }),
         ),
         (

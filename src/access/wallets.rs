@@ -10,7 +10,6 @@ use uuid::Uuid;
 
 use super::refusal::{LinkRefusal, Refused};
 use crate::chain::decode::addr_hex;
-use crate::config::AccessConfig;
 
 /// A Postgres failure of the wallet tables.
 #[derive(Debug, thiserror::Error)]
@@ -86,20 +85,6 @@ pub struct WalletStore {
 impl WalletStore {
     pub fn new(pool: PgPool) -> Self {
         Self { pool }
-    }
-
-    /// Puts the `[access]` SIWE bounds into `tw_access_settings`, where the nonce door reads them.
-    pub async fn write_settings(&self, cfg: &AccessConfig) -> Result<(), WalletStoreError> {
-        sqlx::query(
-            "UPDATE public.tw_access_settings SET nonce_ttl_secs = $1, max_open_nonces = $2, \
-             updated_at = now() WHERE id = 1",
-        )
-        .bind(i32::try_from(cfg.siwe_nonce_ttl_secs).unwrap_or(i32::MAX))
-        .bind(i32::try_from(cfg.siwe_max_open_nonces).unwrap_or(i32::MAX))
-        .execute(&self.pool)
-        .await
-        .map_err(db("write tw_access_settings"))?;
-        Ok(())
     }
 
     /// A fresh nonce for `user` (the same rules as `access_wallet_nonce()`).

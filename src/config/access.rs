@@ -19,6 +19,11 @@ pub struct AccessConfig {
     /// Tolerated clock difference between the signer and the worker (seconds), for `Issued At`
     /// in the future and for `Not Before` / `Expiration Time`.
     pub siwe_clock_skew_secs: u32,
+    /// A chain whose index is more than this many blocks behind its head makes checks on it
+    /// `stale` (the rule's `stale_policy` decides). Written into `tw_access_settings`.
+    pub stale_after_blocks: u64,
+    /// How often the worker reads each chain's head for that measure (seconds).
+    pub head_poll_secs: u64,
 }
 
 impl AccessConfig {
@@ -45,6 +50,12 @@ impl AccessConfig {
             return Err(ConfigError::invalid(
                 "access.siwe_clock_skew_secs",
                 "must be at most 3600",
+            ));
+        }
+        if self.head_poll_secs == 0 {
+            return Err(ConfigError::invalid(
+                "access.head_poll_secs",
+                "must be at least 1",
             ));
         }
         Ok(())

@@ -51,6 +51,8 @@ pub const KNOWN_JOB_TYPES: &[&str] = &[
     "prune",
     "link_wallet",
     "unlink_wallet",
+    "access_rule",
+    "verify_access",
 ];
 
 /// The stream a job type lives on.
