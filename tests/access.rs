@@ -300,7 +300,11 @@ async fn the_link_job_replies_with_the_outcome_and_rejects_a_bad_payload() {
     let env = TestEnv::new().await;
     let anvil = Anvil::spawn().await;
     let mut jobs = JobRegistry::new();
-    tokenwarden::access::jobs::register(&mut jobs, std::sync::Arc::new(linker(&env, &anvil.url)));
+    tokenwarden::access::jobs::register(
+        &mut jobs,
+        std::sync::Arc::new(linker(&env, &anvil.url)),
+        None,
+    );
     let link = jobs.get("link_wallet").expect("link_wallet registered");
     let unlink = jobs.get("unlink_wallet").expect("unlink_wallet registered");
     let user = Uuid::new_v4();
@@ -752,7 +756,7 @@ struct Indexed {
     env: TestEnv,
     t20: Address,
     t721: Address,
-    _ctx: tokenwarden::app::AppContext,
+    ctx: tokenwarden::app::AppContext,
 }
 
 impl Indexed {
@@ -789,7 +793,7 @@ impl Indexed {
             env,
             t20,
             t721,
-            _ctx: ctx,
+            ctx,
         };
         me.synced().await;
         me
@@ -1205,8 +1209,12 @@ async fn the_rule_and_check_jobs_reply_and_refuse_bad_input_with_its_reason() {
     let user = Uuid::new_v4();
     ix.link(user, w).await;
     let rule_job = AccessRuleHandler::new(std::sync::Arc::new(RuleStore::new(ix.env.pool.clone())));
-    let check_job =
-        VerifyAccessHandler::new(std::sync::Arc::new(AccessChecker::new(ix.env.pool.clone())));
+    let check_job = VerifyAccessHandler::new(std::sync::Arc::new(
+        tokenwarden::access::service::AccessService::new(
+            AccessChecker::new(ix.env.pool.clone()),
+            None,
+        ),
+    ));
     let id = Uuid::new_v4();
     let reply = rule_job
         .handle(json!({"request_id": id, "action": "set", "creator_id": "c", "feature": "CHAT",
@@ -1272,4 +1280,219 @@ async fn the_rule_and_check_jobs_reply_and_refuse_bad_input_with_its_reason() {
         Err(JobError::Rejected(r)) => assert!(r.contains("takes no rule"), "{r}"),
         other => panic!("not rejected: {other:?}"),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cache
+// ---------------------------------------------------------------------------------------------
+
+use tokenwarden::access::Source;
+use tokenwarden::access::cache::{DecisionCache, Lookup, rule_key};
+use tokenwarden::access::service::AccessService;
+
+/// One worker replica's check path: its own connections, memory cache and listeners.
+struct Replica {
+    service: AccessService,
+    cache: std::sync::Arc<DecisionCache>,
+    processed: tokio::sync::watch::Receiver<u64>,
+    _ctx: tokenwarden::app::AppContext,
+}
+
+impl Replica {
+    async fn start(ix: &Indexed) -> Replica {
+        let ctx = tokenwarden::app::AppContext::connect((*ix.ctx.cfg).clone())
+            .await
+            .expect("replica connects");
+        let cache = std::sync::Arc::new(DecisionCache::new(
+            ctx.redis.clone(),
+            &ctx.cfg.redis.prefix,
+            &ctx.cfg.access,
+        ));
+        let inv = tokenwarden::access::invalidation::spawn(&ctx, cache.clone());
+        Replica {
+            service: AccessService::new(AccessChecker::new(ctx.pool.clone()), Some(cache.clone())),
+            cache,
+            processed: inv.processed,
+            _ctx: ctx,
+        }
+    }
+
+    async fn check(&self, user: Uuid) -> Decision {
+        self.service
+            .verify(user, &creator("CHAT"))
+            .await
+            .expect("decision")
+    }
+
+    fn processed(&self) -> u64 {
+        *self.processed.borrow()
+    }
+
+    async fn processed_more_than(&self, n: u64) {
+        let mut rx = self.processed.clone();
+        tokio::time::timeout(std::time::Duration::from_secs(20), rx.wait_for(|v| *v > n))
+            .await
+            .expect("the replica processes the announcement")
+            .expect("listener alive");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_replica_answers_allowed_from_a_cache_after_a_transfer_the_worker_was_told_about() {
+    let ix = Indexed::start(DbKind::Plain).await;
+    let (w, elsewhere) = (Address::repeat_byte(0x0c), Address::repeat_byte(0x0d));
+    ix.erc20(&[(Address::ZERO, w, 10 * TOKEN)]).await;
+    let member = Uuid::new_v4();
+    ix.link(member, w).await;
+    RuleStore::new(ix.env.pool.clone())
+        .set(
+            "creator-1",
+            "CHAT",
+            &json!({"condition": erc20(ix.t20, "5")}),
+            "test",
+        )
+        .await
+        .unwrap();
+    let (a, b) = (Replica::start(&ix).await, Replica::start(&ix).await);
+    // Both listeners are subscribed once each has processed one (empty) announcement.
+    let redis = ix.env.redis().await;
+    common::wait_until(
+        std::time::Duration::from_secs(20),
+        "both replicas listen",
+        || {
+            let mut redis = redis.clone();
+            let (pa, pb) = (a.processed(), b.processed());
+            let channel = format!("{}:balance_changes", ix.env.redis_prefix);
+            async move {
+                let _: i64 = redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(r#"{"chain_id":0,"token":"0x","holders":[],"block":0}"#)
+                    .query_async(&mut redis)
+                    .await
+                    .unwrap();
+                (pa > 0 && pb > 0).then_some(())
+            }
+        },
+    )
+    .await;
+
+    let first = a.check(member).await;
+    assert_eq!((first.allowed, first.source), (true, Source::Index));
+    let again = a.check(member).await;
+    assert_eq!(
+        (again.allowed, again.source),
+        (true, Source::Cache),
+        "memory hit"
+    );
+    let other = b.check(member).await;
+    assert_eq!(
+        (other.allowed, other.source),
+        (true, Source::Cache),
+        "shared through Redis"
+    );
+    assert_eq!(other.evidence, first.evidence);
+
+    // The member sends everything away. From the moment replica A acted on the announcement,
+    // neither replica answers from a cache — B included, whose own listener may lag.
+    let seen = a.processed();
+    ix.anvil
+        .send(
+            ix.t20,
+            Anvil::erc20_batch(&[(w, elsewhere, U256::from(10 * TOKEN))]),
+        )
+        .await;
+    a.processed_more_than(seen).await;
+    let after_b = b.check(member).await;
+    assert_eq!(
+        (after_b.allowed, after_b.source, after_b.reason),
+        (false, Source::Index, Some(DenyReason::NotMet)),
+        "{after_b:?}"
+    );
+    let after_a = a.check(member).await;
+    assert!(!after_a.allowed, "{after_a:?}");
+    assert_eq!(
+        after_a.source,
+        Source::Cache,
+        "the denial is cached in turn"
+    );
+
+    // A rule change evicts that rule's decisions everywhere.
+    let seen = b.processed();
+    RuleStore::new(ix.env.pool.clone())
+        .set(
+            "creator-1",
+            "CHAT",
+            &json!({"condition": erc20(ix.t20, "0.5"), "stale_policy": "deny"}),
+            "test",
+        )
+        .await
+        .unwrap();
+    b.processed_more_than(seen).await;
+    let d = a.check(member).await;
+    assert_eq!((d.source, d.rule_version), (Source::Index, Some(2)));
+
+    // An unlink (through the job) evicts the user's decisions.
+    let seen = a.processed();
+    ix.erc20(&[(Address::ZERO, w, TOKEN)]).await;
+    a.processed_more_than(seen).await;
+    let mut jobs = tokenwarden::queue::JobRegistry::new();
+    tokenwarden::access::jobs::register(
+        &mut jobs,
+        std::sync::Arc::new(linker(&ix.env, &ix.anvil.url)),
+        Some(a.cache.clone()),
+    );
+    assert!(b.check(member).await.allowed);
+    assert_eq!(b.check(member).await.source, Source::Cache);
+    jobs.get("unlink_wallet")
+        .unwrap()
+        .handle(
+            json!({"request_id": Uuid::new_v4(), "user_id": member, "address": format!("{w:#x}")}),
+        )
+        .await
+        .unwrap();
+    let d = b.check(member).await;
+    assert_eq!(
+        (d.allowed, d.reason, d.source),
+        (false, Some(DenyReason::NoWallet), Source::Index)
+    );
+    drop(redis);
+}
+
+#[tokio::test]
+async fn a_decision_computed_before_an_eviction_is_not_stored_after_it() {
+    let env = TestEnv::new().await;
+    let cfg = env.config();
+    let ctx = tokenwarden::app::AppContext::connect(cfg).await.unwrap();
+    let cache = DecisionCache::new(ctx.redis.clone(), &ctx.cfg.redis.prefix, &ctx.cfg.access);
+    let user = Uuid::new_v4();
+    let rule = rule_key("creator-1", "CHAT");
+    let Lookup::Miss(epochs) = cache.get(user, &rule).await.unwrap() else {
+        panic!("empty cache hit");
+    };
+    let decision: Decision = serde_json::from_value(json!({
+        "allowed": true, "reason": null, "user_id": user, "creator_id": "creator-1", "feature": "CHAT",
+        "rule_version": 1, "source": "index", "as_of_block": 1, "stale": false, "evidence": [],
+        "checked_at": "2026-12-01T00:00:00Z"}))
+    .unwrap();
+    // The balance changes (and is announced) while the decision is being computed.
+    cache.evict_users(&[user]).await.unwrap();
+    cache.put(user, &rule, epochs, &decision).await.unwrap();
+    assert!(
+        matches!(cache.get(user, &rule).await.unwrap(), Lookup::Miss(_)),
+        "not stored"
+    );
+    // Computed after the eviction: stored, then dropped by a rule change.
+    let Lookup::Miss(epochs) = cache.get(user, &rule).await.unwrap() else {
+        panic!()
+    };
+    cache.put(user, &rule, epochs, &decision).await.unwrap();
+    match cache.get(user, &rule).await.unwrap() {
+        Lookup::Hit(d) => assert_eq!(d.source, Source::Cache),
+        Lookup::Miss(_) => panic!("stored"),
+    }
+    cache.evict_rule(&rule).await.unwrap();
+    assert!(matches!(
+        cache.get(user, &rule).await.unwrap(),
+        Lookup::Miss(_)
+    ));
 }

@@ -9,7 +9,8 @@ use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::checks::{AccessChecker, Question};
+use super::checks::Question;
+use super::service::AccessService;
 use crate::queue::job::{JobError, JobFuture, JobHandler};
 
 #[derive(Debug, Deserialize)]
@@ -74,12 +75,12 @@ pub fn parse_check(payload: Value) -> Result<CheckRequest, String> {
 /// Serves `verify_access`.
 #[derive(Clone)]
 pub struct VerifyAccessHandler {
-    checker: Arc<AccessChecker>,
+    service: Arc<AccessService>,
 }
 
 impl VerifyAccessHandler {
-    pub fn new(checker: Arc<AccessChecker>) -> Self {
-        Self { checker }
+    pub fn new(service: Arc<AccessService>) -> Self {
+        Self { service }
     }
 }
 
@@ -89,11 +90,11 @@ impl JobHandler for VerifyAccessHandler {
     }
 
     fn handle(&self, payload: Value) -> JobFuture {
-        let checker = self.checker.clone();
+        let service = self.service.clone();
         Box::pin(async move {
             let req = parse_check(payload).map_err(JobError::Rejected)?;
-            let decision = checker
-                .evaluate(req.user_id, &req.question)
+            let decision = service
+                .verify(req.user_id, &req.question)
                 .await
                 .map_err(|e| JobError::Retryable(e.to_string()))?;
             let mut reply = serde_json::to_value(&decision)

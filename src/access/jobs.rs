@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use super::cache::DecisionCache;
 use super::link::{LinkError, LinkOutcome, LinkRequest, WalletLinker};
 use crate::chain::decode::addr_hex;
 use crate::queue::job::{JobError, JobFuture, JobHandler};
@@ -108,6 +109,7 @@ fn retryable(e: LinkError) -> JobError {
 #[derive(Clone)]
 pub struct LinkWalletHandler {
     linker: Arc<WalletLinker>,
+    cache: Option<Arc<DecisionCache>>,
 }
 
 impl JobHandler for LinkWalletHandler {
@@ -117,12 +119,20 @@ impl JobHandler for LinkWalletHandler {
 
     fn handle(&self, payload: Value) -> JobFuture {
         let linker = self.linker.clone();
+        let cache = self.cache.clone();
         Box::pin(async move {
             let req = parse_link(payload).map_err(JobError::Rejected)?;
             let outcome = linker.link(&req).await.map_err(retryable)?;
-            if let LinkOutcome::Refused(r) = &outcome {
-                tracing::info!(user_id = %req.user_id, request_id = %req.request_id,
-                    reason = r.reason.as_str(), detail = %r.detail, "wallet link refused");
+            match &outcome {
+                LinkOutcome::Refused(r) => {
+                    tracing::info!(user_id = %req.user_id, request_id = %req.request_id,
+                        reason = r.reason.as_str(), detail = %r.detail, "wallet link refused");
+                }
+                LinkOutcome::Linked { moved_from, .. } => {
+                    let users: Vec<Uuid> =
+                        std::iter::once(req.user_id).chain(*moved_from).collect();
+                    evict(cache.as_ref(), &users).await?;
+                }
             }
             Ok(link_reply(req.request_id, &outcome))
         })
@@ -133,6 +143,20 @@ impl JobHandler for LinkWalletHandler {
 #[derive(Clone)]
 pub struct UnlinkWalletHandler {
     linker: Arc<WalletLinker>,
+    cache: Option<Arc<DecisionCache>>,
+}
+
+/// A link or unlink changes what the user's checks see: drop their cached decisions (and, when
+/// a link moved, the previous holder's). The change is committed; a Redis failure here is
+/// retried by the queue, and the link repeats idempotently.
+async fn evict(cache: Option<&Arc<DecisionCache>>, users: &[Uuid]) -> Result<(), JobError> {
+    match cache {
+        Some(c) => c
+            .evict_users(users)
+            .await
+            .map_err(|e| JobError::Retryable(e.to_string())),
+        None => Ok(()),
+    }
 }
 
 impl JobHandler for UnlinkWalletHandler {
@@ -142,9 +166,13 @@ impl JobHandler for UnlinkWalletHandler {
 
     fn handle(&self, payload: Value) -> JobFuture {
         let linker = self.linker.clone();
+        let cache = self.cache.clone();
         Box::pin(async move {
             let (request_id, user, address) = parse_unlink(payload).map_err(JobError::Rejected)?;
             let removed = linker.unlink(user, address).await.map_err(retryable)?;
+            if removed {
+                evict(cache.as_ref(), &[user]).await?;
+            }
             Ok(json!({
                 "request_id": request_id,
                 "status": if removed { "unlinked" } else { "not_linked" },
@@ -154,10 +182,15 @@ impl JobHandler for UnlinkWalletHandler {
     }
 }
 
-/// Registers the wallet jobs.
-pub fn register(jobs: &mut JobRegistry, linker: Arc<WalletLinker>) {
+/// Registers the wallet jobs; with a cache, links and unlinks evict the user's decisions.
+pub fn register(
+    jobs: &mut JobRegistry,
+    linker: Arc<WalletLinker>,
+    cache: Option<Arc<DecisionCache>>,
+) {
     jobs.register(LinkWalletHandler {
         linker: linker.clone(),
+        cache: cache.clone(),
     });
-    jobs.register(UnlinkWalletHandler { linker });
+    jobs.register(UnlinkWalletHandler { linker, cache });
 }

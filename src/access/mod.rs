@@ -15,22 +15,28 @@
 //! | [`decision`] | the decision and its evidence, typed |
 //! | [`heads`] | each chain's head, stored for the staleness measure |
 //! | [`checks`] | the Rust door to the evaluation, single and batch |
+//! | [`cache`] | decisions cached in memory and Redis, valid while the user's and rule's epochs hold |
+//! | [`invalidation`] | balance-change and rule-change listeners that bump those epochs |
+//! | [`service`] | the queue door's checks: cache, then evaluation |
 //! | [`jobs`] | the `link_wallet` and `unlink_wallet` job handlers |
 //! | [`check_job`] | the `verify_access` job handler |
 //! | [`rule_job`] | the `access_rule` job handler |
 //! | [`cli`] | `tokenwarden access rule …`, `access check`, `access wallets` |
 
+pub mod cache;
 pub mod check_job;
 pub mod checks;
 pub mod cli;
 pub mod decision;
 pub mod heads;
+pub mod invalidation;
 pub mod jobs;
 pub mod link;
 pub mod message;
 pub mod refusal;
 pub mod rule_job;
 pub mod rules;
+pub mod service;
 pub mod settings;
 pub mod wallets;
 

@@ -223,6 +223,17 @@ impl WalletStore {
         Ok(rows.into_iter().map(link_of).collect())
     }
 
+    /// The users holding any of `addresses` (lowercase 0x hex, as announced).
+    pub async fn users_of(&self, addresses: &[String]) -> Result<Vec<Uuid>, WalletStoreError> {
+        sqlx::query_scalar(
+            "SELECT DISTINCT user_id FROM public.user_wallets WHERE address = ANY($1)",
+        )
+        .bind(addresses)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("map wallets to users"))
+    }
+
     /// Removes `user`'s link of `address`; `false` if there was none.
     pub async fn unlink(&self, user: Uuid, address: Address) -> Result<bool, WalletStoreError> {
         let n = sqlx::query("DELETE FROM public.user_wallets WHERE user_id = $1 AND address = $2")

@@ -24,6 +24,13 @@ pub struct AccessConfig {
     pub stale_after_blocks: u64,
     /// How often the worker reads each chain's head for that measure (seconds).
     pub head_poll_secs: u64,
+    /// How long a decision stays in a replica's memory (seconds; the seed's ~1 minute).
+    pub cache_memory_ttl_secs: u64,
+    /// How long a decision stays in Redis, shared by the replicas (seconds; the seed's ~10
+    /// minutes). Both are backstops: balance changes, rule changes and unlinks evict at once.
+    pub cache_redis_ttl_secs: u64,
+    /// Decisions one replica keeps in memory at most.
+    pub cache_memory_capacity: u64,
 }
 
 impl AccessConfig {
@@ -50,6 +57,12 @@ impl AccessConfig {
             return Err(ConfigError::invalid(
                 "access.siwe_clock_skew_secs",
                 "must be at most 3600",
+            ));
+        }
+        if self.cache_memory_ttl_secs > self.cache_redis_ttl_secs {
+            return Err(ConfigError::invalid(
+                "access.cache_memory_ttl_secs",
+                "must not exceed access.cache_redis_ttl_secs",
             ));
         }
         if self.head_poll_secs == 0 {
