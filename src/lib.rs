@@ -13,16 +13,18 @@
 //! | [`snapshots`] | holder snapshots from GoldRush or from the own index; address checks |
 //! | [`maintenance`] | scheduled jobs (lock cleanup, anomalies, pruning), the scheduler, health and metrics |
 //! | [`worker`] | the `run` command: starts everything enabled in config and shuts it down cleanly |
+//! | [`cli`] | the operator commands: one dispatch, one Postgres connection, one error type |
 
 //!
 //! The modules form layers that only point down (see `docs/architecture.md`, checked by
 //! `scripts/layers.py`): foundation (`config`, `redact`) → infrastructure (`infra`, `app`) →
 //! transport (`queue`) → domain (`ledger`, `chain`) → derived (`snapshots`) → operations
-//! (`maintenance`) → composition (`worker`).
+//! (`maintenance`) → composition (`worker`, `cli`).
 
 pub mod access;
 pub mod app;
 pub mod chain;
+pub mod cli;
 pub mod config;
 pub mod infra;
 pub mod ledger;

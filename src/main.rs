@@ -5,13 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use tokenwarden::access::cli::AccessCommand;
-use tokenwarden::chain::cli::IndexCommand;
+use tokenwarden::cli::OperatorCommand;
 use tokenwarden::config::Config;
-use tokenwarden::ledger::cli::CreditsCommand;
-use tokenwarden::maintenance::cli::AnomaliesCommand;
-use tokenwarden::queue::cli::DeadLettersCommand;
-use tokenwarden::snapshots::cli::SnapshotCommand;
 
 #[derive(Debug, Parser)]
 #[command(name = "tokenwarden", version, about)]
@@ -30,31 +25,8 @@ enum Command {
     Run,
     /// Apply database migrations, write the `[ledger]` bounds into the database, and exit.
     Migrate,
-    /// Put one job on its stream; with --wait, wait up to that many ms for its outcome.
-    Enqueue {
-        job_type: String,
-        json: String,
-        #[arg(long)]
-        wait: Option<u64>,
-    },
-    /// Balances, grants and history.
-    #[command(subcommand)]
-    Credits(CreditsCommand),
-    /// Jobs the queue could not process.
-    #[command(subcommand, name = "dead-letters")]
-    DeadLetters(DeadLettersCommand),
-    /// Chain indexer status and reconciliation.
-    #[command(subcommand)]
-    Index(IndexCommand),
-    /// Holder snapshots.
-    #[command(subcommand)]
-    Snapshot(SnapshotCommand),
-    /// Usage anomalies.
-    #[command(subcommand)]
-    Anomalies(AnomaliesCommand),
-    /// Access rules, checks and proven wallets.
-    #[command(subcommand)]
-    Access(AccessCommand),
+    #[command(flatten)]
+    Operator(OperatorCommand),
 }
 
 #[tokio::main]
@@ -74,17 +46,7 @@ async fn main() -> anyhow::Result<()> {
             tokenwarden::access::settings::write_settings(&pool, &cfg.access).await?;
             println!("migrations applied");
         }
-        Command::Enqueue {
-            job_type,
-            json,
-            wait,
-        } => tokenwarden::queue::cli::enqueue(&cfg, &job_type, &json, wait).await?,
-        Command::Credits(cmd) => tokenwarden::ledger::cli::run(cmd, &cfg).await?,
-        Command::DeadLetters(cmd) => tokenwarden::queue::cli::run(cmd, &cfg).await?,
-        Command::Index(cmd) => tokenwarden::chain::cli::run(cmd, &cfg).await?,
-        Command::Snapshot(cmd) => tokenwarden::snapshots::cli::run(cmd, &cfg).await?,
-        Command::Access(cmd) => tokenwarden::access::cli::run(cmd, &cfg).await?,
-        Command::Anomalies(cmd) => tokenwarden::maintenance::cli::run(cmd, &cfg).await?,
+        Command::Operator(cmd) => tokenwarden::cli::run(cmd, &cfg).await?,
     }
     Ok(())
 }

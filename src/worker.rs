@@ -15,8 +15,10 @@ pub enum WorkerError {
     Ledger(#[from] crate::ledger::LedgerError),
     #[error(transparent)]
     AccessSettings(#[from] crate::access::settings::SettingsError),
-    #[error("{0}")]
-    Other(String),
+    #[error(transparent)]
+    Ops(#[from] crate::maintenance::http::HttpError),
+    #[error(transparent)]
+    Queue(#[from] crate::queue::QueueError),
 }
 
 /// The job handlers this process serves: one line per handler. A job type without a line
@@ -83,9 +85,7 @@ pub async fn run(cfg: Config) -> Result<(), WorkerError> {
     ));
     let invalidator = crate::access::invalidation::spawn(&ctx, decisions.clone());
     let maintenance = crate::maintenance::MaintenanceJobs::new(&ctx);
-    let ops = crate::maintenance::http::spawn(ctx.clone())
-        .await
-        .map_err(|e| WorkerError::Other(e.to_string()))?;
+    let ops = crate::maintenance::http::spawn(ctx.clone()).await?;
     let scheduler = ctx
         .cfg
         .maintenance
@@ -113,7 +113,7 @@ pub async fn run(cfg: Config) -> Result<(), WorkerError> {
     }
     // Everything has drained; the endpoint (answering readyz = 503 since the signal) goes too.
     ops.abort();
-    queue.map_err(|e| WorkerError::Other(e.to_string()))?;
+    queue?;
     tracing::info!("tokenwarden worker stopped");
     Ok(())
 }

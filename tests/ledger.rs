@@ -128,16 +128,6 @@ async fn add_tokens_sql(pool: &PgPool, user: Uuid, amount: i64, request_id: Opti
     .await
 }
 
-async fn account(pool: &PgPool, user: Uuid) -> Option<(i64, i64)> {
-    sqlx::query_as::<_, (i64, i64)>(
-        "SELECT balance, held FROM public.credit_accounts WHERE user_id = $1",
-    )
-    .bind(user)
-    .fetch_optional(pool)
-    .await
-    .expect("read account")
-}
-
 async fn stored(pool: &PgPool, request_id: Uuid) -> Option<(String, Option<String>)> {
     sqlx::query_as::<_, (String, Option<String>)>(
         "SELECT status, reason FROM public.ledger_requests WHERE request_id = $1",
@@ -226,7 +216,7 @@ async fn same_request_id_twice_debits_once_with_the_same_outcome() {
         .unwrap();
     assert_eq!(same_batch[0], same_batch[1]);
     assert_eq!(same_batch[0].balance, Some(33));
-    assert_eq!(account(&env.pool, user.0).await, Some((33, 0)));
+    assert_eq!(env.account(user.0).await, Some((33, 0)));
 
     // SQL door: same.
     let r3 = Uuid::new_v4();
@@ -234,7 +224,7 @@ async fn same_request_id_twice_debits_once_with_the_same_outcome() {
     let b = consume_sql(&env.pool, r3, user.0, 3, "chat", json!({})).await;
     assert_eq!(a, b);
     assert_eq!(a["balance"], json!(30));
-    assert_eq!(account(&env.pool, user.0).await, Some((30, 0)));
+    assert_eq!(env.account(user.0).await, Some((30, 0)));
     let consumes = history_kinds(&env.pool, user.0)
         .await
         .into_iter()
@@ -246,10 +236,10 @@ async fn same_request_id_twice_debits_once_with_the_same_outcome() {
     let g = Uuid::new_v4();
     add_tokens_sql(&env.pool, user.0, 10, Some(g)).await;
     add_tokens_sql(&env.pool, user.0, 10, Some(g)).await;
-    assert_eq!(account(&env.pool, user.0).await, Some((40, 0)));
+    assert_eq!(env.account(user.0).await, Some((40, 0)));
     add_tokens_sql(&env.pool, user.0, 10, None).await;
     add_tokens_sql(&env.pool, user.0, 10, None).await;
-    assert_eq!(account(&env.pool, user.0).await, Some((60, 0)));
+    assert_eq!(env.account(user.0).await, Some((60, 0)));
 }
 
 #[tokio::test]
@@ -272,7 +262,7 @@ async fn zero_balance_gives_insufficient_tokens_and_the_failure_is_final() {
     apply_one(&l, grant(rid(), user, 10)).await;
     let retry = apply_one(&l, consume(r, user, 1)).await;
     assert_eq!(retry, o);
-    assert_eq!(account(&env.pool, user.0).await, Some((10, 0)));
+    assert_eq!(env.account(user.0).await, Some((10, 0)));
     assert_eq!(
         stored(&env.pool, r.0).await.map(|s| s.0).as_deref(),
         Some("insufficient_tokens")
@@ -294,7 +284,7 @@ async fn unknown_user_consume_is_insufficient_tokens_without_an_account() {
     assert_eq!(h.status, OutcomeStatus::InsufficientTokens);
     let v = consume_sql(&env.pool, Uuid::new_v4(), user.0, 1, "chat", json!({})).await;
     assert_eq!(v["error"], json!("insufficient_tokens"));
-    assert_eq!(account(&env.pool, user.0).await, None);
+    assert_eq!(env.account(user.0).await, None);
     assert!(l.balance(user).await.unwrap().is_none());
 }
 
@@ -326,7 +316,7 @@ async fn same_id_with_different_fields_is_a_conflict_and_not_stored() {
     // The original outcome stands, nothing else moved.
     assert_eq!(l.outcome(r).await.unwrap(), Some(first.clone()));
     assert_eq!(apply_one(&l, consume(r, user, 10)).await, first);
-    assert_eq!(account(&env.pool, user.0).await, Some((89, 0)));
+    assert_eq!(env.account(user.0).await, Some((89, 0)));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -363,10 +353,10 @@ async fn concurrent_consumptions_end_with_the_exact_balance() {
     let user = uid();
     apply_one(&l, grant(rid(), user, 600)).await;
     assert_eq!(concurrent_sql_consumptions(&env.pool, user.0, 10).await, 10);
-    assert_eq!(account(&env.pool, user.0).await, Some((590, 0)));
+    assert_eq!(env.account(user.0).await, Some((590, 0)));
     let consumed = concurrent_sql_consumptions(&env.pool, user.0, 1000).await;
     assert_eq!(consumed, 590);
-    assert_eq!(account(&env.pool, user.0).await, Some((0, 0)));
+    assert_eq!(env.account(user.0).await, Some((0, 0)));
 
     // Queue door: 40 concurrent Ledger::apply batches of 25 on one hot user, plus the SQL
     // door at the same time.
@@ -393,7 +383,7 @@ async fn concurrent_consumptions_end_with_the_exact_balance() {
         spent += t.await.expect("task");
     }
     spent += sql_side.await.expect("sql task");
-    let (balance, held) = account(&env.pool, user2.0).await.expect("account");
+    let (balance, held) = env.account(user2.0).await.expect("account");
     assert_eq!(held, 0);
     assert_eq!(balance, 1500 - spent as i64);
     assert!(
@@ -456,7 +446,7 @@ async fn concurrent_batches_over_many_users_do_not_deadlock() {
     }
     for u in &users {
         let spent = consumed.get(&u.0).copied().unwrap_or(0);
-        assert_eq!(account(&env.pool, u.0).await, Some((100 - spent, 0)));
+        assert_eq!(env.account(u.0).await, Some((100 - spent, 0)));
     }
 }
 
@@ -595,7 +585,7 @@ async fn a_nul_label_fails_alone_and_the_rest_of_its_batch_is_applied() {
             assert_eq!(o.status, OutcomeStatus::Consumed, "op {i}");
         }
     }
-    assert_eq!(account(&env.pool, user.0).await, Some((1000 - 19, 0)));
+    assert_eq!(env.account(user.0).await, Some((1000 - 19, 0)));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -745,7 +735,7 @@ async fn an_expired_hold_cannot_be_settled() {
         .map(|h| h.0)
         .collect();
     assert_eq!(kinds, ["grant", "hold", "expire"]);
-    assert_eq!(account(&env.pool, user.0).await, Some((100, 0)));
+    assert_eq!(env.account(user.0).await, Some((100, 0)));
 }
 
 #[tokio::test]
@@ -767,14 +757,14 @@ async fn cleanup_expired_locks_returns_tokens_with_history_rows() {
         .await
         .unwrap();
     assert!(out.iter().all(|o| o.status == OutcomeStatus::Held));
-    assert_eq!(account(&env.pool, u1.0).await, Some((70, 30)));
+    assert_eq!(env.account(u1.0).await, Some((70, 30)));
     for h in [h1, h2, h3] {
         wait_until_expired(&env.pool, h.0).await;
     }
 
     assert_eq!(l.cleanup_expired_locks().await.unwrap(), 3);
-    assert_eq!(account(&env.pool, u1.0).await, Some((100, 0)));
-    assert_eq!(account(&env.pool, u2.0).await, Some((95, 5)));
+    assert_eq!(env.account(u1.0).await, Some((100, 0)));
+    assert_eq!(env.account(u2.0).await, Some((95, 5)));
     let hist = history_kinds(&env.pool, u1.0).await;
     let expires: Vec<_> = hist.iter().filter(|h| h.0 == "expire").collect();
     assert_eq!(expires.len(), 2);
@@ -868,7 +858,7 @@ async fn bad_input_through_the_sql_door_is_rejected_with_a_stored_reason() {
     .await;
     assert_eq!(o.status, OutcomeStatus::Rejected);
     // Nothing was debited.
-    assert_eq!(account(&env.pool, user.0).await, Some((100, 0)));
+    assert_eq!(env.account(user.0).await, Some((100, 0)));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -877,17 +867,9 @@ async fn bad_input_through_the_sql_door_is_rejected_with_a_stored_reason() {
 
 /// `tokenwarden enqueue <job_type> <payload> --wait`: the queue door as a caller sees it.
 fn enqueue_and_wait(env: &TestEnv, job_type: &str, payload: &Value) -> Value {
-    let out = std::process::Command::new(common::tokenwarden_bin())
-        .args(["enqueue", job_type, &payload.to_string(), "--wait", "60000"])
-        .envs(env.env_vars())
-        .output()
-        .expect("run tokenwarden enqueue");
-    assert!(
-        out.status.success(),
-        "enqueue {job_type} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("enqueue --wait prints the JSON reply")
+    let out = env.cli(&["enqueue", job_type, &payload.to_string(), "--wait", "60000"]);
+    assert!(out.ok, "enqueue {job_type} failed: {}", out.stderr);
+    serde_json::from_str(&out.stdout).expect("enqueue --wait prints the JSON reply")
 }
 
 /// The lifetime (seconds) and stored ttl_secs of hold `hold_id`.
@@ -1169,7 +1151,7 @@ async fn an_open_block_anomaly_rate_limits_until_resolved() {
     );
     // The rate-limited id keeps its stored outcome.
     assert_eq!(apply_one(&l, consume(r, user, 1)).await, c);
-    assert_eq!(account(&env.pool, user.0).await, Some((94, 0)));
+    assert_eq!(env.account(user.0).await, Some((94, 0)));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1291,7 +1273,7 @@ async fn rls_users_read_only_their_own_rows_on(env: TestEnv) {
             .unwrap();
     assert_eq!(v["status"], json!("consumed"));
     tx.commit().await.unwrap();
-    assert_eq!(account(&env.pool, alice.0).await, Some((96, 2)));
+    assert_eq!(env.account(alice.0).await, Some((96, 2)));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1299,18 +1281,8 @@ async fn rls_users_read_only_their_own_rows_on(env: TestEnv) {
 // ---------------------------------------------------------------------------------------------
 
 fn credits_cli(env: &TestEnv, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(common::tokenwarden_bin())
-        .arg("credits")
-        .args(args)
-        .envs(env.env_vars())
-        .output()
-        .expect("run tokenwarden credits");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    let out = env.cli(&[&["credits"], args].concat());
+    (out.ok, out.text())
 }
 
 #[tokio::test]
@@ -1670,10 +1642,10 @@ async fn sql_door(pool: &PgPool, op: &LedgerOp) -> Observed {
     (status, v["balance"].as_i64(), v["held"].as_i64())
 }
 
-async fn final_balances(pool: &PgPool, users: &[UserId]) -> Vec<(i64, i64)> {
+async fn final_balances(env: &TestEnv, users: &[UserId]) -> Vec<(i64, i64)> {
     let mut out = Vec::new();
     for u in users {
-        out.push(account(pool, u.0).await.unwrap_or((0, 0)));
+        out.push(env.account(u.0).await.unwrap_or((0, 0)));
     }
     out
 }
@@ -1715,7 +1687,7 @@ async fn model_based_both_doors_agree_with_the_model() {
         for (i, (g, e)) in got_a.iter().zip(&expected).enumerate() {
             assert_eq!(g, e, "SQL door, seed {seed}, op {i}: {:?}", ops[i]);
         }
-        assert_eq!(final_balances(&env_a.pool, &users).await, expected_balances);
+        assert_eq!(final_balances(&env_a, &users).await, expected_balances);
 
         // (b) random-size batches through Ledger::apply, on another fresh database.
         let env_b = TestEnv::new().await;
@@ -1736,7 +1708,7 @@ async fn model_based_both_doors_agree_with_the_model() {
         for (i, (g, e)) in got_b.iter().zip(&expected).enumerate() {
             assert_eq!(g, e, "queue door, seed {seed}, op {i}: {:?}", ops[i]);
         }
-        assert_eq!(final_balances(&env_b.pool, &users).await, expected_balances);
+        assert_eq!(final_balances(&env_b, &users).await, expected_balances);
 
         // The durable outcome of every id is the model's first decision.
         for op in ops.iter().take(50) {
@@ -1850,7 +1822,7 @@ async fn bench_ledger_apply() {
             runs += 1;
         }
     }
-    let hot_balance = account(&env.pool, hot[0].0).await.unwrap().0;
+    let hot_balance = env.account(hot[0].0).await.unwrap().0;
     assert_eq!(
         hot_balance,
         1_000_000_000_000 - (runs / 2) as i64 * total as i64

@@ -251,7 +251,7 @@ async fn health_ready_and_metrics_over_http() {
     // Work for the other modules' metrics: one consumption (with `enqueued_at`, for the
     // latency histogram) and one malformed entry (a dead letter).
     let user = uuid::Uuid::new_v4();
-    grant(&env, user, 10).await;
+    env.grant(user, 10).await;
     let consume_stream = format!("{}:jobs:consume_tokens", env.redis_prefix);
     let payload = serde_json::json!({
         "request_id": uuid::Uuid::new_v4(), "user_id": user, "amount": 3,
@@ -324,7 +324,7 @@ async fn health_ready_and_metrics_over_http() {
         ),
         1.0
     );
-    assert_eq!(balance(&env, user).await, (7, 0));
+    assert_eq!(env.account(user).await.expect("account"), (7, 0));
     let (_, types) = parse_prometheus(&get(port, "/metrics").await.expect("scrape").1);
     for (name, kind) in [
         ("tokenwarden_job_latency_seconds", "histogram"),
@@ -396,20 +396,11 @@ async fn readyz_fails_when_redis_is_unreachable() {
     assert!(w.wait_exit(Duration::from_secs(30)).success());
 }
 
-async fn app_context(env: &TestEnv, extra: &[(&str, &str)]) -> tokenwarden::app::AppContext {
-    let mut vars = env.env_vars();
-    vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let cfg = tokenwarden::config::Config::load_with_env(None, vars).expect("test config");
-    tokenwarden::app::AppContext::connect(cfg)
-        .await
-        .expect("connect")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn maintenance_payloads_are_validated() {
     use tokenwarden::queue::{JobError, JobHandler};
     let env = TestEnv::new().await;
-    let ctx = app_context(&env, &[]).await;
+    let ctx = env.app_context(&[]).await;
     let jobs = tokenwarden::maintenance::MaintenanceJobs::new(&ctx);
     for handler in jobs.handlers() {
         for bad in [
@@ -437,7 +428,7 @@ async fn maintenance_payloads_are_validated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prune_removes_only_old_and_acknowledged_data() {
     let env = TestEnv::new().await;
-    let ctx = app_context(&env, &[]).await;
+    let ctx = env.app_context(&[]).await;
     for age_days in [40, 1] {
         sqlx::query(
             "INSERT INTO dead_letters (job_type, stream, entry_id, fields, reason, deliveries, created_at) \
@@ -517,7 +508,7 @@ async fn prune_removes_only_old_and_acknowledged_data() {
 
     // Ledger history, however old, is never pruned.
     let user = uuid::Uuid::new_v4();
-    grant(&env, user, 10).await;
+    env.grant(user, 10).await;
     sqlx::query("UPDATE token_balance_history SET created_at = now() - interval '400 days'")
         .execute(&env.pool)
         .await
@@ -584,53 +575,6 @@ async fn prune_removes_only_old_and_acknowledged_data() {
     );
 }
 
-/// Runs a `tokenwarden` CLI command to completion; returns success and stdout.
-fn cli(env: &TestEnv, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(common::tokenwarden_bin())
-        .args(args)
-        .envs(env.env_vars())
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("run tokenwarden");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
-}
-
-async fn grant(env: &TestEnv, user: uuid::Uuid, amount: i64) {
-    let r: serde_json::Value =
-        sqlx::query_scalar("SELECT add_tokens($1, $2, 'test grant', '{}'::jsonb, $3)")
-            .bind(user)
-            .bind(amount)
-            .bind(uuid::Uuid::new_v4())
-            .fetch_one(&env.pool)
-            .await
-            .expect("add_tokens");
-    assert_eq!(r["success"], true, "{r}");
-}
-
-/// One consumption through the SQL door; returns its status.
-async fn consume(env: &TestEnv, user: uuid::Uuid, amount: i64) -> String {
-    let r: serde_json::Value =
-        sqlx::query_scalar("SELECT consume_tokens_atomic($1, $2, $3, 'ai_call', '{}'::jsonb)")
-            .bind(uuid::Uuid::new_v4())
-            .bind(user)
-            .bind(amount)
-            .fetch_one(&env.pool)
-            .await
-            .expect("consume_tokens_atomic");
-    r["status"].as_str().expect("status").to_string()
-}
-
-async fn balance(env: &TestEnv, user: uuid::Uuid) -> (i64, i64) {
-    sqlx::query_as("SELECT balance, held FROM credit_accounts WHERE user_id = $1")
-        .bind(user)
-        .fetch_one(&env.pool)
-        .await
-        .expect("account")
-}
-
 async fn anomaly_rows(
     env: &TestEnv,
     user: uuid::Uuid,
@@ -649,24 +593,22 @@ async fn anomaly_rows(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn burst_of_100_consumptions_is_one_anomaly_and_blocks_until_resolved() {
     let env = TestEnv::new().await;
-    let ctx = app_context(
-        &env,
-        &[(
+    let ctx = env
+        .app_context(&[(
             "TOKENWARDEN__MAINTENANCE__ANOMALIES__REQUEST_BURST__SEVERITY",
             "block",
-        )],
-    )
-    .await;
+        )])
+        .await;
     let jobs = tokenwarden::maintenance::MaintenanceJobs::new(&ctx);
     let (abuser, normal) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
-    grant(&env, abuser, 1_000).await;
-    grant(&env, normal, 1_000).await;
+    env.grant(abuser, 1_000).await;
+    env.grant(normal, 1_000).await;
     for _ in 0..100 {
-        assert_eq!(consume(&env, abuser, 1).await, "consumed");
+        assert_eq!(env.consume(abuser, 1).await, "consumed");
     }
     // 98 now and one more below: the control user stays under 100 in any minute.
     for _ in 0..98 {
-        assert_eq!(consume(&env, normal, 1).await, "consumed");
+        assert_eq!(env.consume(normal, 1).await, "consumed");
     }
 
     // The seed's SQL function agrees.
@@ -714,15 +656,15 @@ async fn burst_of_100_consumptions_is_one_anomaly_and_blocks_until_resolved() {
     );
 
     // Enforcement: the ledger refuses the next consumption (and holds) while it is open.
-    assert_eq!(consume(&env, abuser, 1).await, "rate_limited");
-    assert_eq!(consume(&env, normal, 1).await, "consumed");
+    assert_eq!(env.consume(abuser, 1).await, "rate_limited");
+    assert_eq!(env.consume(normal, 1).await, "consumed");
     assert_eq!(
-        balance(&env, abuser).await,
+        env.account(abuser).await.expect("account"),
         (900, 0),
         "nothing taken while blocked"
     );
 
-    let (ok, listed) = cli(&env, &["anomalies", "list"]);
+    let (ok, listed) = env.cli(&["anomalies", "list"]).status_and_stdout();
     assert!(ok, "anomalies list");
     let listed: Vec<serde_json::Value> = listed
         .lines()
@@ -732,18 +674,24 @@ async fn burst_of_100_consumptions_is_one_anomaly_and_blocks_until_resolved() {
     assert_eq!(listed[0]["id"], id);
     assert_eq!(listed[0]["user_id"], abuser.to_string());
 
-    let (ok, _) = cli(&env, &["anomalies", "resolve", &id.to_string()]);
+    let (ok, _) = env
+        .cli(&["anomalies", "resolve", &id.to_string()])
+        .status_and_stdout();
     assert!(ok, "anomalies resolve");
-    let (ok, _) = cli(&env, &["anomalies", "resolve", &id.to_string()]);
+    let (ok, _) = env
+        .cli(&["anomalies", "resolve", &id.to_string()])
+        .status_and_stdout();
     assert!(!ok, "resolving twice is an error");
-    let (ok, _) = cli(&env, &["anomalies", "resolve", "999999"]);
+    let (ok, _) = env
+        .cli(&["anomalies", "resolve", "999999"])
+        .status_and_stdout();
     assert!(!ok, "resolving an unknown id is an error");
-    let (ok, open) = cli(&env, &["anomalies", "list"]);
+    let (ok, open) = env.cli(&["anomalies", "list"]).status_and_stdout();
     assert!(ok && open.trim().is_empty(), "no open anomalies: {open}");
-    let (ok, all) = cli(&env, &["anomalies", "list", "--all"]);
+    let (ok, all) = env.cli(&["anomalies", "list", "--all"]).status_and_stdout();
     assert!(ok && all.lines().count() == 1, "{all}");
 
-    assert_eq!(consume(&env, abuser, 1).await, "consumed");
+    assert_eq!(env.consume(abuser, 1).await, "consumed");
     // The resolved burst is not flagged again by later runs.
     let third = jobs
         .detect_anomalies
@@ -751,15 +699,14 @@ async fn burst_of_100_consumptions_is_one_anomaly_and_blocks_until_resolved() {
         .await
         .expect("detect after resolve");
     assert_eq!(third["found"], 0, "{third}");
-    assert_eq!(consume(&env, abuser, 1).await, "consumed");
+    assert_eq!(env.consume(abuser, 1).await, "consumed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spend_spike_against_own_baseline() {
     let env = TestEnv::new().await;
-    let ctx = app_context(
-        &env,
-        &[
+    let ctx = env
+        .app_context(&[
             (
                 "TOKENWARDEN__MAINTENANCE__ANOMALIES__SPEND_SPIKE__MIN_SPEND",
                 "50",
@@ -772,16 +719,15 @@ async fn spend_spike_against_own_baseline() {
                 "TOKENWARDEN__MAINTENANCE__ANOMALIES__SPEND_SPIKE__BASELINE_DAYS",
                 "1",
             ),
-        ],
-    )
-    .await;
+        ])
+        .await;
     let jobs = tokenwarden::maintenance::MaintenanceJobs::new(&ctx);
     let (steady, spiky) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
     for u in [steady, spiky] {
-        grant(&env, u, 100_000).await;
+        env.grant(u, 100_000).await;
         // Baseline: 24 credits spent yesterday in each of 24 hours = 24 per hour on average.
         for _ in 0..24 {
-            assert_eq!(consume(&env, u, 24).await, "consumed");
+            assert_eq!(env.consume(u, 24).await, "consumed");
         }
     }
     sqlx::query(
@@ -792,8 +738,8 @@ async fn spend_spike_against_own_baseline() {
     .await
     .expect("age the baseline");
     // This hour: steady spends 200 (< 10 x 24), spiky spends 300 (> 240).
-    assert_eq!(consume(&env, steady, 200).await, "consumed");
-    assert_eq!(consume(&env, spiky, 300).await, "consumed");
+    assert_eq!(env.consume(steady, 200).await, "consumed");
+    assert_eq!(env.consume(spiky, 300).await, "consumed");
     let found = jobs.detect_anomalies.run().await.expect("detect");
     let spikes: Vec<_> = found.iter().filter(|r| r.rule == "spend_spike").collect();
     assert_eq!(spikes.len(), 1, "{found:?}");
@@ -802,7 +748,7 @@ async fn spend_spike_against_own_baseline() {
     assert_eq!(spikes[0].details["hour_spend"], 300);
     assert_eq!(spikes[0].details["baseline_spend"], 576);
     // warn does not block.
-    assert_eq!(consume(&env, spiky, 1).await, "consumed");
+    assert_eq!(env.consume(spiky, 1).await, "consumed");
     assert!(jobs.detect_anomalies.run().await.expect("again").is_empty());
 }
 
@@ -811,14 +757,12 @@ async fn alert_webhook_receives_each_new_finding_with_retries() {
     use wiremock::matchers::{method, path};
     use wiremock::{Mock, MockServer, ResponseTemplate};
     let env = TestEnv::new().await;
-    let ctx = app_context(
-        &env,
-        &[(
+    let ctx = env
+        .app_context(&[(
             "TOKENWARDEN__MAINTENANCE__ANOMALIES__REQUEST_BURST__THRESHOLD",
             "5",
-        )],
-    )
-    .await;
+        )])
+        .await;
     let hook = MockServer::start().await;
     // The receiver fails once, then accepts: the alert is retried.
     Mock::given(method("POST"))
@@ -839,13 +783,13 @@ async fn alert_webhook_receives_each_new_finding_with_retries() {
         tokenwarden::maintenance::anomalies::Alerter::start(url, &ctx.cfg.maintenance.alerts);
     let detector = tokenwarden::maintenance::anomalies::DetectAnomalies::new(
         env.pool.clone(),
-        tokenwarden::maintenance::anomalies::builtin_rules(&ctx.cfg.maintenance.anomalies),
+        tokenwarden::ledger::anomalies::builtin_rules(&ctx.cfg.maintenance.anomalies),
         alerter,
     );
     let user = uuid::Uuid::new_v4();
-    grant(&env, user, 100).await;
+    env.grant(user, 100).await;
     for _ in 0..5 {
-        assert_eq!(consume(&env, user, 1).await, "consumed");
+        assert_eq!(env.consume(user, 1).await, "consumed");
     }
     let found = detector.run().await.expect("detect");
     assert_eq!(found.len(), 1);
@@ -879,7 +823,7 @@ async fn alert_webhook_receives_each_new_finding_with_retries() {
 async fn expired_holds_are_released_by_the_cleanup_job() {
     let env = TestEnv::new().await;
     let user = uuid::Uuid::new_v4();
-    grant(&env, user, 100).await;
+    env.grant(user, 100).await;
     let (expiring, lasting) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
     for (hold, amount, ttl) in [(expiring, 40_i64, 1_i32), (lasting, 10, 600)] {
         let r: serde_json::Value =
@@ -893,7 +837,7 @@ async fn expired_holds_are_released_by_the_cleanup_job() {
                 .expect("hold_tokens");
         assert_eq!(r["status"], "held", "{r}");
     }
-    assert_eq!(balance(&env, user).await, (50, 50));
+    assert_eq!(env.account(user).await.expect("account"), (50, 50));
     wait_until(
         Duration::from_secs(10),
         "the short hold to expire",
@@ -914,16 +858,15 @@ async fn expired_holds_are_released_by_the_cleanup_job() {
     let mut w = spawn_run(&env, &only_cleanup(""));
     let request_id = uuid::Uuid::new_v4().to_string();
     let payload = serde_json::json!({ "request_id": request_id }).to_string();
-    let (ok, reply) = cli(
-        &env,
-        &["enqueue", "cleanup_locks", &payload, "--wait", "20000"],
-    );
+    let (ok, reply) = env
+        .cli(&["enqueue", "cleanup_locks", &payload, "--wait", "20000"])
+        .status_and_stdout();
     assert!(ok, "enqueue cleanup_locks: {reply}");
     let reply: serde_json::Value = serde_json::from_str(reply.trim()).expect("JSON reply");
     assert_eq!(reply["released"], 1, "{reply}");
 
     assert_eq!(
-        balance(&env, user).await,
+        env.account(user).await.expect("account"),
         (90, 10),
         "40 back, 10 still held"
     );
@@ -953,7 +896,7 @@ async fn expired_holds_are_released_by_the_cleanup_job() {
     assert_eq!(lasting_status, "held");
 
     // Nothing left to release.
-    let ctx = app_context(&env, &[]).await;
+    let ctx = env.app_context(&[]).await;
     let jobs = tokenwarden::maintenance::MaintenanceJobs::new(&ctx);
     assert_eq!(jobs.cleanup_locks.run().await.expect("cleanup"), 0);
     w.signal("TERM");
@@ -1019,18 +962,9 @@ async fn readyz_fails_when_a_chain_rpc_is_unreachable() {
     let port = free_port();
     let dead_rpc = free_port();
     let dir = tempfile::tempdir().expect("tempdir");
-    let file = dir.path().join("chain.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[chain]\nenabled = true\n\n[[chain.chains]]\nchain_id = 31337\nname = \"down\"\n\
-             rpc_urls = [\"http://127.0.0.1:{dead_rpc}\"]\n"
-        ),
-    )
-    .expect("write config");
+    let file = common::chain_config_file(dir.path(), &format!("http://127.0.0.1:{dead_rpc}"));
     let vars = with_http(only_cleanup(""), port);
     let refs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let file = file.to_string_lossy().into_owned();
     let mut w = Child::spawn(&env, &["--config", &file, "run"], &refs);
     let body = wait_until(Duration::from_secs(30), "a readyz answer", || async {
         get(port, "/readyz").await
@@ -1085,9 +1019,9 @@ async fn scheduled_detection_posts_to_the_webhook_from_the_environment() {
         .mount(&hook)
         .await;
     let user = uuid::Uuid::new_v4();
-    grant(&env, user, 100).await;
+    env.grant(user, 100).await;
     for _ in 0..5 {
-        assert_eq!(consume(&env, user, 1).await, "consumed");
+        assert_eq!(env.consume(user, 1).await, "consumed");
     }
     let url = format!("{}/alerts", hook.uri());
     let mut vars = only_cleanup("");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{TestEnv, wait_until};
+use common::{TestEnv, blpop, wait_until, xadd};
 use tokenwarden::app::AppContext;
 use tokenwarden::config::Config;
 use tokenwarden::queue::{JobError, JobFuture, JobHandler, JobRegistry};
@@ -80,31 +80,6 @@ impl JobHandler for AlwaysRetry {
         let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         Box::pin(async move { Err(JobError::Retryable(format!("database down (attempt {n})"))) })
     }
-}
-
-async fn xadd(
-    conn: &mut redis::aio::MultiplexedConnection,
-    stream: &str,
-    fields: &[(&str, &str)],
-) -> String {
-    let mut cmd = redis::cmd("XADD");
-    cmd.arg(stream).arg("*");
-    for (k, v) in fields {
-        cmd.arg(*k).arg(*v);
-    }
-    cmd.query_async(conn).await.expect("XADD")
-}
-
-async fn blpop(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> serde_json::Value {
-    // Generous: the first reply also waits for a freshly spawned worker to start, which takes
-    // seconds on a loaded 2-core CI machine.
-    let (_, v): (String, String) = redis::cmd("BLPOP")
-        .arg(key)
-        .arg(60)
-        .query_async(conn)
-        .await
-        .expect("reply within 60 s");
-    serde_json::from_str(&v).expect("reply is JSON")
 }
 
 async fn dead_letter_reasons(env: &TestEnv) -> Vec<(String, String, String)> {
@@ -245,13 +220,9 @@ async fn retryable_failures_end_in_a_dead_letter_at_the_delivery_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enqueue_cli_refuses_unknown_job_types_and_times_out_clearly() {
     let env = TestEnv::new().await;
-    let out = std::process::Command::new(common::tokenwarden_bin())
-        .args(["enqueue", "consume_tokenz", "{}"])
-        .envs(env.env_vars())
-        .output()
-        .expect("run enqueue");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let out = env.cli(&["enqueue", "consume_tokenz", "{}"]);
+    assert!(!out.ok);
+    let err = &out.stderr;
     assert!(err.contains("unknown job type `consume_tokenz`"), "{err}");
     assert!(err.contains("consume_tokens, grant_tokens"), "{err}");
     let mut r = env.redis().await;
@@ -264,19 +235,15 @@ async fn enqueue_cli_refuses_unknown_job_types_and_times_out_clearly() {
 
     // No worker running: --wait gives up after the wait with a clear message.
     let rid = uuid::Uuid::new_v4();
-    let out = std::process::Command::new(common::tokenwarden_bin())
-        .args([
-            "enqueue",
-            "cleanup_locks",
-            &format!(r#"{{"request_id":"{rid}"}}"#),
-            "--wait",
-            "200",
-        ])
-        .envs(env.env_vars())
-        .output()
-        .expect("run enqueue");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let out = env.cli(&[
+        "enqueue",
+        "cleanup_locks",
+        &format!(r#"{{"request_id":"{rid}"}}"#),
+        "--wait",
+        "200",
+    ]);
+    assert!(!out.ok);
+    let err = &out.stderr;
     assert!(
         err.contains(&format!("no reply for request {rid} within 200 ms")),
         "{err}"
@@ -292,14 +259,6 @@ async fn enqueue_cli_refuses_unknown_job_types_and_times_out_clearly() {
 // ---------------------------------------------------------------------------------------------
 // Ledger jobs through the real worker binary.
 // ---------------------------------------------------------------------------------------------
-
-fn stream(env: &TestEnv, job_type: &str) -> String {
-    format!("{}:jobs:{job_type}", env.redis_prefix)
-}
-
-fn reply(env: &TestEnv, rid: &str) -> String {
-    format!("{}:reply:{rid}", env.redis_prefix)
-}
 
 fn consume_payload(rid: uuid::Uuid, user: uuid::Uuid, amount: i64) -> String {
     serde_json::json!({"request_id": rid, "user_id": user, "amount": amount, "operation_type": "chat"})
@@ -318,11 +277,11 @@ async fn grant(
         serde_json::json!({"request_id": rid, "user_id": user, "amount": amount, "reason": "test"});
     xadd(
         r,
-        &stream(env, "grant_tokens"),
+        &env.stream("grant_tokens"),
         &[("payload", &p.to_string())],
     )
     .await;
-    let rep = blpop(r, &reply(env, &rid.to_string())).await;
+    let rep = blpop(r, &env.reply_key(&rid.to_string())).await;
     assert_eq!(rep["status"], "granted", "{rep}");
 }
 
@@ -332,7 +291,7 @@ async fn enqueue_consumes(
     r: &mut redis::aio::MultiplexedConnection,
     jobs: &[(uuid::Uuid, uuid::Uuid, i64)],
 ) {
-    let s = stream(env, "consume_tokens");
+    let s = env.stream("consume_tokens");
     for chunk in jobs.chunks(1000) {
         let mut p = redis::pipe();
         for (rid, user, amount) in chunk {
@@ -347,15 +306,6 @@ async fn enqueue_consumes(
     }
 }
 
-async fn balance(env: &TestEnv, user: uuid::Uuid) -> i64 {
-    sqlx::query_scalar("SELECT balance FROM credit_accounts WHERE user_id = $1")
-        .bind(user)
-        .fetch_optional(&env.pool)
-        .await
-        .expect("balance")
-        .unwrap_or(0)
-}
-
 async fn count_requests(env: &TestEnv, kind: &str) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM ledger_requests WHERE kind = $1")
         .bind(kind)
@@ -368,7 +318,7 @@ async fn count_requests(env: &TestEnv, kind: &str) -> i64 {
 /// Waits until `n` consume outcomes are stored and the consume stream's group has nothing
 /// pending or undelivered: every job applied and acknowledged.
 async fn wait_all_consumed(env: &TestEnv, r: &redis::aio::MultiplexedConnection, n: i64) {
-    let s = stream(env, "consume_tokens");
+    let s = env.stream("consume_tokens");
     wait_until(
         Duration::from_secs(120),
         "all consume outcomes stored, nothing pending",
@@ -436,7 +386,7 @@ async fn assert_exact(
     );
     assert_eq!(debit_sum.unwrap_or(0), expected_debit);
     assert_eq!(
-        balance(env, user).await,
+        env.account(user).await.map_or(0, |a| a.0),
         granted - expected_debit,
         "balance = granted - consumed"
     );
@@ -454,11 +404,11 @@ async fn consume_end_to_end_with_idempotent_repeat() {
     let payload = consume_payload(rid, user, 30);
     xadd(
         &mut r,
-        &stream(&env, "consume_tokens"),
+        &env.stream("consume_tokens"),
         &[("payload", &payload)],
     )
     .await;
-    let first = blpop(&mut r, &reply(&env, &rid.to_string())).await;
+    let first = blpop(&mut r, &env.reply_key(&rid.to_string())).await;
     assert_eq!(first["status"], "consumed", "{first}");
     assert_eq!(first["balance"], 70);
     assert_eq!(first["request_id"], rid.to_string());
@@ -466,13 +416,13 @@ async fn consume_end_to_end_with_idempotent_repeat() {
     // Same request id again: same reply, one debit.
     xadd(
         &mut r,
-        &stream(&env, "consume_tokens"),
+        &env.stream("consume_tokens"),
         &[("payload", &payload)],
     )
     .await;
-    let second = blpop(&mut r, &reply(&env, &rid.to_string())).await;
+    let second = blpop(&mut r, &env.reply_key(&rid.to_string())).await;
     assert_eq!(second, first);
-    assert_eq!(balance(&env, user).await, 70);
+    assert_eq!(env.account(user).await.map_or(0, |a| a.0), 70);
     let (status, after): (String, Option<i64>) =
         sqlx::query_as("SELECT status, balance_after FROM ledger_requests WHERE request_id = $1")
             .bind(rid)
@@ -491,24 +441,16 @@ async fn consume_end_to_end_with_idempotent_repeat() {
 
     // The CLI door waits for the reply and prints it.
     let rid2 = uuid::Uuid::new_v4();
-    let out = std::process::Command::new(common::tokenwarden_bin())
-        .args([
-            "enqueue",
-            "consume_tokens",
-            &consume_payload(rid2, user, 5),
-            "--wait",
-            "10000",
-        ])
-        .envs(env.env_vars())
-        .output()
-        .expect("enqueue");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = env.cli(&[
+        "enqueue",
+        "consume_tokens",
+        &consume_payload(rid2, user, 5),
+        "--wait",
+        "10000",
+    ]);
+    assert!(out.ok, "{}", out.stderr);
     let printed: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("reply JSON on stdout");
+        serde_json::from_str(&out.stdout).expect("reply JSON on stdout");
     assert_eq!(printed["status"], "consumed");
     assert_eq!(printed["balance"], 65);
 
@@ -517,11 +459,11 @@ async fn consume_end_to_end_with_idempotent_repeat() {
     let p = serde_json::json!({"request_id": hold, "user_id": user, "amount": 20, "operation_type": "image", "ttl_secs": 60});
     xadd(
         &mut r,
-        &stream(&env, "hold_tokens"),
+        &env.stream("hold_tokens"),
         &[("payload", &p.to_string())],
     )
     .await;
-    let rep = blpop(&mut r, &reply(&env, &hold.to_string())).await;
+    let rep = blpop(&mut r, &env.reply_key(&hold.to_string())).await;
     assert_eq!(
         (
             rep["status"].as_str(),
@@ -535,11 +477,11 @@ async fn consume_end_to_end_with_idempotent_repeat() {
     let p = serde_json::json!({"request_id": settle, "hold_id": hold, "amount": 12});
     xadd(
         &mut r,
-        &stream(&env, "settle_hold"),
+        &env.stream("settle_hold"),
         &[("payload", &p.to_string())],
     )
     .await;
-    let rep = blpop(&mut r, &reply(&env, &settle.to_string())).await;
+    let rep = blpop(&mut r, &env.reply_key(&settle.to_string())).await;
     assert_eq!(
         (rep["status"].as_str(), rep["balance"].as_i64()),
         (Some("settled"), Some(53)),
@@ -549,11 +491,11 @@ async fn consume_end_to_end_with_idempotent_repeat() {
     let p = serde_json::json!({"request_id": release, "hold_id": hold});
     xadd(
         &mut r,
-        &stream(&env, "release_hold"),
+        &env.stream("release_hold"),
         &[("payload", &p.to_string())],
     )
     .await;
-    let rep = blpop(&mut r, &reply(&env, &release.to_string())).await;
+    let rep = blpop(&mut r, &env.reply_key(&release.to_string())).await;
     assert_eq!(rep["status"], "hold_already_resolved", "{rep}");
 }
 
@@ -564,7 +506,7 @@ async fn bad_ledger_input_is_dead_lettered_and_the_worker_keeps_going() {
     let mut r = env.redis().await;
     let user = uuid::Uuid::new_v4();
     grant(&env, &mut r, user, 100).await;
-    let s = stream(&env, "consume_tokens");
+    let s = env.stream("consume_tokens");
 
     // Entries whose request id cannot be read: dead letter only.
     let unreadable = [
@@ -641,7 +583,7 @@ async fn bad_ledger_input_is_dead_lettered_and_the_worker_keeps_going() {
         rids.push(rid);
     }
     for (rid, (_, needle)) in rids.iter().zip(&cases) {
-        let rep = blpop(&mut r, &reply(&env, &rid.to_string())).await;
+        let rep = blpop(&mut r, &env.reply_key(&rid.to_string())).await;
         assert_eq!(rep["status"], "rejected", "{rep}");
         let reason = rep["reason"].as_str().unwrap_or_default();
         assert!(reason.contains(needle), "expected {needle:?} in {reason:?}");
@@ -655,12 +597,12 @@ async fn bad_ledger_input_is_dead_lettered_and_the_worker_keeps_going() {
         &[("payload", &consume_payload(rid, stranger, 1))],
     )
     .await;
-    let rep = blpop(&mut r, &reply(&env, &rid.to_string())).await;
+    let rep = blpop(&mut r, &env.reply_key(&rid.to_string())).await;
     assert_eq!(rep["status"], "insufficient_tokens", "{rep}");
     // And the next good job is processed.
     let rid = uuid::Uuid::new_v4();
     xadd(&mut r, &s, &[("payload", &consume_payload(rid, user, 10))]).await;
-    let rep = blpop(&mut r, &reply(&env, &rid.to_string())).await;
+    let rep = blpop(&mut r, &env.reply_key(&rid.to_string())).await;
     assert_eq!(rep["status"], "consumed", "{rep}");
     assert_eq!(rep["balance"], 90);
 
@@ -678,43 +620,28 @@ async fn bad_ledger_input_is_dead_lettered_and_the_worker_keeps_going() {
         assert!(d.2.contains(needle), "{d:?} lacks {needle}");
     }
     assert_eq!(
-        balance(&env, user).await,
+        env.account(user).await.map_or(0, |a| a.0),
         90,
         "no bad entry moved the balance"
     );
 
     // dead-letters list / retry / purge.
-    let out = std::process::Command::new(common::tokenwarden_bin())
-        .args([
-            "dead-letters",
-            "list",
-            "--job-type",
-            "consume_tokens",
-            "--limit",
-            "100",
-        ])
-        .envs(env.env_vars())
-        .output()
-        .expect("list");
-    assert!(out.status.success());
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).lines().count(),
-        dl.len()
-    );
+    let out = env.cli(&[
+        "dead-letters",
+        "list",
+        "--job-type",
+        "consume_tokens",
+        "--limit",
+        "100",
+    ]);
+    assert!(out.ok);
+    assert_eq!(out.stdout.lines().count(), dl.len());
     let (first_id,): (i64,) = sqlx::query_as("SELECT min(id) FROM dead_letters")
         .fetch_one(&env.pool)
         .await
         .unwrap();
-    let out = std::process::Command::new(common::tokenwarden_bin())
-        .args(["dead-letters", "retry", &first_id.to_string()])
-        .envs(env.env_vars())
-        .output()
-        .expect("retry");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = env.cli(&["dead-letters", "retry", &first_id.to_string()]);
+    assert!(out.ok, "{}", out.stderr);
     let retried: Option<chrono::DateTime<chrono::Utc>> =
         sqlx::query_scalar("SELECT retried_at FROM dead_letters WHERE id = $1")
             .bind(first_id)
@@ -728,12 +655,8 @@ async fn bad_ledger_input_is_dead_lettered_and_the_worker_keeps_going() {
         (n == dl.len() + 1).then_some(())
     })
     .await;
-    let out = std::process::Command::new(common::tokenwarden_bin())
-        .args(["dead-letters", "purge", "--older-than-days", "0"])
-        .envs(env.env_vars())
-        .output()
-        .expect("purge");
-    assert!(out.status.success());
+    let out = env.cli(&["dead-letters", "purge", "--older-than-days", "0"]);
+    assert!(out.ok);
     assert!(dead_letter_reasons(&env).await.is_empty());
 }
 
@@ -747,12 +670,12 @@ async fn invalid_queue_input_is_a_stored_rejected_outcome_like_the_sql_door() {
     let mut r = env.redis().await;
     let user = uuid::Uuid::new_v4();
     grant(&env, &mut r, user, 100).await;
-    let s = stream(&env, "consume_tokens");
+    let s = env.stream("consume_tokens");
 
     let rid = uuid::Uuid::new_v4();
     let invalid = consume_payload(rid, user, 0);
     xadd(&mut r, &s, &[("payload", &invalid)]).await;
-    let first = blpop(&mut r, &reply(&env, &rid.to_string())).await;
+    let first = blpop(&mut r, &env.reply_key(&rid.to_string())).await;
     assert_eq!(first["status"], "rejected", "{first}");
     assert!(
         first["reason"]
@@ -817,14 +740,14 @@ async fn invalid_queue_input_is_a_stored_rejected_outcome_like_the_sql_door() {
 
     // Same invalid payload again: the same rejected reply.
     xadd(&mut r, &s, &[("payload", &invalid)]).await;
-    let again = blpop(&mut r, &reply(&env, &rid.to_string())).await;
+    let again = blpop(&mut r, &env.reply_key(&rid.to_string())).await;
     assert_eq!(again, first);
 
     // Same id, now valid: a conflict, nothing consumed.
     xadd(&mut r, &s, &[("payload", &consume_payload(rid, user, 5))]).await;
-    let conflict = blpop(&mut r, &reply(&env, &rid.to_string())).await;
+    let conflict = blpop(&mut r, &env.reply_key(&rid.to_string())).await;
     assert_eq!(conflict["status"], "request_id_conflict", "{conflict}");
-    assert_eq!(balance(&env, user).await, 100);
+    assert_eq!(env.account(user).await.map_or(0, |a| a.0), 100);
     assert_eq!(row(rid).await, Some(stored));
 
     // The invalid entries are still dead-lettered.
@@ -840,14 +763,14 @@ async fn invalid_queue_input_is_a_stored_rejected_outcome_like_the_sql_door() {
 async fn entries_of_unknown_job_types_are_dead_lettered_and_answered() {
     let env = TestEnv::new().await;
     let mut r = env.redis().await;
-    let s = stream(&env, "no_such_job");
+    let s = env.stream("no_such_job");
     let rid = uuid::Uuid::new_v4();
     let p = serde_json::json!({"request_id": rid, "x": 1}).to_string();
     xadd(&mut r, &s, &[("payload", &p)]).await;
     xadd(&mut r, &s, &[("other", "x")]).await;
     let _w = common::Child::spawn(&env, &["run"], &[]);
 
-    let rep = blpop(&mut r, &reply(&env, &rid.to_string())).await;
+    let rep = blpop(&mut r, &env.reply_key(&rid.to_string())).await;
     assert_eq!(rep["status"], "rejected", "{rep}");
     let reason = rep["reason"].as_str().unwrap_or_default();
     assert!(
@@ -887,7 +810,7 @@ async fn dead_lettering_an_entry_twice_stores_it_once() {
     let env = TestEnv::new().await;
     let entry = StreamEntry {
         job_type: "consume_tokens".into(),
-        stream: stream(&env, "consume_tokens").into(),
+        stream: env.stream("consume_tokens").into(),
         id: "1700000000000-0".into(),
         fields: vec![("payload".into(), b"not json".to_vec())],
         deliveries: 1,
@@ -928,7 +851,7 @@ async fn a_thousand_concurrent_consumptions_for_one_user_end_exact() {
     })
     .await;
     assert_exact(&env, user, 600, &jobs).await;
-    assert_eq!(balance(&env, user).await, 0);
+    assert_eq!(env.account(user).await.map_or(0, |a| a.0), 0);
     let insufficient: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM ledger_requests WHERE kind = 'consume' AND status = 'insufficient_tokens'",
     )
@@ -938,7 +861,7 @@ async fn a_thousand_concurrent_consumptions_for_one_user_end_exact() {
     assert_eq!(insufficient, 400);
     // Every caller got its reply.
     for (rid, _, _) in jobs.iter().step_by(97) {
-        let rep = blpop(&mut r, &reply(&env, &rid.to_string())).await;
+        let rep = blpop(&mut r, &env.reply_key(&rid.to_string())).await;
         assert!(
             rep["status"] == "consumed" || rep["status"] == "insufficient_tokens",
             "{rep}"
@@ -986,7 +909,7 @@ async fn two_worker_processes_share_one_stream() {
     let _a = common::Child::spawn(&env, &["run"], &[]);
     let _b = common::Child::spawn(&env, &["run"], &[]);
     let mut r = env.redis().await;
-    let s = stream(&env, "consume_tokens");
+    let s = env.stream("consume_tokens");
     wait_until(T, "two consumers on the stream", || {
         let mut r = r.clone();
         let s = s.clone();

@@ -77,21 +77,16 @@ async fn worker_logs_readyz_and_metrics_show_no_secret() {
     let port = free_port();
     let dead_rpc = free_port();
     let dir = tempfile::tempdir().expect("tempdir");
-    let file = dir.path().join("chain.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[chain]\nenabled = true\n\n[[chain.chains]]\nchain_id = 31337\nname = \"down\"\n\
-             rpc_urls = [\"http://127.0.0.1:{dead_rpc}/v2/{RPC_KEY}\"]\n"
-        ),
-    )
-    .expect("write config");
+    let file = common::chain_config_file(
+        dir.path(),
+        &format!("http://127.0.0.1:{dead_rpc}/v2/{RPC_KEY}"),
+    );
     // Local Postgres trusts 127.0.0.1, so the password is carried but not needed.
     let mut url = url::Url::parse(&env.db_url).expect("db url");
     url.set_password(Some(DB_PASSWORD)).expect("password");
     let log = dir.path().join("worker.log");
     let mut cmd = Command::new(common::tokenwarden_bin());
-    cmd.args(["--config", &file.to_string_lossy(), "run"]);
+    cmd.args(["--config", &file, "run"]);
     for (k, v) in env.env_vars() {
         cmd.env(k, v);
     }

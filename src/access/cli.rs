@@ -65,8 +65,6 @@ pub enum RuleCommand {
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     #[error(transparent)]
-    Store(#[from] crate::infra::StoreError),
-    #[error(transparent)]
     Rule(#[from] RuleError),
     #[error(transparent)]
     Check(#[from] CheckError),
@@ -81,8 +79,8 @@ fn print_json(v: &impl serde::Serialize) {
 }
 
 /// Runs one command and prints its result on stdout.
-pub async fn run(cmd: AccessCommand, cfg: &crate::config::Config) -> Result<(), CliError> {
-    let pool = crate::infra::connect_postgres(&cfg.database).await?;
+pub async fn run(cmd: AccessCommand, pool: &sqlx::PgPool) -> Result<(), CliError> {
+    let pool = pool.clone();
     match cmd {
         AccessCommand::Rule(RuleCommand::Set {
             creator,

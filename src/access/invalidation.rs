@@ -20,6 +20,7 @@ use crate::app::AppContext;
 #[derive(Debug, Deserialize)]
 struct BalanceChange {
     holders: Vec<String>,
+    block: u64,
 }
 
 /// `NOTIFY tw_access_rules` payload.
@@ -29,9 +30,11 @@ struct RuleChanged {
     feature: String,
 }
 
-/// The running listeners; `processed` counts the announcements acted on (tests wait on it).
+/// The running listeners; `processed` counts the announcements acted on and `balance_block`
+/// is the highest block of a balance change acted on (tests wait on them).
 pub struct Invalidator {
     pub processed: watch::Receiver<u64>,
+    pub balance_block: watch::Receiver<u64>,
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -39,10 +42,17 @@ pub struct Invalidator {
 pub fn spawn(ctx: &AppContext, cache: Arc<DecisionCache>) -> Invalidator {
     let (tx, rx) = watch::channel(0u64);
     let tx = Arc::new(tx);
-    let balances = tokio::spawn(listen_balances(ctx.clone(), cache.clone(), tx.clone()));
+    let (block_tx, block_rx) = watch::channel(0u64);
+    let balances = tokio::spawn(listen_balances(
+        ctx.clone(),
+        cache.clone(),
+        tx.clone(),
+        block_tx,
+    ));
     let rules = tokio::spawn(listen_rules(ctx.clone(), cache, tx));
     Invalidator {
         processed: rx,
+        balance_block: block_rx,
         tasks: vec![balances, rules],
     }
 }
@@ -53,6 +63,7 @@ async fn listen_balances(
     ctx: AppContext,
     cache: Arc<DecisionCache>,
     done: Arc<watch::Sender<u64>>,
+    block: watch::Sender<u64>,
 ) {
     use secrecy::ExposeSecret;
     let channel = crate::chain::notify::channel(&ctx.cfg.redis.prefix);
@@ -100,6 +111,7 @@ async fn listen_balances(
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot map changed holders to users"),
             }
+            block.send_modify(|b| *b = (*b).max(change.block));
             done.send_modify(|n| *n += 1);
         }
         tracing::warn!("balance-change subscription ended; reconnecting");

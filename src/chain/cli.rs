@@ -35,6 +35,8 @@ pub enum CliError {
     Store(#[from] crate::infra::StoreError),
     #[error(transparent)]
     Index(#[from] ChainStoreError),
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
     #[error(transparent)]
     Rpc(#[from] RpcError),
     #[error(transparent)]
@@ -62,10 +64,13 @@ const MULTICALL_CHUNK: usize = 500;
 const CALL_CONCURRENCY: usize = 16;
 
 /// Runs one command and prints its result on stdout.
-pub async fn run(cmd: IndexCommand, cfg: &crate::config::Config) -> Result<(), CliError> {
-    let pool = crate::infra::connect_postgres(&cfg.database).await?;
+pub async fn run(
+    cmd: IndexCommand,
+    pool: &PgPool,
+    cfg: &crate::config::Config,
+) -> Result<(), CliError> {
     match cmd {
-        IndexCommand::Status => status(&pool, cfg).await,
+        IndexCommand::Status => status(pool, cfg).await,
         IndexCommand::Reconcile { chain_id } => {
             let mut total = 0usize;
             let mut any = false;
@@ -74,7 +79,7 @@ pub async fn run(cmd: IndexCommand, cfg: &crate::config::Config) -> Result<(), C
                     continue;
                 }
                 any = true;
-                let report = reconcile(&pool, c, &cfg.chain.tokens_of(c.chain_id)).await?;
+                let report = reconcile(pool, c, &cfg.chain.tokens_of(c.chain_id)).await?;
                 println!(
                     "chain {} at block {}: {} checked, {} mismatch(es) (via {})",
                     c.chain_id,

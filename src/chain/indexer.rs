@@ -8,12 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use alloy::eips::BlockNumberOrTag;
-use alloy::primitives::{Address, B256, Bytes};
+use alloy::primitives::{Address, Bytes};
 use alloy::providers::{Provider, ProviderBuilder, WsConnect};
 use alloy::rpc::types::{BlockId, Filter};
 use alloy::sol_types::SolCall;
 use futures::StreamExt;
-use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -22,7 +21,7 @@ use super::decode::{self, IERC20, RejectedLog, TRANSFER_TOPIC, TransferRow};
 use super::lease::Lease;
 use super::netting::Changes;
 use super::reorg::{self, Window};
-use super::rpc::{HeaderInfo, Rpc, RpcError};
+use super::rpc::{Rpc, RpcError};
 use super::source::ChainSource;
 use super::store::{Batch, ChainStore, ChainStoreError, Checkpoint, TokenMeta};
 use super::tokens::{self, BadTokenAddress, TrackedToken};
@@ -33,7 +32,6 @@ pub struct IndexerParams {
     pub chain: ChainConfig,
     pub tokens: Vec<TokenConfig>,
     pub database_url: secrecy::SecretString,
-    pub pool: PgPool,
     pub redis: redis::aio::ConnectionManager,
     pub redis_prefix: String,
     pub shutdown: CancellationToken,
@@ -789,11 +787,6 @@ async fn watch_heads(url: String, chain_id: u64, wake: Arc<Notify>, cancel: Canc
         }
     }
 }
-
-/// For the CLI and tests: the hash type re-exported.
-pub type BlockHash = B256;
-/// For the CLI and tests: the header type re-exported.
-pub type Header = HeaderInfo;
 
 #[cfg(test)]
 mod tests {

@@ -16,16 +16,16 @@
 //! | [`cli`] | operator commands |
 
 pub mod cli;
-pub mod decode;
-pub mod indexer;
-pub mod lease;
-pub mod netting;
-pub mod notify;
-pub mod reorg;
-pub mod rpc;
-pub mod source;
+pub(crate) mod decode;
+pub(crate) mod indexer;
+pub(crate) mod lease;
+pub(crate) mod netting;
+pub(crate) mod notify;
+pub(crate) mod reorg;
+pub(crate) mod rpc;
+pub(crate) mod source;
 pub mod store;
-pub mod tokens;
+pub(crate) mod tokens;
 
 /// Starts one indexer task per configured chain (each waits for its lease before indexing).
 /// Returns nothing to wait on when `chain.enabled` is false. The tasks stop when
@@ -44,7 +44,6 @@ pub fn spawn_indexers(ctx: &crate::app::AppContext) -> Vec<tokio::task::JoinHand
                 chain: c.clone(),
                 tokens: section.tokens_of(c.chain_id),
                 database_url: ctx.cfg.database.url.clone(),
-                pool: ctx.pool.clone(),
                 redis: ctx.redis.clone(),
                 redis_prefix: ctx.cfg.redis.prefix.clone(),
                 shutdown: ctx.shutdown.clone(),

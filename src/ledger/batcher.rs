@@ -17,21 +17,47 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{LedgerOp, Outcome, RejectedRequest};
+use super::{LedgerError, LedgerOp, Outcome, RejectedRequest};
 
-/// Why a batch (or one operation) could not be applied.
-#[derive(Debug, Clone)]
+/// Why a batch (or one operation) could not be applied. Cloned to every handler of the batch.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{cause}")]
 pub struct BatchError {
-    pub message: String,
     /// Postgres refused the operation's data (SQLSTATE class 22): retrying cannot help.
     pub bad_data: bool,
+    #[source]
+    pub cause: BatchFailure,
+}
+
+/// What went wrong, below [`BatchError`].
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BatchFailure {
+    #[error("ledger batcher has stopped")]
+    Stopped,
+    #[error("ledger batcher dropped the operation")]
+    Dropped,
+    #[error("ledger returned {got} outcomes for {expected} operations")]
+    OutcomeCount { expected: usize, got: usize },
+    #[error(transparent)]
+    Ledger(Arc<LedgerError>),
 }
 
 impl BatchError {
-    fn retryable(message: String) -> Self {
+    /// A failure worth retrying (the data may be fine).
+    fn retryable(cause: BatchFailure) -> Self {
         Self {
-            message,
             bad_data: false,
+            cause,
+        }
+    }
+}
+
+/// A ledger error of a batch: `bad_data` when Postgres refused a value (SQLSTATE class 22).
+impl From<LedgerError> for BatchError {
+    fn from(e: LedgerError) -> Self {
+        Self {
+            bad_data: e.is_data_error(),
+            cause: BatchFailure::Ledger(Arc::new(e)),
         }
     }
 }
@@ -83,9 +109,9 @@ impl Batcher {
         self.tx
             .send((op, tx))
             .await
-            .map_err(|_| BatchError::retryable("ledger batcher has stopped".into()))?;
+            .map_err(|_| BatchError::retryable(BatchFailure::Stopped))?;
         rx.await
-            .map_err(|_| BatchError::retryable("ledger batcher dropped the operation".into()))?
+            .map_err(|_| BatchError::retryable(BatchFailure::Dropped))?
     }
 }
 
@@ -112,33 +138,32 @@ async fn run(ledger: Arc<dyn ApplyBatch>, max_batch: usize, mut rx: mpsc::Receiv
                 }
             }
             Ok(outcomes) => {
-                let msg = format!(
-                    "ledger returned {} outcomes for {} operations",
-                    outcomes.len(),
-                    ops.len()
-                );
-                tracing::error!("{msg}");
+                let e = BatchError::retryable(BatchFailure::OutcomeCount {
+                    expected: ops.len(),
+                    got: outcomes.len(),
+                });
+                tracing::error!("{e}");
                 for reply in replies {
-                    let _ = reply.send(Err(BatchError::retryable(msg.clone())));
+                    let _ = reply.send(Err(e.clone()));
                 }
             }
             Err(e) if e.bad_data && ops.len() > 1 => {
-                tracing::warn!(error = %e.message, batch = ops.len(), "ledger batch refused data; applying its operations one by one");
+                tracing::warn!(error = %e, batch = ops.len(), "ledger batch refused data; applying its operations one by one");
                 metrics::counter!("tokenwarden_ledger_batch_splits_total").increment(1);
                 for (op, reply) in ops.iter().zip(replies) {
                     let one = ledger.apply_batch(std::slice::from_ref(op)).await;
                     let _ = reply.send(match one {
                         Ok(mut o) if o.len() == 1 => Ok(o.remove(0)),
-                        Ok(o) => Err(BatchError::retryable(format!(
-                            "ledger returned {} outcomes for 1 operation",
-                            o.len()
-                        ))),
+                        Ok(o) => Err(BatchError::retryable(BatchFailure::OutcomeCount {
+                            expected: 1,
+                            got: o.len(),
+                        })),
                         Err(e) => Err(e),
                     });
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e.message, batch = ops.len(), "ledger batch failed; its jobs will be redelivered");
+                tracing::warn!(error = %e, batch = ops.len(), "ledger batch failed; its jobs will be redelivered");
                 for reply in replies {
                     let _ = reply.send(Err(e.clone()));
                 }
@@ -152,12 +177,7 @@ impl ApplyBatch for super::Ledger {
         &'a self,
         ops: &'a [LedgerOp],
     ) -> Pin<Box<dyn Future<Output = Result<Vec<Outcome>, BatchError>> + Send + 'a>> {
-        Box::pin(async move {
-            self.apply(ops).await.map_err(|e| BatchError {
-                bad_data: e.is_data_error(),
-                message: e.to_string(),
-            })
-        })
+        Box::pin(async move { Ok(self.apply(ops).await?) })
     }
 
     fn record_rejected<'a>(
@@ -167,7 +187,7 @@ impl ApplyBatch for super::Ledger {
         Box::pin(async move {
             super::Ledger::record_rejected(self, r)
                 .await
-                .map_err(|e| BatchError::retryable(e.to_string()))
+                .map_err(|e| BatchError::retryable(BatchFailure::Ledger(Arc::new(e))))
         })
     }
 }

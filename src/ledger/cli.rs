@@ -2,8 +2,9 @@
 
 use clap::Subcommand;
 
+use sqlx::PgPool;
+
 use super::{Credits, Ledger, LedgerError, LedgerOp, OutcomeStatus, RequestId, UserId};
-use crate::infra::StoreError;
 
 /// `tokenwarden credits` subcommands.
 #[derive(Debug, Subcommand)]
@@ -27,11 +28,9 @@ pub enum CreditsCommand {
     },
 }
 
-/// Why a `ledger` command failed.
+/// Why a `credits` command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
     #[error(transparent)]
     Ledger(#[from] LedgerError),
     #[error("amount must be a positive integer, got {0}")]
@@ -45,9 +44,12 @@ pub enum CliError {
 }
 
 /// Runs one command and prints its result on stdout.
-pub async fn run(cmd: CreditsCommand, cfg: &crate::config::Config) -> Result<(), CliError> {
-    let pool = crate::infra::connect_postgres(&cfg.database).await?;
-    let ledger = Ledger::new(pool, cfg.ledger.clone());
+pub async fn run(
+    cmd: CreditsCommand,
+    pool: &PgPool,
+    cfg: &crate::config::Config,
+) -> Result<(), CliError> {
+    let ledger = Ledger::new(pool.clone(), cfg.ledger.clone());
     match cmd {
         CreditsCommand::Balance { user_id } => match ledger.balance(UserId(user_id)).await? {
             Some(a) => {

@@ -4,7 +4,7 @@
 //! Parsing checks the shape only: `deny_unknown_fields`, UUIDs, amounts that are integers in
 //! 1..=i64::MAX (zero, negative, fractional and overflowing values are rejected), strings,
 //! `ttl_secs` a Postgres integer, `metadata` a JSON object, and no NUL (which Postgres cannot
-//! store). A shape error is a [`JobError::Rejected`] with a reason naming the field. The bounds
+//! store). A shape error is a [`Rejected`] with a reason naming the field. The bounds
 //! (operation_type and reason length, metadata size, hold TTL range and default) belong to the
 //! SQL rules, which read them from `tw_ledger_settings` for both doors: an operation that breaks
 //! one comes back as a `rejected` outcome with SQL's reason, and is rejected the same way (dead
@@ -13,9 +13,9 @@
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::batcher::Batcher;
+use super::batcher::{BatchError, Batcher};
 use super::{Credits, LedgerOp, OutcomeStatus, RejectedRequest, RequestId, UserId};
-use crate::queue::{JobError, JobFuture, JobHandler, JobRegistry};
+use crate::queue::{JobError, JobFuture, JobHandler, JobRegistry, Rejected};
 
 /// Which ledger operation a job type carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,17 +113,17 @@ struct ReleasePayload {
     metadata: Option<serde_json::Value>,
 }
 
-/// Parses one ledger job payload (its shape; the bounds are SQL's). The error is the rejection
+/// Parses one ledger job payload (its shape; the bounds are SQL's). The error carries the rejection
 /// reason.
-pub fn parse(kind: LedgerJobKind, payload: serde_json::Value) -> Result<LedgerOp, String> {
+pub fn parse(kind: LedgerJobKind, payload: serde_json::Value) -> Result<LedgerOp, Rejected> {
     let job = kind.job_type();
     let bad = |e: serde_path_to_error::Error<serde_json::Error>| {
         let path = e.path().to_string();
-        if path == "." {
+        Rejected::new(if path == "." {
             format!("invalid {job} payload: {}", e.inner())
         } else {
             format!("invalid {job} payload: {path}: {}", e.inner())
-        }
+        })
     };
     check_amount(&payload)?;
     Ok(match kind {
@@ -180,48 +180,52 @@ pub fn parse(kind: LedgerJobKind, payload: serde_json::Value) -> Result<LedgerOp
 
 /// serde's own message for an overflowing or fractional amount ("invalid type: floating point
 /// `1e+20`, expected i64") does not name the field; this one does.
-fn check_amount(payload: &serde_json::Value) -> Result<(), String> {
+fn check_amount(payload: &serde_json::Value) -> Result<(), Rejected> {
     match payload.get("amount") {
         None => Ok(()),
         Some(serde_json::Value::Number(n)) if n.as_i64().is_some() || n.as_u64().is_some() => {
             match n.as_i64() {
                 Some(v) if v > 0 => Ok(()),
-                Some(v) => Err(format!("amount must be a positive integer, got {v}")),
-                None => Err(format!(
+                Some(v) => Err(Rejected::new(format!(
+                    "amount must be a positive integer, got {v}"
+                ))),
+                None => Err(Rejected::new(format!(
                     "amount must be an integer between 1 and {}, got {n}",
                     i64::MAX
-                )),
+                ))),
             }
         }
-        Some(other) => Err(format!(
+        Some(other) => Err(Rejected::new(format!(
             "amount must be an integer between 1 and {}, got {other}",
             i64::MAX
-        )),
+        ))),
     }
 }
 
 /// Postgres text cannot hold NUL: one such op would fail its whole batch. Its length is a rule
 /// of SQL's.
-fn text(field: &str, v: String) -> Result<String, String> {
+fn text(field: &str, v: String) -> Result<String, Rejected> {
     if v.contains('\0') {
-        return Err(format!("{field} must not contain NUL (\\u0000)"));
+        return Err(Rejected::new(format!(
+            "{field} must not contain NUL (\\u0000)"
+        )));
     }
     Ok(v)
 }
 
 /// A JSON object (absent and `null` mean `{}`) without NUL. Its size is a rule of SQL's.
-fn metadata(v: Option<serde_json::Value>) -> Result<serde_json::Value, String> {
+fn metadata(v: Option<serde_json::Value>) -> Result<serde_json::Value, Rejected> {
     match v {
         None | Some(serde_json::Value::Null) => Ok(serde_json::Value::Object(Default::default())),
         Some(m @ serde_json::Value::Object(_)) => {
             if has_nul(&m) {
-                return Err(
-                    "metadata must not contain NUL (\\u0000) in keys or string values".into(),
-                );
+                return Err(Rejected::new(
+                    "metadata must not contain NUL (\\u0000) in keys or string values",
+                ));
             }
             Ok(m)
         }
-        Some(_) => Err("metadata must be a JSON object".into()),
+        Some(_) => Err(Rejected::new("metadata must be a JSON object")),
     }
 }
 
@@ -318,32 +322,27 @@ impl JobHandler for LedgerJob {
         Box::pin(async move {
             let op = match op {
                 Ok(op) => op,
-                Err(reason) => {
+                Err(Rejected { reason }) => {
                     // Like the SQL door: the rejection is the request id's durable outcome.
                     let Some(r) = rejected_request(kind, &payload, &reason) else {
                         return Err(JobError::Rejected(reason));
                     };
-                    let outcome = batcher
-                        .record_rejected(&r)
-                        .await
-                        .map_err(|e| JobError::Retryable(e.message))?;
+                    let outcome = batcher.record_rejected(&r).await.map_err(retryable)?;
                     return match outcome.status {
                         // Dead letter + `rejected` reply with the stored reason.
                         OutcomeStatus::Rejected => {
                             Err(JobError::Rejected(outcome.reason.unwrap_or(reason)))
                         }
                         // The id is another request's: answer as the SQL door does.
-                        _ => serde_json::to_value(&outcome).map_err(|e| {
-                            JobError::Retryable(format!("cannot encode outcome: {e}"))
-                        }),
+                        _ => encode(&outcome),
                     };
                 }
             };
             let outcome = batcher.apply(op).await.map_err(|e| {
                 if e.bad_data {
-                    JobError::Rejected(format!("the ledger refused this job's data: {}", e.message))
+                    JobError::Rejected(format!("the ledger refused this job's data: {e}"))
                 } else {
-                    JobError::Retryable(e.message)
+                    retryable(e)
                 }
             })?;
             // Input that broke a bound is rejected like input of the wrong shape: dead letter
@@ -354,10 +353,20 @@ impl JobHandler for LedgerJob {
                     .unwrap_or_else(|| "rejected by the ledger".into());
                 return Err(JobError::Rejected(reason));
             }
-            serde_json::to_value(&outcome)
-                .map_err(|e| JobError::Retryable(format!("cannot encode outcome: {e}")))
+            encode(&outcome)
         })
     }
+}
+
+/// A batch that failed for a reason a retry may not meet again (database down, batcher gone).
+fn retryable(e: BatchError) -> JobError {
+    JobError::Retryable(e.to_string())
+}
+
+/// The reply: the outcome as the SQL door returns it.
+fn encode(outcome: &super::Outcome) -> Result<serde_json::Value, JobError> {
+    serde_json::to_value(outcome)
+        .map_err(|e| JobError::Retryable(format!("cannot encode outcome: {e}")))
 }
 
 /// Registers the five ledger job types, all sharing `batcher`.
@@ -380,7 +389,7 @@ mod tests {
         for (k, v) in extra.as_object().unwrap() {
             p[k] = v.clone();
         }
-        parse(LedgerJobKind::Consume, p)
+        parse(LedgerJobKind::Consume, p).map_err(|e| e.reason)
     }
 
     #[test]
@@ -415,7 +424,8 @@ mod tests {
             LedgerJobKind::Consume,
             json!({"request_id": Uuid::new_v4()}),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .reason;
         assert!(err.contains("missing field"), "{err}");
     }
 
@@ -450,11 +460,11 @@ mod tests {
         }
         let grant = json!({"request_id": Uuid::new_v4(), "user_id": Uuid::new_v4(),
             "amount": 1, "reason": "\u{0}"});
-        let err = parse(LedgerJobKind::Grant, grant).unwrap_err();
+        let err = parse(LedgerJobKind::Grant, grant).unwrap_err().reason;
         assert!(err.contains("reason must not contain NUL"), "{err}");
         let hold = json!({"request_id": Uuid::new_v4(), "user_id": Uuid::new_v4(),
             "amount": 1, "operation_type": "x", "ttl_secs": 3_000_000_000u64});
-        let err = parse(LedgerJobKind::Hold, hold).unwrap_err();
+        let err = parse(LedgerJobKind::Hold, hold).unwrap_err().reason;
         assert!(err.contains("ttl_secs"), "{err}");
     }
 

@@ -9,9 +9,13 @@
 //! SQL's too: `tw_ledger_apply` reads them from the one-row table `tw_ledger_settings`, which
 //! [`Ledger::write_settings`] fills from `[ledger]` when the worker starts. Rust parses the shape
 //! of a queue payload only.
+//!
+//! [`anomalies`] holds the usage-anomaly rules and findings: an open `block` finding gates the
+//! ledger (consume and hold answer `rate_limited`).
 
+pub mod anomalies;
 pub mod batcher;
-pub mod cli;
+pub(crate) mod cli;
 pub mod jobs;
 mod store;
 mod types;

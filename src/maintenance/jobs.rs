@@ -1,4 +1,10 @@
 //! The lock-cleanup and pruning jobs, and the payload every maintenance job accepts.
+//!
+//! The jobs are thin: the work belongs to the areas that own the data (the ledger expires
+//! holds, the queue purges dead letters and trims streams, the scheduler prunes its ticks);
+//! a job validates its payload, calls them, counts and replies.
+
+use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use serde::Deserialize;
@@ -6,7 +12,9 @@ use sqlx::PgPool;
 
 use crate::app::AppContext;
 use crate::config::RetentionConfig;
-use crate::queue::{JobError, JobFuture, JobHandler};
+use crate::ledger::anomalies::DetectionFailure;
+use crate::ledger::{Ledger, LedgerError};
+use crate::queue::{JobError, JobFuture, JobHandler, QueueError, Rejected, dead_letter, streams};
 
 /// Job type of the hold-expiry job.
 pub const CLEANUP_LOCKS: &str = "cleanup_locks";
@@ -17,51 +25,75 @@ pub const PRUNE: &str = "prune";
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MaintenancePayload {
-    /// Present when the caller waits for the reply; the queue uses it, the job does not.
-    #[serde(default)]
-    pub request_id: Option<uuid::Uuid>,
+    /// Present when the caller waits for the reply: the queue reads it from the raw payload;
+    /// declared here only so that it is accepted (and checked to be a uuid).
+    #[serde(default, rename = "request_id")]
+    _request_id: Option<uuid::Uuid>,
 }
 
 /// Validates a maintenance payload, rejecting anything but an optional `request_id`.
 pub fn parse_payload(
     job: &str,
     payload: serde_json::Value,
-) -> Result<MaintenancePayload, JobError> {
+) -> Result<MaintenancePayload, Rejected> {
     // serde accepts a JSON array for a struct (fields by position); the wire format says object.
     if !payload.is_object() {
-        return Err(JobError::Rejected(format!(
+        return Err(Rejected::new(format!(
             "invalid {job} payload: expected a JSON object, got {payload}"
         )));
     }
     serde_json::from_value(payload)
-        .map_err(|e| JobError::Rejected(format!("invalid {job} payload: {e}")))
+        .map_err(|e| Rejected::new(format!("invalid {job} payload: {e}")))
 }
 
-/// Maps a database error to a retryable job failure, naming the step.
-fn retryable(step: &str) -> impl FnOnce(sqlx::Error) -> JobError + '_ {
-    move |e| JobError::Retryable(format!("{step}: {e}"))
+/// Why a maintenance job failed. Every cause is transient (a store down): the job is retried.
+#[derive(Debug, thiserror::Error)]
+pub enum MaintenanceError {
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error("anomaly detection incomplete: {}", join(.0))]
+    Anomalies(Vec<DetectionFailure>),
+    #[error("deleting old scheduler ticks failed: {0}")]
+    Ticks(#[source] sqlx::Error),
+    #[error("cannot encode the {job} reply: {source}")]
+    Reply {
+        job: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
-/// `cleanup_locks`: expires holds past their expiry through the ledger's
-/// `cleanup_expired_locks()` (which returns the tokens and writes `expire` history rows).
-/// Reply: `{released: n}`.
+fn join(failures: &[DetectionFailure]) -> String {
+    failures
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl From<MaintenanceError> for JobError {
+    fn from(e: MaintenanceError) -> Self {
+        JobError::Retryable(e.to_string())
+    }
+}
+
+/// `cleanup_locks`: expires holds past their expiry through the ledger
+/// ([`Ledger::cleanup_expired_locks`], which returns the tokens and writes `expire` history
+/// rows). Reply: `{released: n}`.
 pub struct CleanupLocks {
-    pool: PgPool,
+    ledger: Ledger,
 }
 
 impl CleanupLocks {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    pub fn new(ledger: Ledger) -> Self {
+        Self { ledger }
     }
 
     /// Runs the cleanup once and returns how many holds it released.
-    pub async fn run(&self) -> Result<i64, JobError> {
-        let released: i32 = sqlx::query_scalar("SELECT public.cleanup_expired_locks()")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(retryable("cleanup_expired_locks()"))?;
-        metrics::counter!("tokenwarden_locks_released_total").increment(released.max(0) as u64);
-        Ok(i64::from(released))
+    pub async fn run(&self) -> Result<u64, MaintenanceError> {
+        Ok(self.ledger.cleanup_expired_locks().await?)
     }
 }
 
@@ -71,12 +103,10 @@ impl JobHandler for CleanupLocks {
     }
 
     fn handle(&self, payload: serde_json::Value) -> JobFuture {
-        let this = Self {
-            pool: self.pool.clone(),
-        };
+        let ledger = self.ledger.clone();
         Box::pin(async move {
             parse_payload(CLEANUP_LOCKS, payload)?;
-            let released = this.run().await?;
+            let released = CleanupLocks { ledger }.run().await?;
             Ok(serde_json::json!({ "released": released }))
         })
     }
@@ -114,41 +144,25 @@ impl Prune {
     }
 
     /// Runs every pruning step once.
-    pub async fn run(&self) -> Result<PruneReport, JobError> {
-        let dead_letters_deleted = sqlx::query(
-            "DELETE FROM public.dead_letters \
-             WHERE created_at < now() - make_interval(days => $1)",
+    pub async fn run(&self) -> Result<PruneReport, MaintenanceError> {
+        let dead_letters_deleted =
+            dead_letter::purge_older_than(&self.pool, self.retention.dead_letters_days).await?;
+        let ticks_deleted = super::scheduler::prune_ticks(&self.pool, self.retention.ticks_days)
+            .await
+            .map_err(MaintenanceError::Ticks)?;
+        let mut conn = self.redis.clone();
+        let trimmed = streams::trim_job_streams(
+            &mut conn,
+            &self.prefix,
+            Duration::from_secs(self.retention.stream_entries_secs),
         )
-        .bind(self.retention.dead_letters_days as i32)
-        .execute(&self.pool)
-        .await
-        .map_err(retryable("delete old dead letters"))?
-        .rows_affected();
-        // Each job's latest tick stays: the scheduler's catch-up after downtime starts from it.
-        let ticks_deleted = sqlx::query(
-            "DELETE FROM public.scheduler_ticks t \
-             WHERE t.claimed_at < now() - make_interval(days => $1) \
-               AND t.scheduled_at < (SELECT max(l.scheduled_at) FROM public.scheduler_ticks l \
-                                      WHERE l.job = t.job)",
-        )
-        .bind(self.retention.ticks_days as i32)
-        .execute(&self.pool)
-        .await
-        .map_err(retryable("delete old scheduler ticks"))?
-        .rows_affected();
-        let mut report = PruneReport {
+        .await?;
+        let report = PruneReport {
             dead_letters_deleted,
             ticks_deleted,
-            ..PruneReport::default()
+            streams_trimmed: trimmed.streams,
+            stream_entries_trimmed: trimmed.entries,
         };
-        let mut conn = self.redis.clone();
-        for stream in job_streams(&mut conn, &self.prefix).await? {
-            let cutoff = now_ms().saturating_sub(self.retention.stream_entries_secs * 1000);
-            if let Some(removed) = trim_stream(&mut conn, &stream, cutoff).await? {
-                report.streams_trimmed += 1;
-                report.stream_entries_trimmed += removed;
-            }
-        }
         metrics::counter!("tokenwarden_pruned_total", "what" => "dead_letters")
             .increment(report.dead_letters_deleted);
         metrics::counter!("tokenwarden_pruned_total", "what" => "scheduler_ticks")
@@ -170,155 +184,7 @@ impl JobHandler for Prune {
             parse_payload(PRUNE, payload)?;
             let report = this.run().await?;
             serde_json::to_value(report)
-                .map_err(|e| JobError::Retryable(format!("cannot encode prune report: {e}")))
+                .map_err(|source| MaintenanceError::Reply { job: PRUNE, source }.into())
         })
     }
-}
-
-pub(crate) fn now_ms() -> u64 {
-    u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0)
-}
-
-fn redis_err(step: String) -> impl FnOnce(redis::RedisError) -> JobError {
-    move |e| JobError::Retryable(format!("{step}: {e}"))
-}
-
-/// Every job stream under `{prefix}:jobs:` (found with SCAN, so streams of job types this
-/// process does not serve are pruned too).
-pub(crate) async fn job_streams(
-    conn: &mut ConnectionManager,
-    prefix: &str,
-) -> Result<Vec<String>, JobError> {
-    let pattern = format!("{prefix}:jobs:*");
-    let mut cursor: u64 = 0;
-    let mut out = Vec::new();
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(500)
-            .arg("TYPE")
-            .arg("stream")
-            .query_async(conn)
-            .await
-            .map_err(redis_err(format!("SCAN {pattern}")))?;
-        out.extend(keys);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
-    out.sort();
-    out.dedup();
-    Ok(out)
-}
-
-/// Parses a stream id `ms-seq` into its parts.
-pub(crate) fn parse_stream_id(id: &str) -> Option<(u64, u64)> {
-    let (ms, seq) = id.split_once('-')?;
-    Some((ms.parse().ok()?, seq.parse().ok()?))
-}
-
-/// The id below which every entry of `stream` is acknowledged by every consumer group: the
-/// oldest pending entry, else the entry after each group's last-delivered id. `None` when the
-/// stream has no group yet (nothing was consumed, nothing may go).
-pub(crate) async fn acked_floor(
-    conn: &mut ConnectionManager,
-    stream: &str,
-) -> Result<Option<(u64, u64)>, JobError> {
-    let groups: Vec<redis::Value> = redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(stream)
-        .query_async(conn)
-        .await
-        .map_err(redis_err(format!("XINFO GROUPS {stream}")))?;
-    let mut floor: Option<(u64, u64)> = None;
-    for g in groups {
-        let map = value_map(g);
-        let name = map.get("name").cloned().unwrap_or_default();
-        let Some(last) = map
-            .get("last-delivered-id")
-            .and_then(|s| parse_stream_id(s))
-        else {
-            continue;
-        };
-        // Entries up to last-delivered are delivered; the first still pending bounds them.
-        let summary: redis::Value = redis::cmd("XPENDING")
-            .arg(stream)
-            .arg(&name)
-            .query_async(conn)
-            .await
-            .map_err(redis_err(format!("XPENDING {stream} {name}")))?;
-        let oldest_pending = match summary {
-            redis::Value::Array(items) if items.len() >= 2 => match &items[1] {
-                redis::Value::BulkString(b) => parse_stream_id(&String::from_utf8_lossy(b)),
-                redis::Value::SimpleString(s) => parse_stream_id(s),
-                _ => None,
-            },
-            _ => None,
-        };
-        let group_floor = oldest_pending.unwrap_or((last.0, last.1.saturating_add(1)));
-        floor = Some(match floor {
-            Some(f) => f.min(group_floor),
-            None => group_floor,
-        });
-    }
-    Ok(floor)
-}
-
-/// Reads a RESP2/RESP3 map-or-flat-array reply into string pairs.
-pub(crate) fn value_map(v: redis::Value) -> std::collections::HashMap<String, String> {
-    let text = |v: &redis::Value| match v {
-        redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        redis::Value::SimpleString(s) => Some(s.clone()),
-        redis::Value::Int(i) => Some(i.to_string()),
-        redis::Value::Nil => Some(String::new()),
-        _ => None,
-    };
-    let mut out = std::collections::HashMap::new();
-    match v {
-        redis::Value::Array(items) => {
-            for pair in items.chunks(2) {
-                if let [k, v] = pair
-                    && let (Some(k), Some(v)) = (text(k), text(v))
-                {
-                    out.insert(k, v);
-                }
-            }
-        }
-        redis::Value::Map(pairs) => {
-            for (k, v) in pairs {
-                if let (Some(k), Some(v)) = (text(&k), text(&v)) {
-                    out.insert(k, v);
-                }
-            }
-        }
-        _ => {}
-    }
-    out
-}
-
-/// Trims entries older than `cutoff_ms` that every group has acknowledged. Returns the number
-/// removed, or `None` when the stream has no consumer group yet.
-async fn trim_stream(
-    conn: &mut ConnectionManager,
-    stream: &str,
-    cutoff_ms: u64,
-) -> Result<Option<u64>, JobError> {
-    let Some(floor) = acked_floor(conn, stream).await? else {
-        return Ok(None);
-    };
-    let min_id = floor.min((cutoff_ms, 0));
-    // Exact MINID (no `~`): predictable retention; the streams are small enough that the
-    // radix-tree node splitting `~` avoids is not worth the imprecision.
-    let removed: u64 = redis::cmd("XTRIM")
-        .arg(stream)
-        .arg("MINID")
-        .arg(format!("{}-{}", min_id.0, min_id.1))
-        .query_async(conn)
-        .await
-        .map_err(redis_err(format!("XTRIM {stream}")))?;
-    Ok(Some(removed))
 }

@@ -1,13 +1,13 @@
-//! The Prometheus recorder behind every `metrics::…!` call, and the sampler that turns queue and
-//! dead-letter state into gauges.
+//! The Prometheus recorder behind every `metrics::…!` call, and the sampler that records the
+//! queue's figures (read by [`crate::queue::figures`]) as gauges.
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use super::jobs::{acked_floor, job_streams, now_ms, parse_stream_id};
 use crate::app::AppContext;
+use crate::queue::figures::QueueFigures;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -89,8 +89,8 @@ fn describe() {
     );
 }
 
-/// Starts the periodic sampler (queue depth and oldest unacknowledged entry age per stream, dead letters; the queue itself records pending and lag)
-/// and the recorder's upkeep. Ends when `ctx.shutdown` is cancelled.
+/// Starts the periodic sampler of the queue gauges (see `record_queue_figures`) and the
+/// recorder's upkeep. Ends when `ctx.shutdown` is cancelled.
 pub fn spawn_sampler(ctx: AppContext, handle: PrometheusHandle) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let every = Duration::from_secs(ctx.cfg.maintenance.metrics_sample_secs);
@@ -107,76 +107,37 @@ pub fn spawn_sampler(ctx: AppContext, handle: PrometheusHandle) -> tokio::task::
     })
 }
 
-/// Takes one sample of every gauge. Errors are logged; a missing table (module not deployed)
-/// only leaves its gauge unset.
+/// Takes one sample of every gauge. The queue reads the figures (failures are logged there and
+/// only leave their gauge unset); this only records them.
 pub async fn sample(ctx: &AppContext) {
     let mut conn = ctx.redis.clone();
-    match job_streams(&mut conn, &ctx.cfg.redis.prefix).await {
-        Ok(streams) => {
-            let strip = format!("{}:jobs:", ctx.cfg.redis.prefix);
-            for stream in streams {
-                let job = stream.strip_prefix(&strip).unwrap_or(&stream).to_string();
-                if let Err(e) = sample_stream(&mut conn, &stream, &job).await {
-                    tracing::debug!(stream, error = %e, "cannot sample stream");
-                }
-            }
+    let figures = crate::queue::figures::sample(
+        &mut conn,
+        &ctx.pool,
+        &ctx.cfg.redis.prefix,
+        &ctx.cfg.queue.group,
+    )
+    .await;
+    record_queue_figures(&figures);
+}
+
+/// Sets the queue gauges from one sample: per job type depth, pending, lag and oldest
+/// unacknowledged age, and the open dead letters.
+fn record_queue_figures(figures: &QueueFigures) {
+    for s in &figures.streams {
+        let job = s.job_type.clone();
+        metrics::gauge!("tokenwarden_queue_depth", "job_type" => job.clone()).set(s.depth as f64);
+        if let Some(pending) = s.pending {
+            metrics::gauge!("tokenwarden_queue_pending", "job_type" => job.clone())
+                .set(pending as f64);
         }
-        Err(e) => tracing::warn!(error = %e, "cannot list job streams for metrics"),
+        if let Some(lag) = s.lag {
+            metrics::gauge!("tokenwarden_queue_lag", "job_type" => job.clone()).set(lag as f64);
+        }
+        metrics::gauge!("tokenwarden_queue_oldest_age_seconds", "job_type" => job)
+            .set(s.oldest_unacked_age.as_secs_f64());
     }
-    let dead: Result<i64, _> =
-        sqlx::query_scalar("SELECT count(*) FROM public.dead_letters WHERE retried_at IS NULL")
-            .fetch_one(&ctx.pool)
-            .await;
-    match dead {
-        Ok(n) => metrics::gauge!("tokenwarden_dead_letters").set(n as f64),
-        Err(e) => tracing::debug!(error = %e, "cannot count dead letters"),
+    if let Some(n) = figures.open_dead_letters {
+        metrics::gauge!("tokenwarden_dead_letters").set(n as f64);
     }
-}
-
-async fn sample_stream(
-    conn: &mut redis::aio::ConnectionManager,
-    stream: &str,
-    job: &str,
-) -> Result<(), String> {
-    let len: u64 = redis::cmd("XLEN")
-        .arg(stream)
-        .query_async(conn)
-        .await
-        .map_err(|e| e.to_string())?;
-    metrics::gauge!("tokenwarden_queue_depth", "job_type" => job.to_string()).set(len as f64);
-    // The oldest entry not acknowledged by every group: the first at or after the floor.
-    let oldest_ms = match acked_floor(conn, stream).await.map_err(|e| e.to_string())? {
-        Some((ms, seq)) => first_id_from(conn, stream, &format!("{ms}-{seq}")).await?,
-        None => first_id_from(conn, stream, "-").await?,
-    };
-    let age = oldest_ms
-        .map(|ms| now_ms().saturating_sub(ms) as f64 / 1000.0)
-        .unwrap_or(0.0);
-    metrics::gauge!("tokenwarden_queue_oldest_age_seconds", "job_type" => job.to_string()).set(age);
-    Ok(())
-}
-
-async fn first_id_from(
-    conn: &mut redis::aio::ConnectionManager,
-    stream: &str,
-    start: &str,
-) -> Result<Option<u64>, String> {
-    let entries: Vec<redis::Value> = redis::cmd("XRANGE")
-        .arg(stream)
-        .arg(start)
-        .arg("+")
-        .arg("COUNT")
-        .arg(1)
-        .query_async(conn)
-        .await
-        .map_err(|e| e.to_string())?;
-    let id = match entries.first() {
-        Some(redis::Value::Array(parts)) => match parts.first() {
-            Some(redis::Value::BulkString(b)) => Some(String::from_utf8_lossy(b).into_owned()),
-            Some(redis::Value::SimpleString(s)) => Some(s.clone()),
-            _ => None,
-        },
-        _ => None,
-    };
-    Ok(id.and_then(|id| parse_stream_id(&id)).map(|(ms, _)| ms))
 }

@@ -4,21 +4,23 @@
 //!
 //! The three maintenance jobs are ordinary [`JobHandler`]s: the queue serves them from their
 //! streams (`tokenwarden enqueue cleanup_locks {}`), and the [`scheduler`] calls the very same
-//! handlers in-process for each cron tick it claims.
+//! handlers in-process for each cron tick it claims. They are thin: the work belongs to the
+//! area that owns the data (the ledger expires holds and keeps the anomaly rules, the queue
+//! purges dead letters, trims streams and reads the gauge figures).
 
 pub mod anomalies;
-pub mod cli;
-pub mod http;
-pub mod jobs;
-pub mod metrics;
-pub mod scheduler;
+pub(crate) mod cli;
+pub(crate) mod http;
+pub(crate) mod jobs;
+pub(crate) mod metrics;
+pub(crate) mod scheduler;
 
 use std::sync::Arc;
 
 use crate::app::AppContext;
+use crate::ledger::Ledger;
+use crate::ledger::anomalies::{AnomalyRule, builtin_rules};
 use crate::queue::JobHandler;
-
-pub use anomalies::{AnomalyRule, Finding, RuleFuture, WindowCountRule};
 
 /// The three maintenance job handlers, built once per process and shared by the queue and the
 /// scheduler.
@@ -43,10 +45,13 @@ impl MaintenanceJobs {
         // The rules' zero-valued counters must land in the Prometheus recorder, not the no-op one.
         self::metrics::install();
         let alerter = anomalies::Alerter::from_config(&ctx.cfg.maintenance.alerts);
-        let mut rules = anomalies::builtin_rules(&ctx.cfg.maintenance.anomalies);
+        let mut rules = builtin_rules(&ctx.cfg.maintenance.anomalies);
         rules.extend(extra);
         Self {
-            cleanup_locks: Arc::new(jobs::CleanupLocks::new(ctx.pool.clone())),
+            cleanup_locks: Arc::new(jobs::CleanupLocks::new(Ledger::new(
+                ctx.pool.clone(),
+                ctx.cfg.ledger.clone(),
+            ))),
             detect_anomalies: Arc::new(anomalies::DetectAnomalies::new(
                 ctx.pool.clone(),
                 rules,

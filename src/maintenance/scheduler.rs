@@ -296,6 +296,21 @@ async fn run_tick(
     }
 }
 
+/// Deletes ticks claimed more than `days` days ago; returns how many. Each job's latest tick
+/// stays: the catch-up after downtime starts from it.
+pub async fn prune_ticks(pool: &PgPool, days: u32) -> Result<u64, sqlx::Error> {
+    let res = sqlx::query(
+        "DELETE FROM public.scheduler_ticks t \
+         WHERE t.claimed_at < now() - make_interval(days => $1) \
+           AND t.scheduled_at < (SELECT max(l.scheduled_at) FROM public.scheduler_ticks l \
+                                  WHERE l.job = t.job)",
+    )
+    .bind(i32::try_from(days).unwrap_or(i32::MAX))
+    .execute(pool)
+    .await?;
+    Ok(res.rows_affected())
+}
+
 enum RunOutcome {
     Succeeded(serde_json::Value),
     Failed(String),

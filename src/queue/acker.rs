@@ -9,11 +9,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
+
+use super::streams::{last_error_key, now_ms, processed_key, reply_key};
 
 /// Largest number of finished entries sent in one pipeline.
 const MAX_PIPELINE: usize = 4096;
@@ -110,7 +112,7 @@ async fn send(redis: &ConnectionManager, prefix: &str, group: &str, ttl: i64, ac
     // Replies first: a caller must never find its entry acknowledged but no reply pushed.
     for a in acks {
         if let Some((request_id, json)) = &a.reply {
-            let key = super::reply_key(prefix, request_id);
+            let key = reply_key(prefix, request_id);
             pipe.cmd("LPUSH").arg(&key).arg(json).ignore();
             pipe.cmd("EXPIRE").arg(&key).arg(ttl).ignore();
         }
@@ -132,14 +134,14 @@ async fn send(redis: &ConnectionManager, prefix: &str, group: &str, ttl: i64, ac
     }
     for ((job_type, consumer), n) in &per_consumer {
         pipe.cmd("HINCRBY")
-            .arg(super::processed_key(prefix, job_type))
+            .arg(processed_key(prefix, job_type))
             .arg(*consumer)
             .arg(*n)
             .ignore();
     }
     for (job_type, ids) in &cleared {
         pipe.cmd("HDEL")
-            .arg(super::last_error_key(prefix, job_type))
+            .arg(last_error_key(prefix, job_type))
             .arg(ids)
             .ignore();
     }
@@ -174,12 +176,4 @@ async fn send(redis: &ConnectionManager, prefix: &str, group: &str, ttl: i64, ac
             "could not acknowledge entries; they stay pending and will be redelivered"
         ),
     }
-}
-
-/// Unix time in milliseconds.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

@@ -4,8 +4,11 @@
 use std::time::Duration;
 
 use clap::Subcommand;
+use sqlx::PgPool;
 
-use super::{KNOWN_JOB_TYPES, QueueError, dead_letter, entry, reply_key, stream_key};
+use super::registry::KNOWN_JOB_TYPES;
+use super::streams::{now_ms, reply_key, stream_key};
+use super::{QueueError, dead_letter, entry};
 use crate::config::Config;
 
 /// `tokenwarden dead-letters` subcommands.
@@ -27,13 +30,15 @@ pub enum DeadLettersCommand {
     },
 }
 
-/// Why a `queue` command failed.
+/// Why an `enqueue` or `dead-letters` command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     #[error("unknown job type `{job_type}`; known job types: {}", KNOWN_JOB_TYPES.join(", "))]
     UnknownJobType { job_type: String },
     #[error("the job payload is not a JSON object: {0}")]
-    InvalidPayload(String),
+    InvalidJson(#[source] serde_json::Error),
+    #[error("the job payload is not a JSON object: got {0}")]
+    NotAnObject(serde_json::Value),
     #[error("--wait needs a `request_id` (UUID) in the payload: replies are keyed by it")]
     NoRequestId,
     #[error(
@@ -44,36 +49,33 @@ pub enum CliError {
     #[error("dead letter {0} does not exist")]
     NoSuchDeadLetter(i64),
     #[error("dead letter {id} has unusable stored fields: {reason}")]
-    BadDeadLetter { id: i64, reason: String },
+    BadDeadLetter { id: i64, reason: &'static str },
     #[error(transparent)]
     Queue(#[from] QueueError),
-    #[error(transparent)]
-    Store(#[from] crate::infra::StoreError),
 }
 
 /// Runs one `dead-letters` command and prints its result on stdout.
-pub async fn run(cmd: DeadLettersCommand, cfg: &Config) -> Result<(), CliError> {
-    let pool = crate::infra::connect_postgres(&cfg.database).await?;
+pub async fn run(cmd: DeadLettersCommand, pool: &PgPool, cfg: &Config) -> Result<(), CliError> {
     match cmd {
         DeadLettersCommand::List { job_type, limit } => {
-            for dl in dead_letter::list(&pool, job_type.as_deref(), limit).await? {
+            for dl in dead_letter::list(pool, job_type.as_deref(), limit).await? {
                 println!("{}", serde_json::to_string(&dl).unwrap_or_default());
             }
         }
         DeadLettersCommand::Retry { id } => {
-            let dl = dead_letter::get(&pool, id)
+            let dl = dead_letter::get(pool, id)
                 .await?
                 .ok_or(CliError::NoSuchDeadLetter(id))?;
             let serde_json::Value::Object(fields) = &dl.fields else {
                 return Err(CliError::BadDeadLetter {
                     id,
-                    reason: "fields is not a JSON object".into(),
+                    reason: "fields is not a JSON object",
                 });
             };
             if fields.is_empty() {
                 return Err(CliError::BadDeadLetter {
                     id,
-                    reason: "no fields (XADD needs at least one)".into(),
+                    reason: "no fields (XADD needs at least one)",
                 });
             }
             let mut cmd = redis::cmd("XADD");
@@ -89,14 +91,14 @@ pub async fn run(cmd: DeadLettersCommand, cfg: &Config) -> Result<(), CliError> 
                 .query_async(&mut conn)
                 .await
                 .map_err(QueueError::redis(format!("XADD {}", dl.stream)))?;
-            dead_letter::mark_retried(&pool, id).await?;
+            dead_letter::mark_retried(pool, id).await?;
             println!(
                 "dead letter {id} re-enqueued on {} as entry {new_id}",
                 dl.stream
             );
         }
         DeadLettersCommand::Purge { older_than_days } => {
-            let n = dead_letter::purge_older_than(&pool, older_than_days).await?;
+            let n = dead_letter::purge_older_than(pool, older_than_days).await?;
             println!("{n} dead letters deleted");
         }
     }
@@ -116,10 +118,9 @@ pub async fn enqueue(
             job_type: job_type.to_string(),
         });
     }
-    let payload: serde_json::Value =
-        serde_json::from_str(json).map_err(|e| CliError::InvalidPayload(e.to_string()))?;
+    let payload: serde_json::Value = serde_json::from_str(json).map_err(CliError::InvalidJson)?;
     if !payload.is_object() {
-        return Err(CliError::InvalidPayload(format!("got {payload}")));
+        return Err(CliError::NotAnObject(payload));
     }
     let request_id = entry::request_id_of(&payload);
     if wait_ms.is_some() && request_id.is_none() {
@@ -134,7 +135,7 @@ pub async fn enqueue(
         .arg("payload")
         .arg(payload.to_string())
         .arg("enqueued_at")
-        .arg(super::acker::now_ms())
+        .arg(now_ms())
         .query_async(&mut conn)
         .await
         .map_err(QueueError::redis(format!("XADD {stream}")))?;

@@ -130,7 +130,7 @@ impl Dispatch {
     async fn retry_later(&self, entry: &StreamEntry, reason: String) -> Result<(), EntryNotDone> {
         metrics::counter!("tokenwarden_jobs_failed_total", "job_type" => entry.job_type.to_string(), "kind" => "retryable").increment(1);
         tracing::warn!(job_type = %entry.job_type, id = %entry.id, deliveries = entry.deliveries, %reason, "job failed; it will be redelivered");
-        let key = super::last_error_key(&self.prefix, &entry.job_type);
+        let key = super::streams::last_error_key(&self.prefix, &entry.job_type);
         let mut conn = self.redis.clone();
         let res: redis::RedisResult<()> = redis::cmd("HSET")
             .arg(&key)
@@ -203,7 +203,7 @@ pub async fn run_consumers(ctx: &AppContext, registry: JobRegistry) -> Result<()
         // jobs another replica serves.
         known: {
             let mut k = registry.job_types();
-            for t in super::KNOWN_JOB_TYPES {
+            for t in super::registry::KNOWN_JOB_TYPES {
                 if !k.contains(t) {
                     k.push(t);
                 }
@@ -239,7 +239,7 @@ pub async fn run_consumers(ctx: &AppContext, registry: JobRegistry) -> Result<()
                 cfg: shared.cfg.clone(),
                 prefix: shared.prefix.clone(),
                 job_type: Arc::from(job_type),
-                stream: Arc::from(super::stream_key(&shared.prefix, job_type)),
+                stream: Arc::from(super::streams::stream_key(&shared.prefix, job_type)),
                 consumer: consumer.clone(),
                 inflight: inflight.clone(),
                 tx,
@@ -257,7 +257,7 @@ pub async fn run_consumers(ctx: &AppContext, registry: JobRegistry) -> Result<()
             });
             let on_close = {
                 let mut redis = shared.redis.clone();
-                let stream = super::stream_key(&shared.prefix, job_type);
+                let stream = super::streams::stream_key(&shared.prefix, job_type);
                 let group = shared.cfg.group.clone();
                 let consumer = consumer.clone();
                 async move {
@@ -302,7 +302,7 @@ pub async fn run_consumers(ctx: &AppContext, registry: JobRegistry) -> Result<()
             tracing::info!(error = %e, "queue monitor stopped during shutdown");
             Ok(())
         }
-        Err(e) => Err(QueueError::Other(format!("queue monitor stopped: {e}"))),
+        Err(e) => Err(QueueError::Monitor(e)),
     }
 }
 

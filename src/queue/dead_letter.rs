@@ -103,3 +103,11 @@ pub async fn purge_older_than(pool: &PgPool, days: u32) -> Result<u64, QueueErro
     .map_err(QueueError::pg("purge dead letters"))?;
     Ok(res.rows_affected())
 }
+
+/// Dead letters not yet put back on their stream.
+pub async fn count_open(pool: &PgPool) -> Result<i64, QueueError> {
+    sqlx::query_scalar("SELECT count(*) FROM public.dead_letters WHERE retried_at IS NULL")
+        .fetch_one(pool)
+        .await
+        .map_err(QueueError::pg("count open dead letters"))
+}

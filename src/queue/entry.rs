@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use super::streams::id_ms;
+
 /// One entry of `{prefix}:jobs:{job_type}`, delivered to this consumer.
 #[derive(Debug, Clone)]
 pub struct StreamEntry {
@@ -93,11 +95,6 @@ impl StreamEntry {
             .and_then(|s| s.trim().parse::<u64>().ok())
             .or_else(|| id_ms(&self.id))
     }
-}
-
-/// The millisecond part of a stream id.
-pub fn id_ms(id: &str) -> Option<u64> {
-    id.split('-').next().and_then(|ms| ms.parse().ok())
 }
 
 /// The `request_id` of a payload, when it is a string holding a UUID.

@@ -3,6 +3,8 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use super::QueueError;
+
 /// The future a handler returns: the reply sent to the caller, or why the job failed.
 pub type JobFuture = Pin<Box<dyn Future<Output = Result<serde_json::Value, JobError>> + Send>>;
 
@@ -18,6 +20,36 @@ pub enum JobError {
     /// redelivered later, up to the delivery limit.
     #[error("retryable: {0}")]
     Retryable(String),
+}
+
+/// A payload no retry can make acceptable, with the reason the caller's `rejected` reply and
+/// the dead letter carry. Every handler's validation returns it; `?` turns it into
+/// [`JobError::Rejected`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct Rejected {
+    pub reason: String,
+}
+
+impl Rejected {
+    pub fn new(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<Rejected> for JobError {
+    fn from(r: Rejected) -> Self {
+        JobError::Rejected(r.reason)
+    }
+}
+
+/// Redis or Postgres failing under a handler is transient: the entry is redelivered.
+impl From<QueueError> for JobError {
+    fn from(e: QueueError) -> Self {
+        JobError::Retryable(e.to_string())
+    }
 }
 
 /// One job type's handler. The queue calls [`JobHandler::handle`] with the entry's parsed

@@ -13,96 +13,35 @@
 //! | module | concern |
 //! |---|---|
 //! | [`job`] | the handler contract ([`JobHandler`], [`JobError`]) |
-//! | [`registry`] | which handler serves which job type |
+//! | [`registry`] | which handler serves which job type, and the catalogue of job types |
+//! | [`error`] | [`QueueError`]: which Redis or Postgres step failed |
+//! | [`streams`] | key names, listing job streams, stream ids, the acknowledged floor and trimming |
 //! | [`entry`] | one stream entry and how its payload is read |
 //! | [`reader`] | XREADGROUP, reclaiming idle entries, the delivery limit, lease renewal |
 //! | [`acker`] | batched XACK + reply pushes |
 //! | [`dead_letter`] | the `dead_letters` table |
+//! | [`figures`] | the figures behind the queue gauges (depth, pending, lag, oldest age, dead letters) |
 //! | [`backend`] | the apalis backend over the reader and the acker |
 //! | [`consumer`] | what happens to one entry, and the Monitor running every job type |
+//! | [`unknown`] | the sweep that dead-letters entries of job types nobody serves |
 //! | [`cli`] | `tokenwarden enqueue` and `tokenwarden dead-letters` |
 
-pub mod acker;
-pub mod backend;
-pub mod cli;
-pub mod consumer;
+pub(crate) mod acker;
+pub(crate) mod backend;
+pub(crate) mod cli;
+pub(crate) mod consumer;
 pub mod dead_letter;
 pub mod entry;
+pub(crate) mod error;
+pub(crate) mod figures;
 pub mod job;
-pub mod reader;
-pub mod registry;
-pub mod unknown;
+pub(crate) mod reader;
+pub(crate) mod registry;
+pub(crate) mod streams;
+pub(crate) mod unknown;
 
 pub use consumer::run_consumers;
-pub use job::{JobError, JobFuture, JobHandler};
-pub use registry::JobRegistry;
-
-/// Every job type of the public catalogue (`jobs/`, WIRE.md). `tokenwarden enqueue` refuses
-/// anything else, so a typo does not create a stream nobody consumes.
-pub const KNOWN_JOB_TYPES: &[&str] = &[
-    "consume_tokens",
-    "grant_tokens",
-    "hold_tokens",
-    "settle_hold",
-    "release_hold",
-    "snapshot_create",
-    "cleanup_locks",
-    "detect_anomalies",
-    "prune",
-    "link_wallet",
-    "unlink_wallet",
-    "access_rule",
-    "verify_access",
-];
-
-/// The stream a job type lives on.
-pub fn stream_key(prefix: &str, job_type: &str) -> String {
-    format!("{prefix}:jobs:{job_type}")
-}
-
-/// The list a caller waiting for `request_id` BLPOPs.
-pub fn reply_key(prefix: &str, request_id: &str) -> String {
-    format!("{prefix}:reply:{request_id}")
-}
-
-/// The hash keeping the last retryable error of each pending entry of a stream, so the
-/// dead letter written at the delivery limit carries the real reason.
-pub fn last_error_key(prefix: &str, job_type: &str) -> String {
-    format!("{prefix}:lasterr:{job_type}")
-}
-
-/// The hash counting, per consumer name, the entries each consumer finished: shows how the
-/// replicas share a stream.
-pub fn processed_key(prefix: &str, job_type: &str) -> String {
-    format!("{prefix}:processed:{job_type}")
-}
-
-/// Why the transport failed (Redis or Postgres unreachable, or a reply Redis did not expect).
-#[derive(Debug, thiserror::Error)]
-pub enum QueueError {
-    #[error("redis {what} failed: {source}")]
-    Redis {
-        what: String,
-        #[source]
-        source: redis::RedisError,
-    },
-    #[error("postgres {what} failed: {source}")]
-    Postgres {
-        what: String,
-        #[source]
-        source: sqlx::Error,
-    },
-    #[error("{0}")]
-    Other(String),
-}
-
-impl QueueError {
-    pub(crate) fn redis(what: impl Into<String>) -> impl FnOnce(redis::RedisError) -> Self {
-        let what = what.into();
-        move |source| QueueError::Redis { what, source }
-    }
-    pub(crate) fn pg(what: impl Into<String>) -> impl FnOnce(sqlx::Error) -> Self {
-        let what = what.into();
-        move |source| QueueError::Postgres { what, source }
-    }
-}
+pub use error::QueueError;
+pub use job::{JobError, JobFuture, JobHandler, Rejected};
+pub use registry::{JobRegistry, KNOWN_JOB_TYPES};
+pub use streams::{last_error_key, processed_key, reply_key, stream_key};

@@ -153,7 +153,6 @@ impl Reader {
                 if !self.reclaim(&mut conn).await? {
                     return Ok(());
                 }
-                self.sample_depth(&mut conn).await;
                 next_claim = Instant::now() + interval;
             }
             let block = next_claim
@@ -305,7 +304,7 @@ impl Reader {
         if claimed.is_empty() {
             return Ok(());
         }
-        let err_key = super::last_error_key(&self.prefix, &self.job_type);
+        let err_key = super::streams::last_error_key(&self.prefix, &self.job_type);
         let claimed_ids: Vec<&str> = claimed.iter().map(|(id, _)| id.as_str()).collect();
         let reasons: Vec<Option<String>> = redis::cmd("HMGET")
             .arg(&err_key)
@@ -349,25 +348,5 @@ impl Reader {
             .await
             .map_err(QueueError::redis(format!("XACK {}", self.stream)))?;
         Ok(())
-    }
-
-    /// Queue depth gauges: entries not yet delivered to the group (lag) and entries delivered
-    /// but not acknowledged (pending). Best effort: a failure only skips one sample.
-    async fn sample_depth(&self, conn: &mut MultiplexedConnection) {
-        let res: redis::RedisResult<redis::streams::StreamInfoGroupsReply> = redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(self.stream.as_ref())
-            .query_async(conn)
-            .await;
-        if let Ok(reply) = res
-            && let Some(g) = reply.groups.iter().find(|g| g.name == self.cfg.group)
-        {
-            let jt = self.job_type.to_string();
-            metrics::gauge!("tokenwarden_queue_pending", "job_type" => jt.clone())
-                .set(g.pending as f64);
-            if let Some(lag) = g.lag {
-                metrics::gauge!("tokenwarden_queue_lag", "job_type" => jt).set(lag as f64);
-            }
-        }
     }
 }

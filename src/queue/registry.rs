@@ -1,4 +1,4 @@
-//! Which handler serves which job type.
+//! Which handler serves which job type, and the catalogue of job types that exist.
 //!
 //! The worker builds one [`JobRegistry`] at start-up, one `register` line per handler (see
 //! `worker::job_registry`), and starts one stream consumer per registered job type. A stream
@@ -8,6 +8,24 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::JobHandler;
+
+/// Every job type of the public catalogue (`jobs/`, WIRE.md). `tokenwarden enqueue` refuses
+/// anything else, so a typo does not create a stream nobody consumes.
+pub const KNOWN_JOB_TYPES: &[&str] = &[
+    "consume_tokens",
+    "grant_tokens",
+    "hold_tokens",
+    "settle_hold",
+    "release_hold",
+    "snapshot_create",
+    "cleanup_locks",
+    "detect_anomalies",
+    "prune",
+    "link_wallet",
+    "unlink_wallet",
+    "access_rule",
+    "verify_access",
+];
 
 /// The handlers this process serves, by job type.
 #[derive(Clone, Default)]

@@ -22,6 +22,7 @@ use super::acker::{Ack, AckerHandle};
 use super::dead_letter;
 use super::entry::{StreamEntry, parse_read_reply};
 use super::reader::ensure_group;
+use super::streams;
 
 /// How often the job streams are listed.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(30);
@@ -64,49 +65,23 @@ impl Sweep {
     /// One sweep over every job stream; returns how many entries it dead-lettered.
     pub async fn sweep_once(&self) -> Result<usize, QueueError> {
         let mut conn = self.redis.clone();
-        let pattern = format!("{}:jobs:*", self.prefix);
-        let head = format!("{}:jobs:", self.prefix);
-        let mut cursor: u64 = 0;
-        let mut unknown = Vec::new();
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .arg("TYPE")
-                .arg("stream")
-                .query_async(&mut conn)
-                .await
-                .map_err(QueueError::redis(format!("SCAN {pattern}")))?;
-            for k in keys {
-                if let Some(t) = k.strip_prefix(&head)
-                    && !self.known.contains(&t)
-                    && !unknown.contains(&k)
-                {
-                    unknown.push(k);
-                }
-            }
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
-        }
+        let unknown: Vec<String> = streams::job_streams(&mut conn, &self.prefix)
+            .await?
+            .into_iter()
+            .filter(|k| {
+                streams::job_type_of(&self.prefix, k).is_some_and(|t| !self.known.contains(&t))
+            })
+            .collect();
         let mut total = 0;
         for stream in unknown {
-            total += self.drain(&mut conn, &stream, &head).await?;
+            total += self.drain(&mut conn, &stream).await?;
         }
         Ok(total)
     }
 
-    async fn drain(
-        &self,
-        conn: &mut ConnectionManager,
-        stream: &str,
-        head: &str,
-    ) -> Result<usize, QueueError> {
-        let job_type: Arc<str> = Arc::from(stream.strip_prefix(head).unwrap_or(stream));
+    async fn drain(&self, conn: &mut ConnectionManager, stream: &str) -> Result<usize, QueueError> {
+        let job_type: Arc<str> =
+            Arc::from(streams::job_type_of(&self.prefix, stream).unwrap_or(stream));
         let stream_arc: Arc<str> = Arc::from(stream);
         let reason = format!(
             "unknown job type '{job_type}': known types are {}",

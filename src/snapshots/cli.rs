@@ -2,7 +2,12 @@
 
 use clap::Subcommand;
 
-use super::service::{SnapshotError, SnapshotRequest, SnapshotService, SnapshotSource};
+use sqlx::PgPool;
+
+use super::goldrush::GoldRushError;
+use super::service::{
+    InvalidRequest, SnapshotError, SnapshotRequest, SnapshotService, SnapshotSource,
+};
 use super::store::{self, CheckError, SnapshotStatus};
 
 /// `tokenwarden snapshot` subcommands.
@@ -45,16 +50,18 @@ pub enum SnapshotCommand {
 /// Why a `snapshots` command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    #[error(transparent)]
-    Store(#[from] crate::infra::StoreError),
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
     #[error(transparent)]
     Check(#[from] CheckError),
-    #[error("{0}")]
-    Invalid(String),
+    #[error(transparent)]
+    Request(#[from] InvalidRequest),
+    #[error("--source must be goldrush or index, got {0:?}")]
+    UnknownSource(String),
+    #[error(transparent)]
+    GoldRush(#[from] GoldRushError),
     #[error("snapshot {0} does not exist")]
     NotFound(uuid::Uuid),
     #[error("snapshot {id} failed: {reason}")]
@@ -67,8 +74,11 @@ pub enum CliError {
 }
 
 /// Runs one command and prints its result on stdout.
-pub async fn run(cmd: SnapshotCommand, cfg: &crate::config::Config) -> Result<(), CliError> {
-    let pool = crate::infra::connect_postgres(&cfg.database).await?;
+pub async fn run(
+    cmd: SnapshotCommand,
+    pool: &PgPool,
+    cfg: &crate::config::Config,
+) -> Result<(), CliError> {
     match cmd {
         SnapshotCommand::Create {
             source,
@@ -79,16 +89,10 @@ pub async fn run(cmd: SnapshotCommand, cfg: &crate::config::Config) -> Result<()
             let source = match source.as_str() {
                 "goldrush" => SnapshotSource::GoldRush,
                 "index" => SnapshotSource::Index,
-                other => {
-                    return Err(CliError::Invalid(format!(
-                        "--source must be goldrush or index, got {other:?}"
-                    )));
-                }
+                other => return Err(CliError::UnknownSource(other.to_string())),
             };
-            let req = SnapshotRequest::new(None, source, &chain, &token, block_height)
-                .map_err(CliError::Invalid)?;
-            let service = SnapshotService::from_config(pool, &cfg.snapshots)
-                .map_err(|e| CliError::Invalid(e.to_string()))?;
+            let req = SnapshotRequest::new(None, source, &chain, &token, block_height)?;
+            let service = SnapshotService::from_config(pool.clone(), &cfg.snapshots)?;
             let outcome = service.create(&req).await?;
             println!(
                 "{}",
@@ -102,7 +106,7 @@ pub async fn run(cmd: SnapshotCommand, cfg: &crate::config::Config) -> Result<()
             }
         }
         SnapshotCommand::Show { id, top } => {
-            let row = store::get(&pool, id).await?.ok_or(CliError::NotFound(id))?;
+            let row = store::get(pool, id).await?.ok_or(CliError::NotFound(id))?;
             println!("snapshot      {}", row.id);
             println!("source        {}", row.source);
             println!("chain         {}", row.chain);
@@ -122,7 +126,7 @@ pub async fn run(cmd: SnapshotCommand, cfg: &crate::config::Config) -> Result<()
             );
             if row.status == SnapshotStatus::Complete && top > 0 {
                 println!("top holders:");
-                for (holder, balance) in store::top_holders(&pool, id, top).await? {
+                for (holder, balance) in store::top_holders(pool, id, top).await? {
                     println!("  {holder}  {balance}");
                 }
             }
@@ -132,12 +136,12 @@ pub async fn run(cmd: SnapshotCommand, cfg: &crate::config::Config) -> Result<()
             wallet,
             min_amount,
         } => {
-            let ok = store::verify(&pool, id, &wallet, &min_amount).await?;
+            let ok = store::verify(pool, id, &wallet, &min_amount).await?;
             println!("{ok}");
         }
         SnapshotCommand::Diff { from, to } => {
             for id in [from, to] {
-                let row = store::get(&pool, id).await?.ok_or(CliError::NotFound(id))?;
+                let row = store::get(pool, id).await?.ok_or(CliError::NotFound(id))?;
                 if row.status != SnapshotStatus::Complete {
                     return Err(CliError::NotComplete {
                         id,
@@ -145,7 +149,7 @@ pub async fn run(cmd: SnapshotCommand, cfg: &crate::config::Config) -> Result<()
                     });
                 }
             }
-            let rows = store::diff(&pool, from, to).await?;
+            let rows = store::diff(pool, from, to).await?;
             let (mut joined, mut left, mut changed) = (0, 0, 0);
             for r in &rows {
                 match r.change.as_str() {

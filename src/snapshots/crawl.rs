@@ -43,7 +43,6 @@ pub struct CrawlSummary {
     pub pages: u32,
     pub items_seen: u64,
     pub holders_stored: u64,
-    pub total_count: Option<u64>,
 }
 
 fn db_error(e: sqlx::Error, page: u32) -> CrawlError {
@@ -89,7 +88,6 @@ pub async fn crawl_into(
         pages: 0,
         items_seen: 0,
         holders_stored: 0,
-        total_count,
     };
     let mut warned_has_more = false;
     let mut page = first;

@@ -187,15 +187,20 @@ pub fn parse_u256_decimal(s: &str) -> Result<U256, String> {
     U256::from_str_radix(s, 10).map_err(|e| format!("{s:?} does not fit in uint256: {e}"))
 }
 
+/// Text that is not a 0x address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a 0x-prefixed 20-byte hex address")]
+pub struct InvalidAddress(pub String);
+
 /// Validates a 0x address and returns it lowercase.
-pub fn normalize_address(s: &str) -> Result<String, String> {
+pub fn normalize_address(s: &str) -> Result<String, InvalidAddress> {
     let ok = s.len() == 42
         && (s.starts_with("0x") || s.starts_with("0X"))
         && s[2..].bytes().all(|b| b.is_ascii_hexdigit());
     if ok {
         Ok(s.to_ascii_lowercase())
     } else {
-        Err(format!("{s:?} is not a 0x-prefixed 20-byte hex address"))
+        Err(InvalidAddress(s.to_string()))
     }
 }
 

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use super::service::{SnapshotError, SnapshotRequest, SnapshotService, SnapshotSource};
-use crate::queue::job::{JobError, JobFuture, JobHandler};
+use crate::queue::job::{JobError, JobFuture, JobHandler, Rejected};
 
 /// The job's payload, exactly as `jobs/snapshot_create.schema.json` describes it.
 #[derive(Debug, Deserialize)]
@@ -30,9 +30,10 @@ enum ChainArg {
 }
 
 /// Parses and validates a `snapshot_create` payload.
-pub fn parse_payload(payload: serde_json::Value) -> Result<SnapshotRequest, String> {
-    let p: Payload = serde_json::from_value(payload)
-        .map_err(|e| format!("invalid snapshot_create payload: {e}"))?;
+pub fn parse_payload(payload: serde_json::Value) -> Result<SnapshotRequest, Rejected> {
+    let invalid =
+        |e: &dyn std::fmt::Display| Rejected::new(format!("invalid snapshot_create payload: {e}"));
+    let p: Payload = serde_json::from_value(payload).map_err(|e| invalid(&e))?;
     let chain = match p.chain {
         ChainArg::Id(id) => id.to_string(),
         ChainArg::Name(name) => name,
@@ -44,7 +45,7 @@ pub fn parse_payload(payload: serde_json::Value) -> Result<SnapshotRequest, Stri
         &p.token,
         p.block_height,
     )
-    .map_err(|e| format!("invalid snapshot_create payload: {e}"))
+    .map_err(|e| invalid(&e))
 }
 
 /// Serves `snapshot_create`. Register one with the queue; it shares the service's GoldRush
@@ -68,7 +69,7 @@ impl JobHandler for SnapshotCreateHandler {
     fn handle(&self, payload: serde_json::Value) -> JobFuture {
         let service = self.service.clone();
         Box::pin(async move {
-            let req = parse_payload(payload).map_err(JobError::Rejected)?;
+            let req = parse_payload(payload)?;
             let request_id = req.request_id.unwrap_or_default();
             match service.create(&req).await {
                 Ok(outcome) => {

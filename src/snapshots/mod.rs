@@ -15,15 +15,16 @@
 
 pub mod chains;
 pub mod claim;
-pub mod cli;
-pub mod crawl;
+pub(crate) mod cli;
+pub(crate) mod crawl;
 pub mod goldrush;
-pub mod job;
-pub mod own_index;
-pub mod service;
+pub(crate) mod job;
+pub(crate) mod own_index;
+pub(crate) mod service;
 pub mod store;
 
 pub use job::SnapshotCreateHandler;
 pub use service::{
-    SnapshotError, SnapshotOutcome, SnapshotRequest, SnapshotService, SnapshotSource,
+    InvalidRequest, SnapshotError, SnapshotOutcome, SnapshotRequest, SnapshotService,
+    SnapshotSource,
 };

@@ -18,14 +18,25 @@ use std::time::Instant;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::chains;
+use super::chains::{self, ChainError};
 use super::claim::CrawlClaim;
 use super::crawl::{self, CrawlError};
-use super::goldrush::{GoldRushClient, GoldRushError, normalize_address};
-use super::own_index;
+use super::goldrush::{GoldRushClient, GoldRushError, InvalidAddress, normalize_address};
+use super::own_index::{self, OwnIndexError};
 pub use super::store::SnapshotSource;
 use super::store::{self, Completed, NewSnapshot, SnapshotRow, SnapshotStatus};
 use crate::config::SnapshotsConfig;
+
+/// Why a snapshot request is not valid, whatever its source.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidRequest {
+    #[error("chain {0:?} must be 1..=100 characters")]
+    Chain(String),
+    #[error("block_height does not fit in a signed 64-bit integer")]
+    BlockHeight(u64),
+    #[error("token {0}")]
+    Token(#[from] InvalidAddress),
+}
 
 /// A validated snapshot request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,15 +59,15 @@ impl SnapshotRequest {
         chain: &str,
         token: &str,
         block_height: Option<u64>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, InvalidRequest> {
         let chain = chain.trim();
         if chain.is_empty() || chain.len() > 100 {
-            return Err(format!("chain {chain:?} must be 1..=100 characters"));
+            return Err(InvalidRequest::Chain(chain.to_string()));
         }
-        if block_height.is_some_and(|b| b > i64::MAX as u64) {
-            return Err("block_height does not fit in a signed 64-bit integer".to_string());
+        if let Some(b) = block_height.filter(|b| *b > i64::MAX as u64) {
+            return Err(InvalidRequest::BlockHeight(b));
         }
-        let token = normalize_address(token.trim()).map_err(|e| format!("token {e}"))?;
+        let token = normalize_address(token.trim())?;
         Ok(Self {
             request_id,
             source,
@@ -219,9 +230,9 @@ impl SnapshotService {
         };
         match result {
             Ok(()) => Ok(()),
-            Err(Failure::Reason(reason)) => {
+            Err(Failure::Refused(reason)) => {
                 tracing::warn!(snapshot_id = %id, source = req.source.as_str(), chain = %req.chain, token = %req.token, %reason, "snapshot failed");
-                store::fail(claim.conn(), id, &reason).await?;
+                store::fail(claim.conn(), id, &reason.to_string()).await?;
                 Ok(())
             }
             Err(Failure::Db(e)) => {
@@ -248,8 +259,7 @@ impl SnapshotService {
         id: Uuid,
         req: &SnapshotRequest,
     ) -> Result<(), Failure> {
-        let chain = chains::resolve(&req.chain, req.block_height)
-            .map_err(|e| Failure::Reason(e.to_string()))?;
+        let chain = chains::resolve(&req.chain, req.block_height).map_err(Refusal::Chain)?;
         let summary = crawl::crawl_into(
             &self.goldrush,
             &self.pool,
@@ -261,10 +271,10 @@ impl SnapshotService {
         .await
         .map_err(|e| match e {
             CrawlError::Db(e) => Failure::Db(e),
-            other => Failure::Reason(other.to_string()),
+            other => Refusal::Crawl(other).into(),
         })?;
         let expected = i64::try_from(summary.holders_stored)
-            .map_err(|_| Failure::Reason("holder count does not fit in bigint".to_string()))?;
+            .map_err(|_| Refusal::HolderCount(summary.holders_stored))?;
         // On the claim's connection: if its session (and so the lock) is gone, this fails and
         // the job is retried instead of completing without the claim.
         match store::complete(claim.conn(), id, &summary.completion, expected)
@@ -272,23 +282,20 @@ impl SnapshotService {
             .map_err(Failure::Db)?
         {
             Completed::Complete(_) | Completed::NotPending => Ok(()),
-            Completed::CountMismatch { stored, expected } => Err(Failure::Reason(format!(
-                "holder count check failed: {stored} rows are stored for the snapshot but this \
-                 crawl stored {expected} (another writer added or deleted rows during the crawl); \
-                 not marking it complete"
-            ))),
+            Completed::CountMismatch { stored, expected } => {
+                Err(Refusal::CountMismatch { stored, expected }.into())
+            }
         }
     }
 
     async fn run_index(&self, id: Uuid, req: &SnapshotRequest) -> Result<(), Failure> {
-        let chain_id =
-            own_index::parse_chain_id(&req.chain).map_err(|e| Failure::Reason(e.to_string()))?;
+        let chain_id = own_index::parse_chain_id(&req.chain).map_err(Refusal::OwnIndex)?;
         match own_index::snapshot_into(&self.pool, id, chain_id, &req.token, req.block_height).await
         {
             Ok(_) => Ok(()),
             Err(e) => Err(match e.into_db() {
                 Ok(db) => Failure::Db(db),
-                Err(other) => Failure::Reason(other.to_string()),
+                Err(other) => Refusal::OwnIndex(other).into(),
             }),
         }
     }
@@ -296,8 +303,33 @@ impl SnapshotService {
 
 /// How a run ended when it did not complete.
 enum Failure {
-    /// The snapshot fails with this reason.
-    Reason(String),
+    /// The snapshot fails; the reason is stored as its `error`.
+    Refused(Refusal),
     /// Postgres failed; the snapshot stays pending and the job is retried.
     Db(sqlx::Error),
+}
+
+/// Why a snapshot failed for good (stored with it, so retrying the request gives the same).
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error(transparent)]
+    Chain(ChainError),
+    #[error(transparent)]
+    Crawl(CrawlError),
+    #[error(transparent)]
+    OwnIndex(OwnIndexError),
+    #[error("holder count {0} does not fit in bigint")]
+    HolderCount(u64),
+    #[error(
+        "holder count check failed: {stored} rows are stored for the snapshot but this crawl \
+         stored {expected} (another writer added or deleted rows during the crawl); not marking \
+         it complete"
+    )]
+    CountMismatch { stored: i64, expected: i64 },
+}
+
+impl From<Refusal> for Failure {
+    fn from(r: Refusal) -> Self {
+        Failure::Refused(r)
+    }
 }

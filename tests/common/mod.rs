@@ -188,6 +188,147 @@ impl TestEnv {
     }
 }
 
+/// What a `tokenwarden` CLI command printed and whether it succeeded.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    /// Both streams, for assertions on a message wherever the command printed it.
+    pub fn text(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+
+    /// Whether it succeeded, and what it printed on stdout (its answer; logs go to stderr).
+    pub fn status_and_stdout(self) -> (bool, String) {
+        (self.ok, self.stdout)
+    }
+}
+
+/// Actions a test takes on its environment: one implementation each, shared by every test file.
+impl TestEnv {
+    /// Runs `tokenwarden <args>` against this environment to completion.
+    pub fn cli(&self, args: &[&str]) -> CliOutput {
+        let out = std::process::Command::new(tokenwarden_bin())
+            .args(args)
+            .envs(self.env_vars())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run tokenwarden");
+        CliOutput {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Starts a `tokenwarden run` worker process with extra environment variables.
+    pub fn spawn_worker(&self, extra_env: &[(&str, &str)]) -> Child {
+        Child::spawn(self, &["run"], extra_env)
+    }
+
+    /// An in-process [`AppContext`](tokenwarden::app::AppContext) with extra configuration
+    /// variables (`TOKENWARDEN__…`).
+    pub async fn app_context(&self, extra: &[(&str, &str)]) -> tokenwarden::app::AppContext {
+        let mut vars = self.env_vars();
+        vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let cfg = Config::load_with_env(None, vars).expect("test config");
+        tokenwarden::app::AppContext::connect(cfg)
+            .await
+            .expect("connect")
+    }
+
+    /// Grants `amount` to `user` through the SQL door (a fresh request id); panics unless granted.
+    pub async fn grant(&self, user: uuid::Uuid, amount: i64) {
+        let r: serde_json::Value =
+            sqlx::query_scalar("SELECT public.add_tokens($1, $2, 'test grant', '{}'::jsonb, $3)")
+                .bind(user)
+                .bind(amount)
+                .bind(uuid::Uuid::new_v4())
+                .fetch_one(&self.pool)
+                .await
+                .expect("add_tokens");
+        assert_eq!(r["success"], true, "{r}");
+    }
+
+    /// One consumption through the SQL door (a fresh request id); returns its status.
+    pub async fn consume(&self, user: uuid::Uuid, amount: i64) -> String {
+        let r: serde_json::Value = sqlx::query_scalar(
+            "SELECT public.consume_tokens_atomic($1, $2, $3, 'ai_call', '{}'::jsonb)",
+        )
+        .bind(uuid::Uuid::new_v4())
+        .bind(user)
+        .bind(amount)
+        .fetch_one(&self.pool)
+        .await
+        .expect("consume_tokens_atomic");
+        r["status"].as_str().expect("status").to_string()
+    }
+
+    /// `(balance, held)` of `user`'s account; `None` when the user has none.
+    pub async fn account(&self, user: uuid::Uuid) -> Option<(i64, i64)> {
+        sqlx::query_as("SELECT balance, held FROM public.credit_accounts WHERE user_id = $1")
+            .bind(user)
+            .fetch_optional(&self.pool)
+            .await
+            .expect("read account")
+    }
+
+    /// The stream of `job_type` under this test's prefix.
+    pub fn stream(&self, job_type: &str) -> String {
+        format!("{}:jobs:{job_type}", self.redis_prefix)
+    }
+
+    /// The reply list of `request_id` under this test's prefix.
+    pub fn reply_key(&self, request_id: &str) -> String {
+        format!("{}:reply:{request_id}", self.redis_prefix)
+    }
+}
+
+/// Writes `dir/chain.toml`: chain indexing on, one chain 31337 named "down" served by
+/// `rpc_url` (nothing need answer there), no token; returns its path for `--config`.
+pub fn chain_config_file(dir: &std::path::Path, rpc_url: &str) -> String {
+    let file = dir.join("chain.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[chain]\nenabled = true\n\n[[chain.chains]]\nchain_id = 31337\nname = \"down\"\n\
+             rpc_urls = [\"{rpc_url}\"]\n"
+        ),
+    )
+    .expect("write config");
+    file.to_string_lossy().into_owned()
+}
+
+/// XADDs one entry with `fields` to `stream`; returns its id.
+pub async fn xadd(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    fields: &[(&str, &str)],
+) -> String {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream).arg("*");
+    for (k, v) in fields {
+        cmd.arg(*k).arg(*v);
+    }
+    cmd.query_async(conn).await.expect("XADD")
+}
+
+/// BLPOPs the reply at `key` (60 s: the first reply also waits for a freshly spawned worker to
+/// start, which takes seconds on a loaded 2-core machine) and parses it.
+pub async fn blpop(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> serde_json::Value {
+    let (_, v): (String, String) = redis::cmd("BLPOP")
+        .arg(key)
+        .arg(60)
+        .query_async(conn)
+        .await
+        .expect("reply within 60 s");
+    serde_json::from_str(&v).expect("reply is JSON")
+}
+
 impl Drop for TestEnv {
     /// Drops this test's database so repeated runs don't fill the disk. Runs on its own thread
     /// and runtime because the test's runtime may already be shutting down; `WITH (FORCE)` ends

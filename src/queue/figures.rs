@@ -1,0 +1,88 @@
+//! The figures behind the queue gauges, read in one place: per job stream its length, the
+//! group's pending entries and lag, the age of the oldest entry not acknowledged by every group,
+//! and the dead letters not yet retried. The operations sampler records them; nothing here
+//! touches a metric.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionLike;
+use sqlx::PgPool;
+
+use super::{QueueError, dead_letter, streams};
+
+/// One job stream's figures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamFigures {
+    pub job_type: String,
+    /// XLEN: entries in the stream, acknowledged ones included until pruned.
+    pub depth: u64,
+    /// Entries delivered to this process's group and not acknowledged (`None`: no such group).
+    pub pending: Option<u64>,
+    /// Entries not yet delivered to the group (`None`: no group, or Redis cannot tell).
+    pub lag: Option<u64>,
+    /// Age of the oldest entry some group has not acknowledged; zero when there is none.
+    pub oldest_unacked_age: Duration,
+}
+
+/// One sample of every queue figure.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueueFigures {
+    /// Per job stream; a stream that could not be read is left out (and logged).
+    pub streams: Vec<StreamFigures>,
+    /// Dead letters not yet retried; `None` when the table could not be read (logged).
+    pub open_dead_letters: Option<i64>,
+}
+
+/// Reads every figure once. `group` is this process's consumer group (`queue.group`).
+/// Failures are logged and only leave their figure out: a sample is best effort.
+pub async fn sample<C: ConnectionLike>(
+    conn: &mut C,
+    pool: &PgPool,
+    prefix: &str,
+    group: &str,
+) -> QueueFigures {
+    let mut out = QueueFigures::default();
+    match streams::job_streams(conn, prefix).await {
+        Ok(keys) => {
+            for stream in keys {
+                let job_type = streams::job_type_of(prefix, &stream).unwrap_or(&stream);
+                match stream_figures(conn, &stream, job_type, group).await {
+                    Ok(f) => out.streams.push(f),
+                    Err(e) => tracing::debug!(stream, error = %e, "cannot sample stream"),
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot list job streams for metrics"),
+    }
+    match dead_letter::count_open(pool).await {
+        Ok(n) => out.open_dead_letters = Some(n),
+        Err(e) => tracing::debug!(error = %e, "cannot count dead letters"),
+    }
+    out
+}
+
+async fn stream_figures<C: ConnectionLike>(
+    conn: &mut C,
+    stream: &str,
+    job_type: &str,
+    group: &str,
+) -> Result<StreamFigures, QueueError> {
+    let depth = streams::length(conn, stream).await?;
+    let ours = streams::groups(conn, stream)
+        .await?
+        .into_iter()
+        .find(|g| g.name == group);
+    // The oldest entry not acknowledged by every group: the first at or after the floor.
+    let start = match streams::acked_floor(conn, stream).await? {
+        Some(floor) => floor.to_string(),
+        None => "-".to_string(),
+    };
+    let oldest = streams::first_id_from(conn, stream, &start).await?;
+    Ok(StreamFigures {
+        job_type: job_type.to_string(),
+        depth,
+        pending: ours.as_ref().map(|g| g.pending as u64),
+        lag: ours.and_then(|g| g.lag).map(|l| l as u64),
+        oldest_unacked_age: oldest.map_or(Duration::ZERO, |id| streams::age_of(id.ms)),
+    })
+}
