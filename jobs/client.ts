@@ -135,6 +135,90 @@ export interface ReleaseParams {
 }
 
 /** Client options; each falls back to its environment variable, then to the default. */
+/** `linkWallet` arguments. */
+export interface LinkWalletParams {
+  userId: string;
+  /** The EIP-4361 message exactly as the wallet signed it. */
+  message: string;
+  /** The wallet's signature of `message`, hex. */
+  signature: string;
+  requestId?: string;
+}
+
+/** `unlinkWallet` arguments. */
+export interface UnlinkWalletParams {
+  userId: string;
+  address: string;
+  requestId?: string;
+}
+
+/** `verifyAccess` arguments: `creatorId`, or `chainId` and `token` (the seed's form). */
+export interface VerifyAccessParams {
+  userId: string;
+  creatorId?: string;
+  chainId?: number;
+  token?: string;
+  feature: string;
+  requestId?: string;
+}
+
+/** An access decision as the worker replies it (docs/access.md). */
+export interface AccessDecision {
+  allowed: boolean;
+  reason: "no_rule" | "no_wallet" | "stale" | "not_met" | null;
+  user_id: string;
+  creator_id: string;
+  feature: string;
+  rule_version: number | null;
+  source: "cache" | "index" | "snapshot";
+  as_of_block: number | null;
+  stale: boolean;
+  evidence: Array<{
+    path: string;
+    kind: string;
+    chain_id?: number;
+    token?: string;
+    snapshot_id?: string;
+    token_id?: string;
+    minimum: string;
+    amount: string;
+    wallets: Array<{ address: string; amount: string }>;
+    block: number | null;
+    source: "index" | "snapshot";
+    passed: boolean;
+    stale?: string;
+  }>;
+  checked_at: string;
+}
+
+/** The answer to `verifyAccess`. */
+export interface AccessResult {
+  /** The decision's `allowed`. */
+  success: boolean;
+  requestId: string;
+  decision?: AccessDecision;
+  /** The denial reason, or a client failure (`invalid_request`, `timeout`, ...). */
+  error?: string;
+  reason?: string;
+}
+
+/** The answer to `linkWallet` / `unlinkWallet`. */
+export interface WalletResult {
+  success: boolean;
+  /** The worker's status (`linked`, `refused`, `unlinked`, `not_linked`) or a client failure. */
+  status: string;
+  requestId: string;
+  address?: string;
+  chains?: number[];
+  method?: "eoa" | "erc1271";
+  verifiedAt?: string;
+  movedFromUser?: string | null;
+  /** Why a link was refused (`wrong_signer`, `nonce_used`, …) or what the client failure was. */
+  reason?: string;
+  detail?: string;
+  error?: string;
+}
+
 export interface ClientOptions {
   /** `TOKENWARDEN_REDIS_URL`, default `redis://127.0.0.1:6379`. */
   redisUrl?: string;
@@ -178,6 +262,23 @@ function checkUuid(name: string, v: unknown): string {
 function checkAmount(name: string, v: unknown): number {
   if (typeof v !== "number" || !Number.isSafeInteger(v) || v <= 0) {
     throw new InvalidRequest(`${name} must be a positive integer, got ${JSON.stringify(v)}`);
+  }
+  return v;
+}
+
+const HEX_RE = /^(0x)?[0-9a-fA-F]{2,8192}$/;
+const ADDRESS_RE = /^0x[0-9a-fA-F]{40}$/;
+
+function checkHex(name: string, v: unknown): string {
+  if (typeof v !== "string" || !HEX_RE.test(v)) {
+    throw new InvalidRequest(`${name} must be hex, got ${JSON.stringify(v)}`);
+  }
+  return v;
+}
+
+function checkAddress(name: string, v: unknown): string {
+  if (typeof v !== "string" || !ADDRESS_RE.test(v)) {
+    throw new InvalidRequest(`${name} must be a 0x-prefixed 20-byte hex address, got ${JSON.stringify(v)}`);
   }
   return v;
 }
@@ -319,34 +420,15 @@ export class TokenwardenClient {
     givenRequestId: string | undefined,
     build: (requestId: string) => Record<string, unknown>,
   ): Promise<LedgerResult> {
-    const requestId = givenRequestId ?? crypto.randomUUID();
-    let payload: Record<string, unknown>;
-    try {
-      payload = build(checkUuid("requestId", requestId));
-    } catch (e) {
-      if (!(e instanceof InvalidRequest)) throw e;
-      return fail(requestId, "invalid_request", e.message);
+    const r = await this.#ask(jobType, givenRequestId, build);
+    if ("failure" in r) {
+      const reason = r.failure !== "timeout" ? r.reason
+        : `no reply within ${this.timeoutMs} ms; the outcome may still be applied: read ` +
+          `ledger_requests for request_id ${r.requestId}, or retry with the same requestId`;
+      return fail(r.requestId, r.failure, reason);
     }
-    try {
-      await this.enqueue(jobType, payload);
-    } catch (e) {
-      return fail(requestId, "enqueue_failed", String(e));
-    }
-    let reply: unknown;
-    try {
-      reply = await this.waitReply(requestId);
-    } catch (e) {
-      return fail(requestId, "reply_failed", String(e));
-    }
-    if (reply === null) {
-      return fail(
-        requestId,
-        "timeout",
-        `no reply within ${this.timeoutMs} ms; the outcome may still be applied: read ` +
-          `ledger_requests for request_id ${requestId}, or retry with the same requestId`,
-      );
-    }
-    const o = reply as Outcome;
+    const o = r.reply as Outcome;
+    const requestId = r.requestId;
     const result: LedgerResult = { success: o.status === successStatus, status: o.status, requestId };
     if (!result.success) result.error = o.status;
     if (typeof o.balance === "number") result.balance = o.balance;
@@ -354,10 +436,127 @@ export class TokenwardenClient {
     if (typeof o.reason === "string") result.reason = o.reason;
     return result;
   }
+
+  /**
+   * Links a wallet the user proved with Sign-In with Ethereum (EIP-4361): `message` is the SIWE
+   * message carrying a nonce from `access_wallet_nonce()`, `signature` the wallet's signature of
+   * it. `success` when `linked`; a refusal says why in `reason` (`wrong_signer`, `nonce_used`,
+   * `expired`, `wrong_domain`, …) and `detail`.
+   */
+  async linkWallet(p: LinkWalletParams): Promise<WalletResult> {
+    const r = await this.#ask("link_wallet", p.requestId, (request_id) => ({
+      request_id,
+      user_id: checkUuid("userId", p.userId),
+      message: checkText("message", p.message, 4096),
+      signature: checkHex("signature", p.signature),
+    }));
+    return walletResult(r, "linked");
+  }
+
+  /** Removes a user's link of a wallet. `success` when `unlinked` (`not_linked`: there was none). */
+  async unlinkWallet(p: UnlinkWalletParams): Promise<WalletResult> {
+    const r = await this.#ask("unlink_wallet", p.requestId, (request_id) => ({
+      request_id,
+      user_id: checkUuid("userId", p.userId),
+      address: checkAddress("address", p.address),
+    }));
+    return walletResult(r, "unlinked");
+  }
+
+  /**
+   * May `userId` use `feature` of `creatorId` now? (Or, with `chainId` and `token` instead of
+   * `creatorId`, the seed's `verifyAccess(userId, tokenAddress, feature)`.) `success` is the
+   * decision's `allowed`; `decision` has the reason, evidence per condition, source and block.
+   */
+  async verifyAccess(p: VerifyAccessParams): Promise<AccessResult> {
+    const r = await this.#ask("verify_access", p.requestId, (request_id) => {
+      const target = p.creatorId !== undefined
+        ? { creator_id: checkText("creatorId", p.creatorId, 200) }
+        : {
+          chain_id: checkAmount("chainId", p.chainId),
+          token: checkAddress("token", p.token),
+        };
+      return {
+        request_id,
+        user_id: checkUuid("userId", p.userId),
+        ...target,
+        feature: checkText("feature", p.feature, 100),
+      };
+    });
+    if ("failure" in r) {
+      return { success: false, error: r.failure, requestId: r.requestId, reason: r.reason };
+    }
+    const decision = r.reply as AccessDecision;
+    const result: AccessResult = { success: decision.allowed === true, requestId: r.requestId, decision };
+    if (!result.success) result.error = decision.reason ?? "denied";
+    return result;
+  }
+
+  /** Enqueues one job with a request id and waits for its reply, or says what went wrong. */
+  async #ask(
+    jobType: string,
+    givenRequestId: string | undefined,
+    build: (requestId: string) => Record<string, unknown>,
+  ): Promise<Asked> {
+    const requestId = givenRequestId ?? crypto.randomUUID();
+    let payload: Record<string, unknown>;
+    try {
+      payload = build(checkUuid("requestId", requestId));
+    } catch (e) {
+      if (!(e instanceof InvalidRequest)) throw e;
+      return { requestId, failure: "invalid_request", reason: e.message };
+    }
+    try {
+      await this.enqueue(jobType, payload);
+    } catch (e) {
+      return { requestId, failure: "enqueue_failed", reason: String(e) };
+    }
+    let reply: unknown;
+    try {
+      reply = await this.waitReply(requestId);
+    } catch (e) {
+      return { requestId, failure: "reply_failed", reason: String(e) };
+    }
+    if (reply === null) {
+      return {
+        requestId,
+        failure: "timeout",
+        reason: `no reply within ${this.timeoutMs} ms; the job may still be applied: ` +
+          `retry with the same requestId`,
+      };
+    }
+    return { requestId, reply };
+  }
 }
+
+/** A reply, or why there is none. */
+type Asked =
+  | { requestId: string; reply: unknown }
+  | { requestId: string; failure: ClientFailure; reason: string };
+
+/** Failures of the client itself (nothing reached the worker, or no reply came). */
+export type ClientFailure = "invalid_request" | "enqueue_failed" | "reply_failed" | "timeout";
 
 function fail(requestId: string, status: LedgerResult["status"], reason: string): LedgerResult {
   return { success: false, error: status, status, requestId, reason };
+}
+
+function walletResult(r: Asked, successStatus: string): WalletResult {
+  if ("failure" in r) {
+    return { success: false, status: r.failure, error: r.failure, requestId: r.requestId, reason: r.reason };
+  }
+  const o = r.reply as Record<string, unknown>;
+  const status = String(o.status);
+  const result: WalletResult = { success: status === successStatus, status, requestId: r.requestId };
+  if (!result.success) result.error = status;
+  if (typeof o.address === "string") result.address = o.address;
+  if (Array.isArray(o.chains)) result.chains = o.chains as number[];
+  if (o.method === "eoa" || o.method === "erc1271") result.method = o.method;
+  if (typeof o.verified_at === "string") result.verifiedAt = o.verified_at;
+  if ("moved_from_user" in o) result.movedFromUser = o.moved_from_user as string | null;
+  if (typeof o.reason === "string") result.reason = o.reason;
+  if (typeof o.detail === "string") result.detail = o.detail;
+  return result;
 }
 
 let defaultClient: TokenwardenClient | undefined;
@@ -391,4 +590,19 @@ export function settleHold(p: SettleParams): Promise<LedgerResult> {
 /** {@link TokenwardenClient.releaseHold} on the shared client. */
 export function releaseHold(p: ReleaseParams): Promise<LedgerResult> {
   return defaultTokenwardenClient().releaseHold(p);
+}
+
+/** {@link TokenwardenClient.linkWallet} on the shared client. */
+export function linkWallet(p: LinkWalletParams): Promise<WalletResult> {
+  return defaultTokenwardenClient().linkWallet(p);
+}
+
+/** {@link TokenwardenClient.unlinkWallet} on the shared client. */
+export function unlinkWallet(p: UnlinkWalletParams): Promise<WalletResult> {
+  return defaultTokenwardenClient().unlinkWallet(p);
+}
+
+/** {@link TokenwardenClient.verifyAccess} on the shared client. */
+export function verifyAccess(p: VerifyAccessParams): Promise<AccessResult> {
+  return defaultTokenwardenClient().verifyAccess(p);
 }

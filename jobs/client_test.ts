@@ -4,6 +4,10 @@
  *
  *   TOKENWARDEN_REDIS_URL, TOKENWARDEN_REDIS_PREFIX   where the worker listens
  *   TW_TEST_FUNDED_USER, TW_TEST_FUNDED_BALANCE       a user granted that many tokens
+ *   TW_TEST_LINK_USER, TW_TEST_LINK_MESSAGE,          a user, a SIWE message with a nonce
+ *   TW_TEST_LINK_SIGNATURE, TW_TEST_LINK_ADDRESS      issued to them, its signature, the wallet
+ *   TW_TEST_MEMBER, TW_TEST_CREATOR, TW_TEST_TOKEN    a user whose wallet meets the CHAT rule of
+ *                                                     that creator, and the token on chain 31337
  *
  *   node_modules/.bin/deno test --node-modules-dir=manual --allow-net --allow-env --allow-read \
  *     jobs/client_test.ts
@@ -16,7 +20,10 @@ import { deepStrictEqual as assertEquals, ok as assert } from "node:assert/stric
 import {
   consumeTokensAtomic,
   defaultTokenwardenClient,
+  linkWallet,
   TokenwardenClient,
+  unlinkWallet,
+  verifyAccess,
 } from "./client.ts";
 
 function required(name: string): string {
@@ -165,6 +172,41 @@ Deno.test("no reply within the timeout gives error 'timeout' with the request id
   } finally {
     await lonely.close();
   }
+});
+
+Deno.test("linkWallet: linked, replayed nonce refused, malformed message refused, unlink", async () => {
+  const userId = required("TW_TEST_LINK_USER");
+  const message = required("TW_TEST_LINK_MESSAGE");
+  const signature = required("TW_TEST_LINK_SIGNATURE");
+  const address = required("TW_TEST_LINK_ADDRESS");
+  const bad = await client.linkWallet({ userId, message: "let me in", signature });
+  assertEquals([bad.success, bad.status, bad.reason], [false, "refused", "malformed_message"]);
+  const ok = await linkWallet({ userId, message, signature });
+  assertEquals([ok.success, ok.status, ok.method, ok.address], [true, "linked", "eoa", address]);
+  assertEquals(ok.movedFromUser, null);
+  const replay = await client.linkWallet({ userId, message, signature });
+  assertEquals([replay.success, replay.reason], [false, "nonce_used"]);
+  const local = await client.linkWallet({ userId, message, signature: "not hex" });
+  assertEquals(local.error, "invalid_request");
+  const gone = await unlinkWallet({ userId, address });
+  assertEquals([gone.success, gone.status], [true, "unlinked"]);
+  const again = await client.unlinkWallet({ userId, address });
+  assertEquals([again.success, again.status], [false, "not_linked"]);
+});
+
+Deno.test("verifyAccess: allowed with evidence, no_wallet, the seed's form, bad input", async () => {
+  const member = required("TW_TEST_MEMBER");
+  const creatorId = required("TW_TEST_CREATOR");
+  const token = required("TW_TEST_TOKEN");
+  const ok = await verifyAccess({ userId: member, creatorId, feature: "CHAT" });
+  assertEquals([ok.success, ok.decision?.source, ok.decision?.evidence.length], [true, "index", 1]);
+  assert(ok.decision!.evidence[0].passed);
+  const stranger = await client.verifyAccess({ userId: crypto.randomUUID(), creatorId, feature: "CHAT" });
+  assertEquals([stranger.success, stranger.error], [false, "no_wallet"]);
+  const seed = await client.verifyAccess({ userId: member, chainId: 31337, token, feature: "CHAT" });
+  assertEquals([seed.success, seed.decision?.rule_version], [true, 0]);
+  const bad = await client.verifyAccess({ userId: member, chainId: 31337, token: "0x12", feature: "CHAT" });
+  assertEquals(bad.error, "invalid_request");
 });
 
 Deno.test("close the shared clients", async () => {

@@ -1,5 +1,5 @@
 //! The operator commands (`enqueue`, `credits`, `dead-letters`, `index`, `snapshot`,
-//! `anomalies`): one dispatch, one Postgres connection for the commands that need it, and one
+//! `anomalies`, `access`): one dispatch, one Postgres connection for the commands that need it, and one
 //! error type for `main`.
 //!
 //! Each area's `cli` module prints its own data and returns its own refusals; connecting is
@@ -35,6 +35,9 @@ pub enum OperatorCommand {
     /// Usage anomalies.
     #[command(subcommand)]
     Anomalies(crate::maintenance::cli::AnomaliesCommand),
+    /// Access rules, checks and proven wallets.
+    #[command(subcommand)]
+    Access(crate::access::cli::AccessCommand),
 }
 
 /// Why an operator command failed: the connection, or the area's own refusal.
@@ -52,6 +55,8 @@ pub enum CliError {
     Snapshot(#[from] crate::snapshots::cli::CliError),
     #[error(transparent)]
     Anomalies(#[from] crate::maintenance::cli::CliError),
+    #[error(transparent)]
+    Access(#[from] crate::access::cli::CliError),
 }
 
 /// Runs one operator command; its result is printed on stdout. Every command but `enqueue`
@@ -75,6 +80,7 @@ pub async fn run(cmd: OperatorCommand, cfg: &Config) -> Result<(), CliError> {
         OperatorCommand::Anomalies(c) => {
             crate::maintenance::cli::run(c, &postgres().await?).await?
         }
+        OperatorCommand::Access(c) => crate::access::cli::run(c, &postgres().await?).await?,
     }
     Ok(())
 }

@@ -21,6 +21,7 @@
 //! transport (`queue`) → domain (`ledger`, `chain`) → derived (`snapshots`) → operations
 //! (`maintenance`) → composition (`worker`, `cli`).
 
+pub mod access;
 pub mod app;
 pub mod chain;
 pub mod cli;

@@ -40,9 +40,10 @@ async fn main() -> anyhow::Result<()> {
             let pool = tokenwarden::infra::connect_postgres(&cfg.database).await?;
             tokenwarden::infra::migrate(&pool).await?;
             // The SQL door enforces the configured bounds even before a worker starts.
-            tokenwarden::ledger::Ledger::new(pool, cfg.ledger.clone())
+            tokenwarden::ledger::Ledger::new(pool.clone(), cfg.ledger.clone())
                 .write_settings()
                 .await?;
+            tokenwarden::access::settings::write_settings(&pool, &cfg.access).await?;
             println!("migrations applied");
         }
         Command::Operator(cmd) => tokenwarden::cli::run(cmd, &cfg).await?,

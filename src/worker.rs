@@ -14,6 +14,8 @@ pub enum WorkerError {
     #[error(transparent)]
     Ledger(#[from] crate::ledger::LedgerError),
     #[error(transparent)]
+    AccessSettings(#[from] crate::access::settings::SettingsError),
+    #[error(transparent)]
     Ops(#[from] crate::maintenance::http::HttpError),
     #[error(transparent)]
     Queue(#[from] crate::queue::QueueError),
@@ -24,6 +26,7 @@ pub enum WorkerError {
 pub fn job_registry(
     ctx: &AppContext,
     maintenance: &crate::maintenance::MaintenanceJobs,
+    decisions: &Arc<crate::access::cache::DecisionCache>,
 ) -> crate::queue::JobRegistry {
     let mut jobs = crate::queue::JobRegistry::new();
     let ledger = crate::ledger::Ledger::new(ctx.pool.clone(), ctx.cfg.ledger.clone());
@@ -41,6 +44,22 @@ pub fn job_registry(
         Err(e) => tracing::error!(error = %e, "snapshot_create jobs are not served"),
     }
     jobs.register(crate::chain::job::IndexTokenHandler::new(ctx.pool.clone()));
+    let wallets = crate::access::WalletStore::new(ctx.pool.clone());
+    match crate::access::WalletLinker::from_config(wallets, &ctx.cfg, ctx.shutdown.clone()) {
+        Ok(linker) => {
+            crate::access::jobs::register(&mut jobs, Arc::new(linker), Some(decisions.clone()))
+        }
+        Err(e) => tracing::error!(error = %e, "link_wallet and unlink_wallet jobs are not served"),
+    }
+    jobs.register(crate::access::rule_job::AccessRuleHandler::new(Arc::new(
+        crate::access::RuleStore::new(ctx.pool.clone()),
+    )));
+    jobs.register(crate::access::check_job::VerifyAccessHandler::new(
+        Arc::new(crate::access::service::AccessService::new(
+            crate::access::AccessChecker::new(ctx.pool.clone()),
+            Some(decisions.clone()),
+        )),
+    ));
     for handler in maintenance.handlers() {
         jobs.register_arc(handler);
     }
@@ -55,7 +74,17 @@ pub async fn run(cfg: Config) -> Result<(), WorkerError> {
     crate::ledger::Ledger::new(ctx.pool.clone(), ctx.cfg.ledger.clone())
         .write_settings()
         .await?;
+    // The SQL side of access (nonce door, staleness) enforces the bounds of this config.
+    crate::access::settings::write_settings(&ctx.pool, &ctx.cfg.access).await?;
     let indexers = crate::chain::spawn_indexers(&ctx);
+    let head_watchers = crate::access::heads::spawn(&ctx);
+    // Decisions cached by this replica are evicted by balance and rule changes in every replica.
+    let decisions = Arc::new(crate::access::cache::DecisionCache::new(
+        ctx.redis.clone(),
+        &ctx.cfg.redis.prefix,
+        &ctx.cfg.access,
+    ));
+    let invalidator = crate::access::invalidation::spawn(&ctx, decisions.clone());
     let maintenance = crate::maintenance::MaintenanceJobs::new(&ctx);
     let ops = crate::maintenance::http::spawn(ctx.clone()).await?;
     let scheduler = ctx
@@ -70,10 +99,14 @@ pub async fn run(cfg: Config) -> Result<(), WorkerError> {
         tracing::info!("shutdown signal received");
         signal_token.cancel();
     });
-    let registry = job_registry(&ctx, &maintenance);
+    let registry = job_registry(&ctx, &maintenance, &decisions);
     let queue = crate::queue::run_consumers(&ctx, registry).await;
     ctx.shutdown.cancel();
-    for h in indexers {
+    for h in indexers
+        .into_iter()
+        .chain(head_watchers)
+        .chain(invalidator.tasks)
+    {
         let _ = h.await;
     }
     if let Some(scheduler) = scheduler {

@@ -24,7 +24,79 @@ async fn deno_client_consumes_grants_and_holds_through_a_running_worker() {
         .await
         .expect("add_tokens funds the test user");
 
-    let _worker = Child::spawn(&env, &["run"], &[]);
+    // A SIWE message for `linkWallet`, signed with anvil's dev key 1; the worker needs a chain
+    // with that Chain ID and the message's domain in its config (no RPC call is made: an EOA
+    // signature is recovered locally).
+    let link_user = Uuid::new_v4();
+    let nonce = tokenwarden::access::WalletStore::new(env.pool.clone())
+        .issue_nonce(link_user)
+        .await
+        .expect("a nonce for the link user")
+        .nonce;
+    let signer: alloy::signers::local::PrivateKeySigner =
+        "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d"
+            .parse()
+            .expect("dev key");
+    let message = format!(
+        "localhost:3000 wants you to sign in with your Ethereum account:\n{}\n\n\
+         Link this wallet\n\nURI: http://localhost:3000/wallets\nVersion: 1\nChain ID: 31337\n\
+         Nonce: {nonce}\nIssued At: {}",
+        signer.address().to_checksum(None),
+        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    let signature = {
+        use alloy::signers::SignerSync;
+        let sig = signer
+            .sign_message_sync(message.as_bytes())
+            .expect("sign the SIWE message");
+        format!("0x{}", hex::encode(sig.as_bytes()))
+    };
+    // A member of creator-deno's CHAT: an indexed balance of 7 whole tokens (rows as the
+    // indexer writes them) on a wallet the member has proven.
+    let (member, token, member_wallet) = (
+        Uuid::new_v4(),
+        "0x7e57000000000000000000000000000000000000",
+        "0x00000000000000000000000000000000000000aa",
+    );
+    for sql in [
+        "INSERT INTO public.chain_tokens (chain_id, address, standard, decimals, start_block) VALUES (31337, $1, 'erc20', 18, 0)",
+        "INSERT INTO public.chain_checkpoints (chain_id, block_number, block_hash, finalized_block) VALUES (31337, 5, '0x01', 0)",
+        "INSERT INTO public.token_balances (chain_id, token, holder, balance, updated_block) VALUES (31337, $1, $2, 7000000000000000000, 5)",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(token)
+            .bind(member_wallet)
+            .execute(&env.pool)
+            .await
+            .expect("index rows");
+    }
+    sqlx::query("INSERT INTO public.user_wallets (user_id, address, chains, method) VALUES ($1, $2, '{31337}', 'eoa')")
+        .bind(member)
+        .bind(member_wallet)
+        .execute(&env.pool)
+        .await
+        .expect("the member's wallet");
+    tokenwarden::access::RuleStore::new(env.pool.clone())
+        .set(
+            "creator-deno",
+            "CHAT",
+            &serde_json::json!({"condition": {"erc20": {"chain_id": 31337, "token": token, "min": "5"}}}),
+            "deno test",
+        )
+        .await
+        .expect("the CHAT rule");
+    let config = tempfile::Builder::new()
+        .suffix(".toml")
+        .tempfile()
+        .expect("temp config");
+    std::fs::write(
+        config.path(),
+        "[access]\nsiwe_domains = [\"localhost:3000\"]\n\n\
+         [[chain.chains]]\nchain_id = 31337\nname = \"anvil\"\nrpc_urls = [\"http://127.0.0.1:9\"]\n",
+    )
+    .expect("write the worker's config");
+    let config_path = config.path().to_string_lossy().into_owned();
+    let _worker = Child::spawn(&env, &["--config", &config_path, "run"], &[]);
     // The client's reply timeout must not be spent on the worker's start-up: wait until its
     // consumer group exists on the consume stream.
     let stream = format!("{}:jobs:consume_tokens", env.redis_prefix);
@@ -67,6 +139,13 @@ async fn deno_client_consumes_grants_and_holds_through_a_running_worker() {
         .env("TOKENWARDEN_REDIS_PREFIX", &env.redis_prefix)
         .env("TW_TEST_FUNDED_USER", user.to_string())
         .env("TW_TEST_FUNDED_BALANCE", FUNDED_BALANCE.to_string())
+        .env("TW_TEST_LINK_USER", link_user.to_string())
+        .env("TW_TEST_LINK_MESSAGE", &message)
+        .env("TW_TEST_LINK_SIGNATURE", &signature)
+        .env("TW_TEST_LINK_ADDRESS", format!("{:#x}", signer.address()))
+        .env("TW_TEST_MEMBER", member.to_string())
+        .env("TW_TEST_CREATOR", "creator-deno")
+        .env("TW_TEST_TOKEN", token)
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(180), run)
@@ -82,8 +161,8 @@ async fn deno_client_consumes_grants_and_holds_through_a_running_worker() {
     );
     // Guard against a run that found nothing to test.
     assert!(
-        stdout.contains("ok | 5 passed") && stdout.contains("| 0 failed"),
-        "expected the 5 client tests to pass:\n{stdout}\n{stderr}"
+        stdout.contains("ok | 7 passed") && stdout.contains("| 0 failed"),
+        "expected the 7 client tests to pass:\n{stdout}\n{stderr}"
     );
 
     // What the client reported is what Postgres holds: 120 + 30 consumed (the repeat did not
@@ -122,4 +201,20 @@ async fn deno_client_consumes_grants_and_holds_through_a_running_worker() {
         statuses.iter().any(|s| s == "insufficient_tokens"),
         "the refused request's outcome is durable too: {statuses:?}"
     );
+    // linkWallet linked and unlinkWallet removed: no link is left, and the nonce is used.
+    let links: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM public.user_wallets WHERE user_id = $1")
+            .bind(link_user)
+            .fetch_one(&env.pool)
+            .await
+            .expect("user_wallets is readable");
+    assert_eq!(links, 0);
+    let used: bool = sqlx::query_scalar(
+        "SELECT used_at IS NOT NULL FROM public.access_siwe_nonces WHERE nonce = $1",
+    )
+    .bind(&nonce)
+    .fetch_one(&env.pool)
+    .await
+    .expect("the nonce is kept");
+    assert!(used, "the link used the nonce");
 }

@@ -21,6 +21,10 @@ const JOB_TYPES: &[&str] = &[
     "cleanup_locks",
     "detect_anomalies",
     "prune",
+    "link_wallet",
+    "unlink_wallet",
+    "access_rule",
+    "verify_access",
 ];
 
 fn jobs_dir() -> PathBuf {
@@ -257,6 +261,66 @@ fn schemas_reject_what_the_worker_rejects() {
                 m.insert("request_id".into(), json!("yesterday"));
             }),
         ),
+        (
+            "link_wallet",
+            "no signature",
+            variant("link_wallet", |m| {
+                m.remove("signature");
+            }),
+        ),
+        (
+            "link_wallet",
+            "signature not hex",
+            variant("link_wallet", |m| {
+                m.insert("signature".into(), json!("0xnothex"));
+            }),
+        ),
+        (
+            "link_wallet",
+            "message too long",
+            variant("link_wallet", |m| {
+                m.insert("message".into(), json!("x".repeat(4097)));
+            }),
+        ),
+        (
+            "verify_access",
+            "both creator_id and token",
+            variant("verify_access", |m| {
+                m.insert("chain_id".into(), json!(1514));
+                m.insert(
+                    "token".into(),
+                    json!("0x1514000000000000000000000000000000000000"),
+                );
+            }),
+        ),
+        (
+            "verify_access",
+            "neither creator_id nor token",
+            variant("verify_access", |m| {
+                m.remove("creator_id");
+            }),
+        ),
+        (
+            "access_rule",
+            "set without a rule",
+            variant("access_rule", |m| {
+                m.remove("rule");
+            }),
+        ),
+        (
+            "access_rule",
+            "delete with a rule",
+            variant("access_rule", |m| {
+                m.insert("action".into(), json!("delete"));
+            }),
+        ),
+        (
+            "unlink_wallet",
+            "address not an address",
+            variant("unlink_wallet", |m| {
+                m.insert("address".into(), json!("0x1234"));
+            }),
+        ),
     ];
     for (t, what, payload) in cases {
         assert!(
@@ -274,6 +338,50 @@ fn snapshot_chain_accepts_names_and_numeric_ids() {
         });
         let errs = errors("snapshot_create", &p);
         assert!(errs.is_empty(), "chain {chain} rejected: {errs:?}");
+    }
+}
+
+/// The worker's wallet-job parsers accept the examples and refuse what the schemas refuse.
+#[test]
+fn wallet_job_parsers_agree_with_the_schemas() {
+    use tokenwarden::access::jobs::{parse_link, parse_unlink};
+
+    let link = parse_link(example("link_wallet")).expect("worker accepts link_wallet.example.json");
+    assert_eq!(
+        link.request_id.to_string(),
+        example("link_wallet")["request_id"].as_str().expect("id")
+    );
+    let (_, _, address) =
+        parse_unlink(example("unlink_wallet")).expect("worker accepts unlink_wallet.example.json");
+    assert_eq!(
+        format!("{address:#x}"),
+        example("unlink_wallet")["address"]
+            .as_str()
+            .expect("address")
+    );
+    let refused = [
+        parse_link(variant("link_wallet", |m| {
+            m.remove("signature");
+        }))
+        .err(),
+        parse_link(variant("link_wallet", |m| {
+            m.insert("message".into(), json!("x".repeat(4097)));
+        }))
+        .err(),
+        parse_link(variant("link_wallet", |m| {
+            m.insert("surprise".into(), json!(1));
+        }))
+        .err(),
+        parse_unlink(variant("unlink_wallet", |m| {
+            m.insert("address".into(), json!("0x1234"));
+        }))
+        .err(),
+    ];
+    for (i, r) in refused.iter().enumerate() {
+        assert!(
+            r.is_some(),
+            "case {i}: the worker accepts a payload its schema refuses"
+        );
     }
 }
 

@@ -14,7 +14,7 @@ use sqlx::PgPool;
 use tokenwarden::ledger::{Credits, Ledger, LedgerOp, Outcome, OutcomeStatus, RequestId, UserId};
 use uuid::Uuid;
 
-use common::{DbKind, TestEnv};
+use common::{DbKind, TestEnv, begin_as};
 
 fn ledger(env: &TestEnv) -> Ledger {
     Ledger::new(env.pool.clone(), env.config().ledger)
@@ -1170,27 +1170,6 @@ const USER_TABLES: [&str; 4] = [
 /// Whether `err` is PostgreSQL's "permission denied" (SQLSTATE 42501).
 fn permission_denied(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(e) if e.code().as_deref() == Some("42501"))
-}
-
-async fn begin_as(
-    pool: &PgPool,
-    role: &str,
-    sub: Option<Uuid>,
-) -> sqlx::Transaction<'static, sqlx::Postgres> {
-    let mut tx = pool.begin().await.unwrap();
-    if let Some(sub) = sub {
-        let claims = json!({"sub": sub, "role": role}).to_string();
-        sqlx::query("SELECT set_config('request.jwt.claims', $1, true)")
-            .bind(claims)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-    }
-    sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL ROLE {role}")))
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    tx
 }
 
 #[tokio::test]

@@ -16,6 +16,7 @@
 //! its own section from here. Nothing in this module imports another area, so every layer may
 //! depend on it.
 
+mod access;
 mod chain;
 mod error;
 mod ledger;
@@ -29,6 +30,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+pub use access::AccessConfig;
 pub use chain::{ChainConfig, ChainSection, FactoryConfig, TokenArg, TokenConfig, TokenStandard};
 pub use error::ConfigError;
 pub use ledger::LedgerConfig;
@@ -55,6 +57,7 @@ pub struct Config {
     pub ledger: LedgerConfig,
     pub chain: ChainSection,
     pub snapshots: SnapshotsConfig,
+    pub access: AccessConfig,
     pub maintenance: MaintenanceConfig,
     pub http: HttpConfig,
     pub telemetry: TelemetryConfig,
@@ -89,6 +92,7 @@ impl Config {
                 .list_separator(",")
                 .with_list_parse_key("chain.chains")
                 .with_list_parse_key("chain.tokens")
+                .with_list_parse_key("access.siwe_domains")
                 .source(Some(env_map)),
         );
         let cfg: Config = builder.build()?.try_deserialize()?;
@@ -108,6 +112,7 @@ impl Config {
         self.ledger.validate()?;
         self.chain.validate()?;
         self.snapshots.validate()?;
+        self.access.validate()?;
         self.maintenance.validate()?;
         Ok(())
     }

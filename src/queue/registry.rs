@@ -22,6 +22,10 @@ pub const KNOWN_JOB_TYPES: &[&str] = &[
     "cleanup_locks",
     "detect_anomalies",
     "prune",
+    "link_wallet",
+    "unlink_wallet",
+    "access_rule",
+    "verify_access",
 ];
 
 /// The handlers this process serves, by job type.

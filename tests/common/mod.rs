@@ -364,6 +364,29 @@ impl Drop for TestEnv {
     }
 }
 
+/// A transaction acting as API role `role` (`SET LOCAL ROLE`), signed in as `sub` when given
+/// (the JWT claims PostgREST would set, read by `auth.uid()`).
+pub async fn begin_as(
+    pool: &PgPool,
+    role: &str,
+    sub: Option<uuid::Uuid>,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = pool.begin().await.unwrap();
+    if let Some(sub) = sub {
+        let claims = serde_json::json!({"sub": sub, "role": role}).to_string();
+        sqlx::query("SELECT set_config('request.jwt.claims', $1, true)")
+            .bind(claims)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL ROLE {role}")))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx
+}
+
 /// Replaces the user name in a Postgres URL (trust authentication: no password).
 pub fn replace_user(url: &str, user: &str) -> String {
     let mut u = url::Url::parse(url).expect("valid postgres url");

@@ -1,0 +1,108 @@
+//! The `verify_access` job: `{request_id, user_id, creator_id, feature}` or
+//! `{request_id, user_id, chain_id, token, feature}` (the seed's form) → the decision with
+//! `request_id` (schema in `jobs/`).
+
+use std::sync::Arc;
+
+use alloy::primitives::Address;
+use serde::Deserialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::checks::Question;
+use super::service::AccessService;
+use crate::queue::job::{JobError, JobFuture, JobHandler};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Payload {
+    request_id: Uuid,
+    user_id: Uuid,
+    #[serde(default)]
+    creator_id: Option<String>,
+    #[serde(default)]
+    chain_id: Option<u64>,
+    #[serde(default)]
+    token: Option<String>,
+    feature: String,
+}
+
+/// A parsed `verify_access` request.
+#[derive(Debug, Clone)]
+pub struct CheckRequest {
+    pub request_id: Uuid,
+    pub user_id: Uuid,
+    pub question: Question,
+}
+
+/// Parses a `verify_access` payload: exactly one of `creator_id` and (`chain_id`, `token`).
+pub fn parse_check(payload: Value) -> Result<CheckRequest, String> {
+    let bad = |why: &str| format!("invalid verify_access payload: {why}");
+    let p: Payload = serde_json::from_value(payload).map_err(|e| bad(&e.to_string()))?;
+    if p.feature.is_empty() || p.feature.chars().count() > 100 {
+        return Err(bad("feature must be 1 to 100 characters"));
+    }
+    let question = match (p.creator_id, p.chain_id, p.token) {
+        (Some(creator_id), None, None) => {
+            if creator_id.is_empty() || creator_id.chars().count() > 200 {
+                return Err(bad("creator_id must be 1 to 200 characters"));
+            }
+            Question::Creator {
+                creator_id,
+                feature: p.feature,
+            }
+        }
+        (None, Some(chain_id), Some(token)) => {
+            let address = (token.len() == 42 && token.starts_with("0x"))
+                .then(|| token.parse::<Address>().ok())
+                .flatten()
+                .ok_or_else(|| bad("token must be a 0x-prefixed 20-byte hex address"))?;
+            Question::Token {
+                chain_id,
+                token: address,
+                feature: p.feature,
+            }
+        }
+        _ => return Err(bad("give either creator_id, or chain_id and token")),
+    };
+    Ok(CheckRequest {
+        request_id: p.request_id,
+        user_id: p.user_id,
+        question,
+    })
+}
+
+/// Serves `verify_access`.
+#[derive(Clone)]
+pub struct VerifyAccessHandler {
+    service: Arc<AccessService>,
+}
+
+impl VerifyAccessHandler {
+    pub fn new(service: Arc<AccessService>) -> Self {
+        Self { service }
+    }
+}
+
+impl JobHandler for VerifyAccessHandler {
+    fn job_type(&self) -> &'static str {
+        "verify_access"
+    }
+
+    fn handle(&self, payload: Value) -> JobFuture {
+        let service = self.service.clone();
+        Box::pin(async move {
+            let req = parse_check(payload).map_err(JobError::Rejected)?;
+            let decision = service
+                .verify(req.user_id, &req.question)
+                .await
+                .map_err(|e| JobError::Retryable(e.to_string()))?;
+            let mut reply = serde_json::to_value(&decision)
+                .map_err(|e| JobError::Retryable(format!("cannot encode reply: {e}")))?;
+            if let Some(obj) = reply.as_object_mut() {
+                obj.insert("request_id".into(), serde_json::json!(req.request_id));
+            }
+            Ok(reply)
+        })
+    }
+}

@@ -1,0 +1,122 @@
+//! Access checks (the seed's TokenVerificationService): the Rust door to `tw_access_evaluate`,
+//! the one evaluation the SQL doors use too, so every door gives the same decision.
+
+use alloy::primitives::Address;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::decision::Decision;
+use crate::chain::decode::addr_hex;
+
+/// A check could not be answered (a denial is a [`Decision`], not an error).
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("{what}: {source}")]
+    Db {
+        what: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("tw_access_evaluate returned a decision this worker cannot read: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+fn db(what: &'static str) -> impl FnOnce(sqlx::Error) -> CheckError {
+    move |source| CheckError::Db { what, source }
+}
+
+/// What is asked: a creator's feature, or the seed's form (a token's feature, with the default
+/// "hold at least 1" when no rule is set for creator `"<chain_id>:<token>"`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Question {
+    Creator {
+        creator_id: String,
+        feature: String,
+    },
+    Token {
+        chain_id: u64,
+        token: Address,
+        feature: String,
+    },
+}
+
+impl Question {
+    /// The creator id the rule is stored under.
+    pub fn creator_id(&self) -> String {
+        match self {
+            Question::Creator { creator_id, .. } => creator_id.clone(),
+            Question::Token {
+                chain_id, token, ..
+            } => format!("{chain_id}:{}", addr_hex(token)),
+        }
+    }
+
+    pub fn feature(&self) -> &str {
+        match self {
+            Question::Creator { feature, .. } | Question::Token { feature, .. } => feature,
+        }
+    }
+}
+
+/// Answers access questions from the index and snapshots.
+#[derive(Debug, Clone)]
+pub struct AccessChecker {
+    pool: PgPool,
+}
+
+impl AccessChecker {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// The decision for `user` on `question`, read now.
+    pub async fn evaluate(&self, user: Uuid, question: &Question) -> Result<Decision, CheckError> {
+        let v: serde_json::Value = match question {
+            Question::Creator {
+                creator_id,
+                feature,
+            } => sqlx::query_scalar("SELECT public.tw_access_evaluate($1, $2, $3)")
+                .bind(user)
+                .bind(creator_id)
+                .bind(feature)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db("evaluate an access rule"))?,
+            Question::Token {
+                chain_id,
+                token,
+                feature,
+            } => sqlx::query_scalar("SELECT public.tw_access_evaluate_token($1, $2, $3, $4)")
+                .bind(user)
+                .bind(i64::try_from(*chain_id).unwrap_or(i64::MAX))
+                .bind(addr_hex(token))
+                .bind(feature)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db("evaluate a token access rule"))?,
+        };
+        Ok(serde_json::from_value(v)?)
+    }
+
+    /// Many users against one creator's feature in one statement (the seed's batch).
+    pub async fn evaluate_batch(
+        &self,
+        users: &[Uuid],
+        creator_id: &str,
+        feature: &str,
+    ) -> Result<Vec<Decision>, CheckError> {
+        let rows: Vec<serde_json::Value> = sqlx::query_scalar(
+            "SELECT public.tw_access_evaluate(u, $2, $3) \
+             FROM unnest($1::uuid[]) WITH ORDINALITY AS x(u, i) ORDER BY i",
+        )
+        .bind(users)
+        .bind(creator_id)
+        .bind(feature)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("evaluate an access rule for a batch"))?;
+        rows.into_iter()
+            .map(|v| serde_json::from_value(v).map_err(CheckError::from))
+            .collect()
+    }
+}

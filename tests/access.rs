@@ -1,0 +1,1516 @@
+//! Access checks against real Postgres (plain and Supabase-shaped) and a real anvil: proven
+//! wallets (Sign-In with Ethereum, EIP-4361), their nonce door and their RLS.
+
+mod common;
+
+use std::str::FromStr;
+
+use alloy::primitives::Address;
+use alloy::signers::SignerSync;
+use alloy::signers::local::PrivateKeySigner;
+use common::anvil::Anvil;
+use common::{DbKind, TestEnv, begin_as};
+use serde_json::json;
+use sqlx::PgPool;
+use tokenwarden::access::{LinkOutcome, LinkRefusal, LinkRequest, WalletLinker, WalletStore};
+use tokenwarden::config::{ChainConfig, Config};
+use uuid::Uuid;
+
+/// anvil's dev accounts 0 and 1 (public, well-known keys).
+const KEY_0: &str = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
+const KEY_1: &str = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
+const DOMAIN: &str = "localhost:3000";
+const ANVIL_CHAIN: u64 = 31337;
+
+fn signer(key: &str) -> PrivateKeySigner {
+    PrivateKeySigner::from_str(key).expect("dev key")
+}
+
+fn sign(key: &str, message: &str) -> String {
+    let sig = signer(key)
+        .sign_message_sync(message.as_bytes())
+        .expect("sign");
+    format!("0x{}", hex::encode(sig.as_bytes()))
+}
+
+/// An EIP-4361 message; `extra` appends optional fields (each starting with `\n`).
+fn siwe_message(domain: &str, address: Address, chain: u64, nonce: &str, extra: &str) -> String {
+    let issued = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    format!(
+        "{domain} wants you to sign in with your Ethereum account:\n\
+         {}\n\n\
+         Link this wallet to your tokenwarden account\n\n\
+         URI: http://{domain}/wallets\n\
+         Version: 1\n\
+         Chain ID: {chain}\n\
+         Nonce: {nonce}\n\
+         Issued At: {issued}{extra}",
+        address.to_checksum(None)
+    )
+}
+
+fn chain_config(rpc: &str) -> ChainConfig {
+    serde_json::from_value(json!({
+        "chain_id": ANVIL_CHAIN,
+        "name": "anvil",
+        "rpc_urls": [rpc],
+        "rpc_timeout_ms": 2000,
+        "rpc_max_retries": 1,
+    }))
+    .expect("chain config")
+}
+
+fn config(env: &TestEnv, rpc: &str) -> Config {
+    let mut cfg = env.config();
+    cfg.chain.chains = vec![chain_config(rpc)];
+    cfg.access.siwe_domains = vec![DOMAIN.to_string()];
+    cfg.validate().expect("valid config");
+    cfg
+}
+
+fn linker(env: &TestEnv, rpc: &str) -> WalletLinker {
+    WalletLinker::from_config(
+        WalletStore::new(env.pool.clone()),
+        &config(env, rpc),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .expect("linker")
+}
+
+fn request(user: Uuid, message: String, signature: String) -> LinkRequest {
+    LinkRequest {
+        request_id: Uuid::new_v4(),
+        user_id: user,
+        message,
+        signature,
+    }
+}
+
+async fn nonce(env: &TestEnv, user: Uuid) -> String {
+    WalletStore::new(env.pool.clone())
+        .issue_nonce(user)
+        .await
+        .expect("nonce")
+        .nonce
+}
+
+#[track_caller]
+fn refused(outcome: &LinkOutcome) -> LinkRefusal {
+    match outcome {
+        LinkOutcome::Refused(r) => r.reason,
+        LinkOutcome::Linked { link, .. } => panic!("expected a refusal, got a link {link:?}"),
+    }
+}
+
+#[track_caller]
+fn linked(outcome: &LinkOutcome) -> (String, String, Vec<i64>) {
+    match outcome {
+        LinkOutcome::Linked { link, .. } => (
+            link.address.clone(),
+            link.method.clone(),
+            link.chains.clone(),
+        ),
+        LinkOutcome::Refused(r) => panic!("expected a link, got a refusal: {r}"),
+    }
+}
+
+#[tokio::test]
+async fn an_eoa_links_once_per_nonce_and_every_hostile_message_is_refused_with_its_reason() {
+    let env = TestEnv::new().await;
+    let anvil = Anvil::spawn().await;
+    let l = linker(&env, &anvil.url);
+    let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+    let wallet = signer(KEY_1).address();
+
+    // Hostile and broken messages first: none of them uses the nonce.
+    let n = nonce(&env, alice).await;
+    let cases: Vec<(LinkRefusal, String, String)> = vec![
+        (
+            LinkRefusal::MalformedMessage,
+            "please let me in".to_string(),
+            sign(KEY_1, "please let me in"),
+        ),
+        {
+            let m = siwe_message("evil.example.com", wallet, ANVIL_CHAIN, &n, "");
+            (LinkRefusal::WrongDomain, m.clone(), sign(KEY_1, &m))
+        },
+        {
+            let m = siwe_message(DOMAIN, wallet, 1, &n, "");
+            (LinkRefusal::WrongChain, m.clone(), sign(KEY_1, &m))
+        },
+        {
+            let m = siwe_message(
+                DOMAIN,
+                wallet,
+                ANVIL_CHAIN,
+                &n,
+                "\nExpiration Time: 2020-01-01T00:00:00Z",
+            );
+            (LinkRefusal::Expired, m.clone(), sign(KEY_1, &m))
+        },
+        {
+            let m = siwe_message(
+                DOMAIN,
+                wallet,
+                ANVIL_CHAIN,
+                &n,
+                "\nNot Before: 2999-01-01T00:00:00Z",
+            );
+            (LinkRefusal::NotYetValid, m.clone(), sign(KEY_1, &m))
+        },
+        {
+            let m = siwe_message(DOMAIN, wallet, ANVIL_CHAIN, &n, "");
+            // Signed by account 0 for account 1's address.
+            (LinkRefusal::WrongSigner, m.clone(), sign(KEY_0, &m))
+        },
+        {
+            let m = siwe_message(DOMAIN, wallet, ANVIL_CHAIN, &n, "");
+            (LinkRefusal::MalformedSignature, m, "0xnothex".to_string())
+        },
+        {
+            let m = siwe_message(DOMAIN, wallet, ANVIL_CHAIN, &n, "");
+            (LinkRefusal::MalformedSignature, m, "0x1234".to_string())
+        },
+        {
+            let m = siwe_message(
+                DOMAIN,
+                wallet,
+                ANVIL_CHAIN,
+                "00000000000000000000000000000000",
+                "",
+            );
+            (LinkRefusal::UnknownNonce, m.clone(), sign(KEY_1, &m))
+        },
+        {
+            // Alice's nonce in a request for Bob.
+            let m = siwe_message(DOMAIN, wallet, ANVIL_CHAIN, &n, "");
+            (LinkRefusal::UnknownNonce, m.clone(), sign(KEY_1, &m))
+        },
+    ];
+    let last = cases.len() - 1;
+    for (i, (reason, message, signature)) in cases.into_iter().enumerate() {
+        let user = if i == last { bob } else { alice };
+        let out = l
+            .link(&request(user, message.clone(), signature))
+            .await
+            .unwrap_or_else(|e| panic!("case {i} ({reason:?}) errored: {e}"));
+        assert_eq!(refused(&out), reason, "case {i}: {message}");
+    }
+    assert!(
+        WalletStore::new(env.pool.clone())
+            .links(alice)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // The right signature with the same nonce links: the refusals did not use it.
+    let m = siwe_message(DOMAIN, wallet, ANVIL_CHAIN, &n, "");
+    let req = request(alice, m.clone(), sign(KEY_1, &m));
+    let (address, method, chains) = linked(&l.link(&req).await.unwrap());
+    assert_eq!(address, format!("{wallet:#x}"));
+    assert_eq!(method, "eoa");
+    assert_eq!(chains, vec![ANVIL_CHAIN as i64]);
+    // The same request again (a redelivery) answers with the same link ...
+    let (again, _, _) = linked(&l.link(&req).await.unwrap());
+    assert_eq!(again, address);
+    // ... another request with the used nonce is refused.
+    let replay = request(alice, m.clone(), sign(KEY_1, &m));
+    assert_eq!(
+        refused(&l.link(&replay).await.unwrap()),
+        LinkRefusal::NonceUsed
+    );
+
+    // An expired nonce.
+    let n2 = nonce(&env, alice).await;
+    sqlx::query("UPDATE public.access_siwe_nonces SET expires_at = now() - interval '1 second' WHERE nonce = $1")
+        .bind(&n2)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let m2 = siwe_message(DOMAIN, wallet, ANVIL_CHAIN, &n2, "");
+    assert_eq!(
+        refused(
+            &l.link(&request(alice, m2.clone(), sign(KEY_1, &m2)))
+                .await
+                .unwrap()
+        ),
+        LinkRefusal::NonceExpired
+    );
+
+    // Bob proves the same wallet: the link moves to him.
+    let n3 = nonce(&env, bob).await;
+    let m3 = siwe_message(DOMAIN, wallet, ANVIL_CHAIN, &n3, "");
+    match l
+        .link(&request(bob, m3.clone(), sign(KEY_1, &m3)))
+        .await
+        .unwrap()
+    {
+        LinkOutcome::Linked { moved_from, .. } => assert_eq!(moved_from, Some(alice)),
+        LinkOutcome::Refused(r) => panic!("bob's proof refused: {r}"),
+    }
+    let store = WalletStore::new(env.pool.clone());
+    assert!(store.links(alice).await.unwrap().is_empty());
+    assert_eq!(store.links(bob).await.unwrap().len(), 1);
+
+    // Unlink.
+    assert!(l.unlink(bob, wallet).await.unwrap());
+    assert!(!l.unlink(bob, wallet).await.unwrap());
+    assert!(store.links(bob).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_contract_wallet_links_through_erc1271_on_the_chain() {
+    let env = TestEnv::new().await;
+    let anvil = Anvil::spawn().await;
+    // Deployed by account 0, which becomes its owner.
+    let wallet = anvil.deploy("TestWallet1271").await;
+    let l = linker(&env, &anvil.url);
+    let user = Uuid::new_v4();
+
+    let n = nonce(&env, user).await;
+    let m = siwe_message(DOMAIN, wallet, ANVIL_CHAIN, &n, "");
+    // Signed by a key that is not the wallet's owner: the contract says no.
+    let out = l
+        .link(&request(user, m.clone(), sign(KEY_1, &m)))
+        .await
+        .unwrap();
+    assert_eq!(refused(&out), LinkRefusal::WrongSigner);
+    // A signature the contract cannot even read: it says no too (no magic value).
+    let out = l
+        .link(&request(user, m.clone(), "0x1234".into()))
+        .await
+        .unwrap();
+    assert_eq!(refused(&out), LinkRefusal::WrongSigner);
+    // The owner's signature: the contract returns 0x1626ba7e.
+    let out = l
+        .link(&request(user, m.clone(), sign(KEY_0, &m)))
+        .await
+        .unwrap();
+    let (address, method, chains) = linked(&out);
+    assert_eq!(address, format!("{wallet:#x}"));
+    assert_eq!(method, "erc1271");
+    assert_eq!(chains, vec![ANVIL_CHAIN as i64]);
+}
+
+#[tokio::test]
+async fn the_link_job_replies_with_the_outcome_and_rejects_a_bad_payload() {
+    use tokenwarden::queue::{JobError, JobRegistry};
+
+    let env = TestEnv::new().await;
+    let anvil = Anvil::spawn().await;
+    let mut jobs = JobRegistry::new();
+    tokenwarden::access::jobs::register(
+        &mut jobs,
+        std::sync::Arc::new(linker(&env, &anvil.url)),
+        None,
+    );
+    let link = jobs.get("link_wallet").expect("link_wallet registered");
+    let unlink = jobs.get("unlink_wallet").expect("unlink_wallet registered");
+    let user = Uuid::new_v4();
+    let wallet = signer(KEY_1).address();
+    let n = nonce(&env, user).await;
+    let m = siwe_message(DOMAIN, wallet, ANVIL_CHAIN, &n, "");
+    let request_id = Uuid::new_v4();
+    let reply = link
+        .handle(json!({"request_id": request_id, "user_id": user, "message": m, "signature": sign(KEY_0, &m)}))
+        .await
+        .expect("a refusal is a reply");
+    assert_eq!(reply["status"], "refused");
+    assert_eq!(reply["reason"], "wrong_signer");
+    assert_eq!(reply["request_id"], json!(request_id));
+    let reply = link
+        .handle(json!({"request_id": request_id, "user_id": user, "message": m, "signature": sign(KEY_1, &m)}))
+        .await
+        .expect("linked");
+    assert_eq!(reply["status"], "linked");
+    assert_eq!(reply["method"], "eoa");
+    assert_eq!(reply["address"], format!("{wallet:#x}"));
+    assert_eq!(reply["moved_from_user"], serde_json::Value::Null);
+    match link
+        .handle(json!({"request_id": request_id, "user_id": user}))
+        .await
+    {
+        Err(JobError::Rejected(reason)) => assert!(reason.contains("link_wallet"), "{reason}"),
+        other => panic!("a payload without message is rejected, got {other:?}"),
+    }
+    let reply = unlink
+        .handle(json!({"request_id": Uuid::new_v4(), "user_id": user, "address": format!("{wallet:#x}")}))
+        .await
+        .expect("unlinked");
+    assert_eq!(reply["status"], "unlinked");
+    match unlink
+        .handle(json!({"request_id": Uuid::new_v4(), "user_id": user, "address": "0x12"}))
+        .await
+    {
+        Err(JobError::Rejected(reason)) => assert!(reason.contains("address"), "{reason}"),
+        other => panic!("a bad address is rejected, got {other:?}"),
+    }
+}
+
+/// Whether `err` is PostgreSQL's "permission denied" (SQLSTATE 42501).
+fn sqlstate(err: &sqlx::Error) -> Option<String> {
+    match err {
+        sqlx::Error::Database(e) => e.code().map(|c| c.to_string()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn the_nonce_door_serves_the_signed_in_user_only() {
+    for kind in DbKind::ALL {
+        the_nonce_door_serves_the_signed_in_user_only_on(TestEnv::on(kind).await).await;
+    }
+}
+
+async fn the_nonce_door_serves_the_signed_in_user_only_on(env: TestEnv) {
+    let kind = env.kind;
+    let alice = Uuid::new_v4();
+    let mut tx = begin_as(&env.pool, "authenticated", Some(alice)).await;
+    let (nonce, expires): (String, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT nonce, expires_at FROM public.access_wallet_nonce()")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap_or_else(|e| panic!("{kind:?}: authenticated gets a nonce: {e}"));
+    tx.commit().await.unwrap();
+    assert_eq!(nonce.len(), 32, "{kind:?}");
+    let ttl = expires - chrono::Utc::now();
+    assert!(
+        ttl.num_seconds() > 200 && ttl.num_seconds() <= 300,
+        "{kind:?}: ttl {ttl}"
+    );
+    let owner: Uuid =
+        sqlx::query_scalar("SELECT user_id FROM public.access_siwe_nonces WHERE nonce = $1")
+            .bind(&nonce)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(owner, alice, "{kind:?}: the nonce is auth.uid()'s");
+
+    // Not signed in: refused, not a nonce for NULL.
+    let mut tx = begin_as(&env.pool, "authenticated", None).await;
+    let err = sqlx::query("SELECT * FROM public.access_wallet_nonce()")
+        .execute(&mut *tx)
+        .await
+        .expect_err("no auth.uid()");
+    assert_eq!(sqlstate(&err).as_deref(), Some("28000"), "{kind:?}: {err}");
+    drop(tx);
+
+    // anon and service_role may not call it (a service has no auth.uid()).
+    for role in ["anon", "service_role"] {
+        let mut tx = begin_as(&env.pool, role, Some(alice)).await;
+        let err = sqlx::query("SELECT * FROM public.access_wallet_nonce()")
+            .execute(&mut *tx)
+            .await
+            .expect_err("not executable");
+        assert_eq!(
+            sqlstate(&err).as_deref(),
+            Some("42501"),
+            "{kind:?} {role}: {err}"
+        );
+    }
+    // Nobody but the owner reads or issues nonces directly.
+    for role in ["anon", "authenticated", "service_role"] {
+        let mut tx = begin_as(&env.pool, role, Some(alice)).await;
+        let err = sqlx::query("SELECT * FROM public.access_siwe_nonces")
+            .execute(&mut *tx)
+            .await
+            .expect_err("nonces are internal");
+        assert_eq!(
+            sqlstate(&err).as_deref(),
+            Some("42501"),
+            "{kind:?} {role}: {err}"
+        );
+        drop(tx);
+        let mut tx = begin_as(&env.pool, role, Some(alice)).await;
+        let err = sqlx::query("SELECT * FROM public.tw_access_issue_nonce($1)")
+            .bind(alice)
+            .execute(&mut *tx)
+            .await
+            .expect_err("the internal issuer is the owner's");
+        assert_eq!(
+            sqlstate(&err).as_deref(),
+            Some("42501"),
+            "{kind:?} {role}: {err}"
+        );
+    }
+
+    // The open-nonce bound (access.siwe_max_open_nonces, written by the worker at start).
+    let mut cfg = env.config().access;
+    cfg.siwe_max_open_nonces = 3;
+    let store = WalletStore::new(env.pool.clone());
+    tokenwarden::access::settings::write_settings(&env.pool, &cfg)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        store.issue_nonce(alice).await.expect("below the bound");
+    }
+    let mut tx = begin_as(&env.pool, "authenticated", Some(alice)).await;
+    let err = sqlx::query("SELECT * FROM public.access_wallet_nonce()")
+        .execute(&mut *tx)
+        .await
+        .expect_err("a fourth open nonce");
+    assert_eq!(sqlstate(&err).as_deref(), Some("54000"), "{kind:?}: {err}");
+}
+
+#[tokio::test]
+async fn rls_users_read_only_their_own_wallet_links() {
+    for kind in DbKind::ALL {
+        rls_users_read_only_their_own_wallet_links_on(TestEnv::on(kind).await).await;
+    }
+}
+
+async fn rls_users_read_only_their_own_wallet_links_on(env: TestEnv) {
+    let kind = env.kind;
+    let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+    for (user, byte) in [(alice, 0xa1u8), (bob, 0xb0u8)] {
+        sqlx::query(
+            "INSERT INTO public.user_wallets (user_id, address, chains, method) VALUES ($1, $2, ARRAY[1514::bigint], 'eoa')",
+        )
+        .bind(user)
+        .bind(format!("{:#x}", Address::repeat_byte(byte)))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    }
+    let mut tx = begin_as(&env.pool, "authenticated", Some(alice)).await;
+    let seen: Vec<Uuid> = sqlx::query_scalar("SELECT user_id FROM public.user_wallets")
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(seen, vec![alice], "{kind:?}: alice sees her link only");
+    for write in [
+        "INSERT INTO public.user_wallets (user_id, address, chains, method) VALUES (gen_random_uuid(), '0x0000000000000000000000000000000000000001', ARRAY[1::bigint], 'eoa')",
+        "DELETE FROM public.user_wallets",
+        "UPDATE public.user_wallets SET method = 'erc1271'",
+        "TRUNCATE public.user_wallets",
+    ] {
+        let mut tx = begin_as(&env.pool, "authenticated", Some(alice)).await;
+        let err = sqlx::query(sqlx::AssertSqlSafe(write))
+            .execute(&mut *tx)
+            .await
+            .expect_err("users write no links");
+        assert_eq!(
+            sqlstate(&err).as_deref(),
+            Some("42501"),
+            "{kind:?} {write}: {err}"
+        );
+    }
+    let mut tx = begin_as(&env.pool, "anon", None).await;
+    let err = sqlx::query("SELECT * FROM public.user_wallets")
+        .execute(&mut *tx)
+        .await
+        .expect_err("anon reads no links");
+    assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{kind:?}: {err}");
+    let mut tx = begin_as(&env.pool, "service_role", None).await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM public.user_wallets")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(n, 2, "{kind:?}: trusted server code reads every link");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rules and checks
+// ---------------------------------------------------------------------------------------------
+
+use alloy::primitives::U256;
+use tokenwarden::access::{AccessChecker, Decision, DenyReason, Question, RuleError, RuleStore};
+use tokenwarden::config::{TokenConfig, TokenStandard};
+
+const CHAIN: u64 = ANVIL_CHAIN;
+
+/// A token row as the indexer writes it at start, for SQL tests without an indexer.
+async fn follow_token(pool: &PgPool, token: Address, standard: &str, decimals: Option<i32>) {
+    sqlx::query(
+        "INSERT INTO public.chain_tokens (chain_id, address, standard, decimals, start_block) \
+         VALUES ($1, $2, $3, $4, 0)",
+    )
+    .bind(CHAIN as i64)
+    .bind(format!("{token:#x}"))
+    .bind(standard)
+    .bind(decimals)
+    .execute(pool)
+    .await
+    .expect("chain_tokens row");
+}
+
+fn erc20(token: Address, min: &str) -> serde_json::Value {
+    json!({"erc20": {"chain_id": CHAIN, "token": format!("{token:#x}"), "min": min}})
+}
+
+#[tokio::test]
+async fn rules_are_validated_when_set_with_the_path_of_the_bad_node_and_every_change_is_recorded() {
+    for kind in DbKind::ALL {
+        rules_are_validated_on(TestEnv::on(kind).await).await;
+    }
+}
+
+async fn rules_are_validated_on(env: TestEnv) {
+    let kind = env.kind;
+    let (t20, t721, other) = (
+        Address::repeat_byte(0x20),
+        Address::repeat_byte(0x72),
+        Address::repeat_byte(0x99),
+    );
+    follow_token(&env.pool, t20, "erc20", Some(6)).await;
+    follow_token(&env.pool, t721, "erc721", None).await;
+    let pending = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO public.snapshots (id, source, chain, token, status) VALUES ($1, 'index', $2, $3, 'pending')",
+    )
+    .bind(pending)
+    .bind(CHAIN.to_string())
+    .bind(format!("{t20:#x}"))
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let rules = RuleStore::new(env.pool.clone());
+    let bad: Vec<(serde_json::Value, &str)> = vec![
+        (json!([]), "$: a rule must be an object"),
+        (
+            json!({"condition": erc20(t20, "1"), "mode": "x"}),
+            "$.mode: unknown key",
+        ),
+        (
+            json!({"condition": {"all": []}}),
+            "$.condition.all: must be a non-empty array",
+        ),
+        (
+            json!({"condition": {"any": [erc20(t20, "1"), {"erc20": {"chain_id": 1, "token": format!("{t20:#x}"), "min": "1"}}]}}),
+            "$.condition.any[1].erc20.chain_id: chain 1 is not a chain tokenwarden indexes",
+        ),
+        (
+            json!({"condition": {"all": [erc20(other, "1")]}}),
+            "$.condition.all[0].erc20.token: token 0x9999999999999999999999999999999999999999 is not indexed on chain 31337",
+        ),
+        (
+            json!({"condition": erc20(t721, "1")}),
+            "$.condition.erc20.token: token is erc721, not erc20",
+        ),
+        (
+            json!({"condition": erc20(t20, "0")}),
+            "$.condition.erc20.min: must be greater than zero",
+        ),
+        (
+            json!({"condition": erc20(t20, "0.0000001")}),
+            "$.condition.erc20.min: min_amount \"0.0000001\" has 7 fractional digits but the token has only 6 decimals",
+        ),
+        (
+            json!({"condition": {"at_least": {"k": 3, "of": [erc20(t20, "1"), erc20(t20, "2")]}}}),
+            "$.condition.at_least.k: must be an integer from 1 to the number of conditions (2)",
+        ),
+        (
+            json!({"condition": {"erc721": {"chain_id": CHAIN, "token": format!("{t721:#x}"), "min_count": 1, "token_id": "1"}}}),
+            "$.condition.erc721: give exactly one of min_count and token_id",
+        ),
+        (
+            json!({"condition": {"snapshot": {"snapshot_id": pending, "min": "1"}}}),
+            "is pending, not complete",
+        ),
+        (
+            json!({"condition": {"snapshot": {"snapshot_id": Uuid::new_v4(), "min": "1"}}}),
+            "does not exist",
+        ),
+        (
+            json!({"condition": {"held": {"chain_id": CHAIN, "token": format!("{t20:#x}"), "min": "1", "for_secs": 86400}}}),
+            "$.condition.held: held-since conditions are not available yet",
+        ),
+        (
+            json!({"condition": {"nope": 1}}),
+            "$.condition.nope: unknown condition",
+        ),
+        (
+            json!({"condition": erc20(t20, "1"), "stale_policy": "maybe"}),
+            "$.stale_policy",
+        ),
+    ];
+    for (rule, expected) in bad {
+        match rules.set("creator-1", "CHAT", &rule, "test").await {
+            Err(RuleError::Invalid(msg)) => {
+                assert!(
+                    msg.contains(expected),
+                    "{kind:?}: {rule} → {msg:?}, expected {expected:?}"
+                )
+            }
+            other => panic!("{kind:?}: {rule} was not refused: {other:?}"),
+        }
+    }
+    assert!(
+        rules.list(None).await.unwrap().is_empty(),
+        "{kind:?}: nothing stored"
+    );
+
+    // Set, replace, delete: versions, the change log, and the announcement (NOTIFY).
+    let mut listener = sqlx::postgres::PgListener::connect_with(&env.pool)
+        .await
+        .unwrap();
+    listener.listen("tw_access_rules").await.unwrap();
+    let v1 = json!({"condition": erc20(t20, "100")});
+    let v2 = json!({"condition": {"any": [erc20(t20, "50"), {"erc721": {"chain_id": CHAIN, "token": format!("{t721:#x}"), "token_id": "7"}}]}, "per_wallet": true});
+    assert_eq!(
+        rules
+            .set("creator-1", "CHAT", &v1, "alice@ops")
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        rules
+            .set("creator-1", "CHAT", &v2, "bob@ops")
+            .await
+            .unwrap(),
+        2
+    );
+    let listed = rules.list(Some("creator-1")).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].version, 2);
+    assert_eq!(listed[0].rule["per_wallet"], json!(true));
+    assert_eq!(
+        listed[0].rule["stale_policy"],
+        json!("deny"),
+        "{kind:?}: the default is filled in"
+    );
+    assert!(
+        rules
+            .delete("creator-1", "CHAT", "carol@ops")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !rules
+            .delete("creator-1", "CHAT", "carol@ops")
+            .await
+            .unwrap()
+    );
+    let history = rules.history("creator-1", "CHAT").await.unwrap();
+    let who: Vec<&str> = history.iter().map(|c| c.changed_by.as_str()).collect();
+    assert_eq!(who, ["alice@ops", "bob@ops", "carol@ops"], "{kind:?}");
+    assert_eq!(history[0].old_rule, None);
+    assert_eq!(
+        history[1].old_rule.as_ref().map(|r| &r["condition"]),
+        Some(&v1["condition"])
+    );
+    assert_eq!(history[2].new_rule, None);
+    assert_eq!(history[2].old_version, Some(2));
+    for expected in [json!(1), json!(2), serde_json::Value::Null] {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), listener.recv())
+            .await
+            .expect("a notification")
+            .unwrap();
+        let payload: serde_json::Value = serde_json::from_str(n.payload()).unwrap();
+        assert_eq!(payload["creator_id"], "creator-1");
+        assert_eq!(payload["version"], expected, "{kind:?}");
+    }
+
+    // The service door: service_role sets and reads rules; users and anon do neither.
+    let mut tx = begin_as(&env.pool, "service_role", None).await;
+    let v: i32 =
+        sqlx::query_scalar("SELECT public.access_set_rule('creator-2', 'CHAT', $1, 'edge-fn')")
+            .bind(&v1)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap_or_else(|e| panic!("{kind:?}: service_role sets a rule: {e}"));
+    assert_eq!(v, 1);
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM public.access_rule_changes")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(n, 4, "{kind:?}");
+    let err =
+        sqlx::query("SELECT public.access_set_rule('creator-2', 'CHAT', '[]'::jsonb, 'edge-fn')")
+            .execute(&mut *tx)
+            .await
+            .expect_err("invalid");
+    assert_eq!(sqlstate(&err).as_deref(), Some("22023"), "{kind:?}: {err}");
+    drop(tx);
+    for role in ["anon", "authenticated"] {
+        let mut tx = begin_as(&env.pool, role, Some(Uuid::new_v4())).await;
+        let err =
+            sqlx::query("SELECT public.access_set_rule('creator-2', 'CHAT', '{}'::jsonb, 'x')")
+                .execute(&mut *tx)
+                .await
+                .expect_err("not for users");
+        assert_eq!(
+            sqlstate(&err).as_deref(),
+            Some("42501"),
+            "{kind:?} {role}: {err}"
+        );
+        drop(tx);
+        let mut tx = begin_as(&env.pool, role, Some(Uuid::new_v4())).await;
+        let err = sqlx::query("SELECT * FROM public.access_rules")
+            .execute(&mut *tx)
+            .await
+            .expect_err("rules are the service's");
+        assert_eq!(
+            sqlstate(&err).as_deref(),
+            Some("42501"),
+            "{kind:?} {role}: {err}"
+        );
+    }
+}
+
+/// The indexer running inside the test process, on anvil.
+struct Indexed {
+    anvil: Anvil,
+    env: TestEnv,
+    t20: Address,
+    t721: Address,
+    ctx: tokenwarden::app::AppContext,
+}
+
+impl Indexed {
+    async fn start(kind: DbKind) -> Indexed {
+        let env = TestEnv::on(kind).await;
+        let anvil = Anvil::spawn().await;
+        let t20 = anvil.deploy("TestToken20").await;
+        let t721 = anvil.deploy("TestNft721").await;
+        let mut cfg = config(&env, &anvil.url);
+        cfg.chain.enabled = true;
+        cfg.chain.chains = vec![
+            serde_json::from_value(json!({
+                "chain_id": CHAIN, "name": "anvil", "rpc_urls": [anvil.url],
+                "poll_interval_ms": 50, "reorg_depth": 2, "rpc_timeout_ms": 2000,
+            }))
+            .expect("chain config"),
+        ];
+        cfg.chain.tokens = [(t20, TokenStandard::Erc20), (t721, TokenStandard::Erc721)]
+            .into_iter()
+            .map(|(a, standard)| TokenConfig {
+                chain_id: CHAIN,
+                address: format!("{a:#x}"),
+                standard,
+                start_block: 0,
+            })
+            .collect();
+        cfg.validate().expect("valid config");
+        let ctx = tokenwarden::app::AppContext::connect(cfg)
+            .await
+            .expect("connect");
+        let _ = tokenwarden::chain::spawn_indexers(&ctx);
+        let me = Indexed {
+            anvil,
+            env,
+            t20,
+            t721,
+            ctx,
+        };
+        me.synced().await;
+        me
+    }
+
+    /// Waits until the index has every mined block.
+    async fn synced(&self) {
+        use alloy::providers::Provider;
+        let head = self.anvil.provider.get_block_number().await.expect("head");
+        let pool = self.env.pool.clone();
+        common::wait_until(
+            std::time::Duration::from_secs(30),
+            "the index reaches the head",
+            || {
+                let pool = pool.clone();
+                async move {
+                    let cp: Option<i64> = sqlx::query_scalar(
+                        "SELECT block_number FROM public.chain_checkpoints WHERE chain_id = $1",
+                    )
+                    .bind(CHAIN as i64)
+                    .fetch_optional(&pool)
+                    .await
+                    .ok()
+                    .flatten();
+                    cp.filter(|c| *c as u64 >= head).map(|_| ())
+                }
+            },
+        )
+        .await;
+    }
+
+    async fn erc20(&self, ops: &[(Address, Address, u128)]) {
+        let ops: Vec<_> = ops
+            .iter()
+            .map(|(f, t, v)| (*f, *t, U256::from(*v)))
+            .collect();
+        self.anvil.send(self.t20, Anvil::erc20_batch(&ops)).await;
+        self.synced().await;
+    }
+
+    async fn erc721(&self, ops: &[(Address, Address, u64)]) {
+        let ops: Vec<_> = ops
+            .iter()
+            .map(|(f, t, v)| (*f, *t, U256::from(*v)))
+            .collect();
+        self.anvil.send(self.t721, Anvil::erc721_batch(&ops)).await;
+        self.synced().await;
+    }
+
+    async fn link(&self, user: Uuid, wallet: Address) {
+        sqlx::query(
+            "INSERT INTO public.user_wallets (user_id, address, chains, method) VALUES ($1, $2, ARRAY[$3::bigint], 'eoa')",
+        )
+        .bind(user)
+        .bind(format!("{wallet:#x}"))
+        .bind(CHAIN as i64)
+        .execute(&self.env.pool)
+        .await
+        .expect("link");
+    }
+}
+
+const TOKEN: u128 = 1_000_000_000_000_000_000; // 1 whole TT20 (18 decimals)
+
+fn creator(feature: &str) -> Question {
+    Question::Creator {
+        creator_id: "creator-1".into(),
+        feature: feature.into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rule_kind_matches_anvil_truth() {
+    let ix = Indexed::start(DbKind::Plain).await;
+    let z = Address::ZERO;
+    let (w1, w2, w3) = (
+        Address::repeat_byte(0x01),
+        Address::repeat_byte(0x02),
+        Address::repeat_byte(0x03),
+    );
+    ix.erc20(&[(z, w1, 60 * TOKEN), (z, w2, 50 * TOKEN), (z, w3, 5 * TOKEN)])
+        .await;
+    ix.erc721(&[(z, w1, 7), (z, w2, 8), (z, w2, 9)]).await;
+    let (alice, bob, nobody) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    ix.link(alice, w1).await;
+    ix.link(alice, w2).await;
+    ix.link(bob, w3).await;
+    let rules = RuleStore::new(ix.env.pool.clone());
+    let checker = AccessChecker::new(ix.env.pool.clone());
+    let check = |user: Uuid, q: Question| {
+        let checker = checker.clone();
+        async move { checker.evaluate(user, &q).await.expect("decision") }
+    };
+    let set = |feature: &'static str, rule: serde_json::Value| {
+        let rules = rules.clone();
+        async move {
+            rules
+                .set("creator-1", feature, &rule, "test")
+                .await
+                .expect("set")
+        }
+    };
+
+    // ERC-20, whole tokens, summed over alice's wallets: 60 + 50 = 110 >= 100.
+    set("CHAT", json!({"condition": erc20(ix.t20, "100")})).await;
+    let d = check(alice, creator("CHAT")).await;
+    assert!(d.allowed, "{d:?}");
+    assert_eq!(d.source, tokenwarden::access::Source::Index);
+    let e = &d.evidence[0];
+    let truth = ix.anvil.balance_of(ix.t20, w1).await + ix.anvil.balance_of(ix.t20, w2).await;
+    assert_eq!(
+        e.amount,
+        truth.to_string(),
+        "the evidence is the chain's balance"
+    );
+    assert_eq!(e.minimum, (100 * TOKEN).to_string());
+    assert_eq!(e.wallets.len(), 2);
+    assert!(e.block.is_some() && d.as_of_block == e.block);
+    assert_eq!(d.rule_version, Some(1));
+    // Per wallet: no single wallet holds 100.
+    set(
+        "CHAT",
+        json!({"condition": erc20(ix.t20, "100"), "per_wallet": true}),
+    )
+    .await;
+    let d = check(alice, creator("CHAT")).await;
+    assert_eq!((d.allowed, d.reason), (false, Some(DenyReason::NotMet)));
+    assert_eq!(d.rule_version, Some(2));
+    // Decimals: 5 whole tokens for bob, not 5.000000000000000001.
+    set("DISCOUNT", json!({"condition": erc20(ix.t20, "5")})).await;
+    assert!(check(bob, creator("DISCOUNT")).await.allowed);
+    set(
+        "DISCOUNT",
+        json!({"condition": erc20(ix.t20, "5.000000000000000001")}),
+    )
+    .await;
+    assert!(!check(bob, creator("DISCOUNT")).await.allowed);
+
+    // ERC-721: count and a token id, against ownerOf.
+    assert_eq!(ix.anvil.owner_of(ix.t721, U256::from(9)).await, Some(w2));
+    let nft = |extra: serde_json::Value| {
+        let mut leaf = json!({"chain_id": CHAIN, "token": format!("{:#x}", ix.t721)});
+        leaf.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        json!({"erc721": leaf})
+    };
+    set("NFT", json!({"condition": nft(json!({"min_count": 3}))})).await;
+    assert!(
+        check(alice, creator("NFT")).await.allowed,
+        "7, 8, 9 over two wallets"
+    );
+    set(
+        "NFT",
+        json!({"condition": nft(json!({"min_count": 3})), "per_wallet": true}),
+    )
+    .await;
+    assert!(!check(alice, creator("NFT")).await.allowed);
+    set("NFT", json!({"condition": nft(json!({"token_id": "9"}))})).await;
+    assert!(check(alice, creator("NFT")).await.allowed);
+    assert!(!check(bob, creator("NFT")).await.allowed);
+
+    // at_least 2 of 3, any, all.
+    set(
+        "AFFILIATE",
+        json!({"condition": {"at_least": {"k": 2, "of": [
+        erc20(ix.t20, "1"), nft(json!({"token_id": "7"})), nft(json!({"min_count": 10}))]}}}),
+    )
+    .await;
+    let d = check(alice, creator("AFFILIATE")).await;
+    assert!(d.allowed);
+    assert_eq!(d.evidence.len(), 3);
+    assert_eq!(d.evidence[2].path, "$.condition.at_least.of[2].erc721");
+    assert!(!d.evidence[2].passed);
+    assert!(
+        !check(bob, creator("AFFILIATE")).await.allowed,
+        "bob meets 1 of 3"
+    );
+
+    // A snapshot leaf: taken from the index, then the balances move; the snapshot does not.
+    ix.anvil.mine(3).await;
+    ix.synced().await;
+    let head = {
+        use alloy::providers::Provider;
+        ix.anvil.provider.get_block_number().await.unwrap()
+    };
+    let service = tokenwarden::snapshots::SnapshotService::from_config(
+        ix.env.pool.clone(),
+        &ix.env.config().snapshots,
+    )
+    .unwrap();
+    let snap = service
+        .create(
+            &tokenwarden::snapshots::SnapshotRequest::new(
+                None,
+                tokenwarden::snapshots::SnapshotSource::Index,
+                &CHAIN.to_string(),
+                &format!("{:#x}", ix.t20),
+                Some(head - 2),
+            )
+            .unwrap(),
+        )
+        .await
+        .expect("snapshot");
+    ix.erc20(&[(w3, z, 5 * TOKEN)]).await;
+    set(
+        "WHITELIST",
+        json!({"condition": {"snapshot": {"snapshot_id": snap.snapshot_id, "min": "5"}}}),
+    )
+    .await;
+    let d = check(bob, creator("WHITELIST")).await;
+    assert!(d.allowed, "bob held 5 at the snapshot: {d:?}");
+    assert_eq!(d.source, tokenwarden::access::Source::Snapshot);
+    assert_eq!(d.as_of_block, Some(head - 2));
+    set("CHAT2", json!({"condition": erc20(ix.t20, "5")})).await;
+    assert!(
+        !check(bob, creator("CHAT2")).await.allowed,
+        "but holds 0 now"
+    );
+
+    // No wallet, no rule, the seed's default (hold >= 1 of the token named in the check).
+    assert_eq!(
+        check(nobody, creator("CHAT")).await.reason,
+        Some(DenyReason::NoWallet)
+    );
+    assert_eq!(
+        check(alice, creator("UNKNOWN")).await.reason,
+        Some(DenyReason::NoRule)
+    );
+    let seed = |user| {
+        check(
+            user,
+            Question::Token {
+                chain_id: CHAIN,
+                token: ix.t20,
+                feature: "CHAT".into(),
+            },
+        )
+    };
+    let d = seed(alice).await;
+    assert!(d.allowed);
+    assert_eq!(d.rule_version, Some(0), "the default, not a stored rule");
+    assert_eq!(d.evidence[0].minimum, TOKEN.to_string());
+    assert!(!seed(bob).await.allowed, "bob burned his");
+
+    // Stale: a lagging head, then a fault; deny by default, evaluate when the rule says so.
+    let cp: i64 =
+        sqlx::query_scalar("SELECT block_number FROM public.chain_checkpoints WHERE chain_id = $1")
+            .bind(CHAIN as i64)
+            .fetch_one(&ix.env.pool)
+            .await
+            .unwrap();
+    tokenwarden::access::heads::record(&ix.env.pool, CHAIN, cp as u64 + 1000)
+        .await
+        .unwrap();
+    set("CHAT", json!({"condition": erc20(ix.t20, "100")})).await;
+    let d = check(alice, creator("CHAT")).await;
+    assert_eq!(
+        (d.allowed, d.reason, d.stale),
+        (false, Some(DenyReason::Stale), true)
+    );
+    assert!(
+        d.evidence[0]
+            .stale
+            .as_deref()
+            .unwrap_or("")
+            .contains("blocks behind"),
+        "{d:?}"
+    );
+    set(
+        "CHAT",
+        json!({"condition": erc20(ix.t20, "100"), "stale_policy": "evaluate"}),
+    )
+    .await;
+    let d = check(alice, creator("CHAT")).await;
+    assert_eq!((d.allowed, d.stale), (true, true));
+    tokenwarden::access::heads::record(&ix.env.pool, CHAIN, cp as u64)
+        .await
+        .unwrap();
+    assert!(!check(alice, creator("CHAT")).await.stale);
+
+    // Batch: many users, one rule, in order.
+    let batch = checker
+        .evaluate_batch(&[alice, bob, nobody], "creator-1", "CHAT")
+        .await
+        .unwrap();
+    let got: Vec<(bool, Option<DenyReason>)> = batch
+        .iter()
+        .map(|d: &Decision| (d.allowed, d.reason))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (true, None),
+            (false, Some(DenyReason::NotMet)),
+            (false, Some(DenyReason::NoWallet))
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sql_doors_give_the_same_decision_to_the_right_callers_only() {
+    for kind in DbKind::ALL {
+        let ix = Indexed::start(kind).await;
+        let z = Address::ZERO;
+        let w = Address::repeat_byte(0x0a);
+        ix.erc20(&[(z, w, 10 * TOKEN)]).await;
+        let alice = Uuid::new_v4();
+        ix.link(alice, w).await;
+        RuleStore::new(ix.env.pool.clone())
+            .set(
+                "creator-1",
+                "CHAT",
+                &json!({"condition": erc20(ix.t20, "10")}),
+                "test",
+            )
+            .await
+            .unwrap();
+        let rust = AccessChecker::new(ix.env.pool.clone())
+            .evaluate(alice, &creator("CHAT"))
+            .await
+            .unwrap();
+        assert!(rust.allowed);
+        let strip = |mut v: serde_json::Value| {
+            v.as_object_mut().unwrap().remove("checked_at");
+            v
+        };
+        let rust_json = strip(serde_json::to_value(&rust).unwrap());
+
+        let mut tx = begin_as(&ix.env.pool, "authenticated", Some(alice)).await;
+        let own: serde_json::Value =
+            sqlx::query_scalar("SELECT public.verify_access('creator-1', 'CHAT')")
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap_or_else(|e| panic!("{kind:?}: verify_access: {e}"));
+        let own: Decision = serde_json::from_value(own).unwrap();
+        assert_eq!(
+            strip(serde_json::to_value(&own).unwrap()),
+            rust_json,
+            "{kind:?}: same decision"
+        );
+        let seed: serde_json::Value =
+            sqlx::query_scalar("SELECT public.verify_token_access($1, $2, 'CHAT')")
+                .bind(CHAIN as i64)
+                .bind(format!("{:#x}", ix.t20))
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+        assert_eq!(seed["allowed"], json!(true), "{kind:?}");
+        drop(tx);
+        // A user cannot ask about someone else, nor use the batch.
+        for f in [
+            "SELECT public.verify_access_for(gen_random_uuid(), 'creator-1', 'CHAT')",
+            "SELECT * FROM public.verify_access_batch(ARRAY[gen_random_uuid()], 'creator-1', 'CHAT')",
+            "SELECT public.verify_token_access_for(gen_random_uuid(), 1, '0x', 'CHAT')",
+        ] {
+            let mut tx = begin_as(&ix.env.pool, "authenticated", Some(alice)).await;
+            let err = sqlx::query(sqlx::AssertSqlSafe(f))
+                .execute(&mut *tx)
+                .await
+                .expect_err("denied");
+            assert_eq!(
+                sqlstate(&err).as_deref(),
+                Some("42501"),
+                "{kind:?} {f}: {err}"
+            );
+        }
+        let mut tx = begin_as(&ix.env.pool, "anon", None).await;
+        let err = sqlx::query("SELECT public.verify_access('creator-1', 'CHAT')")
+            .execute(&mut *tx)
+            .await
+            .expect_err("anon may not");
+        assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{kind:?}: {err}");
+        drop(tx);
+        let mut tx = begin_as(&ix.env.pool, "authenticated", None).await;
+        let err = sqlx::query("SELECT public.verify_access('creator-1', 'CHAT')")
+            .execute(&mut *tx)
+            .await
+            .expect_err("not signed in");
+        assert_eq!(sqlstate(&err).as_deref(), Some("28000"), "{kind:?}: {err}");
+        drop(tx);
+        // Trusted server code asks about anyone, singly or in a batch.
+        let mut tx = begin_as(&ix.env.pool, "service_role", None).await;
+        let theirs: serde_json::Value =
+            sqlx::query_scalar("SELECT public.verify_access_for($1, 'creator-1', 'CHAT')")
+                .bind(alice)
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+        assert_eq!(strip(theirs), rust_json, "{kind:?}");
+        let batch: Vec<(Uuid, serde_json::Value)> = sqlx::query_as(
+            "SELECT user_id, decision FROM public.verify_access_batch($1, 'creator-1', 'CHAT')",
+        )
+        .bind(vec![Uuid::new_v4(), alice])
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+        assert_eq!(batch[1].0, alice);
+        assert_eq!(batch[0].1["reason"], json!("no_wallet"));
+        assert_eq!(batch[1].1["allowed"], json!(true), "{kind:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rule_and_check_jobs_reply_and_refuse_bad_input_with_its_reason() {
+    use tokenwarden::access::check_job::VerifyAccessHandler;
+    use tokenwarden::access::rule_job::AccessRuleHandler;
+    use tokenwarden::queue::{JobError, JobHandler};
+
+    let ix = Indexed::start(DbKind::Plain).await;
+    let w = Address::repeat_byte(0x0b);
+    ix.erc20(&[(Address::ZERO, w, 3 * TOKEN)]).await;
+    let user = Uuid::new_v4();
+    ix.link(user, w).await;
+    let rule_job = AccessRuleHandler::new(std::sync::Arc::new(RuleStore::new(ix.env.pool.clone())));
+    let check_job = VerifyAccessHandler::new(std::sync::Arc::new(
+        tokenwarden::access::service::AccessService::new(
+            AccessChecker::new(ix.env.pool.clone()),
+            None,
+        ),
+    ));
+    let id = Uuid::new_v4();
+    let reply = rule_job
+        .handle(json!({"request_id": id, "action": "set", "creator_id": "c", "feature": "CHAT",
+                       "rule": {"condition": {"all": [erc20(ix.t20, "3"), {"any": []}]}}, "actor": "job"}))
+        .await
+        .expect("an invalid rule is a reply");
+    assert_eq!(reply["status"], "invalid");
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap()
+            .contains("$.condition.all[1].any"),
+        "{reply}"
+    );
+    let reply = rule_job
+        .handle(
+            json!({"request_id": id, "action": "set", "creator_id": "c", "feature": "CHAT",
+                       "rule": {"condition": erc20(ix.t20, "3")}, "actor": "job"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (reply["status"].clone(), reply["version"].clone()),
+        (json!("set"), json!(1))
+    );
+    let reply = check_job
+        .handle(json!({"request_id": id, "user_id": user, "creator_id": "c", "feature": "CHAT"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        (reply["allowed"].clone(), reply["request_id"].clone()),
+        (json!(true), json!(id))
+    );
+    assert_eq!(
+        reply["evidence"][0]["amount"],
+        json!((3 * TOKEN).to_string())
+    );
+    let reply = check_job
+        .handle(json!({"request_id": id, "user_id": user, "chain_id": CHAIN, "token": format!("{:#x}", ix.t20), "feature": "CHAT"}))
+        .await
+        .unwrap();
+    assert_eq!(reply["allowed"], json!(true), "the seed's form");
+    for bad in [
+        json!({"request_id": id, "user_id": user, "feature": "CHAT"}),
+        json!({"request_id": id, "user_id": user, "creator_id": "c", "chain_id": 1, "token": "0x", "feature": "CHAT"}),
+        json!({"request_id": id, "user_id": user, "chain_id": 1, "token": "0x12", "feature": "CHAT"}),
+        json!({"request_id": id, "user_id": "bob", "creator_id": "c", "feature": "CHAT"}),
+    ] {
+        match check_job.handle(bad.clone()).await {
+            Err(JobError::Rejected(r)) => assert!(r.contains("verify_access"), "{r}"),
+            other => panic!("{bad} not rejected: {other:?}"),
+        }
+    }
+    let reply = rule_job
+        .handle(json!({"request_id": id, "action": "delete", "creator_id": "c", "feature": "CHAT", "actor": "job"}))
+        .await
+        .unwrap();
+    assert_eq!(reply["status"], "deleted");
+    match rule_job
+        .handle(json!({"request_id": id, "action": "delete", "creator_id": "c", "feature": "CHAT", "actor": "job", "rule": {}}))
+        .await
+    {
+        Err(JobError::Rejected(r)) => assert!(r.contains("takes no rule"), "{r}"),
+        other => panic!("not rejected: {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cache
+// ---------------------------------------------------------------------------------------------
+
+use tokenwarden::access::Source;
+use tokenwarden::access::cache::{DecisionCache, Lookup, rule_key};
+use tokenwarden::access::service::AccessService;
+
+async fn head(ix: &Indexed) -> u64 {
+    use alloy::providers::Provider;
+    ix.anvil.provider.get_block_number().await.expect("head")
+}
+
+/// One worker replica's check path: its own connections, memory cache and listeners.
+struct Replica {
+    service: AccessService,
+    cache: std::sync::Arc<DecisionCache>,
+    processed: tokio::sync::watch::Receiver<u64>,
+    balance_block: tokio::sync::watch::Receiver<u64>,
+    _ctx: tokenwarden::app::AppContext,
+}
+
+impl Replica {
+    async fn start(ix: &Indexed) -> Replica {
+        let ctx = tokenwarden::app::AppContext::connect((*ix.ctx.cfg).clone())
+            .await
+            .expect("replica connects");
+        let cache = std::sync::Arc::new(DecisionCache::new(
+            ctx.redis.clone(),
+            &ctx.cfg.redis.prefix,
+            &ctx.cfg.access,
+        ));
+        let inv = tokenwarden::access::invalidation::spawn(&ctx, cache.clone());
+        Replica {
+            service: AccessService::new(AccessChecker::new(ctx.pool.clone()), Some(cache.clone())),
+            cache,
+            processed: inv.processed,
+            balance_block: inv.balance_block,
+            _ctx: ctx,
+        }
+    }
+
+    async fn check(&self, user: Uuid) -> Decision {
+        self.service
+            .verify(user, &creator("CHAT"))
+            .await
+            .expect("decision")
+    }
+
+    fn processed(&self) -> u64 {
+        *self.processed.borrow()
+    }
+
+    /// Waits until this replica acted on a balance change of block `block` or later.
+    async fn acted_on_block(&self, block: u64) {
+        let mut rx = self.balance_block.clone();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            rx.wait_for(|b| *b >= block),
+        )
+        .await
+        .expect("the replica acts on the announcement")
+        .expect("listener alive");
+    }
+
+    async fn processed_more_than(&self, n: u64) {
+        let mut rx = self.processed.clone();
+        tokio::time::timeout(std::time::Duration::from_secs(20), rx.wait_for(|v| *v > n))
+            .await
+            .expect("the replica processes the announcement")
+            .expect("listener alive");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_replica_answers_allowed_from_a_cache_after_a_transfer_the_worker_was_told_about() {
+    let ix = Indexed::start(DbKind::Plain).await;
+    let (w, elsewhere) = (Address::repeat_byte(0x0c), Address::repeat_byte(0x0d));
+    ix.erc20(&[(Address::ZERO, w, 10 * TOKEN)]).await;
+    let member = Uuid::new_v4();
+    ix.link(member, w).await;
+    RuleStore::new(ix.env.pool.clone())
+        .set(
+            "creator-1",
+            "CHAT",
+            &json!({"condition": erc20(ix.t20, "5")}),
+            "test",
+        )
+        .await
+        .unwrap();
+    let (a, b) = (Replica::start(&ix).await, Replica::start(&ix).await);
+    // Both listeners are subscribed once each has processed one (empty) announcement.
+    let redis = ix.env.redis().await;
+    common::wait_until(
+        std::time::Duration::from_secs(20),
+        "both replicas listen",
+        || {
+            let mut redis = redis.clone();
+            let (pa, pb) = (a.processed(), b.processed());
+            let channel = format!("{}:balance_changes", ix.env.redis_prefix);
+            async move {
+                let _: i64 = redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(r#"{"chain_id":0,"token":"0x","holders":[],"block":0}"#)
+                    .query_async(&mut redis)
+                    .await
+                    .unwrap();
+                (pa > 0 && pb > 0).then_some(())
+            }
+        },
+    )
+    .await;
+
+    let first = a.check(member).await;
+    assert_eq!((first.allowed, first.source), (true, Source::Index));
+    let again = a.check(member).await;
+    assert_eq!(
+        (again.allowed, again.source),
+        (true, Source::Cache),
+        "memory hit"
+    );
+    let other = b.check(member).await;
+    assert_eq!(
+        (other.allowed, other.source),
+        (true, Source::Cache),
+        "shared through Redis"
+    );
+    assert_eq!(other.evidence, first.evidence);
+
+    // The member sends everything away. From the moment replica A acted on the announcement,
+    // neither replica answers from a cache — B included, whose own listener may lag.
+    let seen = a.processed();
+    ix.anvil
+        .send(
+            ix.t20,
+            Anvil::erc20_batch(&[(w, elsewhere, U256::from(10 * TOKEN))]),
+        )
+        .await;
+    a.processed_more_than(seen).await;
+    let after_b = b.check(member).await;
+    assert_eq!(
+        (after_b.allowed, after_b.source, after_b.reason),
+        (false, Source::Index, Some(DenyReason::NotMet)),
+        "{after_b:?}"
+    );
+    let after_a = a.check(member).await;
+    assert!(!after_a.allowed, "{after_a:?}");
+    assert_eq!(
+        after_a.source,
+        Source::Cache,
+        "the denial is cached in turn"
+    );
+
+    // A rule change evicts that rule's decisions everywhere.
+    let seen = b.processed();
+    RuleStore::new(ix.env.pool.clone())
+        .set(
+            "creator-1",
+            "CHAT",
+            &json!({"condition": erc20(ix.t20, "0.5"), "stale_policy": "deny"}),
+            "test",
+        )
+        .await
+        .unwrap();
+    b.processed_more_than(seen).await;
+    let d = a.check(member).await;
+    assert_eq!((d.source, d.rule_version), (Source::Index, Some(2)));
+
+    // An unlink (through the job) evicts the user's decisions.
+    ix.erc20(&[(Address::ZERO, w, TOKEN)]).await;
+    a.acted_on_block(head(&ix).await).await;
+    let mut jobs = tokenwarden::queue::JobRegistry::new();
+    tokenwarden::access::jobs::register(
+        &mut jobs,
+        std::sync::Arc::new(linker(&ix.env, &ix.anvil.url)),
+        Some(a.cache.clone()),
+    );
+    assert!(b.check(member).await.allowed);
+    assert_eq!(b.check(member).await.source, Source::Cache);
+    jobs.get("unlink_wallet")
+        .unwrap()
+        .handle(
+            json!({"request_id": Uuid::new_v4(), "user_id": member, "address": format!("{w:#x}")}),
+        )
+        .await
+        .unwrap();
+    let d = b.check(member).await;
+    assert_eq!(
+        (d.allowed, d.reason, d.source),
+        (false, Some(DenyReason::NoWallet), Source::Index)
+    );
+    drop(redis);
+}
+
+#[tokio::test]
+async fn a_decision_computed_before_an_eviction_is_not_stored_after_it() {
+    let env = TestEnv::new().await;
+    let cfg = env.config();
+    let ctx = tokenwarden::app::AppContext::connect(cfg).await.unwrap();
+    let cache = DecisionCache::new(ctx.redis.clone(), &ctx.cfg.redis.prefix, &ctx.cfg.access);
+    let user = Uuid::new_v4();
+    let rule = rule_key("creator-1", "CHAT");
+    let Lookup::Miss(epochs) = cache.get(user, &rule).await.unwrap() else {
+        panic!("empty cache hit");
+    };
+    let decision: Decision = serde_json::from_value(json!({
+        "allowed": true, "reason": null, "user_id": user, "creator_id": "creator-1", "feature": "CHAT",
+        "rule_version": 1, "source": "index", "as_of_block": 1, "stale": false, "evidence": [],
+        "checked_at": "2026-12-01T00:00:00Z"}))
+    .unwrap();
+    // The balance changes (and is announced) while the decision is being computed.
+    cache.evict_users(&[user]).await.unwrap();
+    cache.put(user, &rule, epochs, &decision).await.unwrap();
+    assert!(
+        matches!(cache.get(user, &rule).await.unwrap(), Lookup::Miss(_)),
+        "not stored"
+    );
+    // Computed after the eviction: stored, then dropped by a rule change.
+    let Lookup::Miss(epochs) = cache.get(user, &rule).await.unwrap() else {
+        panic!()
+    };
+    cache.put(user, &rule, epochs, &decision).await.unwrap();
+    match cache.get(user, &rule).await.unwrap() {
+        Lookup::Hit(d) => assert_eq!(d.source, Source::Cache),
+        Lookup::Miss(_) => panic!("stored"),
+    }
+    cache.evict_rule(&rule).await.unwrap();
+    assert!(matches!(
+        cache.get(user, &rule).await.unwrap(),
+        Lookup::Miss(_)
+    ));
+}
