@@ -1427,6 +1427,11 @@ async fn no_replica_answers_allowed_from_a_cache_after_a_transfer_the_worker_was
         (false, Source::Index, Some(DenyReason::NotMet)),
         "{after_b:?}"
     );
+    // Once B's own listener has acted too (its bump may come after the check above and drop
+    // that entry), the next denial it computes is the one both replicas read from the cache.
+    b.acted_on_block(head(&ix).await).await;
+    let again_b = b.check(member).await;
+    assert!(!again_b.allowed, "{again_b:?}");
     let after_a = a.check(member).await;
     assert!(!after_a.allowed, "{after_a:?}");
     assert_eq!(

@@ -8,11 +8,22 @@ use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 use crate::config::{LogFormat, TelemetryConfig};
 
-/// Installs the global tracing subscriber. `RUST_LOG`, when set, wins over `telemetry.level`.
+/// Targets whose spans carry a secret, capped at `info` whatever the configured level:
+/// alloy's HTTP transports open a `debug` span with the full RPC URL (providers put the API key
+/// in its path), and every event inside it would print that URL.
+const SECRET_BEARING_TARGETS: &[&str] = &["alloy_transport_http=info"];
+
+/// Installs the global tracing subscriber. `RUST_LOG`, when set, wins over `telemetry.level`,
+/// except for [`SECRET_BEARING_TARGETS`].
 pub fn init(cfg: &TelemetryConfig) {
-    let filter = EnvFilter::try_from_default_env()
+    let mut filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    for directive in SECRET_BEARING_TARGETS {
+        if let Ok(d) = directive.parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     let registry = tracing_subscriber::registry().with(filter);
     // `try_init` fails only if a subscriber is already installed (tests); that one stays.
     let _ = match cfg.format {
