@@ -23,6 +23,33 @@ pub fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
 }
 
+/// A one-connection pool on the admin database. Parallel tests can momentarily use every
+/// connection the server allows (SQLSTATE 53300, "too many clients"): that is waited out with a
+/// deadline; an unreachable server fails at once with what to start.
+async fn admin_pool() -> PgPool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(&admin_url())
+            .await;
+        match r {
+            Ok(pool) => return pool,
+            Err(sqlx::Error::Database(e))
+                if e.code().as_deref() == Some("53300") && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!(
+                "PostgreSQL is not reachable at {} ({e}). Start it with `make services` \
+                 or set TOKENWARDEN_TEST_DATABASE_URL.",
+                admin_url()
+            ),
+        }
+    }
+}
+
 /// Redis used by tests.
 pub fn redis_url() -> String {
     std::env::var("TOKENWARDEN_TEST_REDIS_URL")
@@ -76,18 +103,7 @@ impl TestEnv {
     pub async fn on(kind: DbKind) -> TestEnv {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let db_name = format!("tw_test_{}", &id[..16]);
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect(&admin_url())
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "PostgreSQL is not reachable at {} ({e}). Start it with `make services` \
-                     or set TOKENWARDEN_TEST_DATABASE_URL.",
-                    admin_url()
-                )
-            });
+        let admin = admin_pool().await;
         supabase::ensure_roles(&admin).await;
         let create = match kind {
             DbKind::Plain => format!("CREATE DATABASE {db_name}"),
