@@ -93,18 +93,14 @@ pub async fn run(cfg: Config) -> Result<(), WorkerError> {
         .then(|| crate::access::monitor::spawn(&ctx));
     let maintenance = crate::maintenance::MaintenanceJobs::new(&ctx);
     let ops = crate::maintenance::http::spawn(ctx.clone()).await?;
-    let scheduler = ctx
-        .cfg
-        .maintenance
-        .enabled
-        .then(|| {
-            let mut scheduled = maintenance.handlers();
-            scheduled.push(Arc::new(crate::access::recheck::AccessRecheck::new(
-                crate::access::transitions::TransitionStore::new(ctx.pool.clone()),
-                ctx.cfg.access.recheck_batch,
-            )));
-            crate::maintenance::scheduler::spawn(ctx.clone(), scheduled)
-        });
+    let scheduler = ctx.cfg.maintenance.enabled.then(|| {
+        let mut scheduled = maintenance.handlers();
+        scheduled.push(Arc::new(crate::access::recheck::AccessRecheck::new(
+            crate::access::transitions::TransitionStore::new(ctx.pool.clone()),
+            ctx.cfg.access.recheck_batch,
+        )));
+        crate::maintenance::scheduler::spawn(ctx.clone(), scheduled)
+    });
     tracing::info!("tokenwarden worker started");
     let signal_token = ctx.shutdown.clone();
     tokio::spawn(async move {

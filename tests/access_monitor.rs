@@ -114,7 +114,10 @@ impl StreamReader {
             .query_async(&mut self.redis)
             .await
             .expect("XRANGE");
-        assert!(read.ids.is_empty(), "unexpected entries (stream length {len})");
+        assert!(
+            read.ids.is_empty(),
+            "unexpected entries (stream length {len})"
+        );
     }
 }
 
@@ -136,7 +139,10 @@ fn assert_event(e: &AccessEvent, user: Uuid, kind: EventKind, reason: &str, caus
         (user, kind, reason, cause),
         "{e:?}"
     );
-    assert_eq!((e.creator_id.as_str(), e.feature.as_str()), ("creator-1", "CHAT"));
+    assert_eq!(
+        (e.creator_id.as_str(), e.feature.as_str()),
+        ("creator-1", "CHAT")
+    );
 }
 
 /// A member sells below the threshold: `revoked` within one second of sending the sale;
@@ -195,7 +201,13 @@ async fn sale_purchase_reorg_on(kind: DbKind) {
     let sale_block = ix.anvil.head().await;
     let e = stream.next(Duration::from_secs(20)).await;
     let lag = sent.elapsed();
-    assert_event(&e, member, EventKind::Revoked, "not_met", Cause::BalanceChange);
+    assert_event(
+        &e,
+        member,
+        EventKind::Revoked,
+        "not_met",
+        Cause::BalanceChange,
+    );
     assert_eq!(
         (e.chain_id, e.block),
         (Some(common::indexed::CHAIN as i64), Some(sale_block as i64))
@@ -215,7 +227,13 @@ async fn sale_purchase_reorg_on(kind: DbKind) {
     // Sells again (6 → 3), then a reorg replaces the sale's block with an empty one.
     ix.erc20(&[(w, buyer, 3 * TOKEN)]).await;
     let e = stream.next(Duration::from_secs(20)).await;
-    assert_event(&e, member, EventKind::Revoked, "not_met", Cause::BalanceChange);
+    assert_event(
+        &e,
+        member,
+        EventKind::Revoked,
+        "not_met",
+        Cause::BalanceChange,
+    );
     ix.anvil.raw("anvil_reorg", json!([1, []])).await;
     ix.anvil.mine(1).await;
     let e = stream.next(Duration::from_secs(20)).await;
@@ -315,9 +333,18 @@ async fn the_full_recheck_catches_changes_whose_announcements_were_missed() {
     // While no monitor runs: the seller sells to the buyer, and AFFILIATE is deleted.
     ix.erc20(&[(w_seller, w_buyer, 6 * TOKEN), (w_seller, elsewhere, TOKEN)])
         .await;
-    assert!(rules.delete("creator-1", "AFFILIATE", "test").await.unwrap());
+    assert!(
+        rules
+            .delete("creator-1", "AFFILIATE", "test")
+            .await
+            .unwrap()
+    );
     let store = TransitionStore::new(ix.env.pool.clone());
-    assert_eq!(store.events_of(seller, 10).await.unwrap().len(), 2, "missed");
+    assert_eq!(
+        store.events_of(seller, 10).await.unwrap().len(),
+        2,
+        "missed"
+    );
 
     let recheck = AccessRecheck::new(store.clone(), 1);
     assert_eq!(recheck.job_type(), "access_recheck");
@@ -457,7 +484,11 @@ async fn rls_on(env: TestEnv) {
                 sqlx::Error::Database(d) => d.code().map(|c| c.to_string()),
                 _ => None,
             };
-            assert_eq!(code.as_deref(), Some("42501"), "{kind:?} {role} {table}: {err}");
+            assert_eq!(
+                code.as_deref(),
+                Some("42501"),
+                "{kind:?} {role} {table}: {err}"
+            );
         }
     }
     // The transition functions are the worker's: no API role may call them.
@@ -470,6 +501,9 @@ async fn rls_on(env: TestEnv) {
         .execute(&mut *tx)
         .await
         .expect_err("refused");
-        assert!(err.to_string().contains("permission denied"), "{kind:?} {role}: {err}");
+        assert!(
+            err.to_string().contains("permission denied"),
+            "{kind:?} {role}: {err}"
+        );
     }
 }

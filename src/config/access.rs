@@ -50,7 +50,9 @@ pub struct AccessConfig {
 impl AccessConfig {
     /// The access-change webhook, `None` when not configured (validated at load).
     pub fn webhook(&self) -> Option<url::Url> {
-        super::parse_webhook_url(&self.webhook_url).ok().flatten()
+        super::webhook::parse_webhook_url(&self.webhook_url)
+            .ok()
+            .flatten()
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -84,7 +86,7 @@ impl AccessConfig {
                 "must not exceed access.cache_redis_ttl_secs",
             ));
         }
-        if let Err(why) = super::parse_webhook_url(&self.webhook_url) {
+        if let Err(why) = super::webhook::parse_webhook_url(&self.webhook_url) {
             return Err(ConfigError::invalid("access.webhook_url", why));
         }
         if self.changes_stream_maxlen == 0 {

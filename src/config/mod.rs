@@ -25,6 +25,7 @@ mod process;
 mod queue;
 mod snapshots;
 mod stores;
+mod webhook;
 
 use std::path::Path;
 
@@ -42,20 +43,7 @@ pub use process::{HttpConfig, LogFormat, TelemetryConfig, WorkerConfig};
 pub use queue::QueueConfig;
 pub use snapshots::SnapshotsConfig;
 pub use stores::{DatabaseConfig, RedisConfig};
-
-/// Parses a webhook URL held as a secret: `Ok(None)` when empty, an error that does not repeat
-/// the URL (it carries a secret) when it is not an http(s) URL.
-pub fn parse_webhook_url(raw: &secrecy::SecretString) -> Result<Option<url::Url>, &'static str> {
-    use secrecy::ExposeSecret;
-    let raw = raw.expose_secret().trim();
-    if raw.is_empty() {
-        return Ok(None);
-    }
-    match url::Url::parse(raw) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") => Ok(Some(u)),
-        _ => Err("not a valid http(s) URL"),
-    }
-}
+pub use webhook::parse_webhook_url;
 
 /// The default configuration, embedded at build time.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
