@@ -313,7 +313,7 @@ async fn the_full_recheck_catches_changes_whose_announcements_were_missed() {
         .set("creator-1", "AFFILIATE", &erc20_rule(ix.t20, "1"), "test")
         .await
         .unwrap();
-    let mut first = vec![
+    let mut first = [
         stream.next(Duration::from_secs(20)).await,
         stream.next(Duration::from_secs(20)).await,
     ];

@@ -35,7 +35,7 @@ use crate::infra::webhook::{Delivery, Webhook, WebhookPolicy};
 
 /// The monitor's advisory-lock key: a tag of its own in the high bits (the chain leases use
 /// `0x7477 << 48 | chain_id`).
-pub const LEASE_KEY: i64 = (0x7461_u64 << 48 | 0x6d6f_6e) as i64;
+pub const LEASE_KEY: i64 = ((0x7461_u64 << 48) | 0x006d_6f6e) as i64;
 
 /// How often the leader looks for unpublished events besides after each change.
 pub const PUBLISH_POLL: Duration = Duration::from_secs(1);
