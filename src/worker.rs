@@ -85,13 +85,22 @@ pub async fn run(cfg: Config) -> Result<(), WorkerError> {
         &ctx.cfg.access,
     ));
     let invalidator = crate::access::invalidation::spawn(&ctx, decisions.clone());
+    // Grants and revocations: one replica acts (its own lease), the others stand by.
+    let monitor = ctx
+        .cfg
+        .access
+        .monitor_enabled
+        .then(|| crate::access::monitor::spawn(&ctx));
     let maintenance = crate::maintenance::MaintenanceJobs::new(&ctx);
     let ops = crate::maintenance::http::spawn(ctx.clone()).await?;
-    let scheduler = ctx
-        .cfg
-        .maintenance
-        .enabled
-        .then(|| crate::maintenance::scheduler::spawn(ctx.clone(), maintenance.handlers()));
+    let scheduler = ctx.cfg.maintenance.enabled.then(|| {
+        let mut scheduled = maintenance.handlers();
+        scheduled.push(Arc::new(crate::access::recheck::AccessRecheck::new(
+            crate::access::transitions::TransitionStore::new(ctx.pool.clone()),
+            ctx.cfg.access.recheck_batch,
+        )));
+        crate::maintenance::scheduler::spawn(ctx.clone(), scheduled)
+    });
     tracing::info!("tokenwarden worker started");
     let signal_token = ctx.shutdown.clone();
     tokio::spawn(async move {
@@ -106,6 +115,7 @@ pub async fn run(cfg: Config) -> Result<(), WorkerError> {
         .into_iter()
         .chain(head_watchers)
         .chain(invalidator.tasks)
+        .chain(monitor.map(|m| m.task))
     {
         let _ = h.await;
     }

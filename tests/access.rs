@@ -516,7 +516,6 @@ async fn rls_users_read_only_their_own_wallet_links_on(env: TestEnv) {
 
 use alloy::primitives::U256;
 use tokenwarden::access::{AccessChecker, Decision, DenyReason, Question, RuleError, RuleStore};
-use tokenwarden::config::{TokenConfig, TokenStandard};
 
 const CHAIN: u64 = ANVIL_CHAIN;
 
@@ -750,111 +749,7 @@ async fn rules_are_validated_on(env: TestEnv) {
     }
 }
 
-/// The indexer running inside the test process, on anvil.
-struct Indexed {
-    anvil: Anvil,
-    env: TestEnv,
-    t20: Address,
-    t721: Address,
-    ctx: tokenwarden::app::AppContext,
-}
-
-impl Indexed {
-    async fn start(kind: DbKind) -> Indexed {
-        let env = TestEnv::on(kind).await;
-        let anvil = Anvil::spawn().await;
-        let t20 = anvil.deploy("TestToken20").await;
-        let t721 = anvil.deploy("TestNft721").await;
-        let mut cfg = config(&env, &anvil.url);
-        cfg.chain.enabled = true;
-        cfg.chain.chains = vec![
-            serde_json::from_value(json!({
-                "chain_id": CHAIN, "name": "anvil", "rpc_urls": [anvil.url],
-                "poll_interval_ms": 50, "reorg_depth": 2, "rpc_timeout_ms": 2000,
-            }))
-            .expect("chain config"),
-        ];
-        cfg.chain.tokens = [(t20, TokenStandard::Erc20), (t721, TokenStandard::Erc721)]
-            .into_iter()
-            .map(|(a, standard)| TokenConfig {
-                chain_id: CHAIN,
-                address: format!("{a:#x}"),
-                standard,
-                start_block: 0,
-            })
-            .collect();
-        cfg.validate().expect("valid config");
-        let ctx = tokenwarden::app::AppContext::connect(cfg)
-            .await
-            .expect("connect");
-        let _ = tokenwarden::chain::spawn_indexers(&ctx);
-        let me = Indexed {
-            anvil,
-            env,
-            t20,
-            t721,
-            ctx,
-        };
-        me.synced().await;
-        me
-    }
-
-    /// Waits until the index has every mined block.
-    async fn synced(&self) {
-        use alloy::providers::Provider;
-        let head = self.anvil.provider.get_block_number().await.expect("head");
-        let pool = self.env.pool.clone();
-        common::wait_until(
-            std::time::Duration::from_secs(30),
-            "the index reaches the head",
-            || {
-                let pool = pool.clone();
-                async move {
-                    let cp: Option<i64> = sqlx::query_scalar(
-                        "SELECT block_number FROM public.chain_checkpoints WHERE chain_id = $1",
-                    )
-                    .bind(CHAIN as i64)
-                    .fetch_optional(&pool)
-                    .await
-                    .ok()
-                    .flatten();
-                    cp.filter(|c| *c as u64 >= head).map(|_| ())
-                }
-            },
-        )
-        .await;
-    }
-
-    async fn erc20(&self, ops: &[(Address, Address, u128)]) {
-        let ops: Vec<_> = ops
-            .iter()
-            .map(|(f, t, v)| (*f, *t, U256::from(*v)))
-            .collect();
-        self.anvil.send(self.t20, Anvil::erc20_batch(&ops)).await;
-        self.synced().await;
-    }
-
-    async fn erc721(&self, ops: &[(Address, Address, u64)]) {
-        let ops: Vec<_> = ops
-            .iter()
-            .map(|(f, t, v)| (*f, *t, U256::from(*v)))
-            .collect();
-        self.anvil.send(self.t721, Anvil::erc721_batch(&ops)).await;
-        self.synced().await;
-    }
-
-    async fn link(&self, user: Uuid, wallet: Address) {
-        sqlx::query(
-            "INSERT INTO public.user_wallets (user_id, address, chains, method) VALUES ($1, $2, ARRAY[$3::bigint], 'eoa')",
-        )
-        .bind(user)
-        .bind(format!("{wallet:#x}"))
-        .bind(CHAIN as i64)
-        .execute(&self.env.pool)
-        .await
-        .expect("link");
-    }
-}
+use common::indexed::Indexed;
 
 const TOKEN: u128 = 1_000_000_000_000_000_000; // 1 whole TT20 (18 decimals)
 

@@ -21,6 +21,9 @@
 //! | [`jobs`] | the `link_wallet` and `unlink_wallet` job handlers |
 //! | [`check_job`] | the `verify_access` job handler |
 //! | [`rule_job`] | the `access_rule` job handler |
+//! | [`transitions`] | `access_grants` and `access_events`: who passes each rule, every change |
+//! | [`monitor`] | the leader that turns announcements into transitions and publishes them |
+//! | [`recheck`] | the scheduled full re-check (`access_recheck`), backstop of the monitor |
 //! | [`cli`] | `tokenwarden access rule …`, `access check`, `access wallets` |
 
 pub mod cache;
@@ -33,11 +36,14 @@ pub mod invalidation;
 pub mod jobs;
 pub mod link;
 pub mod message;
+pub mod monitor;
+pub mod recheck;
 pub mod refusal;
 pub mod rule_job;
 pub mod rules;
 pub mod service;
 pub mod settings;
+pub mod transitions;
 pub mod wallets;
 
 pub use checks::{AccessChecker, CheckError, Question};

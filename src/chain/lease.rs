@@ -2,6 +2,8 @@
 //! connection. The process that holds it is the chain's leader; its death closes the connection,
 //! which releases the lock, and a standby (retrying every [`RETRY`]) takes over. The same
 //! connection carries the leader's writes, so a replica that lost the lock cannot write.
+//! Other single-leader work (the access monitor) takes a lease of its own key with
+//! [`Lease::acquire_key`].
 
 use std::time::Duration;
 
@@ -14,7 +16,9 @@ pub const RETRY: Duration = Duration::from_secs(2);
 /// The held lease and its connection.
 pub struct Lease {
     conn: PgConnection,
-    chain_id: u64,
+    key: i64,
+    /// What the lease is for, in logs ("indexer of chain 1514").
+    what: String,
 }
 
 /// The advisory-lock key of a chain: a fixed tag in the high bits so it does not collide with
@@ -30,18 +34,39 @@ impl Lease {
         chain_id: u64,
         shutdown: &CancellationToken,
     ) -> Option<Lease> {
+        // The application name lets operators (and tests) see which process leads which chain
+        // in pg_stat_activity.
+        Self::acquire_key(
+            database_url,
+            lock_key(chain_id),
+            &format!("tokenwarden-indexer-{chain_id}"),
+            &format!("indexer of chain {chain_id}"),
+            shutdown,
+        )
+        .await
+    }
+
+    /// Waits until this process holds the advisory lock `key` on a connection named
+    /// `{app_name}-pid{pid}`; `None` on shutdown. `what` names the work in logs.
+    pub async fn acquire_key(
+        database_url: &str,
+        key: i64,
+        app_name: &str,
+        what: &str,
+        shutdown: &CancellationToken,
+    ) -> Option<Lease> {
         let mut logged_standby = false;
         loop {
-            match Self::try_once(database_url, chain_id).await {
+            match Self::try_once(database_url, key, app_name, what).await {
                 Ok(Some(lease)) => return Some(lease),
                 Ok(None) => {
                     if !logged_standby {
-                        tracing::info!(chain_id, "another replica indexes this chain; standing by");
+                        tracing::info!(what, "another replica holds this lease; standing by");
                         logged_standby = true;
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(chain_id, error = %e, "cannot try the indexer lease");
+                    tracing::warn!(what, error = %e, "cannot try the lease");
                 }
             }
             tokio::select! {
@@ -51,22 +76,26 @@ impl Lease {
         }
     }
 
-    async fn try_once(database_url: &str, chain_id: u64) -> Result<Option<Lease>, sqlx::Error> {
-        // The application name lets operators (and tests) see which process leads which chain
-        // in pg_stat_activity.
+    async fn try_once(
+        database_url: &str,
+        key: i64,
+        app_name: &str,
+        what: &str,
+    ) -> Result<Option<Lease>, sqlx::Error> {
         let opts: sqlx::postgres::PgConnectOptions = database_url.parse()?;
-        let opts = opts.application_name(&format!(
-            "tokenwarden-indexer-{chain_id}-pid{}",
-            std::process::id()
-        ));
+        let opts = opts.application_name(&format!("{app_name}-pid{}", std::process::id()));
         let mut conn = PgConnection::connect_with(&opts).await?;
         let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(lock_key(chain_id))
+            .bind(key)
             .fetch_one(&mut conn)
             .await?;
         if got {
-            tracing::info!(chain_id, "took the indexer lease");
-            Ok(Some(Lease { conn, chain_id }))
+            tracing::info!(what, "took the lease");
+            Ok(Some(Lease {
+                conn,
+                key,
+                what: what.to_string(),
+            }))
         } else {
             let _ = conn.close().await;
             Ok(None)
@@ -86,9 +115,10 @@ impl Lease {
     /// Releases the lock explicitly (on shutdown); dropping the connection would also do it.
     pub async fn release(mut self) {
         let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(lock_key(self.chain_id))
+            .bind(self.key)
             .execute(&mut self.conn)
             .await;
+        tracing::info!(what = %self.what, "released the lease");
         let _ = self.conn.close().await;
     }
 }

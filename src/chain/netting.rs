@@ -20,6 +20,9 @@ use super::decode::{TransferRow, addr_hex};
 pub struct Changes {
     pub block: u64,
     pub holders: BTreeMap<Address, BTreeSet<Address>>,
+    /// The changes undo dropped blocks (a reorg): announced so that listeners re-evaluate
+    /// instead of trusting what they concluded from those blocks.
+    pub reorg: bool,
 }
 
 impl Changes {
@@ -28,6 +31,7 @@ impl Changes {
         Changes {
             block,
             holders: BTreeMap::new(),
+            reorg: false,
         }
     }
 

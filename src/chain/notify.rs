@@ -2,8 +2,9 @@
 //!
 //! Contract for other components and apps:
 //! - `PUBLISH {prefix}:balance_changes` with JSON
-//!   `{"chain_id": 1514, "token": "0x…", "holders": ["0x…", …], "block": 123}`, one message per
-//!   token per committed batch (or reorg undo);
+//!   `{"chain_id": 1514, "token": "0x…", "holders": ["0x…", …], "block": 123, "reorg": false}`,
+//!   one message per token per committed batch or reorg undo (`reorg: true`, `block` the new
+//!   checkpoint: the holders' balances went back to what they were there);
 //! - `DEL {prefix}:holding:{chain_id}:{token}:{holder}` for every changed holder, so holdings
 //!   cached under that key are re-read from the index.
 //!
@@ -42,8 +43,16 @@ pub async fn announce(
             continue;
         }
         let token = addr_hex(token);
-        if let Err(e) =
-            announce_token(redis, prefix, chain_id, &token, holders, changes.block).await
+        if let Err(e) = announce_token(
+            redis,
+            prefix,
+            chain_id,
+            &token,
+            holders,
+            changes.block,
+            changes.reorg,
+        )
+        .await
         {
             metrics::counter!("tokenwarden_indexer_announce_errors_total",
                 "chain_id" => chain_id.to_string())
@@ -60,6 +69,7 @@ async fn announce_token(
     token: &str,
     holders: &std::collections::BTreeSet<Address>,
     block: u64,
+    reorg: bool,
 ) -> Result<(), redis::RedisError> {
     let list: Vec<String> = holders.iter().map(addr_hex).collect();
     for chunk in list.chunks(DEL_CHUNK) {
@@ -74,6 +84,7 @@ async fn announce_token(
         "token": token,
         "holders": list,
         "block": block,
+        "reorg": reorg,
     });
     let _: i64 = redis::cmd("PUBLISH")
         .arg(channel(prefix))

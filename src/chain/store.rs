@@ -838,6 +838,7 @@ impl ChainStore {
         let mut tx = conn.begin().await.map_err(db("begin reorg undo"))?;
 
         let mut changes = Changes::at(back_to);
+        changes.reorg = true;
         let rows = sqlx::query(
             "SELECT DISTINCT token, from_address, to_address FROM public.chain_transfers \
              WHERE chain_id = $1 AND token = ANY($2) AND block_number >= $3 AND value <> 0",

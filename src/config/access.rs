@@ -1,5 +1,6 @@
 //! `[access]`: access checks, starting with proven wallets (Sign-In with Ethereum).
 
+use secrecy::SecretString;
 use serde::Deserialize;
 
 use super::error::ConfigError;
@@ -31,9 +32,29 @@ pub struct AccessConfig {
     pub cache_redis_ttl_secs: u64,
     /// Decisions one replica keeps in memory at most.
     pub cache_memory_capacity: u64,
+    /// Runs the access monitor in `run` (one replica acts at a time, under a Postgres lease):
+    /// re-evaluates the users whose holdings an announcement names and records grants and
+    /// revocations.
+    pub monitor_enabled: bool,
+    /// Webhook that receives every access change (JSON POST). Empty: none. Chat webhook URLs
+    /// carry a secret: set it with `TOKENWARDEN__ACCESS__WEBHOOK_URL`, never in a file. It is
+    /// never logged. Retries follow `maintenance.alerts` (`max_retries`, `timeout_secs`,
+    /// `queue_capacity`).
+    pub webhook_url: SecretString,
+    /// Approximate length the stream `{prefix}:access_changes` is trimmed to (`XADD MAXLEN ~`).
+    pub changes_stream_maxlen: u64,
+    /// Users re-evaluated per transaction by the full re-check and after a rule change.
+    pub recheck_batch: u32,
 }
 
 impl AccessConfig {
+    /// The access-change webhook, `None` when not configured (validated at load).
+    pub fn webhook(&self) -> Option<url::Url> {
+        super::webhook::parse_webhook_url(&self.webhook_url)
+            .ok()
+            .flatten()
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.siwe_domains.iter().any(|d| d.trim().is_empty()) {
             return Err(ConfigError::invalid(
@@ -63,6 +84,21 @@ impl AccessConfig {
             return Err(ConfigError::invalid(
                 "access.cache_memory_ttl_secs",
                 "must not exceed access.cache_redis_ttl_secs",
+            ));
+        }
+        if let Err(why) = super::webhook::parse_webhook_url(&self.webhook_url) {
+            return Err(ConfigError::invalid("access.webhook_url", why));
+        }
+        if self.changes_stream_maxlen == 0 {
+            return Err(ConfigError::invalid(
+                "access.changes_stream_maxlen",
+                "must be at least 1",
+            ));
+        }
+        if self.recheck_batch == 0 || self.recheck_batch > 100_000 {
+            return Err(ConfigError::invalid(
+                "access.recheck_batch",
+                "must be between 1 and 100000",
             ));
         }
         if self.head_poll_secs == 0 {

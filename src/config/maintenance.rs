@@ -29,15 +29,18 @@ pub struct Schedules {
     pub cleanup_locks: String,
     pub detect_anomalies: String,
     pub prune: String,
+    /// The access monitor's full re-check (daily by default).
+    pub access_recheck: String,
 }
 
 impl Schedules {
     /// `(job type, expression)` for every job.
-    pub fn entries(&self) -> [(&'static str, &str); 3] {
+    pub fn entries(&self) -> [(&'static str, &str); 4] {
         [
             ("cleanup_locks", self.cleanup_locks.as_str()),
             ("detect_anomalies", self.detect_anomalies.as_str()),
             ("prune", self.prune.as_str()),
+            ("access_recheck", self.access_recheck.as_str()),
         ]
     }
 

@@ -25,6 +25,7 @@ mod process;
 mod queue;
 mod snapshots;
 mod stores;
+mod webhook;
 
 use std::path::Path;
 
@@ -42,6 +43,7 @@ pub use process::{HttpConfig, LogFormat, TelemetryConfig, WorkerConfig};
 pub use queue::QueueConfig;
 pub use snapshots::SnapshotsConfig;
 pub use stores::{DatabaseConfig, RedisConfig};
+pub use webhook::parse_webhook_url;
 
 /// The default configuration, embedded at build time.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");

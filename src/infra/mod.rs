@@ -1,8 +1,9 @@
 //! Infrastructure every area stands on: connections to Postgres and Redis, the embedded
-//! migrations, and logging. Nothing here knows about ledgers, chains or snapshots.
+//! migrations, logging, and webhook delivery with its retry policy. Nothing here knows about ledgers, chains or snapshots.
 
 mod connect;
 mod telemetry;
+pub mod webhook;
 
 pub use connect::{MIGRATOR, StoreError, connect_postgres, connect_redis, migrate};
 pub use telemetry::init as init_telemetry;
