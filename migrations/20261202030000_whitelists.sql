@@ -191,7 +191,7 @@ LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT pg_catalog.jsonb_build_object('whitelist_id', e.whitelist_id, 'user_id', e.user_id,
-        'request_id', e.request_id, 'status', e.status, 'reason', e.reason, 'address', e.address,
+        'decided_by_request', e.request_id, 'status', e.status, 'reason', e.reason, 'address', e.address,
         'amount', CASE WHEN e.status = 'granted' THEN e.amount::text END,
         'decision', e.decision, 'decided_at', e.decided_at)
     FROM public.whitelist_entries e WHERE e.whitelist_id = p_whitelist AND e.user_id = p_user;
@@ -204,12 +204,13 @@ LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT pg_catalog.jsonb_build_object('whitelist_id', p_whitelist, 'user_id', p_user,
-        'request_id', p_request, 'status', 'refused', 'reason', p_reason, 'address', NULL,
+        'decided_by_request', p_request, 'status', 'refused', 'reason', p_reason, 'address', NULL,
         'amount', NULL, 'decision', NULL, 'decided_at', pg_catalog.now());
 $$;
 
 -- A user asks for a place on a whitelist. Returns {whitelist_id, user_id, request_id,
--- status: granted|refused, reason, address, amount, decision, decided_at}.
+-- decided_by_request, status: granted|refused, reason, address, amount, decision, decided_at}
+-- (decided_by_request: the request whose decision this is).
 --   * A granted place is final: asking again returns it. The same request id as the one that
 --     decided a refused entry returns that entry; a new request re-decides a refusal.
 --   * Refused and not stored: unknown_whitelist, not_open (before opens_at), closed (closed or
