@@ -220,6 +220,15 @@ impl WhitelistStore {
                 })
             })
             .transpose()?;
+        // Checked before building the range: Postgres refuses a reversed range on its own,
+        // with a message that does not say which bound.
+        if req.closes_at <= req.opens_at {
+            return Err(WhitelistError::Invalid(format!(
+                "the window must have an opening and a later closing time (opens_at {}, closes_at {})",
+                req.opens_at.to_rfc3339(),
+                req.closes_at.to_rfc3339()
+            )));
+        }
         sqlx::query_scalar(
             "SELECT public.tw_whitelist_open($1, $2, $3, pg_catalog.tstzrange($4, $5, '[)'), $6, $7)",
         )
