@@ -619,9 +619,10 @@ async fn the_request_job_replies_through_a_running_worker_and_rejects_bad_payloa
     }
 }
 
-/// The whole path a creator takes: a list, places, close, `tokenwarden whitelist export`, a
-/// mint contract with the root: every granted address passes with its proof; a changed amount,
-/// a refused user's address or an outsider fails.
+/// The whole path a creator takes: a list, places, close, `tokenwarden whitelist export`;
+/// `@openzeppelin/merkle-tree` (npm, the reference) loads the dump and gives the same root and
+/// proofs; a mint contract with the root: every granted address passes with its proof; a
+/// changed amount, a refused user's address or an outsider fails.
 #[tokio::test]
 async fn the_exported_allowlist_passes_on_chain_for_every_place_and_fails_otherwise() {
     let env = TestEnv::new().await;
@@ -693,6 +694,50 @@ async fn the_exported_allowlist_passes_on_chain_for_every_place_and_fails_otherw
     assert_eq!(dump["leafEncoding"], json!(["address", "uint256"]));
     assert_eq!(dump["tree"][0], allowlist["root"], "one root in both forms");
     assert_eq!(dump["values"].as_array().unwrap().len(), members.len());
+
+    // The reference implementation reads the dump (`load` re-hashes and validates every node)
+    // and gives every value the proof we give it.
+    let js = r#"
+        const { StandardMerkleTree } = require("@openzeppelin/merkle-tree");
+        const tree = StandardMerkleTree.load(JSON.parse(require("fs").readFileSync(0, "utf8")));
+        const out = {};
+        for (const [i, [address, amount]] of tree.entries()) out[address] = { amount, proof: tree.getProof(i) };
+        console.log(JSON.stringify({ root: tree.root, entries: out }));
+    "#;
+    let node = {
+        use std::io::Write;
+        let mut child = std::process::Command::new("node")
+            .args(["-e", js])
+            .current_dir(common::repo_root())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("node runs (make tools installs @openzeppelin/merkle-tree)");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(out.stdout.as_bytes())
+            .unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert!(
+            o.status.success(),
+            "StandardMerkleTree.load refused the dump: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice::<Value>(&o.stdout).expect("node prints JSON")
+    };
+    assert_eq!(node["root"], allowlist["root"], "the library's root");
+    for e in allowlist["entries"].as_array().unwrap() {
+        let theirs = &node["entries"][e["address"].as_str().unwrap()];
+        assert_eq!(
+            (&theirs["amount"], &theirs["proof"]),
+            (&e["amount"], &e["proof"]),
+            "the library's proof of {}",
+            e["address"]
+        );
+    }
 
     let root = B256::from_str(allowlist["root"].as_str().unwrap()).unwrap();
     let contract = anvil.deploy_with("TestAllowlist", &root.abi_encode()).await;
