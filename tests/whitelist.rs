@@ -361,6 +361,37 @@ async fn places_are_granted_or_refused_with_reason_and_evidence_once_per_user_an
         assert_eq!(before, after, "{kind:?}: a closed list is frozen");
         assert_eq!(granted_count(&env.pool, id).await, (2, 2));
 
+        // The window's end freezes a list too, closed or not.
+        let ending = store
+            .open(&open_request(holds(snap, "2"), None))
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .request(ending, dave, Uuid::new_v4(), None)
+                .await
+                .unwrap()
+                .status,
+            PlaceStatus::Granted
+        );
+        sqlx::query(
+            "UPDATE public.whitelists SET opens_at = now() - interval '2 h', closes_at = now() - interval '1 s' WHERE id = $1",
+        )
+        .bind(ending)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            refused(
+                &store
+                    .request(ending, erin, Uuid::new_v4(), None)
+                    .await
+                    .unwrap()
+            ),
+            PlaceRefusal::Closed
+        );
+        assert_eq!(granted_count(&env.pool, ending).await, (1, 1));
+
         // Outside the window: not open yet; unknown list.
         let later = store
             .open(&OpenRequest {
@@ -452,6 +483,35 @@ async fn capacity_holds_when_1000_users_ask_at_once_for_100_places() {
             "{kind:?}: 1000 concurrent requests for 100 places in {elapsed:?} ({:.0} requests/s)",
             1000.0 / elapsed.as_secs_f64()
         );
+
+        // One user asking 50 times at once (a retrying client): one place, counted once.
+        let (u, a) = (Uuid::new_v4(), wallet(5000));
+        let snap = snapshot(&env.pool, &[(a, 1)]).await;
+        link(&env.pool, &[(u, a)]).await;
+        let id = store
+            .open(&open_request(holds(snap, "1"), Some(10)))
+            .await
+            .unwrap();
+        let start = Arc::new(tokio::sync::Barrier::new(50));
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let (store, start) = (store.clone(), start.clone());
+                tokio::spawn(async move {
+                    start.wait().await;
+                    store.request(id, u, Uuid::new_v4(), None).await
+                })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for t in tasks {
+            answers.push(t.await.expect("task").expect("answered"));
+        }
+        assert!(
+            answers
+                .iter()
+                .all(|p| p == &answers[0] && p.status == PlaceStatus::Granted)
+        );
+        assert_eq!(granted_count(&env.pool, id).await, (1, 1), "{kind:?}");
     }
 }
 

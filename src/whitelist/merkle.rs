@@ -76,7 +76,7 @@ impl StandardTree {
             .enumerate()
             .map(|(i, (a, v))| (i, leaf_hash(*a, *v)))
             .collect();
-        hashed.sort_by(|x, y| x.1.cmp(&y.1));
+        hashed.sort_by_key(|x| x.1);
         let len = 2 * values.len() - 1;
         let mut tree = vec![B256::ZERO; len];
         let mut at = vec![0usize; values.len()];
