@@ -202,6 +202,38 @@ export interface AccessResult {
   reason?: string;
 }
 
+/** `requestWhitelist` arguments: the list, the user, optionally which proven wallet holds the place. */
+export interface RequestWhitelistParams {
+  userId: string;
+  whitelistId: string;
+  address?: string;
+  requestId?: string;
+}
+
+/** Why a whitelist place was refused (docs/access.md, Whitelists). */
+export type WhitelistRefusal =
+  | "unknown_whitelist" | "not_open" | "closed" | "full" | "not_your_wallet" | "address_taken"
+  | "no_wallet" | "not_met" | "stale" | "no_rule";
+
+/** The answer to `requestWhitelist`. */
+export interface WhitelistResult {
+  /** True when the place is granted (now or by an earlier request). */
+  success: boolean;
+  /** `granted`, `refused`, or a client failure (`invalid_request`, `timeout`, ...). */
+  status: string;
+  requestId: string;
+  whitelistId?: string;
+  /** The granted place's wallet and allowlist amount (decimal uint256). */
+  address?: string | null;
+  amount?: string | null;
+  /** The access decision the place was decided on, with its evidence. */
+  decision?: AccessDecision | null;
+  decidedAt?: string;
+  /** The refusal's reason, or what the client failure was. */
+  reason?: WhitelistRefusal | string;
+  error?: string;
+}
+
 /** The answer to `linkWallet` / `unlinkWallet`. */
 export interface WalletResult {
   success: boolean;
@@ -492,6 +524,45 @@ export class TokenwardenClient {
     return result;
   }
 
+  /**
+   * Asks for a place on a whitelist for `userId`: `success` when granted (a granted place is
+   * final: asking again returns it). A refusal says why in `reason` (`not_met`, `full`,
+   * `closed`, `not_open`, `no_wallet`, …) and keeps the access decision in `decision`.
+   */
+  async requestWhitelist(p: RequestWhitelistParams): Promise<WhitelistResult> {
+    const r = await this.#ask("request_whitelist", p.requestId, (request_id) => ({
+      request_id,
+      user_id: checkUuid("userId", p.userId),
+      whitelist_id: checkUuid("whitelistId", p.whitelistId),
+      ...(p.address === undefined ? {} : { address: checkAddress("address", p.address) }),
+    }));
+    if ("failure" in r) {
+      return { success: false, status: r.failure, error: r.failure, requestId: r.requestId, reason: r.reason };
+    }
+    const o = r.reply as {
+      status: string;
+      reason?: string | null;
+      whitelist_id?: string;
+      address?: string | null;
+      amount?: string | null;
+      decision?: AccessDecision | null;
+      decided_at?: string;
+    };
+    const result: WhitelistResult = {
+      success: o.status === "granted",
+      status: o.status,
+      requestId: r.requestId,
+      whitelistId: o.whitelist_id,
+      address: o.address,
+      amount: o.amount,
+      decision: o.decision,
+      decidedAt: o.decided_at,
+    };
+    if (typeof o.reason === "string") result.reason = o.reason;
+    if (!result.success) result.error = o.reason ?? o.status;
+    return result;
+  }
+
   /** Enqueues one job with a request id and waits for its reply, or says what went wrong. */
   async #ask(
     jobType: string,
@@ -605,4 +676,9 @@ export function unlinkWallet(p: UnlinkWalletParams): Promise<WalletResult> {
 /** {@link TokenwardenClient.verifyAccess} on the shared client. */
 export function verifyAccess(p: VerifyAccessParams): Promise<AccessResult> {
   return defaultTokenwardenClient().verifyAccess(p);
+}
+
+/** {@link TokenwardenClient.requestWhitelist} on the shared client. */
+export function requestWhitelist(p: RequestWhitelistParams): Promise<WhitelistResult> {
+  return defaultTokenwardenClient().requestWhitelist(p);
 }

@@ -8,6 +8,7 @@
  *   TW_TEST_LINK_SIGNATURE, TW_TEST_LINK_ADDRESS      issued to them, its signature, the wallet
  *   TW_TEST_MEMBER, TW_TEST_CREATOR, TW_TEST_TOKEN    a user whose wallet meets the CHAT rule of
  *                                                     that creator, and the token on chain 31337
+ *   TW_TEST_WHITELIST                                 an open list with that rule
  *
  *   node_modules/.bin/deno test --node-modules-dir=manual --allow-net --allow-env --allow-read \
  *     jobs/client_test.ts
@@ -21,6 +22,7 @@ import {
   consumeTokensAtomic,
   defaultTokenwardenClient,
   linkWallet,
+  requestWhitelist,
   TokenwardenClient,
   unlinkWallet,
   verifyAccess,
@@ -206,6 +208,20 @@ Deno.test("verifyAccess: allowed with evidence, no_wallet, the seed's form, bad 
   const seed = await client.verifyAccess({ userId: member, chainId: 31337, token, feature: "CHAT" });
   assertEquals([seed.success, seed.decision?.rule_version], [true, 0]);
   const bad = await client.verifyAccess({ userId: member, chainId: 31337, token: "0x12", feature: "CHAT" });
+  assertEquals(bad.error, "invalid_request");
+});
+
+Deno.test("requestWhitelist: granted with evidence, final, no_wallet, bad input", async () => {
+  const member = required("TW_TEST_MEMBER");
+  const whitelistId = required("TW_TEST_WHITELIST");
+  const first = await requestWhitelist({ userId: member, whitelistId });
+  assertEquals([first.success, first.status, first.amount], [true, "granted", "1"], JSON.stringify(first));
+  assert(first.decision!.evidence[0].passed);
+  const again = await client.requestWhitelist({ userId: member, whitelistId });
+  assertEquals([again.success, again.address, again.decidedAt], [true, first.address, first.decidedAt]);
+  const stranger = await client.requestWhitelist({ userId: crypto.randomUUID(), whitelistId });
+  assertEquals([stranger.success, stranger.status, stranger.reason], [false, "refused", "no_wallet"]);
+  const bad = await client.requestWhitelist({ userId: member, whitelistId: "not-a-uuid" });
   assertEquals(bad.error, "invalid_request");
 });
 

@@ -29,7 +29,7 @@ LAYERS = [
     ("infrastructure", ["infra", "app"]),
     ("transport", ["queue"]),
     ("domain", ["ledger", "chain"]),
-    ("derived", ["snapshots", "access"]),
+    ("derived", ["snapshots", "access", "whitelist"]),
     ("operations", ["maintenance"]),
     ("composition", ["worker", "cli", "lib", "main"]),
 ]

@@ -1,5 +1,5 @@
 //! The operator commands (`enqueue`, `credits`, `dead-letters`, `index`, `snapshot`,
-//! `anomalies`, `access`): one dispatch, one Postgres connection for the commands that need it, and one
+//! `anomalies`, `access`, `whitelist`): one dispatch, one Postgres connection for the commands that need it, and one
 //! error type for `main`.
 //!
 //! Each area's `cli` module prints its own data and returns its own refusals; connecting is
@@ -38,6 +38,9 @@ pub enum OperatorCommand {
     /// Access rules, checks and proven wallets.
     #[command(subcommand)]
     Access(crate::access::cli::AccessCommand),
+    /// Whitelists: open, close, list, export (CSV, Merkle allowlist).
+    #[command(subcommand)]
+    Whitelist(crate::whitelist::cli::WhitelistCommand),
 }
 
 /// Why an operator command failed: the connection, or the area's own refusal.
@@ -57,6 +60,8 @@ pub enum CliError {
     Anomalies(#[from] crate::maintenance::cli::CliError),
     #[error(transparent)]
     Access(#[from] crate::access::cli::CliError),
+    #[error(transparent)]
+    Whitelist(#[from] crate::whitelist::cli::CliError),
 }
 
 /// Runs one operator command; its result is printed on stdout. Every command but `enqueue`
@@ -81,6 +86,7 @@ pub async fn run(cmd: OperatorCommand, cfg: &Config) -> Result<(), CliError> {
             crate::maintenance::cli::run(c, &postgres().await?).await?
         }
         OperatorCommand::Access(c) => crate::access::cli::run(c, &postgres().await?).await?,
+        OperatorCommand::Whitelist(c) => crate::whitelist::cli::run(c, &postgres().await?).await?,
     }
     Ok(())
 }

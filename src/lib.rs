@@ -11,6 +11,7 @@
 //! | [`ledger`] | the credits ledger: consume, grant, hold, settle, release, idempotency, batching |
 //! | [`chain`] | the ERC-20 / ERC-721 Transfer indexer: backfill, head following, reorgs |
 //! | [`snapshots`] | holder snapshots from GoldRush or from the own index; address checks |
+//! | [`whitelist`] | whitelists: places granted by an access rule within a window and a capacity, allowlist export |
 //! | [`maintenance`] | scheduled jobs (lock cleanup, anomalies, pruning), the scheduler, health and metrics |
 //! | [`worker`] | the `run` command: starts everything enabled in config and shuts it down cleanly |
 //! | [`cli`] | the operator commands: one dispatch, one Postgres connection, one error type |
@@ -18,7 +19,7 @@
 //!
 //! The modules form layers that only point down (see `docs/architecture.md`, checked by
 //! `scripts/layers.py`): foundation (`config`, `redact`) → infrastructure (`infra`, `app`) →
-//! transport (`queue`) → domain (`ledger`, `chain`) → derived (`snapshots`) → operations
+//! transport (`queue`) → domain (`ledger`, `chain`) → derived (`snapshots`, `access`, `whitelist`) → operations
 //! (`maintenance`) → composition (`worker`, `cli`).
 
 pub mod access;
@@ -32,4 +33,5 @@ pub mod maintenance;
 pub mod queue;
 pub mod redact;
 pub mod snapshots;
+pub mod whitelist;
 pub mod worker;

@@ -60,6 +60,9 @@ pub fn job_registry(
             Some(decisions.clone()),
         )),
     ));
+    jobs.register(crate::whitelist::RequestWhitelistHandler::new(Arc::new(
+        crate::whitelist::WhitelistStore::new(ctx.pool.clone()),
+    )));
     for handler in maintenance.handlers() {
         jobs.register_arc(handler);
     }

@@ -85,6 +85,18 @@ async fn deno_client_consumes_grants_and_holds_through_a_running_worker() {
         )
         .await
         .expect("the CHAT rule");
+    let whitelist = tokenwarden::whitelist::WhitelistStore::new(env.pool.clone())
+        .open(&tokenwarden::whitelist::OpenRequest {
+            creator_id: "creator-deno".into(),
+            name: "genesis".into(),
+            rule: serde_json::json!({"condition": {"erc20": {"chain_id": 31337, "token": token, "min": "5"}}}),
+            opens_at: chrono::Utc::now() - chrono::Duration::minutes(1),
+            closes_at: chrono::Utc::now() + chrono::Duration::hours(1),
+            capacity: Some(10),
+            actor: "deno test".into(),
+        })
+        .await
+        .expect("the whitelist");
     let config = tempfile::Builder::new()
         .suffix(".toml")
         .tempfile()
@@ -146,6 +158,7 @@ async fn deno_client_consumes_grants_and_holds_through_a_running_worker() {
         .env("TW_TEST_MEMBER", member.to_string())
         .env("TW_TEST_CREATOR", "creator-deno")
         .env("TW_TEST_TOKEN", token)
+        .env("TW_TEST_WHITELIST", whitelist.to_string())
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(180), run)
@@ -161,8 +174,8 @@ async fn deno_client_consumes_grants_and_holds_through_a_running_worker() {
     );
     // Guard against a run that found nothing to test.
     assert!(
-        stdout.contains("ok | 7 passed") && stdout.contains("| 0 failed"),
-        "expected the 7 client tests to pass:\n{stdout}\n{stderr}"
+        stdout.contains("ok | 8 passed") && stdout.contains("| 0 failed"),
+        "expected the 8 client tests to pass:\n{stdout}\n{stderr}"
     );
 
     // What the client reported is what Postgres holds: 120 + 30 consumed (the repeat did not
@@ -217,4 +230,15 @@ async fn deno_client_consumes_grants_and_holds_through_a_running_worker() {
     .await
     .expect("the nonce is kept");
     assert!(used, "the link used the nonce");
+    // requestWhitelist granted the member one place (asked twice), and refused the stranger.
+    let entries: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT user_id, status FROM public.whitelist_entries WHERE whitelist_id = $1 ORDER BY status",
+    )
+    .bind(whitelist)
+    .fetch_all(&env.pool)
+    .await
+    .expect("whitelist_entries is readable");
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    assert_eq!(entries[0], (member, "granted".to_string()));
+    assert_eq!(entries[1].1, "refused");
 }

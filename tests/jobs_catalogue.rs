@@ -25,6 +25,7 @@ const JOB_TYPES: &[&str] = &[
     "unlink_wallet",
     "access_rule",
     "verify_access",
+    "request_whitelist",
 ];
 
 fn jobs_dir() -> PathBuf {
@@ -315,6 +316,20 @@ fn schemas_reject_what_the_worker_rejects() {
             }),
         ),
         (
+            "request_whitelist",
+            "address not an address",
+            variant("request_whitelist", |m| {
+                m.insert("address".into(), json!("0x1234"));
+            }),
+        ),
+        (
+            "request_whitelist",
+            "no whitelist",
+            variant("request_whitelist", |m| {
+                m.remove("whitelist_id");
+            }),
+        ),
+        (
             "unlink_wallet",
             "address not an address",
             variant("unlink_wallet", |m| {
@@ -382,6 +397,45 @@ fn wallet_job_parsers_agree_with_the_schemas() {
             r.is_some(),
             "case {i}: the worker accepts a payload its schema refuses"
         );
+    }
+}
+
+/// The worker's `request_whitelist` parser accepts the example and refuses what the schema
+/// refuses.
+#[test]
+fn whitelist_job_parser_agrees_with_the_schema() {
+    use tokenwarden::whitelist::job::parse_request;
+
+    let req = parse_request(example("request_whitelist")).expect("worker accepts the example");
+    assert_eq!(
+        req.address.map(|a| a.to_checksum(None)).as_deref(),
+        example("request_whitelist")["address"].as_str()
+    );
+    for (what, bad) in [
+        (
+            "address",
+            variant("request_whitelist", |m| {
+                m.insert("address".into(), json!("0x1234"));
+            }),
+        ),
+        (
+            "no whitelist",
+            variant("request_whitelist", |m| {
+                m.remove("whitelist_id");
+            }),
+        ),
+        (
+            "unknown field",
+            variant("request_whitelist", |m| {
+                m.insert("surprise".into(), json!(1));
+            }),
+        ),
+    ] {
+        assert!(
+            !errors("request_whitelist", &bad).is_empty(),
+            "schema: {what}"
+        );
+        assert!(parse_request(bad).is_err(), "worker: {what}");
     }
 }
 

@@ -306,6 +306,7 @@ fn call_args(types: &str, id: &str) -> String {
                 "jsonb" => "'{}'::pg_catalog.jsonb".to_string(),
                 "interval" => "'1 minute'::pg_catalog.interval".to_string(),
                 "boolean" => "false::pg_catalog.bool".to_string(),
+                "tstzrange" => "'[2026-01-01,2099-01-01)'::pg_catalog.tstzrange".to_string(),
                 other => panic!("no test literal for argument type {other}"),
             };
             if array { format!("ARRAY[{lit}]") } else { lit }

@@ -26,6 +26,7 @@ pub const KNOWN_JOB_TYPES: &[&str] = &[
     "unlink_wallet",
     "access_rule",
     "verify_access",
+    "request_whitelist",
 ];
 
 /// The handlers this process serves, by job type.

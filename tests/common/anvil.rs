@@ -112,9 +112,16 @@ impl Anvil {
 
     /// Deploys a compiled contract from `contracts/<name>.bin`.
     pub async fn deploy(&self, name: &str) -> Address {
+        self.deploy_with(name, &[]).await
+    }
+
+    /// Deploys `contracts/<name>.bin` with ABI-encoded constructor arguments appended.
+    pub async fn deploy_with(&self, name: &str, constructor_args: &[u8]) -> Address {
         let hex_code = std::fs::read_to_string(repo_root().join(format!("contracts/{name}.bin")))
             .expect("compiled contract (run contracts/build.sh)");
-        let code = Bytes::from(hex::decode(hex_code.trim()).expect("hex bytecode"));
+        let mut code = hex::decode(hex_code.trim()).expect("hex bytecode");
+        code.extend_from_slice(constructor_args);
+        let code = Bytes::from(code);
         let tx = TransactionRequest::default()
             .from(self.sender)
             .with_deploy_code(code);
