@@ -31,6 +31,21 @@ pub struct AccessConfig {
     pub cache_redis_ttl_secs: u64,
     /// Decisions one replica keeps in memory at most.
     pub cache_memory_capacity: u64,
+    /// `[access.audit]`: the record of every check.
+    pub audit: AuditConfig,
+}
+
+/// `[access.audit]`: every decision is recorded in `access_checks`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Decisions of the `verify_access` job recorded in one INSERT at most. Batches fill by
+    /// themselves under load (no waiting): one decision per batch when quiet.
+    pub max_batch: usize,
+    /// `prune` deletes checks older than this many days.
+    pub retention_days: u32,
+    /// Rows `prune` deletes per statement, so a large backlog never holds long locks.
+    pub prune_batch_rows: u32,
 }
 
 impl AccessConfig {
@@ -63,6 +78,24 @@ impl AccessConfig {
             return Err(ConfigError::invalid(
                 "access.cache_memory_ttl_secs",
                 "must not exceed access.cache_redis_ttl_secs",
+            ));
+        }
+        if self.audit.max_batch == 0 || self.audit.max_batch > 10_000 {
+            return Err(ConfigError::invalid(
+                "access.audit.max_batch",
+                "must be between 1 and 10000",
+            ));
+        }
+        if self.audit.retention_days == 0 {
+            return Err(ConfigError::invalid(
+                "access.audit.retention_days",
+                "must be at least 1",
+            ));
+        }
+        if self.audit.prune_batch_rows == 0 {
+            return Err(ConfigError::invalid(
+                "access.audit.prune_batch_rows",
+                "must be at least 1",
             ));
         }
         if self.head_poll_secs == 0 {
