@@ -25,6 +25,8 @@ use crate::ledger::anomalies::{AnomalyRule, WindowCountRule};
 
 /// Longest user agent stored (characters); longer ones are cut. The table checks it too.
 pub const MAX_USER_AGENT_CHARS: usize = 512;
+/// Longest user agent accepted at all (characters): beyond it the request is rejected.
+pub const MAX_USER_AGENT_INPUT_CHARS: usize = 8192;
 
 /// Name of the anomaly rule over the audit (stored in `token_anomalies.rule`).
 pub const VERIFICATION_STORM: &str = "verification_storm";
@@ -51,9 +53,15 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// `ip` must be an IPv4 or IPv6 address (an error names it otherwise); `user_agent` loses
-    /// its control characters and is cut to [`MAX_USER_AGENT_CHARS`].
+    /// `ip` must be an IPv4 or IPv6 address (an error names it otherwise); `user_agent` must
+    /// be at most [`MAX_USER_AGENT_INPUT_CHARS`] long, loses its control characters and is cut
+    /// to [`MAX_USER_AGENT_CHARS`].
     pub fn new(ip: Option<&str>, user_agent: Option<&str>) -> Result<Self, String> {
+        if user_agent.is_some_and(|ua| ua.chars().count() > MAX_USER_AGENT_INPUT_CHARS) {
+            return Err(format!(
+                "user_agent is longer than {MAX_USER_AGENT_INPUT_CHARS} characters"
+            ));
+        }
         let ip = ip
             .map(|s| {
                 s.trim().parse::<IpAddr>().map_err(|_| {
@@ -301,5 +309,7 @@ mod tests {
         let e = Caller::new(Some("10.0.0.300"), None).expect_err("not an address");
         assert!(e.contains("caller_ip"), "{e}");
         assert_eq!(Caller::new(None, Some("\u{7}")).unwrap().user_agent(), None);
+        let huge = "a".repeat(MAX_USER_AGENT_INPUT_CHARS + 1);
+        assert!(Caller::new(None, Some(&huge)).is_err());
     }
 }
