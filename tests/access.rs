@@ -2065,3 +2065,46 @@ async fn held_leaves_match_anvil_truth_over_their_window_and_read_indexes() {
         times[150], times[296]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_postgres_refuses_fails_alone_and_its_batch_is_recorded() {
+    use tokenwarden::access::audit::{AuditEntry, Caller, Door};
+    let env = TestEnv::new().await;
+    let (audit, _task) = AuditRecorder::spawn(env.pool.clone(), &audit_config(500));
+    let user = Uuid::new_v4();
+    let decision = |creator: String| Decision {
+        allowed: false,
+        reason: Some(DenyReason::NoRule),
+        user_id: user,
+        creator_id: creator,
+        feature: "CHAT".into(),
+        rule_version: None,
+        source: Source::Index,
+        as_of_block: None,
+        stale: false,
+        evidence: Vec::new(),
+        checked_at: chrono::Utc::now(),
+    };
+    // 201 characters: more than access_checks.creator_id holds.
+    let results = futures::future::join_all(
+        ["ok-1".to_string(), "x".repeat(201), "ok-2".to_string()]
+            .into_iter()
+            .map(|c| {
+                let audit = audit.clone();
+                let entry = AuditEntry::new(&decision(c), Door::Queue, None, &Caller::default());
+                async move { audit.record(entry).await }
+            }),
+    )
+    .await;
+    assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+    let err = results[1].as_ref().expect_err("refused");
+    assert!(err.is_bad_data(), "{err}");
+    let creators: Vec<String> = sqlx::query_scalar(
+        "SELECT creator_id FROM public.access_checks WHERE user_id = $1 ORDER BY creator_id",
+    )
+    .bind(user)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(creators, vec!["ok-1", "ok-2"]);
+}

@@ -151,6 +151,23 @@ pub enum AuditError {
     Stopped,
 }
 
+impl AuditError {
+    /// Postgres refused a value of the row (SQLSTATE class 22, or a CHECK constraint): a retry
+    /// cannot help.
+    pub fn is_bad_data(&self) -> bool {
+        match self {
+            AuditError::Db { source, .. } => match source.as_ref() {
+                sqlx::Error::Database(db) => db
+                    .code()
+                    .is_some_and(|c| c.starts_with("22") || c == "23514"),
+                _ => false,
+            },
+            AuditError::Encode(_) => true,
+            AuditError::Stopped => false,
+        }
+    }
+}
+
 fn db(what: &'static str) -> impl FnOnce(sqlx::Error) -> AuditError {
     move |source| AuditError::Db {
         what,
@@ -219,12 +236,26 @@ async fn run(pool: PgPool, max_batch: usize, mut rx: mpsc::Receiver<Pending>) {
             return;
         }
         let (entries, waiters): (Vec<AuditEntry>, Vec<_>) = buf.drain(..).unzip();
-        let res = insert(&pool, &entries).await.map(|_| ());
-        if let Err(e) = &res {
-            tracing::warn!(error = %e, batch = entries.len(), "access checks not recorded; their jobs will be redelivered");
-        }
-        for w in waiters {
-            let _ = w.send(res.clone());
+        match insert(&pool, &entries).await {
+            Ok(_) => {
+                for w in waiters {
+                    let _ = w.send(Ok(()));
+                }
+            }
+            // One row Postgres refuses must not fail the others: record them one by one.
+            Err(e) if e.is_bad_data() && entries.len() > 1 => {
+                tracing::warn!(error = %e, batch = entries.len(), "an access check was refused; recording the batch row by row");
+                for (entry, w) in entries.iter().zip(waiters) {
+                    let one = insert(&pool, std::slice::from_ref(entry)).await.map(|_| ());
+                    let _ = w.send(one);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, batch = entries.len(), "access checks not recorded; their jobs will be redelivered");
+                for w in waiters {
+                    let _ = w.send(Err(e.clone()));
+                }
+            }
         }
     }
 }

@@ -111,7 +111,8 @@ impl JobHandler for VerifyAccessHandler {
                 .verify(req.user_id, &req.question)
                 .await
                 .map_err(|e| JobError::Retryable(e.to_string()))?;
-            // Durable before the reply: a failed record is retried with the job.
+            // Durable before the reply: a failed record is retried with the job, unless
+            // Postgres refused the row itself (then no retry can record it).
             audit
                 .record(AuditEntry::new(
                     &decision,
@@ -120,7 +121,13 @@ impl JobHandler for VerifyAccessHandler {
                     &req.caller,
                 ))
                 .await
-                .map_err(|e| JobError::Retryable(e.to_string()))?;
+                .map_err(|e| {
+                    if e.is_bad_data() {
+                        JobError::Rejected(format!("the check cannot be recorded: {e}"))
+                    } else {
+                        JobError::Retryable(e.to_string())
+                    }
+                })?;
             let mut reply = serde_json::to_value(&decision)
                 .map_err(|e| JobError::Retryable(format!("cannot encode reply: {e}")))?;
             if let Some(obj) = reply.as_object_mut() {
