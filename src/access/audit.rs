@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -36,13 +35,41 @@ pub const VERIFICATION_STORM: &str = "verification_storm";
 const BLOCK_CLOCK_KEEP_DAYS: i32 = 367;
 
 /// Which door answered a check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Door {
     /// The `verify_access` job.
     Queue,
     /// `tokenwarden access check`.
     Cli,
+}
+
+impl Door {
+    /// The value stored in `access_checks.door`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Door::Queue => "queue",
+            Door::Cli => "cli",
+        }
+    }
+}
+
+/// The value stored in `access_checks.reason` (the decision's JSON spelling).
+fn reason_str(r: DenyReason) -> &'static str {
+    match r {
+        DenyReason::NoRule => "no_rule",
+        DenyReason::NoWallet => "no_wallet",
+        DenyReason::Stale => "stale",
+        DenyReason::NotMet => "not_met",
+    }
+}
+
+/// The value stored in `access_checks.source`.
+fn source_str(s: Source) -> &'static str {
+    match s {
+        Source::Cache => "cache",
+        Source::Index => "index",
+        Source::Snapshot => "snapshot",
+    }
 }
 
 /// Who asked, when the caller says so: bounded and checked before it reaches the table.
@@ -90,8 +117,8 @@ impl Caller {
     }
 }
 
-/// One row of `access_checks`, as the INSERT reads it (`jsonb_to_recordset`).
-#[derive(Debug, Clone, Serialize)]
+/// One row of `access_checks`.
+#[derive(Debug, Clone)]
 pub struct AuditEntry {
     checked_at: DateTime<Utc>,
     decided_at: DateTime<Utc>,
@@ -145,8 +172,6 @@ pub enum AuditError {
         #[source]
         source: Arc<sqlx::Error>,
     },
-    #[error("cannot encode audit rows: {0}")]
-    Encode(Arc<serde_json::Error>),
     #[error("the audit recorder has stopped")]
     Stopped,
 }
@@ -162,7 +187,6 @@ impl AuditError {
                     .is_some_and(|c| c.starts_with("22") || c == "23514"),
                 _ => false,
             },
-            AuditError::Encode(_) => true,
             AuditError::Stopped => false,
         }
     }
@@ -175,12 +199,13 @@ fn db(what: &'static str) -> impl FnOnce(sqlx::Error) -> AuditError {
     }
 }
 
-/// Writes `entries` in one INSERT (one statement, so one commit for the batch).
+/// Writes `entries` in one INSERT (one statement, so one commit for the batch): one array
+/// parameter per column, unnested side by side.
 pub async fn insert(pool: &PgPool, entries: &[AuditEntry]) -> Result<u64, AuditError> {
     if entries.is_empty() {
         return Ok(0);
     }
-    let rows = serde_json::to_value(entries).map_err(|e| AuditError::Encode(Arc::new(e)))?;
+    let col = |f: fn(&AuditEntry) -> Option<String>| entries.iter().map(f).collect::<Vec<_>>();
     let done = sqlx::query(
         "INSERT INTO public.access_checks (checked_at, decided_at, user_id, creator_id, feature, \
            rule_version, allowed, reason, source, door, as_of_block, stale, evidence, request_id, \
@@ -188,12 +213,55 @@ pub async fn insert(pool: &PgPool, entries: &[AuditEntry]) -> Result<u64, AuditE
          SELECT x.checked_at, x.decided_at, x.user_id, x.creator_id, x.feature, x.rule_version, \
                 x.allowed, x.reason, x.source, x.door, x.as_of_block, x.stale, x.evidence, \
                 x.request_id, x.caller_ip::inet, x.user_agent \
-           FROM jsonb_to_recordset($1) AS x(checked_at timestamptz, decided_at timestamptz, \
-                user_id uuid, creator_id text, feature text, rule_version integer, \
-                allowed boolean, reason text, source text, door text, as_of_block bigint, \
-                stale boolean, evidence jsonb, request_id uuid, caller_ip text, user_agent text)",
+           FROM unnest($1::timestamptz[], $2::timestamptz[], $3::uuid[], $4::text[], $5::text[], \
+                       $6::integer[], $7::boolean[], $8::text[], $9::text[], $10::text[], \
+                       $11::bigint[], $12::boolean[], $13::jsonb[], $14::uuid[], $15::text[], \
+                       $16::text[]) \
+             AS x(checked_at, decided_at, user_id, creator_id, feature, rule_version, allowed, \
+                  reason, source, door, as_of_block, stale, evidence, request_id, caller_ip, \
+                  user_agent)",
     )
-    .bind(rows)
+    .bind(entries.iter().map(|e| e.checked_at).collect::<Vec<_>>())
+    .bind(entries.iter().map(|e| e.decided_at).collect::<Vec<_>>())
+    .bind(entries.iter().map(|e| e.user_id).collect::<Vec<_>>())
+    .bind(
+        entries
+            .iter()
+            .map(|e| e.creator_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        entries
+            .iter()
+            .map(|e| e.feature.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(entries.iter().map(|e| e.rule_version).collect::<Vec<_>>())
+    .bind(entries.iter().map(|e| e.allowed).collect::<Vec<_>>())
+    .bind(
+        entries
+            .iter()
+            .map(|e| e.reason.map(reason_str))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        entries
+            .iter()
+            .map(|e| source_str(e.source))
+            .collect::<Vec<_>>(),
+    )
+    .bind(entries.iter().map(|e| e.door.as_str()).collect::<Vec<_>>())
+    .bind(
+        entries
+            .iter()
+            .map(|e| e.as_of_block.map(|b| i64::try_from(b).unwrap_or(i64::MAX)))
+            .collect::<Vec<_>>(),
+    )
+    .bind(entries.iter().map(|e| e.stale).collect::<Vec<_>>())
+    .bind(entries.iter().map(|e| &e.evidence).collect::<Vec<_>>())
+    .bind(entries.iter().map(|e| e.request_id).collect::<Vec<_>>())
+    .bind(col(|e| e.caller_ip.clone()))
+    .bind(col(|e| e.user_agent.clone()))
     .execute(pool)
     .await
     .map_err(db("record access checks"))?;
