@@ -2028,7 +2028,7 @@ async fn held_leaves_match_anvil_truth_over_their_window_and_read_indexes() {
     .execute(&mut *conn)
     .await
     .unwrap();
-    let wallets = vec![format!("0x{:040x}", 7), format!("0x{:040x}", 8)];
+    let wallets = [format!("0x{:040x}", 7), format!("0x{:040x}", 8)];
     let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "EXPLAIN EXECUTE held_window({CHAIN}, '{other}', ARRAY['{}','{}'], 1000500, 1002000)",
         wallets[0], wallets[1]
