@@ -184,6 +184,8 @@ export interface AccessDecision {
     token?: string;
     snapshot_id?: string;
     token_id?: string;
+    /** `held`: the window's first block. */
+    window_from?: number;
     minimum: string;
     amount: string;
     wallets: Array<{ address: string; amount: string }>;

@@ -1830,6 +1830,29 @@ async fn prune_deletes_checks_past_retention_in_bounded_batches() {
     assert_eq!(jobs.prune.run().await.unwrap().access_checks_deleted, 0);
 }
 
+#[tokio::test]
+async fn the_cli_check_is_recorded_too() {
+    let env = TestEnv::new().await;
+    let user = Uuid::new_v4();
+    let out = env.cli(&[
+        "access",
+        "check",
+        &user.to_string(),
+        "--creator",
+        "c",
+        "--feature",
+        "CHAT",
+    ]);
+    let (ok, stdout) = out.status_and_stdout();
+    assert!(ok, "{stdout}");
+    let rows = audit_rows(&env.pool, user).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        (rows[0].door.as_str(), rows[0].reason.as_deref()),
+        ("cli", Some("no_rule"))
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // The held leaf
 // ---------------------------------------------------------------------------------------------
