@@ -160,6 +160,10 @@ export interface VerifyAccessParams {
   token?: string;
   feature: string;
   requestId?: string;
+  /** The end user's IP address, recorded with the check (audit). */
+  callerIp?: string;
+  /** The end user's User-Agent, recorded with the check (cut to 512 characters). */
+  userAgent?: string;
 }
 
 /** An access decision as the worker replies it (docs/access.md). */
@@ -180,6 +184,8 @@ export interface AccessDecision {
     token?: string;
     snapshot_id?: string;
     token_id?: string;
+    /** `held`: the window's first block. */
+    window_from?: number;
     minimum: string;
     amount: string;
     wallets: Array<{ address: string; amount: string }>;
@@ -513,6 +519,8 @@ export class TokenwardenClient {
         user_id: checkUuid("userId", p.userId),
         ...target,
         feature: checkText("feature", p.feature, 100),
+        ...(p.callerIp !== undefined ? { caller_ip: checkText("callerIp", p.callerIp, 45) } : {}),
+        ...(p.userAgent !== undefined ? { user_agent: checkText("userAgent", p.userAgent, 8192) } : {}),
       };
     });
     if ("failure" in r) {

@@ -209,6 +209,13 @@ Deno.test("verifyAccess: allowed with evidence, no_wallet, the seed's form, bad 
   assertEquals([seed.success, seed.decision?.rule_version], [true, 0]);
   const bad = await client.verifyAccess({ userId: member, chainId: 31337, token: "0x12", feature: "CHAT" });
   assertEquals(bad.error, "invalid_request");
+  // The caller's IP and user agent go to the audit; a malformed IP is the worker's rejection.
+  const audited = await client.verifyAccess({
+    userId: member, creatorId, feature: "CHAT", callerIp: "203.0.113.7", userAgent: "deno-test",
+  });
+  assertEquals(audited.success, true);
+  const badIp = await client.verifyAccess({ userId: member, creatorId, feature: "CHAT", callerIp: "999.1.1.1" });
+  assertEquals(badIp.success, false);
 });
 
 Deno.test("requestWhitelist: granted with evidence, final, no_wallet, bad input", async () => {

@@ -54,11 +54,14 @@ pub fn job_registry(
     jobs.register(crate::access::rule_job::AccessRuleHandler::new(Arc::new(
         crate::access::RuleStore::new(ctx.pool.clone()),
     )));
+    let (audit, _) =
+        crate::access::audit::AuditRecorder::spawn(ctx.pool.clone(), &ctx.cfg.access.audit);
     jobs.register(crate::access::check_job::VerifyAccessHandler::new(
         Arc::new(crate::access::service::AccessService::new(
             crate::access::AccessChecker::new(ctx.pool.clone()),
             Some(decisions.clone()),
         )),
+        audit,
     ));
     jobs.register(crate::whitelist::RequestWhitelistHandler::new(Arc::new(
         crate::whitelist::WhitelistStore::new(ctx.pool.clone()),

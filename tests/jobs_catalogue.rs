@@ -296,6 +296,20 @@ fn schemas_reject_what_the_worker_rejects() {
         ),
         (
             "verify_access",
+            "caller_ip not an address",
+            variant("verify_access", |m| {
+                m.insert("caller_ip".into(), json!("999.1.1.1"));
+            }),
+        ),
+        (
+            "verify_access",
+            "user_agent too long",
+            variant("verify_access", |m| {
+                m.insert("user_agent".into(), json!("x".repeat(8193)));
+            }),
+        ),
+        (
+            "verify_access",
             "neither creator_id nor token",
             variant("verify_access", |m| {
                 m.remove("creator_id");

@@ -1,6 +1,8 @@
 //! The `verify_access` job: `{request_id, user_id, creator_id, feature}` or
-//! `{request_id, user_id, chain_id, token, feature}` (the seed's form) → the decision with
-//! `request_id` (schema in `jobs/`).
+//! `{request_id, user_id, chain_id, token, feature}` (the seed's form), with optional
+//! `caller_ip` and `user_agent` for the audit → the decision with `request_id` (schema in
+//! `jobs/`). Every decision, cached ones included, is recorded in `access_checks` before the
+//! reply is sent.
 
 use std::sync::Arc;
 
@@ -9,6 +11,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
 
+use super::audit::{AuditEntry, AuditRecorder, Caller, Door};
 use super::checks::Question;
 use super::service::AccessService;
 use crate::queue::job::{JobError, JobFuture, JobHandler};
@@ -25,6 +28,10 @@ struct Payload {
     #[serde(default)]
     token: Option<String>,
     feature: String,
+    #[serde(default)]
+    caller_ip: Option<String>,
+    #[serde(default)]
+    user_agent: Option<String>,
 }
 
 /// A parsed `verify_access` request.
@@ -33,6 +40,8 @@ pub struct CheckRequest {
     pub request_id: Uuid,
     pub user_id: Uuid,
     pub question: Question,
+    /// The end user's IP and user agent, as the calling server passed them.
+    pub caller: Caller,
 }
 
 /// Parses a `verify_access` payload: exactly one of `creator_id` and (`chain_id`, `token`).
@@ -65,10 +74,13 @@ pub fn parse_check(payload: Value) -> Result<CheckRequest, String> {
         }
         _ => return Err(bad("give either creator_id, or chain_id and token")),
     };
+    let caller =
+        Caller::new(p.caller_ip.as_deref(), p.user_agent.as_deref()).map_err(|e| bad(&e))?;
     Ok(CheckRequest {
         request_id: p.request_id,
         user_id: p.user_id,
         question,
+        caller,
     })
 }
 
@@ -76,11 +88,12 @@ pub fn parse_check(payload: Value) -> Result<CheckRequest, String> {
 #[derive(Clone)]
 pub struct VerifyAccessHandler {
     service: Arc<AccessService>,
+    audit: AuditRecorder,
 }
 
 impl VerifyAccessHandler {
-    pub fn new(service: Arc<AccessService>) -> Self {
-        Self { service }
+    pub fn new(service: Arc<AccessService>, audit: AuditRecorder) -> Self {
+        Self { service, audit }
     }
 }
 
@@ -91,12 +104,30 @@ impl JobHandler for VerifyAccessHandler {
 
     fn handle(&self, payload: Value) -> JobFuture {
         let service = self.service.clone();
+        let audit = self.audit.clone();
         Box::pin(async move {
             let req = parse_check(payload).map_err(JobError::Rejected)?;
             let decision = service
                 .verify(req.user_id, &req.question)
                 .await
                 .map_err(|e| JobError::Retryable(e.to_string()))?;
+            // Durable before the reply: a failed record is retried with the job, unless
+            // Postgres refused the row itself (then no retry can record it).
+            audit
+                .record(AuditEntry::new(
+                    &decision,
+                    Door::Queue,
+                    Some(req.request_id),
+                    &req.caller,
+                ))
+                .await
+                .map_err(|e| {
+                    if e.is_bad_data() {
+                        JobError::Rejected(format!("the check cannot be recorded: {e}"))
+                    } else {
+                        JobError::Retryable(e.to_string())
+                    }
+                })?;
             let mut reply = serde_json::to_value(&decision)
                 .map_err(|e| JobError::Retryable(format!("cannot encode reply: {e}")))?;
             if let Some(obj) = reply.as_object_mut() {

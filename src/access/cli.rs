@@ -69,6 +69,8 @@ pub enum CliError {
     #[error(transparent)]
     Check(#[from] CheckError),
     #[error(transparent)]
+    Audit(#[from] super::audit::AuditError),
+    #[error(transparent)]
     Wallets(#[from] WalletStoreError),
     #[error("{0}")]
     Invalid(String),
@@ -140,7 +142,20 @@ pub async fn run(cmd: AccessCommand, pool: &sqlx::PgPool) -> Result<(), CliError
                     ));
                 }
             };
-            print_json(&AccessChecker::new(pool).evaluate(user, &question).await?);
+            let decision = AccessChecker::new(pool.clone())
+                .evaluate(user, &question)
+                .await?;
+            super::audit::insert(
+                &pool,
+                &[super::audit::AuditEntry::new(
+                    &decision,
+                    super::audit::Door::Cli,
+                    None,
+                    &super::audit::Caller::default(),
+                )],
+            )
+            .await?;
+            print_json(&decision);
         }
         AccessCommand::Wallets { user } => {
             let links = WalletStore::new(pool).links(user).await?;

@@ -44,7 +44,7 @@ pub struct WalletAmount {
 pub struct Evidence {
     /// JSON path of the leaf in the rule, e.g. `$.condition.all[0].erc20`.
     pub path: String,
-    /// `erc20`, `erc721` or `snapshot`.
+    /// `erc20`, `erc721`, `snapshot` or `held`.
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chain_id: Option<u64>,
@@ -54,9 +54,13 @@ pub struct Evidence {
     pub snapshot_id: Option<Uuid>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_id: Option<String>,
+    /// `held`: the first block of the window (its balance at the start of this block counts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_from: Option<u64>,
     /// The minimum in the same unit as `amount`.
     pub minimum: String,
-    /// Sum over the wallets, or the best wallet's when the rule is per wallet.
+    /// Sum over the wallets, or the best wallet's when the rule is per wallet (`held`: the
+    /// lowest balance over the window).
     pub amount: String,
     pub wallets: Vec<WalletAmount>,
     /// The indexed block (or the snapshot's block) the amounts were read at.

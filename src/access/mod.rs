@@ -20,12 +20,14 @@
 //! | [`service`] | the queue door's checks: cache, then evaluation |
 //! | [`jobs`] | the `link_wallet` and `unlink_wallet` job handlers |
 //! | [`check_job`] | the `verify_access` job handler |
+//! | [`audit`] | every decision recorded in `access_checks`; its retention and storm rule |
 //! | [`rule_job`] | the `access_rule` job handler |
 //! | [`transitions`] | `access_grants` and `access_events`: who passes each rule, every change |
 //! | [`monitor`] | the leader that turns announcements into transitions and publishes them |
 //! | [`recheck`] | the scheduled full re-check (`access_recheck`), backstop of the monitor |
 //! | [`cli`] | `tokenwarden access rule …`, `access check`, `access wallets` |
 
+pub mod audit;
 pub mod cache;
 pub mod check_job;
 pub mod checks;

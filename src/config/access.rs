@@ -45,6 +45,21 @@ pub struct AccessConfig {
     pub changes_stream_maxlen: u64,
     /// Users re-evaluated per transaction by the full re-check and after a rule change.
     pub recheck_batch: u32,
+    /// `[access.audit]`: the record of every check.
+    pub audit: AuditConfig,
+}
+
+/// `[access.audit]`: every decision is recorded in `access_checks`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Decisions of the `verify_access` job recorded in one INSERT at most. Batches fill by
+    /// themselves under load (no waiting): one decision per batch when quiet.
+    pub max_batch: usize,
+    /// `prune` deletes checks older than this many days.
+    pub retention_days: u32,
+    /// Rows `prune` deletes per statement, so a large backlog never holds long locks.
+    pub prune_batch_rows: u32,
 }
 
 impl AccessConfig {
@@ -99,6 +114,24 @@ impl AccessConfig {
             return Err(ConfigError::invalid(
                 "access.recheck_batch",
                 "must be between 1 and 100000",
+            ));
+        }
+        if self.audit.max_batch == 0 || self.audit.max_batch > 10_000 {
+            return Err(ConfigError::invalid(
+                "access.audit.max_batch",
+                "must be between 1 and 10000",
+            ));
+        }
+        if self.audit.retention_days == 0 {
+            return Err(ConfigError::invalid(
+                "access.audit.retention_days",
+                "must be at least 1",
+            ));
+        }
+        if self.audit.prune_batch_rows == 0 {
+            return Err(ConfigError::invalid(
+                "access.audit.prune_batch_rows",
+                "must be at least 1",
             ));
         }
         if self.head_poll_secs == 0 {

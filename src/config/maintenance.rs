@@ -82,6 +82,10 @@ pub struct AnomaliesConfig {
     /// `detect_high_frequency_requests`.
     pub request_kinds: Vec<String>,
     pub request_burst: BurstRuleConfig,
+    /// Rule `verification_storm`: access checks of one user (every door, cached answers
+    /// included, from `access_checks`) within `window_secs`; the seed's "more than 20 in 5
+    /// minutes" is `threshold = 21`, `window_secs = 300`.
+    pub verification_storm: BurstRuleConfig,
     pub spend_spike: SpendSpikeConfig,
 }
 
@@ -164,6 +168,14 @@ impl MaintenanceConfig {
                 u64::from(self.anomalies.request_burst.threshold),
             ),
             (
+                "maintenance.anomalies.verification_storm.window_secs",
+                self.anomalies.verification_storm.window_secs,
+            ),
+            (
+                "maintenance.anomalies.verification_storm.threshold",
+                u64::from(self.anomalies.verification_storm.threshold),
+            ),
+            (
                 "maintenance.anomalies.spend_spike.factor",
                 u64::from(self.anomalies.spend_spike.factor),
             ),
@@ -203,6 +215,12 @@ impl MaintenanceConfig {
             return Err(ConfigError::invalid(
                 "maintenance.anomalies.lookback_secs",
                 "must be at least maintenance.anomalies.request_burst.window_secs",
+            ));
+        }
+        if self.anomalies.lookback_secs < self.anomalies.verification_storm.window_secs {
+            return Err(ConfigError::invalid(
+                "maintenance.anomalies.lookback_secs",
+                "must be at least maintenance.anomalies.verification_storm.window_secs",
             ));
         }
         if self.anomalies.spend_spike.min_spend < 0 {

@@ -55,6 +55,8 @@ pub enum MaintenanceError {
     Queue(#[from] QueueError),
     #[error("anomaly detection incomplete: {}", join(.0))]
     Anomalies(Vec<DetectionFailure>),
+    #[error(transparent)]
+    Audit(#[from] crate::access::audit::AuditError),
     #[error("deleting old scheduler ticks failed: {0}")]
     Ticks(#[source] sqlx::Error),
     #[error("cannot encode the {job} reply: {source}")]
@@ -121,16 +123,19 @@ pub struct PruneReport {
     pub streams_trimmed: u64,
     /// Stream entries removed in total.
     pub stream_entries_trimmed: u64,
+    /// Access checks past `access.audit.retention_days`.
+    pub access_checks_deleted: u64,
 }
 
-/// `prune`: deletes dead letters and scheduler ticks past retention and trims acknowledged,
-/// old entries from the job streams. Never touches the ledger history. Reply: [`PruneReport`].
+/// `prune`: deletes dead letters, scheduler ticks and access checks past retention and trims
+/// acknowledged, old entries from the job streams. Never touches the ledger history. Reply: [`PruneReport`].
 #[derive(Clone)]
 pub struct Prune {
     pool: PgPool,
     redis: ConnectionManager,
     prefix: String,
     retention: RetentionConfig,
+    audit: crate::config::AuditConfig,
 }
 
 impl Prune {
@@ -140,6 +145,7 @@ impl Prune {
             redis: ctx.redis.clone(),
             prefix: ctx.cfg.redis.prefix.clone(),
             retention: ctx.cfg.maintenance.retention.clone(),
+            audit: ctx.cfg.access.audit.clone(),
         }
     }
 
@@ -157,11 +163,13 @@ impl Prune {
             Duration::from_secs(self.retention.stream_entries_secs),
         )
         .await?;
+        let audit = crate::access::audit::prune(&self.pool, &self.audit).await?;
         let report = PruneReport {
             dead_letters_deleted,
             ticks_deleted,
             streams_trimmed: trimmed.streams,
             stream_entries_trimmed: trimmed.entries,
+            access_checks_deleted: audit.checks,
         };
         metrics::counter!("tokenwarden_pruned_total", "what" => "dead_letters")
             .increment(report.dead_letters_deleted);
@@ -169,6 +177,8 @@ impl Prune {
             .increment(report.ticks_deleted);
         metrics::counter!("tokenwarden_pruned_total", "what" => "stream_entries")
             .increment(report.stream_entries_trimmed);
+        metrics::counter!("tokenwarden_pruned_total", "what" => "access_checks")
+            .increment(report.access_checks_deleted);
         Ok(report)
     }
 }

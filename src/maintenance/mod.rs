@@ -32,11 +32,15 @@ pub struct MaintenanceJobs {
 }
 
 impl MaintenanceJobs {
-    /// Builds the handlers with the built-in anomaly rules from config and, when its
+    /// Builds the handlers with the built-in anomaly rules from config (the ledger's and the
+    /// access audit's `verification_storm`) and, when its
     /// environment variable is set, the alert webhook. Must run inside the tokio runtime (the
     /// alert sender is a background task).
     pub fn new(ctx: &AppContext) -> Self {
-        Self::with_extra_rules(ctx, Vec::new())
+        Self::with_extra_rules(
+            ctx,
+            crate::access::audit::anomaly_rules(&ctx.cfg.maintenance.anomalies),
+        )
     }
 
     /// Like [`MaintenanceJobs::new`], with more anomaly rules (e.g. the access module's
