@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use super::batcher::{BatchError, Batcher};
 use super::{Credits, LedgerOp, OutcomeStatus, RejectedRequest, RequestId, UserId};
+use crate::queue::entry::{hyphenated_uuid, is_hyphenated_uuid};
 use crate::queue::{JobError, JobFuture, JobHandler, JobRegistry, Rejected};
 
 /// Which ledger operation a job type carries.
@@ -62,7 +63,9 @@ impl LedgerJobKind {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConsumePayload {
+    #[serde(deserialize_with = "hyphenated_uuid")]
     request_id: Uuid,
+    #[serde(deserialize_with = "hyphenated_uuid")]
     user_id: Uuid,
     amount: Credits,
     operation_type: String,
@@ -73,7 +76,9 @@ struct ConsumePayload {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct GrantPayload {
+    #[serde(deserialize_with = "hyphenated_uuid")]
     request_id: Uuid,
+    #[serde(deserialize_with = "hyphenated_uuid")]
     user_id: Uuid,
     amount: Credits,
     reason: String,
@@ -84,7 +89,9 @@ struct GrantPayload {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HoldPayload {
+    #[serde(deserialize_with = "hyphenated_uuid")]
     request_id: Uuid,
+    #[serde(deserialize_with = "hyphenated_uuid")]
     user_id: Uuid,
     amount: Credits,
     operation_type: String,
@@ -97,7 +104,9 @@ struct HoldPayload {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SettlePayload {
+    #[serde(deserialize_with = "hyphenated_uuid")]
     request_id: Uuid,
+    #[serde(deserialize_with = "hyphenated_uuid")]
     hold_id: Uuid,
     amount: Credits,
     #[serde(default)]
@@ -107,7 +116,9 @@ struct SettlePayload {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ReleasePayload {
+    #[serde(deserialize_with = "hyphenated_uuid")]
     request_id: Uuid,
+    #[serde(deserialize_with = "hyphenated_uuid")]
     hold_id: Uuid,
     #[serde(default)]
     metadata: Option<serde_json::Value>,
@@ -125,6 +136,7 @@ pub fn parse(kind: LedgerJobKind, payload: serde_json::Value) -> Result<LedgerOp
             format!("invalid {job} payload: {path}: {}", e.inner())
         })
     };
+    let payload = integral_numbers(payload)?;
     check_amount(&payload)?;
     Ok(match kind {
         LedgerJobKind::Consume => {
@@ -176,6 +188,35 @@ pub fn parse(kind: LedgerJobKind, payload: serde_json::Value) -> Result<LedgerOp
             }
         }
     })
+}
+
+/// Largest integer every f64 holds exactly (2^53).
+const MAX_EXACT_FLOAT: f64 = 9_007_199_254_740_992.0;
+
+/// JSON Schema's `integer` is any number with no fractional part, so `2.0` and `1e2` are valid
+/// amounts and TTLs; serde's i64 refuses them. Such a number becomes the integer it denotes,
+/// up to 2^53: above that an f64 may already be a rounded neighbour of what the caller wrote,
+/// and a ledger amount is never guessed (write big amounts as integer literals).
+fn integral_numbers(mut payload: serde_json::Value) -> Result<serde_json::Value, Rejected> {
+    for field in ["amount", "ttl_secs"] {
+        let Some(v) = payload.get_mut(field) else {
+            continue;
+        };
+        let Some(f) = v.as_f64().filter(|_| v.is_f64()) else {
+            continue;
+        };
+        if f.fract() != 0.0 || !f.is_finite() {
+            continue;
+        }
+        if f.abs() > MAX_EXACT_FLOAT {
+            return Err(Rejected::new(format!(
+                "{field} must be an integer literal above 2^53: got {f:e}, a floating-point \
+                 number that cannot be read exactly"
+            )));
+        }
+        *v = serde_json::Value::from(f as i64);
+    }
+    Ok(payload)
 }
 
 /// serde's own message for an overflowing or fractional amount ("invalid type: floating point
@@ -249,8 +290,11 @@ pub fn rejected_request(
     payload: &serde_json::Value,
     reason: &str,
 ) -> Option<RejectedRequest> {
-    let request_id = payload.get("request_id")?.as_str()?.parse::<Uuid>().ok()?;
-    let uuid = |f: &str| payload.get(f)?.as_str()?.parse::<Uuid>().ok();
+    let uuid = |f: &str| {
+        let s = payload.get(f)?.as_str().filter(|s| is_hyphenated_uuid(s))?;
+        s.parse::<Uuid>().ok()
+    };
+    let request_id = uuid("request_id")?;
     let string = |f: &str| {
         payload
             .get(f)?
