@@ -90,16 +90,21 @@ impl Kept {
         };
         let kept: Vec<(Vec<u8>, Vec<u8>)> =
             letter.fields.iter().map(|(k, v)| (cut(k), cut(v))).collect();
-        let (job_type, jt_exact) = escape(letter.job_type);
-        let (stream, stream_exact) = escape(letter.stream);
-        let mut exact = stream_exact && jt_exact && truncated == 0;
+        let (job_type, _) = escape(letter.job_type);
+        let (stream, _) = escape(letter.stream);
+        let mut names = std::collections::HashSet::new();
+        let exact = truncated == 0
+            && kept.iter().all(|(k, v)| {
+                names.insert(k.as_slice()) && is_text(k) && is_text(v)
+            });
         let mut map = serde_json::Map::new();
         for (k, v) in &kept {
-            let (mut name, name_exact) = escape(k);
-            let (value, value_exact) = escape(v);
-            exact &= name_exact && value_exact;
+            let (mut name, value) = if exact {
+                (escape(k).0, escape(v).0)
+            } else {
+                (escape_all(k), escape_all(v))
+            };
             if map.contains_key(&name) {
-                exact = false;
                 let base = name.clone();
                 let mut n = 2;
                 while map.contains_key(&name) {
@@ -127,13 +132,23 @@ impl Kept {
     }
 }
 
-/// `bytes` as text Postgres can store, and whether that text is exactly the bytes.
+/// Whether Postgres text holds `bytes` as they are: UTF-8 without NUL.
+fn is_text(bytes: &[u8]) -> bool {
+    std::str::from_utf8(bytes).is_ok_and(|s| !s.contains('\0'))
+}
+
+/// `bytes` as text Postgres can store, and whether that text is exactly the bytes (then it is
+/// unchanged; else it is [`escape_all`]).
 pub fn escape(bytes: &[u8]) -> (String, bool) {
-    if let Ok(s) = std::str::from_utf8(bytes)
-        && !s.contains('\0')
-    {
-        return (s.to_string(), true);
+    match std::str::from_utf8(bytes) {
+        Ok(s) if !s.contains('\0') => (s.to_string(), true),
+        _ => (escape_all(bytes), false),
     }
+}
+
+/// `bytes` escaped: NUL as `\u0000`, each byte that is not UTF-8 as `\xNN`, a backslash as
+/// `\\`; everything else as it is.
+pub fn escape_all(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len() + 8);
     for chunk in bytes.utf8_chunks() {
         for c in chunk.valid().chars() {
@@ -147,7 +162,7 @@ pub fn escape(bytes: &[u8]) -> (String, bool) {
             out.push_str(&format!("\\x{b:02x}"));
         }
     }
-    (out, false)
+    out
 }
 
 /// `reason` as Postgres text: NUL escaped, at most [`MAX_REASON_CHARS`] characters.
