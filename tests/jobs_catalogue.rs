@@ -511,3 +511,131 @@ fn worker_parser_accepts_the_index_token_example() {
     assert!(!errors("index_token", &bad).is_empty());
     assert!(tokenwarden::chain::job::parse_payload(bad).is_err());
 }
+
+/// What the worker does with a payload of `job_type` arriving as the text `payload`: the queue
+/// door (`StreamEntry::payload`) then the job type's parser. `None` for a job type whose
+/// parser is not public (`access_rule` validates inside its handler, against the database).
+fn worker_accepts(job_type: &str, payload: &str) -> Option<Result<(), String>> {
+    use tokenwarden::ledger::jobs::{LedgerJobKind, parse};
+    use tokenwarden::queue::entry::StreamEntry;
+    let entry = StreamEntry {
+        job_type: job_type.into(),
+        stream: format!("tw:jobs:{job_type}").into(),
+        id: "1700000000000-0".into(),
+        fields: vec![(b"payload".to_vec(), payload.as_bytes().to_vec())],
+        deliveries: 1,
+    };
+    let v = match entry.payload() {
+        Ok(p) => p.value,
+        Err(m) => return Some(Err(m.reason)),
+    };
+    if let Some(kind) = LedgerJobKind::ALL.into_iter().find(|k| k.job_type() == job_type) {
+        return Some(parse(kind, v).map(|_| ()).map_err(|e| e.reason));
+    }
+    Some(match job_type {
+        "link_wallet" => tokenwarden::access::jobs::parse_link(v).map(|_| ()),
+        "unlink_wallet" => tokenwarden::access::jobs::parse_unlink(v).map(|_| ()),
+        "verify_access" => tokenwarden::access::check_job::parse_check(v).map(|_| ()),
+        "index_token" => tokenwarden::chain::job::parse_payload(v)
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        "snapshot_create" => tokenwarden::snapshots::parse_snapshot_payload(v)
+            .map(|_| ())
+            .map_err(|e| e.reason),
+        "cleanup_locks" | "detect_anomalies" | "prune" => {
+            tokenwarden::maintenance::parse_maintenance_payload(job_type, v)
+                .map(|_| ())
+                .map_err(|e| e.reason)
+        }
+        _ => return None,
+    })
+}
+
+/// `job_type`'s example with `field` set to the JSON text `literal` (e.g. `1e2`, which a
+/// `serde_json::Value` would write as `100.0`).
+fn with_literal(job_type: &str, field: &str, literal: &str) -> String {
+    let mut v = example(job_type);
+    v[field] = json!("__LITERAL__");
+    v.to_string().replace("\"__LITERAL__\"", literal)
+}
+
+/// The schemas and the worker are one truth: every example and a set of counter-examples
+/// (request id spellings, integral numbers written as floats or with an exponent, fractions,
+/// unknown fields, UUID fields in other spellings) get the same verdict from the JSON Schema
+/// and from the worker (queue door + parser). Before issue 13, `amount` 2.0 / 1e2 passed the
+/// schema and were refused, and braced / `urn:uuid:` / 32-digit ids failed the schema and were
+/// accepted.
+#[test]
+fn schemas_and_the_worker_give_every_payload_the_same_verdict() {
+    let id = "6f1c2a9e-3b7d-4e2f-9a41-0c5d8e7b1a01";
+    let spellings = [
+        format!("\"{id}\""),
+        format!("\"{}\"", id.to_uppercase()),
+        format!("\"{{{id}}}\""),
+        format!("\"urn:uuid:{id}\""),
+        format!("\"{}\"", id.replace('-', "")),
+        "\"req-1\"".to_string(),
+        "42".to_string(),
+    ];
+    let mut checked = 0;
+    let mut disagreements = Vec::new();
+    for t in JOB_TYPES {
+        let s = schema(t);
+        let ex = example(t);
+        let mut cases: Vec<(String, String)> = vec![("example".into(), ex.to_string())];
+        for sp in &spellings {
+            cases.push((format!("request_id {sp}"), with_literal(t, "request_id", sp)));
+        }
+        for field in ["user_id", "hold_id"] {
+            if ex.get(field).is_some() {
+                for sp in &spellings[2..5] {
+                    cases.push((format!("{field} {sp}"), with_literal(t, field, sp)));
+                }
+            }
+        }
+        let props = s["properties"].as_object().expect("properties");
+        for (field, p) in props {
+            let Some(n) = ex.get(field).and_then(Value::as_i64) else {
+                continue;
+            };
+            if p["type"] != "integer" {
+                continue;
+            }
+            for literal in [
+                format!("{n}.0"),
+                format!("{n}e0"),
+                format!("{}e1", n * 10),
+                format!("{n}.5"),
+            ] {
+                cases.push((format!("{field} {literal}"), with_literal(t, field, &literal)));
+            }
+        }
+        cases.push(("unknown field".into(), with_literal(t, "surprise", "1")));
+        for (what, text) in cases {
+            let instance: Value = serde_json::from_str(&text).expect("case is JSON");
+            let schema_errors = errors(t, &instance);
+            let Some(worker) = worker_accepts(t, &text) else {
+                continue;
+            };
+            checked += 1;
+            if schema_errors.is_empty() != worker.is_ok() {
+                disagreements.push(format!(
+                    "{t} {what}: schema {} / worker {:?}",
+                    if schema_errors.is_empty() {
+                        "accepts".to_string()
+                    } else {
+                        format!("refuses ({})", schema_errors.join("; "))
+                    },
+                    worker
+                ));
+            }
+        }
+    }
+    assert!(checked > 150, "only {checked} payloads checked");
+    assert!(
+        disagreements.is_empty(),
+        "schema and worker disagree on {} of {checked} payloads:\n{}",
+        disagreements.len(),
+        disagreements.join("\n")
+    );
+}

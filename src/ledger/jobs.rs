@@ -136,7 +136,6 @@ pub fn parse(kind: LedgerJobKind, payload: serde_json::Value) -> Result<LedgerOp
             format!("invalid {job} payload: {path}: {}", e.inner())
         })
     };
-    let payload = integral_numbers(payload)?;
     check_amount(&payload)?;
     Ok(match kind {
         LedgerJobKind::Consume => {
@@ -188,35 +187,6 @@ pub fn parse(kind: LedgerJobKind, payload: serde_json::Value) -> Result<LedgerOp
             }
         }
     })
-}
-
-/// Largest integer every f64 holds exactly (2^53).
-const MAX_EXACT_FLOAT: f64 = 9_007_199_254_740_992.0;
-
-/// JSON Schema's `integer` is any number with no fractional part, so `2.0` and `1e2` are valid
-/// amounts and TTLs; serde's i64 refuses them. Such a number becomes the integer it denotes,
-/// up to 2^53: above that an f64 may already be a rounded neighbour of what the caller wrote,
-/// and a ledger amount is never guessed (write big amounts as integer literals).
-fn integral_numbers(mut payload: serde_json::Value) -> Result<serde_json::Value, Rejected> {
-    for field in ["amount", "ttl_secs"] {
-        let Some(v) = payload.get_mut(field) else {
-            continue;
-        };
-        let Some(f) = v.as_f64().filter(|_| v.is_f64()) else {
-            continue;
-        };
-        if f.fract() != 0.0 || !f.is_finite() {
-            continue;
-        }
-        if f.abs() > MAX_EXACT_FLOAT {
-            return Err(Rejected::new(format!(
-                "{field} must be an integer literal above 2^53: got {f:e}, a floating-point \
-                 number that cannot be read exactly"
-            )));
-        }
-        *v = serde_json::Value::from(f as i64);
-    }
-    Ok(payload)
 }
 
 /// serde's own message for an overflowing or fractional amount ("invalid type: floating point

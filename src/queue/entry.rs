@@ -65,7 +65,7 @@ impl StreamEntry {
                 request_id: None,
             });
         }
-        let value: serde_json::Value = match serde_json::from_slice(raw) {
+        let mut value: serde_json::Value = match serde_json::from_slice(raw) {
             Ok(v) => v,
             Err(e) => {
                 return Err(Malformed {
@@ -74,6 +74,7 @@ impl StreamEntry {
                 });
             }
         };
+        integral_numbers(&mut value);
         let request_id = request_id_of(&value);
         if !value.is_object() {
             return Err(Malformed {
@@ -91,6 +92,29 @@ impl StreamEntry {
             .and_then(|b| std::str::from_utf8(b).ok())
             .and_then(|s| s.trim().parse::<u64>().ok())
             .or_else(|| id_ms(&self.id))
+    }
+}
+
+/// Largest integer every f64 holds exactly (2^53).
+const MAX_EXACT_FLOAT: f64 = 9_007_199_254_740_992.0;
+
+/// JSON Schema's `integer` is any number without a fractional part, so `2.0` and `1e2` are
+/// valid amounts, TTLs and block heights; serde's integer types refuse them. At the top level of
+/// a payload, such a number becomes the integer it denotes, up to 2^53: above that an f64 may
+/// already be a rounded neighbour of what the caller wrote, so it stays a float and the
+/// handler refuses it (big integers must be written as integer literals). Nested values (e.g.
+/// in `metadata`) are the caller's and stay as written.
+fn integral_numbers(value: &mut serde_json::Value) {
+    let Some(map) = value.as_object_mut() else {
+        return;
+    };
+    for v in map.values_mut() {
+        if let Some(f) = v.as_f64().filter(|_| v.is_f64())
+            && f.fract() == 0.0
+            && f.abs() <= MAX_EXACT_FLOAT
+        {
+            *v = serde_json::Value::from(f as i64);
+        }
     }
 }
 

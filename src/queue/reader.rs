@@ -18,6 +18,10 @@ use super::entry::{StreamEntry, parse_entries, parse_read_reply};
 use super::{QueueError, dead_letter, quarantine};
 use crate::config::QueueConfig;
 
+/// How long an entry of a dead consumer must have been idle before it is taken over (XCLAIM's
+/// min-idle-time): the first taker resets it, so a second one racing it gets nothing.
+const TAKEOVER_MIN_IDLE_MS: u64 = 1_000;
+
 /// Ids this consumer has handed to handlers and not finished; their leases are renewed so no
 /// other consumer reclaims a job that is merely slow.
 pub type InFlight = Arc<Mutex<HashSet<String>>>;
@@ -295,8 +299,8 @@ impl Reader {
     /// Takes over the pending entries of dead consumers (no [`alive_key`], or a dead
     /// predecessor on this host) without waiting for `claim_idle_ms`, and removes dead
     /// consumers that hold nothing, so restarts do not pile up consumers in the group. Entries
-    /// idle less than the claim interval are left for the next pass: two live consumers taking
-    /// over the same dead one never both get an entry.
+    /// idle less than [`TAKEOVER_MIN_IDLE_MS`] are left for the next pass: two live consumers
+    /// taking over the same dead one at once never both get an entry.
     async fn take_over_dead(
         &self,
         conn: &mut MultiplexedConnection,
@@ -325,7 +329,7 @@ impl Reader {
             .query_async(conn)
             .await
             .map_err(QueueError::redis("EXISTS consumer heartbeats"))?;
-        let min_idle = u64::try_from(self.cfg.claim_interval().as_millis()).unwrap_or(u64::MAX);
+        let min_idle = TAKEOVER_MIN_IDLE_MS.min(self.cfg.claim_idle_ms);
         for (c, alive) in others.iter().zip(alive) {
             if alive && !dead_predecessor(&self.consumer, &c.name) {
                 continue;
