@@ -529,7 +529,10 @@ fn worker_accepts(job_type: &str, payload: &str) -> Option<Result<(), String>> {
         Ok(p) => p.value,
         Err(m) => return Some(Err(m.reason)),
     };
-    if let Some(kind) = LedgerJobKind::ALL.into_iter().find(|k| k.job_type() == job_type) {
+    if let Some(kind) = LedgerJobKind::ALL
+        .into_iter()
+        .find(|k| k.job_type() == job_type)
+    {
         return Some(parse(kind, v).map(|_| ()).map_err(|e| e.reason));
     }
     Some(match job_type {
@@ -584,7 +587,10 @@ fn schemas_and_the_worker_give_every_payload_the_same_verdict() {
         let ex = example(t);
         let mut cases: Vec<(String, String)> = vec![("example".into(), ex.to_string())];
         for sp in &spellings {
-            cases.push((format!("request_id {sp}"), with_literal(t, "request_id", sp)));
+            cases.push((
+                format!("request_id {sp}"),
+                with_literal(t, "request_id", sp),
+            ));
         }
         for field in ["user_id", "hold_id"] {
             if ex.get(field).is_some() {
@@ -607,7 +613,10 @@ fn schemas_and_the_worker_give_every_payload_the_same_verdict() {
                 format!("{}e1", n * 10),
                 format!("{n}.5"),
             ] {
-                cases.push((format!("{field} {literal}"), with_literal(t, field, &literal)));
+                cases.push((
+                    format!("{field} {literal}"),
+                    with_literal(t, field, &literal),
+                ));
             }
         }
         cases.push(("unknown field".into(), with_literal(t, "surprise", "1")));
@@ -638,4 +647,89 @@ fn schemas_and_the_worker_give_every_payload_the_same_verdict() {
         disagreements.len(),
         disagreements.join("\n")
     );
+}
+
+/// Bad input, generated: random JSON payloads, built from each schema's property names (and
+/// off them) with values of every JSON kind (NUL in strings, huge and fractional numbers,
+/// nested arrays and objects), through the queue door and every public job parser: zero panics,
+/// and every refusal carries a reason.
+mod generated {
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    use super::{JOB_TYPES, schema, worker_accepts};
+
+    /// Cases per job type (the report's "cases run": this times the job types with a parser).
+    const CASES: u32 = 1000;
+
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            "\\PC{0,12}".prop_map(Value::String),
+            "[a-f0-9-]{30,40}".prop_map(Value::String),
+            Just(Value::String("6f1c2a9e-3b7d-4e2f-9a41-0c5d8e7b1a01".into())),
+            Just(Value::String("a\u{0}b".into())),
+            Just(Value::String(
+                "0x1514000000000000000000000000000000000000".into()
+            )),
+        ];
+        leaf.prop_recursive(3, 32, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map("\\PC{0,6}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn payload(names: Vec<String>) -> impl Strategy<Value = String> {
+        let name = prop_oneof![
+            4 => proptest::sample::select(names),
+            1 => "\\PC{0,8}",
+        ];
+        prop_oneof![
+            8 => proptest::collection::btree_map(name, json(), 0..8)
+                .prop_map(|m| Value::Object(m.into_iter().collect()).to_string()),
+            1 => json().prop_map(|v| v.to_string()),
+            1 => "\\PC{0,40}",
+        ]
+    }
+
+    #[test]
+    fn random_payloads_never_panic_and_every_refusal_has_a_reason() {
+        let mut ran = 0u32;
+        for t in JOB_TYPES {
+            if worker_accepts(t, "{}").is_none() {
+                continue;
+            }
+            let names: Vec<String> = schema(t)["properties"]
+                .as_object()
+                .expect("properties")
+                .keys()
+                .cloned()
+                .collect();
+            let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+                cases: CASES,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            });
+            runner
+                .run(&payload(names), |text| {
+                    if let Some(Err(reason)) = worker_accepts(t, &text) {
+                        prop_assert!(!reason.trim().is_empty(), "{t}: {text}");
+                    }
+                    Ok(())
+                })
+                .unwrap_or_else(|e| panic!("{t}: {e}"));
+            ran += CASES;
+        }
+        eprintln!("random payloads: {ran} cases run");
+        assert!(ran >= 13 * CASES, "{ran}");
+    }
 }

@@ -1157,11 +1157,15 @@ async fn nul_and_non_utf8_entries_are_dead_lettered_exactly_and_never_stop_their
             common::xadd_bytes(&mut r, env.stream(job_type).as_bytes(), &f).await;
         }
         // Valid work behind the hostile entries is served.
-        let jobs: Vec<_> = (0..200).map(|_| (uuid::Uuid::new_v4(), user, 1i64)).collect();
+        let jobs: Vec<_> = (0..200)
+            .map(|_| (uuid::Uuid::new_v4(), user, 1i64))
+            .collect();
         enqueue_consumes(&env, &mut r, &jobs).await;
-        wait_until(T, "the valid consumes behind the hostile entries", || async {
-            (count_requests(&env, "consume").await == 200).then_some(())
-        })
+        wait_until(
+            T,
+            "the valid consumes behind the hostile entries",
+            || async { (count_requests(&env, "consume").await == 200).then_some(()) },
+        )
         .await;
         let rows = wait_until(T, "one dead letter per hostile entry", || async {
             let d = dead_letter_rows(&env).await;
@@ -1170,12 +1174,20 @@ async fn nul_and_non_utf8_entries_are_dead_lettered_exactly_and_never_stop_their
         .await;
         for ((job_type, fields), row) in hostile.iter().zip(&rows) {
             assert_eq!(&row.0, job_type, "{kind:?}: {row:?}");
-            assert_eq!(&kept_fields(row), fields, "{kind:?}: exact bytes kept: {row:?}");
+            assert_eq!(
+                &kept_fields(row),
+                fields,
+                "{kind:?}: exact bytes kept: {row:?}"
+            );
         }
         // The readable view escapes what Postgres cannot hold, and says so (raw_entry set).
         assert!(rows[2].3.is_some() && rows[3].3.is_some() && rows[4].3.is_some());
         assert_eq!(rows[3].2["note"], "a\\u0000b", "{:?}", rows[3]);
-        assert_eq!(rows[4].2["\\xff\\xfename"], "\\xc3( not utf-8", "{:?}", rows[4]);
+        assert_eq!(
+            rows[4].2["\\xff\\xfename"], "\\xc3( not utf-8",
+            "{:?}",
+            rows[4]
+        );
         assert_eq!(rows[4].2["back\\\\slash"], "ok", "{:?}", rows[4]);
         assert!(rows[1].4.contains("unknown field"), "{:?}", rows[1]);
         for (job_type, _) in &hostile {
@@ -1187,7 +1199,11 @@ async fn nul_and_non_utf8_entries_are_dead_lettered_exactly_and_never_stop_their
             })
             .await;
             let names = common::consumers(&mut r, s.as_bytes()).await;
-            assert_eq!(names.len(), 1, "{kind:?} {job_type}: no restarted consumers: {names:?}");
+            assert_eq!(
+                names.len(),
+                1,
+                "{kind:?} {job_type}: no restarted consumers: {names:?}"
+            );
         }
     }
 }
@@ -1295,14 +1311,20 @@ async fn the_unknown_type_sweep_and_prune_survive_nul_values_and_binary_key_name
             .iter()
             .find(|d| d.0 == "\\xff\\xfe")
             .unwrap_or_else(|| panic!("{kind:?}: binary-named stream swept: {rows:?}"));
-        assert!(binary.4.contains("unknown job type '\\xff\\xfe'"), "{binary:?}");
+        assert!(
+            binary.4.contains("unknown job type '\\xff\\xfe'"),
+            "{binary:?}"
+        );
         use base64::Engine as _;
         let raw_stream = binary.3.as_ref().expect("raw_entry")["stream"].clone();
         assert_eq!(
             raw_stream,
             base64::engine::general_purpose::STANDARD.encode(&binary_stream)
         );
-        let nul = rows.iter().find(|d| d.0 == "nul").expect("nul stream swept");
+        let nul = rows
+            .iter()
+            .find(|d| d.0 == "nul")
+            .expect("nul stream swept");
         assert_eq!(kept_fields(nul), vec![(b"f".to_vec(), b"x\x00y".to_vec())]);
         for s in [
             binary_stream.clone(),
@@ -1316,8 +1338,14 @@ async fn the_unknown_type_sweep_and_prune_survive_nul_values_and_binary_key_name
         let p = serde_json::json!({"request_id": rid}).to_string();
         xadd(&mut r, &env.stream("prune"), &[("payload", &p)]).await;
         let rep = blpop(&mut r, &env.reply_key(&rid.to_string())).await;
-        assert!(rep.get("status") != Some(&serde_json::json!("rejected")), "{kind:?}: {rep}");
-        assert!(rep.to_string().contains("streams"), "{kind:?}: prune reply {rep}");
+        assert!(
+            rep.get("status") != Some(&serde_json::json!("rejected")),
+            "{kind:?}: {rep}"
+        );
+        assert!(
+            rep.to_string().contains("streams"),
+            "{kind:?}: prune reply {rep}"
+        );
     }
 }
 
@@ -1330,7 +1358,9 @@ async fn a_wrong_type_reply_key_costs_one_reply_not_the_batch() {
     let mut r = env.redis().await;
     let user = uuid::Uuid::new_v4();
     grant(&env, &mut r, user, 1000).await;
-    let jobs: Vec<_> = (0..300).map(|_| (uuid::Uuid::new_v4(), user, 1i64)).collect();
+    let jobs: Vec<_> = (0..300)
+        .map(|_| (uuid::Uuid::new_v4(), user, 1i64))
+        .collect();
     let victim = jobs[150].0.to_string();
     let _: i64 = redis::cmd("HSET")
         .arg(env.reply_key(&victim))
@@ -1388,7 +1418,11 @@ async fn two_payload_fields_are_refused_and_non_utf8_names_are_kept_and_replayed
             (d.len() == 2).then_some(d)
         })
         .await;
-        assert!(rows[0].4.contains("2 `payload` fields"), "{kind:?}: {:?}", rows[0]);
+        assert!(
+            rows[0].4.contains("2 `payload` fields"),
+            "{kind:?}: {:?}",
+            rows[0]
+        );
         assert_eq!(
             kept_fields(&rows[0]),
             vec![
@@ -1484,7 +1518,10 @@ async fn request_ids_and_amounts_are_read_as_the_schemas_say() {
                 .fetch_one(&env.pool)
                 .await
                 .unwrap();
-        assert_eq!(stored, 0, "{kind:?}: no outcome under a spelling the caller did not use");
+        assert_eq!(
+            stored, 0,
+            "{kind:?}: no outcome under a spelling the caller did not use"
+        );
         for (_, spelled) in &odd {
             let n: i64 = redis::cmd("EXISTS")
                 .arg(env.reply_key(spelled))
@@ -1503,7 +1540,12 @@ async fn readyz_is_not_ready_while_a_stream_is_not_served() {
     let env = TestEnv::new().await;
     let mut r = env.redis().await;
     let s = env.stream("hold_tokens");
-    let _: () = redis::cmd("SET").arg(&s).arg("x").query_async(&mut r).await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&s)
+        .arg("x")
+        .query_async(&mut r)
+        .await
+        .unwrap();
     let port = common::ops::free_port();
     let listen = format!("127.0.0.1:{port}");
     let _w = common::Child::spawn(
@@ -1526,7 +1568,13 @@ async fn readyz_is_not_ready_while_a_stream_is_not_served() {
         .cloned()
         .expect("check");
     assert_eq!(check["ok"], false, "{v}");
-    assert!(check["detail"].as_str().unwrap_or_default().contains("WRONGTYPE"), "{v}");
+    assert!(
+        check["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("WRONGTYPE"),
+        "{v}"
+    );
     let _: i64 = redis::cmd("DEL").arg(&s).query_async(&mut r).await.unwrap();
     wait_until(T, "readyz 200 once the stream is served", || async {
         let (status, _) = common::ops::get(port, "/readyz").await?;
@@ -1601,4 +1649,105 @@ async fn entries_held_by_a_sigkilled_worker_are_served_within_claim_idle_plus_5s
         async move { (common::consumers(&mut r, s.as_bytes()).await.len() == 1).then_some(()) }
     })
     .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad input, generated: the stream-entry decoder and the dead-letter encoding never panic,
+// every refusal has a reason, and a dead letter keeps exactly the bytes it says it keeps.
+// ---------------------------------------------------------------------------------------------
+
+mod generated {
+    use proptest::prelude::*;
+    use tokenwarden::queue::dead_letter::{Kept, Letter, MAX_KEPT_BYTES};
+    use tokenwarden::queue::entry::{StreamEntry, parse_entries};
+
+    /// Cases per property (the report's "cases run").
+    const CASES: u32 = 2000;
+
+    fn bytes() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..24),
+            Just(b"payload".to_vec()),
+            Just(b"enqueued_at".to_vec()),
+            "[ -~]{0,12}".prop_map(String::into_bytes),
+            Just(b"{\"request_id\":\"6f1c2a9e-3b7d-4e2f-9a41-0c5d8e7b1a01\"}".to_vec()),
+        ]
+    }
+
+    fn redis_value() -> impl Strategy<Value = redis::Value> {
+        let leaf = prop_oneof![
+            Just(redis::Value::Nil),
+            any::<i64>().prop_map(redis::Value::Int),
+            bytes().prop_map(redis::Value::BulkString),
+            "[ -~]{0,8}".prop_map(redis::Value::SimpleString),
+        ];
+        leaf.prop_recursive(4, 64, 6, |inner| {
+            proptest::collection::vec(inner, 0..6).prop_map(redis::Value::Array)
+        })
+    }
+
+    fn fields() -> impl Strategy<Value = Vec<(Vec<u8>, Vec<u8>)>> {
+        proptest::collection::vec((bytes(), bytes()), 0..6)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: CASES, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Any reply shape (XREADGROUP / XCLAIM, or garbage) decodes without panicking.
+        #[test]
+        fn any_redis_reply_decodes_without_panic(v in redis_value()) {
+            let _ = parse_entries(v.clone());
+            let _ = tokenwarden::queue::entry::parse_read_reply(v);
+        }
+
+        /// Any fields: the payload is read or refused with a reason; the dead letter written
+        /// down holds no NUL anywhere Postgres would refuse it, its raw form decodes back to
+        /// exactly the fields, and an entry with every field text is stored without raw form.
+        #[test]
+        fn any_entry_is_read_or_refused_with_a_reason_and_kept_exactly(f in fields(), stream in bytes()) {
+            let entry = StreamEntry {
+                job_type: "t".into(),
+                stream: "p:jobs:t".into(),
+                id: "1-0".into(),
+                fields: f.clone(),
+                deliveries: 1,
+            };
+            if let Err(m) = entry.payload() {
+                prop_assert!(!m.reason.trim().is_empty());
+            }
+            let letter = Letter { job_type: b"t", stream: &stream, entry_id: "1-0", fields: &f, deliveries: 1 };
+            let kept = Kept::of(&letter);
+            let map = kept.fields.as_object().unwrap();
+            prop_assert!(map.iter().all(|(k, v)| !k.contains('\0') && !v.as_str().unwrap().contains('\0')), "{map:?}");
+            prop_assert!(!kept.stream.contains('\0') && !kept.job_type.contains('\0'));
+            use base64::Engine as _;
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let back: Vec<(Vec<u8>, Vec<u8>)> = kept.raw["fields"].as_array().unwrap().iter()
+                .map(|p| (b64.decode(p[0].as_str().unwrap()).unwrap(), b64.decode(p[1].as_str().unwrap()).unwrap()))
+                .collect();
+            prop_assert_eq!(&back, &f);
+            prop_assert_eq!(b64.decode(kept.raw["stream"].as_str().unwrap()).unwrap(), stream);
+            let all_text = {
+                let mut seen = std::collections::HashSet::new();
+                f.iter().all(|(k, v)| seen.insert(k.clone())
+                    && std::str::from_utf8(k).is_ok_and(|s| !s.contains('\0'))
+                    && std::str::from_utf8(v).is_ok_and(|s| !s.contains('\0')))
+            };
+            prop_assert_eq!(kept.raw_entry.is_none(), all_text);
+        }
+
+        /// However big an entry is, its dead letter keeps at most MAX_KEPT_BYTES of it and
+        /// counts the rest.
+        #[test]
+        fn a_dead_letter_is_bounded(len in 0usize..(3 * MAX_KEPT_BYTES), names in 1usize..4) {
+            let f: Vec<(Vec<u8>, Vec<u8>)> = (0..names)
+                .map(|i| (format!("f{i}").into_bytes(), vec![b'x'; len / names]))
+                .collect();
+            let total: usize = f.iter().map(|(k, v)| k.len() + v.len()).sum();
+            let kept = Kept::of(&Letter { job_type: b"t", stream: b"s", entry_id: "1-0", fields: &f, deliveries: 1 });
+            let stored: usize = kept.fields.as_object().unwrap().iter().map(|(k, v)| k.len() + v.as_str().unwrap().len()).sum();
+            prop_assert!(stored <= MAX_KEPT_BYTES + 16 * names);
+            prop_assert_eq!(kept.truncated_bytes as usize, total.saturating_sub(MAX_KEPT_BYTES));
+        }
+    }
 }

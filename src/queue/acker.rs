@@ -159,7 +159,9 @@ async fn send(redis: &ConnectionManager, prefix: &str, group: &str, ttl: i64, ac
         sent.push(Sent::Counter);
     }
     for (job_type, ids) in &cleared {
-        pipe.cmd("HDEL").arg(last_error_key(prefix, job_type)).arg(ids);
+        pipe.cmd("HDEL")
+            .arg(last_error_key(prefix, job_type))
+            .arg(ids);
         sent.push(Sent::LastErrors);
     }
     let pipe = &pipe;

@@ -88,15 +88,18 @@ impl Kept {
             truncated += (b.len() - n) as u64;
             b[..n].to_vec()
         };
-        let kept: Vec<(Vec<u8>, Vec<u8>)> =
-            letter.fields.iter().map(|(k, v)| (cut(k), cut(v))).collect();
+        let kept: Vec<(Vec<u8>, Vec<u8>)> = letter
+            .fields
+            .iter()
+            .map(|(k, v)| (cut(k), cut(v)))
+            .collect();
         let (job_type, _) = escape(letter.job_type);
         let (stream, _) = escape(letter.stream);
         let mut names = std::collections::HashSet::new();
         let exact = truncated == 0
-            && kept.iter().all(|(k, v)| {
-                names.insert(k.as_slice()) && is_text(k) && is_text(v)
-            });
+            && kept
+                .iter()
+                .all(|(k, v)| names.insert(k.as_slice()) && is_text(k) && is_text(v));
         let mut map = serde_json::Map::new();
         for (k, v) in &kept {
             let (mut name, value) = if exact {

@@ -312,7 +312,10 @@ impl Reader {
             .arg(&self.cfg.group)
             .query_async(conn)
             .await
-            .map_err(QueueError::redis(format!("XINFO CONSUMERS {}", self.stream)))?;
+            .map_err(QueueError::redis(format!(
+                "XINFO CONSUMERS {}",
+                self.stream
+            )))?;
         let others: Vec<_> = consumers
             .consumers
             .into_iter()
@@ -362,7 +365,10 @@ impl Reader {
                     .arg(&c.name)
                     .query_async(conn)
                     .await
-                    .map_err(QueueError::redis(format!("XPENDING {} {}", self.stream, c.name)))?;
+                    .map_err(QueueError::redis(format!(
+                        "XPENDING {} {}",
+                        self.stream, c.name
+                    )))?;
                 let n = pending.ids.len();
                 let Some(last) = pending.ids.last() else {
                     break;
@@ -450,7 +456,8 @@ impl Reader {
         let (exhausted, retry): (Vec<_>, Vec<_>) =
             items.into_iter().partition(|(_, n)| *n >= limit);
         if !exhausted.is_empty() {
-            self.dead_letter_exhausted(conn, &exhausted, min_idle_ms).await?;
+            self.dead_letter_exhausted(conn, &exhausted, min_idle_ms)
+                .await?;
         }
         if retry.is_empty() {
             return Ok(true);

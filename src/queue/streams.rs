@@ -171,7 +171,11 @@ pub async fn acked_floor<C: ConnectionLike>(
             .arg(&g.name)
             .query_async(conn)
             .await
-            .map_err(QueueError::redis(format!("XPENDING {} {}", shown(stream), g.name)))?;
+            .map_err(QueueError::redis(format!(
+                "XPENDING {} {}",
+                shown(stream),
+                g.name
+            )))?;
         let oldest_pending = match summary {
             StreamPendingReply::Data(d) => StreamId::parse(&d.start_id),
             _ => None,
@@ -263,7 +267,10 @@ pub async fn first_id_from<C: ConnectionLike>(
         .arg(1)
         .query_async(conn)
         .await
-        .map_err(QueueError::redis(format!("XRANGE {} {start}", shown(stream))))?;
+        .map_err(QueueError::redis(format!(
+            "XRANGE {} {start}",
+            shown(stream)
+        )))?;
     Ok(entries.first().and_then(|(id, _)| StreamId::parse(id)))
 }
 

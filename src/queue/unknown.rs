@@ -92,7 +92,11 @@ impl Sweep {
         Ok(total)
     }
 
-    async fn drain(&self, conn: &mut ConnectionManager, stream: &[u8]) -> Result<usize, QueueError> {
+    async fn drain(
+        &self,
+        conn: &mut ConnectionManager,
+        stream: &[u8],
+    ) -> Result<usize, QueueError> {
         let job_type = streams::job_type_of_bytes(&self.prefix, stream).unwrap_or(stream);
         let reason = format!(
             "unknown job type '{}': known types are {}",
@@ -240,4 +244,3 @@ impl Sweep {
         }
     }
 }
-
