@@ -217,14 +217,17 @@ impl Reader {
             if Instant::now() >= next_claim {
                 self.renew_leases(&mut conn).await?;
                 let deadline = Instant::now() + interval;
-                if let Pass::WorkerGone = self.take_over_dead(&mut conn, deadline).await? {
-                    return Ok(());
-                }
-                next_claim = match self.reclaim(&mut conn, deadline).await? {
-                    Pass::WorkerGone => return Ok(()),
-                    Pass::Done => Instant::now() + interval,
+                let dead = self.take_over_dead(&mut conn, deadline).await?;
+                let idle = self.reclaim(&mut conn, deadline).await?;
+                next_claim = match (dead, idle) {
+                    (Pass::WorkerGone, _) | (_, Pass::WorkerGone) => return Ok(()),
                     // Out of time with entries left: read once, then claim again at once.
-                    Pass::MoreLeft => Instant::now(),
+                    (Pass::MoreLeft, _) | (_, Pass::MoreLeft) => Instant::now(),
+                    // A dead consumer still holds entries too recent to take: soon.
+                    (Pass::Soon, _) | (_, Pass::Soon) => {
+                        Instant::now() + interval.min(Duration::from_millis(TAKEOVER_MIN_IDLE_MS))
+                    }
+                    (Pass::Done, Pass::Done) => Instant::now() + interval,
                 };
             }
             self.health.serving();
@@ -333,6 +336,7 @@ impl Reader {
             .await
             .map_err(QueueError::redis("EXISTS consumer heartbeats"))?;
         let min_idle = TAKEOVER_MIN_IDLE_MS.min(self.cfg.claim_idle_ms);
+        let mut outcome = Pass::Done;
         for (c, alive) in others.iter().zip(alive) {
             if alive && !dead_predecessor(&self.consumer, &c.name) {
                 continue;
@@ -353,6 +357,7 @@ impl Reader {
                 continue;
             }
             let mut start = "-".to_string();
+            let mut taken = 0;
             loop {
                 let pending: StreamPendingCountReply = redis::cmd("XPENDING")
                     .arg(self.stream.as_ref())
@@ -370,6 +375,7 @@ impl Reader {
                         self.stream, c.name
                     )))?;
                 let n = pending.ids.len();
+                taken += n;
                 let Some(last) = pending.ids.last() else {
                     break;
                 };
@@ -390,8 +396,11 @@ impl Reader {
                     return Ok(Pass::MoreLeft);
                 }
             }
+            if taken < c.pending {
+                outcome = Pass::Soon;
+            }
         }
-        Ok(Pass::Done)
+        Ok(outcome)
     }
 
     /// Takes over entries idle longer than `claim_idle_ms` (their consumer died, or their
@@ -586,6 +595,8 @@ enum Pass {
     Done,
     /// Its time ran out with entries left: claim again right after one read.
     MoreLeft,
+    /// A dead consumer holds entries not yet idle enough to take: claim again in a second.
+    Soon,
     /// The worker is gone: stop reading.
     WorkerGone,
 }
