@@ -97,6 +97,7 @@ impl Kept {
         let (stream, _) = escape(letter.stream);
         let mut names = std::collections::HashSet::new();
         let exact = truncated == 0
+            && is_text(letter.stream)
             && kept
                 .iter()
                 .all(|(k, v)| names.insert(k.as_slice()) && is_text(k) && is_text(v));
