@@ -1054,6 +1054,9 @@ async fn a_failing_backend_is_restarted_by_the_monitor() {
 // Hostile input (issue 13): what a caller who sends anything Redis accepts can cost.
 // ---------------------------------------------------------------------------------------------
 
+/// An entry's fields as bytes, in order.
+type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// `(job_type, stream, fields, raw_entry, reason)` of every dead letter, oldest entry first.
 type DeadLetterRow = (
     String,
@@ -1074,7 +1077,7 @@ async fn dead_letter_rows(env: &TestEnv) -> Vec<DeadLetterRow> {
 }
 
 /// The exact fields a dead letter kept: from `raw_entry` (base64) when set, else `fields`.
-fn kept_fields(row: &DeadLetterRow) -> Vec<(Vec<u8>, Vec<u8>)> {
+fn kept_fields(row: &DeadLetterRow) -> Fields {
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD;
     match &row.3 {
@@ -1121,7 +1124,7 @@ async fn nul_and_non_utf8_entries_are_dead_lettered_exactly_and_never_stop_their
         let mut r = env.redis().await;
         let user = uuid::Uuid::new_v4();
         grant(&env, &mut r, user, 1000).await;
-        let hostile: Vec<(&str, Vec<(Vec<u8>, Vec<u8>)>)> = vec![
+        let hostile: Vec<(&str, Fields)> = vec![
             (
                 "consume_tokens",
                 vec![(
@@ -1459,7 +1462,7 @@ async fn two_payload_fields_are_refused_and_non_utf8_names_are_kept_and_replayed
             .unwrap();
         let out = env.cli(&["dead-letters", "retry", &id.to_string()]);
         assert!(out.ok, "{}", out.text());
-        let last: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)> = redis::cmd("XREVRANGE")
+        let last: Vec<(String, Fields)> = redis::cmd("XREVRANGE")
             .arg(&s)
             .arg("+")
             .arg("-")

@@ -180,9 +180,12 @@ pub fn bounded_reason(reason: &str) -> String {
     cut
 }
 
+/// A dead letter's stream name and fields, as bytes to XADD again.
+pub type Replay = (Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>);
+
 /// The exact bytes of a dead letter: its stream name and fields, from `raw_entry` when there
 /// is one, else from `fields`. `Err` names what is unusable.
-pub fn replayable(dl: &DeadLetter) -> Result<(Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>), &'static str> {
+pub fn replayable(dl: &DeadLetter) -> Result<Replay, &'static str> {
     if dl.truncated_bytes > 0 {
         return Err("its fields were cut to keep it bounded; the entry is incomplete");
     }
