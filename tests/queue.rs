@@ -1294,6 +1294,35 @@ async fn an_entry_whose_dead_letter_cannot_be_stored_is_quarantined_and_the_stre
             async move { (common::pending_count(&mut r, s.as_bytes()).await == 0).then_some(()) }
         })
         .await;
+        // Once Postgres takes dead letters again, the sweep (every 30 s) moves the entry there.
+        sqlx::query("ALTER TABLE public.dead_letters DROP CONSTRAINT refuse_all")
+            .execute(&env.pool)
+            .await
+            .expect("drop constraint");
+        let rows = wait_until(
+            Duration::from_secs(45),
+            "the quarantined entry dead-lettered",
+            || async {
+                let d = dead_letter_rows(&env).await;
+                (!d.is_empty()).then_some(d)
+            },
+        )
+        .await;
+        assert_eq!(
+            kept_fields(&rows[0]),
+            vec![(b"payload".to_vec(), bad.as_bytes().to_vec())]
+        );
+        assert!(
+            rows[0].4.contains("could not be stored"),
+            "{kind:?}: {:?}",
+            rows[0]
+        );
+        let left: i64 = redis::cmd("HLEN")
+            .arg(&key)
+            .query_async(&mut r)
+            .await
+            .unwrap();
+        assert_eq!(left, 0, "{kind:?}: the quarantine hash is emptied");
         w.stop().await;
     }
 }

@@ -12,7 +12,8 @@
 //!
 //! One stream never stops the sweep: a stream that fails is logged and the next one is swept;
 //! an entry whose dead letter cannot be stored stays pending and is tried again next sweep,
-//! and after [`quarantine::EXTRA_PASSES`] such sweeps it is quarantined in Redis instead.
+//! and after [`quarantine::EXTRA_PASSES`] such sweeps it is quarantined in Redis instead. Each
+//! sweep also moves quarantined entries into the dead-letter store once Postgres takes them.
 
 use std::time::Duration;
 
@@ -79,6 +80,14 @@ impl Sweep {
             })
             .collect();
         let mut total = 0;
+        match quarantine::drain_into_dead_letters(&mut conn, &self.pool, &self.prefix).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                entries = n,
+                "quarantined entries moved into the dead-letter store"
+            ),
+            Err(e) => tracing::warn!(error = %e, "quarantined entries not moved; retrying later"),
+        }
         for stream in unknown {
             match self.drain(&mut conn, &stream).await {
                 Ok(n) => total += n,
