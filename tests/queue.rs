@@ -1454,7 +1454,7 @@ async fn two_payload_fields_are_refused_and_non_utf8_names_are_kept_and_replayed
             &[(b"payload", pa.as_bytes()), (b"payload", pb.as_bytes())],
         )
         .await;
-        common::xadd_bytes(&mut r, s.as_bytes(), &[(b"\xffname", b"v\xfe")]).await;
+        let binary_id = common::xadd_bytes(&mut r, s.as_bytes(), &[(b"\xffname", b"v\xfe")]).await;
         let rows = wait_until(T, "two dead letters", || async {
             let d = dead_letter_rows(&env).await;
             (d.len() == 2).then_some(d)
@@ -1485,7 +1485,8 @@ async fn two_payload_fields_are_refused_and_non_utf8_names_are_kept_and_replayed
             kept_fields(&rows[1]),
             vec![(b"\xffname".to_vec(), b"v\xfe".to_vec())]
         );
-        let id: i64 = sqlx::query_scalar("SELECT max(id) FROM dead_letters")
+        let id: i64 = sqlx::query_scalar("SELECT id FROM dead_letters WHERE entry_id = $1")
+            .bind(&binary_id)
             .fetch_one(&env.pool)
             .await
             .unwrap();

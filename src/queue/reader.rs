@@ -218,6 +218,9 @@ impl Reader {
                 self.renew_leases(&mut conn).await?;
                 let deadline = Instant::now() + interval;
                 let dead = self.take_over_dead(&mut conn, deadline).await?;
+                if let Pass::WorkerGone = dead {
+                    return Ok(());
+                }
                 let idle = self.reclaim(&mut conn, deadline).await?;
                 next_claim = match (dead, idle) {
                     (Pass::WorkerGone, _) | (_, Pass::WorkerGone) => return Ok(()),
