@@ -4,7 +4,8 @@
 //! indexer, the queue consumers and the maintenance jobs can take it without importing the
 //! layer that wires them together.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +23,49 @@ pub struct AppContext {
     pub redis: redis::aio::ConnectionManager,
     /// Cancelled when the process should stop taking new work.
     pub shutdown: CancellationToken,
+    /// What long-running parts report about themselves, for `/readyz`.
+    pub readiness: Readiness,
+}
+
+/// Self-reports of long-running parts (e.g. one per queue stream), read by `/readyz`. A part
+/// that never reported is not listed; one that reported a failure stays not ready until it
+/// reports being fine again.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    parts: Arc<Mutex<BTreeMap<String, PartState>>>,
+}
+
+/// One part's last self-report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartState {
+    pub ok: bool,
+    pub detail: String,
+}
+
+impl Readiness {
+    /// Records that `part` works; `detail` says how.
+    pub fn report_ok(&self, part: &str, detail: impl Into<String>) {
+        self.set(part, true, detail.into());
+    }
+
+    /// Records that `part` does not work, and why.
+    pub fn report_failing(&self, part: &str, detail: impl Into<String>) {
+        self.set(part, false, detail.into());
+    }
+
+    fn set(&self, part: &str, ok: bool, detail: String) {
+        if let Ok(mut parts) = self.parts.lock() {
+            parts.insert(part.to_string(), PartState { ok, detail });
+        }
+    }
+
+    /// Every part's last report, by name.
+    pub fn snapshot(&self) -> Vec<(String, PartState)> {
+        match self.parts.lock() {
+            Ok(parts) => parts.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
 }
 
 impl AppContext {
@@ -35,6 +79,7 @@ impl AppContext {
             pool,
             redis,
             shutdown: CancellationToken::new(),
+            readiness: Readiness::default(),
         })
     }
 }

@@ -1049,3 +1049,749 @@ async fn a_failing_backend_is_restarted_by_the_monitor() {
     );
     w.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Hostile input (issue 13): what a caller who sends anything Redis accepts can cost.
+// ---------------------------------------------------------------------------------------------
+
+/// An entry's fields as bytes, in order.
+type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// `(job_type, stream, fields, raw_entry, reason)` of every dead letter, oldest entry first.
+type DeadLetterRow = (
+    String,
+    String,
+    serde_json::Value,
+    Option<serde_json::Value>,
+    String,
+);
+
+async fn dead_letter_rows(env: &TestEnv) -> Vec<DeadLetterRow> {
+    sqlx::query_as(
+        "SELECT job_type, stream, fields, raw_entry, reason FROM dead_letters
+         ORDER BY split_part(entry_id, '-', 1)::bigint, split_part(entry_id, '-', 2)::bigint, id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .expect("dead letters")
+}
+
+/// The exact fields a dead letter kept: from `raw_entry` (base64) when set, else `fields`.
+fn kept_fields(row: &DeadLetterRow) -> Fields {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    match &row.3 {
+        Some(raw) => raw["fields"]
+            .as_array()
+            .expect("raw_entry.fields")
+            .iter()
+            .map(|p| {
+                (
+                    b64.decode(p[0].as_str().expect("b64")).expect("name"),
+                    b64.decode(p[1].as_str().expect("b64")).expect("value"),
+                )
+            })
+            .collect(),
+        None => row
+            .2
+            .as_object()
+            .expect("fields object")
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_bytes().to_vec(),
+                    v.as_str().expect("text").as_bytes().to_vec(),
+                )
+            })
+            .collect(),
+    }
+}
+
+/// A NUL (escaped in JSON or raw) or bytes that are not UTF-8, in a payload, a field name or
+/// another field: each entry is one dead letter that keeps its exact bytes, nothing stays
+/// pending, no consumer restarts (no stale consumers), and the valid entries behind them are
+/// served. Before the fix the dead-letter insert failed (22021 / "unsupported Unicode escape
+/// sequence"), the entry looped past the delivery limit and restarted its consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_and_non_utf8_entries_are_dead_lettered_exactly_and_never_stop_their_stream() {
+    for kind in common::DbKind::ALL {
+        let env = TestEnv::on(kind).await;
+        let fast = [
+            ("TOKENWARDEN__QUEUE__CLAIM_IDLE_MS", "300"),
+            ("TOKENWARDEN__QUEUE__MAX_DELIVERIES", "2"),
+        ];
+        let _w = common::Child::spawn(&env, &["run"], &fast);
+        let mut r = env.redis().await;
+        let user = uuid::Uuid::new_v4();
+        grant(&env, &mut r, user, 1000).await;
+        let hostile: Vec<(&str, Fields)> = vec![
+            (
+                "consume_tokens",
+                vec![(
+                    b"payload".to_vec(),
+                    format!(
+                        r#"{{"request_id":"\u0000","user_id":"{user}","amount":1,"operation_type":"x"}}"#
+                    )
+                    .into_bytes(),
+                )],
+            ),
+            (
+                "grant_tokens",
+                vec![(b"payload".to_vec(), br#"{"x\u0000":1}"#.to_vec())],
+            ),
+            (
+                "hold_tokens",
+                vec![(b"payload".to_vec(), b"{\"a\":\"\x00\"}".to_vec())],
+            ),
+            ("settle_hold", vec![(b"note".to_vec(), b"a\x00b".to_vec())]),
+            (
+                "release_hold",
+                vec![
+                    (b"\xff\xfename".to_vec(), b"\xc3\x28 not utf-8".to_vec()),
+                    (b"back\\slash".to_vec(), b"ok".to_vec()),
+                ],
+            ),
+        ];
+        for (job_type, fields) in &hostile {
+            let f: Vec<(&[u8], &[u8])> = fields
+                .iter()
+                .map(|(k, v)| (k.as_slice(), v.as_slice()))
+                .collect();
+            common::xadd_bytes(&mut r, env.stream(job_type).as_bytes(), &f).await;
+        }
+        // Valid work behind the hostile entries is served.
+        let jobs: Vec<_> = (0..200)
+            .map(|_| (uuid::Uuid::new_v4(), user, 1i64))
+            .collect();
+        enqueue_consumes(&env, &mut r, &jobs).await;
+        wait_until(
+            T,
+            "the valid consumes behind the hostile entries",
+            || async { (count_requests(&env, "consume").await == 200).then_some(()) },
+        )
+        .await;
+        let all = wait_until(T, "one dead letter per hostile entry", || async {
+            let d = dead_letter_rows(&env).await;
+            (d.len() == hostile.len()).then_some(d)
+        })
+        .await;
+        // In the order of `hostile` (entries of different streams may share an id).
+        let rows: Vec<DeadLetterRow> = hostile
+            .iter()
+            .map(|(t, _)| {
+                all.iter()
+                    .find(|d| d.0 == *t)
+                    .cloned()
+                    .unwrap_or_else(|| panic!("{kind:?}: no dead letter for {t}: {all:?}"))
+            })
+            .collect();
+        for ((job_type, fields), row) in hostile.iter().zip(&rows) {
+            assert_eq!(&row.0, job_type, "{kind:?}: {row:?}");
+            assert_eq!(
+                &kept_fields(row),
+                fields,
+                "{kind:?}: exact bytes kept: {row:?}"
+            );
+        }
+        // The readable view escapes what Postgres cannot hold, and says so (raw_entry set).
+        assert!(rows[2].3.is_some() && rows[3].3.is_some() && rows[4].3.is_some());
+        assert_eq!(rows[3].2["note"], "a\\u0000b", "{:?}", rows[3]);
+        assert_eq!(
+            rows[4].2["\\xff\\xfename"], "\\xc3( not utf-8",
+            "{:?}",
+            rows[4]
+        );
+        assert_eq!(rows[4].2["back\\\\slash"], "ok", "{:?}", rows[4]);
+        assert!(rows[1].4.contains("unknown field"), "{:?}", rows[1]);
+        for (job_type, _) in &hostile {
+            let s = env.stream(job_type);
+            wait_until(T, "nothing pending", || {
+                let mut r = r.clone();
+                let s = s.clone();
+                async move { (common::pending_count(&mut r, s.as_bytes()).await == 0).then_some(()) }
+            })
+            .await;
+            let names = common::consumers(&mut r, s.as_bytes()).await;
+            assert_eq!(
+                names.len(),
+                1,
+                "{kind:?} {job_type}: no restarted consumers: {names:?}"
+            );
+        }
+    }
+}
+
+/// When even the dead letter cannot be stored (here a CHECK constraint refuses every row), the
+/// entry is retried a bounded number of passes, then kept in the Redis quarantine hash with its
+/// reason and exact bytes and acknowledged; the stream keeps serving other entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_whose_dead_letter_cannot_be_stored_is_quarantined_and_the_stream_moves_on() {
+    use base64::Engine as _;
+    for kind in common::DbKind::ALL {
+        let env = TestEnv::on(kind).await;
+        sqlx::query(
+            "ALTER TABLE public.dead_letters ADD CONSTRAINT refuse_all CHECK (false) NOT VALID",
+        )
+        .execute(&env.pool)
+        .await
+        .expect("constraint");
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mut reg = JobRegistry::new();
+        reg.register(Echo {
+            calls: calls.clone(),
+        });
+        let cfg = config(
+            &env,
+            &[
+                ("TOKENWARDEN__QUEUE__CLAIM_IDLE_MS", "150"),
+                ("TOKENWARDEN__QUEUE__BLOCK_MS", "50"),
+                ("TOKENWARDEN__QUEUE__MAX_DELIVERIES", "2"),
+            ],
+        );
+        let w = InProcess::start(cfg, reg).await;
+        let mut r = env.redis().await;
+        let s = env.stream("cleanup_locks");
+        let bad = r#"{"bad":true}"#;
+        let id = xadd(&mut r, &s, &[("payload", bad)]).await;
+        let rid = uuid::Uuid::new_v4().to_string();
+        xadd(
+            &mut r,
+            &s,
+            &[("payload", &format!(r#"{{"request_id":"{rid}"}}"#))],
+        )
+        .await;
+        let rep = blpop(&mut r, &env.reply_key(&rid)).await;
+        assert_eq!(rep["echo"]["request_id"], rid.as_str());
+        let key = format!("{}:quarantine:cleanup_locks", env.redis_prefix);
+        let kept: String = wait_until(T, "the entry quarantined", || {
+            let mut r = r.clone();
+            let key = key.clone();
+            let id = id.clone();
+            async move {
+                redis::cmd("HGET")
+                    .arg(&key)
+                    .arg(&id)
+                    .query_async::<Option<String>>(&mut r)
+                    .await
+                    .ok()
+                    .flatten()
+            }
+        })
+        .await;
+        let kept: serde_json::Value = serde_json::from_str(&kept).expect("quarantine JSON");
+        let reason = kept["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("bad is not allowed"), "{kind:?}: {kept}");
+        assert!(reason.contains("could not be stored"), "{kind:?}: {kept}");
+        let b64 = base64::engine::general_purpose::STANDARD;
+        assert_eq!(
+            kept["raw_entry"]["fields"][0],
+            serde_json::json!([b64.encode("payload"), b64.encode(bad)]),
+            "{kind:?}: {kept}"
+        );
+        wait_until(T, "nothing pending", || {
+            let mut r = r.clone();
+            let s = s.clone();
+            async move { (common::pending_count(&mut r, s.as_bytes()).await == 0).then_some(()) }
+        })
+        .await;
+        // Once Postgres takes dead letters again, the sweep (every 30 s) moves the entry there.
+        sqlx::query("ALTER TABLE public.dead_letters DROP CONSTRAINT refuse_all")
+            .execute(&env.pool)
+            .await
+            .expect("drop constraint");
+        let rows = wait_until(
+            Duration::from_secs(45),
+            "the quarantined entry dead-lettered",
+            || async {
+                let d = dead_letter_rows(&env).await;
+                (!d.is_empty()).then_some(d)
+            },
+        )
+        .await;
+        assert_eq!(
+            kept_fields(&rows[0]),
+            vec![(b"payload".to_vec(), bad.as_bytes().to_vec())]
+        );
+        assert!(
+            rows[0].4.contains("could not be stored"),
+            "{kind:?}: {:?}",
+            rows[0]
+        );
+        let left: i64 = redis::cmd("HLEN")
+            .arg(&key)
+            .query_async(&mut r)
+            .await
+            .unwrap();
+        assert_eq!(left, 0, "{kind:?}: the quarantine hash is emptied");
+        w.stop().await;
+    }
+}
+
+/// The unknown-type sweep is not stopped by a NUL in a field value nor by a stream whose key is
+/// not UTF-8 (SCAN used to fail on it), and neither is `prune`, which lists the same streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unknown_type_sweep_and_prune_survive_nul_values_and_binary_key_names() {
+    for kind in common::DbKind::ALL {
+        let env = TestEnv::on(kind).await;
+        let mut r = env.redis().await;
+        let binary_stream = [env.stream("").as_bytes(), b"\xff\xfe"].concat();
+        common::xadd_bytes(&mut r, &binary_stream, &[(b"payload", b"{}")]).await;
+        common::xadd_bytes(&mut r, env.stream("nul").as_bytes(), &[(b"f", b"x\x00y")]).await;
+        let rid = uuid::Uuid::new_v4();
+        let p = serde_json::json!({"request_id": rid}).to_string();
+        xadd(&mut r, &env.stream("no_such_job"), &[("payload", &p)]).await;
+        let _w = common::Child::spawn(&env, &["run"], &[]);
+
+        let rep = blpop(&mut r, &env.reply_key(&rid.to_string())).await;
+        assert_eq!(rep["status"], "rejected", "{kind:?}: {rep}");
+        let rows = wait_until(T, "three dead letters", || async {
+            let d = dead_letter_rows(&env).await;
+            (d.len() == 3).then_some(d)
+        })
+        .await;
+        let binary = rows
+            .iter()
+            .find(|d| d.0 == "\\xff\\xfe")
+            .unwrap_or_else(|| panic!("{kind:?}: binary-named stream swept: {rows:?}"));
+        assert!(
+            binary.4.contains("unknown job type '\\xff\\xfe'"),
+            "{binary:?}"
+        );
+        use base64::Engine as _;
+        let raw_stream = binary.3.as_ref().expect("raw_entry")["stream"].clone();
+        assert_eq!(
+            raw_stream,
+            base64::engine::general_purpose::STANDARD.encode(&binary_stream)
+        );
+        let nul = rows
+            .iter()
+            .find(|d| d.0 == "nul")
+            .expect("nul stream swept");
+        assert_eq!(kept_fields(nul), vec![(b"f".to_vec(), b"x\x00y".to_vec())]);
+        for s in [
+            binary_stream.clone(),
+            env.stream("nul").into_bytes(),
+            env.stream("no_such_job").into_bytes(),
+        ] {
+            assert_eq!(common::pending_count(&mut r, &s).await, 0, "{kind:?}");
+        }
+        // prune lists the job streams with SCAN too: it answers instead of failing.
+        let rid = uuid::Uuid::new_v4();
+        let p = serde_json::json!({"request_id": rid}).to_string();
+        xadd(&mut r, &env.stream("prune"), &[("payload", &p)]).await;
+        let rep = blpop(&mut r, &env.reply_key(&rid.to_string())).await;
+        assert!(
+            rep.get("status") != Some(&serde_json::json!("rejected")),
+            "{kind:?}: {rep}"
+        );
+        assert!(
+            rep.to_string().contains("streams"),
+            "{kind:?}: prune reply {rep}"
+        );
+    }
+}
+
+/// A key of the wrong type at one caller's reply list costs that one reply: the other callers
+/// of the same ack pipeline get exactly one reply each and every entry is acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_type_reply_key_costs_one_reply_not_the_batch() {
+    let env = TestEnv::new().await;
+    let _w = common::Child::spawn(&env, &["run"], &[]);
+    let mut r = env.redis().await;
+    let user = uuid::Uuid::new_v4();
+    grant(&env, &mut r, user, 1000).await;
+    let jobs: Vec<_> = (0..300)
+        .map(|_| (uuid::Uuid::new_v4(), user, 1i64))
+        .collect();
+    let victim = jobs[150].0.to_string();
+    let _: i64 = redis::cmd("HSET")
+        .arg(env.reply_key(&victim))
+        .arg("a")
+        .arg("b")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    enqueue_consumes(&env, &mut r, &jobs).await;
+    wait_all_consumed(&env, &r, 300).await;
+    for (rid, _, _) in &jobs {
+        let rid = rid.to_string();
+        if rid == victim {
+            continue;
+        }
+        let n: i64 = redis::cmd("LLEN")
+            .arg(env.reply_key(&rid))
+            .query_async(&mut r)
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "caller {rid} got exactly one reply");
+    }
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM ledger_requests WHERE request_id = $1")
+            .bind(jobs[150].0)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "consumed", "the victim's outcome is stored");
+}
+
+/// Two `payload` fields are ambiguous: the entry is refused (neither payload applied) and the
+/// dead letter keeps both, in order, so `dead-letters retry` replays what was refused. A field
+/// name that is not UTF-8 is kept too, and retry puts back the exact bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_payload_fields_are_refused_and_non_utf8_names_are_kept_and_replayed() {
+    for kind in common::DbKind::ALL {
+        let env = TestEnv::on(kind).await;
+        let _w = common::Child::spawn(&env, &["run"], &[]);
+        let mut r = env.redis().await;
+        let user = uuid::Uuid::new_v4();
+        grant(&env, &mut r, user, 100).await;
+        let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        let (pa, pb) = (consume_payload(a, user, 1), consume_payload(b, user, 2));
+        let s = env.stream("consume_tokens");
+        common::xadd_bytes(
+            &mut r,
+            s.as_bytes(),
+            &[(b"payload", pa.as_bytes()), (b"payload", pb.as_bytes())],
+        )
+        .await;
+        let binary_id = common::xadd_bytes(&mut r, s.as_bytes(), &[(b"\xffname", b"v\xfe")]).await;
+        let rows = wait_until(T, "two dead letters", || async {
+            let d = dead_letter_rows(&env).await;
+            (d.len() == 2).then_some(d)
+        })
+        .await;
+        assert!(
+            rows[0].4.contains("2 `payload` fields"),
+            "{kind:?}: {:?}",
+            rows[0]
+        );
+        assert_eq!(
+            kept_fields(&rows[0]),
+            vec![
+                (b"payload".to_vec(), pa.clone().into_bytes()),
+                (b"payload".to_vec(), pb.clone().into_bytes())
+            ]
+        );
+        assert_eq!(rows[0].2["payload"], pa.as_str());
+        assert_eq!(rows[0].2["payload#2"], pb.as_str());
+        let applied: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM ledger_requests WHERE request_id = ANY($1)")
+                .bind(vec![a, b])
+                .fetch_one(&env.pool)
+                .await
+                .unwrap();
+        assert_eq!(applied, 0, "{kind:?}: neither payload applied");
+        assert_eq!(
+            kept_fields(&rows[1]),
+            vec![(b"\xffname".to_vec(), b"v\xfe".to_vec())]
+        );
+        let id: i64 = sqlx::query_scalar("SELECT id FROM dead_letters WHERE entry_id = $1")
+            .bind(&binary_id)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+        let out = env.cli(&["dead-letters", "retry", &id.to_string()]);
+        assert!(out.ok, "{}", out.text());
+        let last: Vec<(String, Fields)> = redis::cmd("XREVRANGE")
+            .arg(&s)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut r)
+            .await
+            .unwrap();
+        assert_eq!(
+            last[0].1,
+            vec![(b"\xffname".to_vec(), b"v\xfe".to_vec())],
+            "{kind:?}: retry replays the exact bytes"
+        );
+    }
+}
+
+/// The worker reads request ids as the schemas write them: a braced, `urn:uuid:` or 32-digit
+/// spelling is refused (no outcome stored under the canonical id, no reply to a key the caller
+/// does not wait on), and `amount` 2.0 / 1e2, valid integers in JSON Schema, are applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_and_amounts_are_read_as_the_schemas_say() {
+    for kind in common::DbKind::ALL {
+        let env = TestEnv::on(kind).await;
+        let _w = common::Child::spawn(&env, &["run"], &[]);
+        let mut r = env.redis().await;
+        let user = uuid::Uuid::new_v4();
+        grant(&env, &mut r, user, 1000).await;
+        let s = env.stream("consume_tokens");
+        let odd: Vec<(uuid::Uuid, String)> = (0..3)
+            .map(|i| {
+                let id = uuid::Uuid::new_v4();
+                let spelled = match i {
+                    0 => format!("{{{id}}}"),
+                    1 => format!("urn:uuid:{id}"),
+                    _ => id.simple().to_string(),
+                };
+                (id, spelled)
+            })
+            .collect();
+        for (_, spelled) in &odd {
+            let p = serde_json::json!({"request_id": spelled, "user_id": user, "amount": 1, "operation_type": "x"});
+            xadd(&mut r, &s, &[("payload", &p.to_string())]).await;
+        }
+        let mut rids = Vec::new();
+        for amount in ["2.0", "1e2"] {
+            let rid = uuid::Uuid::new_v4();
+            let p = format!(
+                r#"{{"request_id":"{rid}","user_id":"{user}","amount":{amount},"operation_type":"x"}}"#
+            );
+            xadd(&mut r, &s, &[("payload", &p)]).await;
+            rids.push(rid);
+        }
+        for (rid, want) in rids.iter().zip([998, 898]) {
+            let rep = blpop(&mut r, &env.reply_key(&rid.to_string())).await;
+            assert_eq!(rep["status"], "consumed", "{kind:?}: {rep}");
+            assert_eq!(rep["balance"], want, "{kind:?}: {rep}");
+        }
+        wait_until(T, "three dead letters", || async {
+            (dead_letter_rows(&env).await.len() == 3).then_some(())
+        })
+        .await;
+        let ids: Vec<uuid::Uuid> = odd.iter().map(|o| o.0).collect();
+        let stored: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM ledger_requests WHERE request_id = ANY($1)")
+                .bind(&ids)
+                .fetch_one(&env.pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            stored, 0,
+            "{kind:?}: no outcome under a spelling the caller did not use"
+        );
+        for (_, spelled) in &odd {
+            let n: i64 = redis::cmd("EXISTS")
+                .arg(env.reply_key(spelled))
+                .query_async(&mut r)
+                .await
+                .unwrap();
+            assert_eq!(n, 0, "{kind:?}: no reply list for {spelled}");
+        }
+    }
+}
+
+/// `/readyz` says not ready while a job type's stream is not served (a key of the wrong type at
+/// its name makes its consumer fail and restart), and ready again once it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_not_ready_while_a_stream_is_not_served() {
+    let env = TestEnv::new().await;
+    let mut r = env.redis().await;
+    let s = env.stream("hold_tokens");
+    let _: () = redis::cmd("SET")
+        .arg(&s)
+        .arg("x")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let port = common::ops::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _w = common::Child::spawn(
+        &env,
+        &["run"],
+        &[
+            ("TOKENWARDEN__HTTP__ENABLED", "true"),
+            ("TOKENWARDEN__HTTP__LISTEN", &listen),
+        ],
+    );
+    let body = wait_until(T, "readyz 503 naming queue:hold_tokens", || async {
+        let (status, body) = common::ops::get(port, "/readyz").await?;
+        (status == 503 && body.contains("queue:hold_tokens")).then_some(body)
+    })
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let check = v["checks"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "queue:hold_tokens"))
+        .cloned()
+        .expect("check");
+    assert_eq!(check["ok"], false, "{v}");
+    assert!(
+        check["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("WRONGTYPE"),
+        "{v}"
+    );
+    let _: i64 = redis::cmd("DEL").arg(&s).query_async(&mut r).await.unwrap();
+    wait_until(T, "readyz 200 once the stream is served", || async {
+        let (status, _) = common::ops::get(port, "/readyz").await?;
+        (status == 200).then_some(())
+    })
+    .await;
+}
+
+/// Everything a SIGKILLed worker held is served again within `claim_idle_ms` + 5 s of the
+/// restart: the restarted process takes over its dead predecessor's entries at once and claim
+/// passes loop until nothing is left. The dead consumer is then removed from the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_held_by_a_sigkilled_worker_are_served_within_claim_idle_plus_5s() {
+    let env = TestEnv::new().await;
+    let claim_idle_ms = 30_000u64;
+    let mut w = common::Child::spawn(&env, &["run"], &[]);
+    let mut r = env.redis().await;
+    let user = uuid::Uuid::new_v4();
+    let granted = 1_000_000;
+    grant(&env, &mut r, user, granted).await;
+    let jobs = random_jobs(user, 20_000);
+    enqueue_consumes(&env, &mut r, &jobs).await;
+    let s = env.stream("consume_tokens");
+    wait_until(T, "jobs applied", || async {
+        (count_requests(&env, "consume").await >= 2_000).then_some(())
+    })
+    .await;
+    w.signal("KILL");
+    w.wait_exit(T);
+    let held: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(&s)
+        .arg("tokenwarden")
+        .arg("-")
+        .arg("+")
+        .arg(100_000)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert!(!held.is_empty(), "the killed worker held entries");
+    let held: std::collections::HashSet<String> = held.into_iter().map(|p| p.0).collect();
+    let started = std::time::Instant::now();
+    let _w2 = common::Child::spawn(&env, &["run"], &[]);
+    let deadline = Duration::from_millis(claim_idle_ms) + Duration::from_secs(5);
+    wait_until(deadline, "every held entry served again", || {
+        let mut r = r.clone();
+        let s = s.clone();
+        let held = &held;
+        async move {
+            let still: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+                .arg(&s)
+                .arg("tokenwarden")
+                .arg("-")
+                .arg("+")
+                .arg(100_000)
+                .query_async(&mut r)
+                .await
+                .ok()?;
+            (!still.iter().any(|p| held.contains(&p.0))).then_some(())
+        }
+    })
+    .await;
+    eprintln!(
+        "recovery: {} entries held by the killed worker served again {:?} after the restart",
+        held.len(),
+        started.elapsed()
+    );
+    wait_all_consumed(&env, &r, 20_000).await;
+    assert_exact(&env, user, granted, &jobs).await;
+    wait_until(T, "the dead consumer removed", || {
+        let mut r = r.clone();
+        let s = s.clone();
+        async move { (common::consumers(&mut r, s.as_bytes()).await.len() == 1).then_some(()) }
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad input, generated: the stream-entry decoder and the dead-letter encoding never panic,
+// every refusal has a reason, and a dead letter keeps exactly the bytes it says it keeps.
+// ---------------------------------------------------------------------------------------------
+
+mod generated {
+    use proptest::prelude::*;
+    use tokenwarden::queue::dead_letter::{Kept, Letter, MAX_KEPT_BYTES};
+    use tokenwarden::queue::entry::{StreamEntry, parse_entries};
+
+    /// Cases per property (the report's "cases run").
+    const CASES: u32 = 2000;
+
+    fn bytes() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..24),
+            Just(b"payload".to_vec()),
+            Just(b"enqueued_at".to_vec()),
+            "[ -~]{0,12}".prop_map(String::into_bytes),
+            Just(b"{\"request_id\":\"6f1c2a9e-3b7d-4e2f-9a41-0c5d8e7b1a01\"}".to_vec()),
+        ]
+    }
+
+    fn redis_value() -> impl Strategy<Value = redis::Value> {
+        let leaf = prop_oneof![
+            Just(redis::Value::Nil),
+            any::<i64>().prop_map(redis::Value::Int),
+            bytes().prop_map(redis::Value::BulkString),
+            "[ -~]{0,8}".prop_map(redis::Value::SimpleString),
+        ];
+        leaf.prop_recursive(4, 64, 6, |inner| {
+            proptest::collection::vec(inner, 0..6).prop_map(redis::Value::Array)
+        })
+    }
+
+    fn fields() -> impl Strategy<Value = Vec<(Vec<u8>, Vec<u8>)>> {
+        proptest::collection::vec((bytes(), bytes()), 0..6)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: CASES, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Any reply shape (XREADGROUP / XCLAIM, or garbage) decodes without panicking.
+        #[test]
+        fn any_redis_reply_decodes_without_panic(v in redis_value()) {
+            let _ = parse_entries(v.clone());
+            let _ = tokenwarden::queue::entry::parse_read_reply(v);
+        }
+
+        /// Any fields: the payload is read or refused with a reason; the dead letter written
+        /// down holds no NUL anywhere Postgres would refuse it, its raw form decodes back to
+        /// exactly the fields, and an entry with every field text is stored without raw form.
+        #[test]
+        fn any_entry_is_read_or_refused_with_a_reason_and_kept_exactly(f in fields(), stream in bytes()) {
+            let entry = StreamEntry {
+                job_type: "t".into(),
+                stream: "p:jobs:t".into(),
+                id: "1-0".into(),
+                fields: f.clone(),
+                deliveries: 1,
+            };
+            if let Err(m) = entry.payload() {
+                prop_assert!(!m.reason.trim().is_empty());
+            }
+            let letter = Letter { job_type: b"t", stream: &stream, entry_id: "1-0", fields: &f, deliveries: 1 };
+            let kept = Kept::of(&letter);
+            let map = kept.fields.as_object().unwrap();
+            prop_assert!(map.iter().all(|(k, v)| !k.contains('\0') && !v.as_str().unwrap().contains('\0')), "{map:?}");
+            prop_assert!(!kept.stream.contains('\0') && !kept.job_type.contains('\0'));
+            use base64::Engine as _;
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let back: Vec<(Vec<u8>, Vec<u8>)> = kept.raw["fields"].as_array().unwrap().iter()
+                .map(|p| (b64.decode(p[0].as_str().unwrap()).unwrap(), b64.decode(p[1].as_str().unwrap()).unwrap()))
+                .collect();
+            prop_assert_eq!(&back, &f);
+            prop_assert_eq!(&b64.decode(kept.raw["stream"].as_str().unwrap()).unwrap(), &stream);
+            let all_text = {
+                let mut seen = std::collections::HashSet::new();
+                f.iter().all(|(k, v)| seen.insert(k.clone())
+                    && std::str::from_utf8(k).is_ok_and(|s| !s.contains('\0'))
+                    && std::str::from_utf8(v).is_ok_and(|s| !s.contains('\0')))
+            };
+            let stream_text = std::str::from_utf8(&stream).is_ok_and(|s| !s.contains('\0'));
+            prop_assert_eq!(kept.raw_entry.is_none(), all_text && stream_text);
+        }
+
+        /// However big an entry is, its dead letter keeps at most MAX_KEPT_BYTES of it and
+        /// counts the rest.
+        #[test]
+        fn a_dead_letter_is_bounded(len in 0usize..(3 * MAX_KEPT_BYTES), names in 1usize..4) {
+            let f: Vec<(Vec<u8>, Vec<u8>)> = (0..names)
+                .map(|i| (format!("f{i}").into_bytes(), vec![b'x'; len / names]))
+                .collect();
+            let total: usize = f.iter().map(|(k, v)| k.len() + v.len()).sum();
+            let kept = Kept::of(&Letter { job_type: b"t", stream: b"s", entry_id: "1-0", fields: &f, deliveries: 1 });
+            let stored: usize = kept.fields.as_object().unwrap().iter().map(|(k, v)| k.len() + v.as_str().unwrap().len()).sum();
+            prop_assert!(stored <= MAX_KEPT_BYTES + 16 * names);
+            prop_assert_eq!(kept.truncated_bytes as usize, total.saturating_sub(MAX_KEPT_BYTES));
+        }
+    }
+}

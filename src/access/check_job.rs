@@ -19,7 +19,9 @@ use crate::queue::job::{JobError, JobFuture, JobHandler};
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Payload {
+    #[serde(deserialize_with = "crate::queue::entry::hyphenated_uuid")]
     request_id: Uuid,
+    #[serde(deserialize_with = "crate::queue::entry::hyphenated_uuid")]
     user_id: Uuid,
     #[serde(default)]
     creator_id: Option<String>,

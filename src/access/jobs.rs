@@ -25,7 +25,9 @@ pub const MAX_SIGNATURE_HEX: usize = 8192;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LinkPayload {
+    #[serde(deserialize_with = "crate::queue::entry::hyphenated_uuid")]
     request_id: Uuid,
+    #[serde(deserialize_with = "crate::queue::entry::hyphenated_uuid")]
     user_id: Uuid,
     message: String,
     signature: String,
@@ -34,7 +36,9 @@ struct LinkPayload {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UnlinkPayload {
+    #[serde(deserialize_with = "crate::queue::entry::hyphenated_uuid")]
     request_id: Uuid,
+    #[serde(deserialize_with = "crate::queue::entry::hyphenated_uuid")]
     user_id: Uuid,
     address: String,
 }

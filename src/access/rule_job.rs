@@ -20,6 +20,7 @@ enum Action {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Payload {
+    #[serde(deserialize_with = "crate::queue::entry::hyphenated_uuid")]
     request_id: Uuid,
     action: Action,
     creator_id: String,

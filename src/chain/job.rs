@@ -17,7 +17,7 @@ use crate::queue::job::{JobError, JobFuture, JobHandler};
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Payload {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::queue::entry::hyphenated_uuid_opt")]
     request_id: Option<Uuid>,
     chain_id: u64,
     address: Address,

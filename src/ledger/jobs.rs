@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use super::batcher::{BatchError, Batcher};
 use super::{Credits, LedgerOp, OutcomeStatus, RejectedRequest, RequestId, UserId};
+use crate::queue::entry::{hyphenated_uuid, is_hyphenated_uuid};
 use crate::queue::{JobError, JobFuture, JobHandler, JobRegistry, Rejected};
 
 /// Which ledger operation a job type carries.
@@ -62,7 +63,9 @@ impl LedgerJobKind {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConsumePayload {
+    #[serde(deserialize_with = "hyphenated_uuid")]
     request_id: Uuid,
+    #[serde(deserialize_with = "hyphenated_uuid")]
     user_id: Uuid,
     amount: Credits,
     operation_type: String,
@@ -73,7 +76,9 @@ struct ConsumePayload {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct GrantPayload {
+    #[serde(deserialize_with = "hyphenated_uuid")]
     request_id: Uuid,
+    #[serde(deserialize_with = "hyphenated_uuid")]
     user_id: Uuid,
     amount: Credits,
     reason: String,
@@ -84,7 +89,9 @@ struct GrantPayload {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HoldPayload {
+    #[serde(deserialize_with = "hyphenated_uuid")]
     request_id: Uuid,
+    #[serde(deserialize_with = "hyphenated_uuid")]
     user_id: Uuid,
     amount: Credits,
     operation_type: String,
@@ -97,7 +104,9 @@ struct HoldPayload {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SettlePayload {
+    #[serde(deserialize_with = "hyphenated_uuid")]
     request_id: Uuid,
+    #[serde(deserialize_with = "hyphenated_uuid")]
     hold_id: Uuid,
     amount: Credits,
     #[serde(default)]
@@ -107,7 +116,9 @@ struct SettlePayload {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ReleasePayload {
+    #[serde(deserialize_with = "hyphenated_uuid")]
     request_id: Uuid,
+    #[serde(deserialize_with = "hyphenated_uuid")]
     hold_id: Uuid,
     #[serde(default)]
     metadata: Option<serde_json::Value>,
@@ -249,8 +260,11 @@ pub fn rejected_request(
     payload: &serde_json::Value,
     reason: &str,
 ) -> Option<RejectedRequest> {
-    let request_id = payload.get("request_id")?.as_str()?.parse::<Uuid>().ok()?;
-    let uuid = |f: &str| payload.get(f)?.as_str()?.parse::<Uuid>().ok();
+    let uuid = |f: &str| {
+        let s = payload.get(f)?.as_str().filter(|s| is_hyphenated_uuid(s))?;
+        s.parse::<Uuid>().ok()
+    };
+    let request_id = uuid("request_id")?;
     let string = |f: &str| {
         payload
             .get(f)?

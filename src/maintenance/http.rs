@@ -129,6 +129,14 @@ async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
     }
     checks.push(check_postgres(&s, timeout).await);
     checks.push(check_redis(&s, timeout).await);
+    // Self-reports: e.g. a queue stream whose consumer keeps failing is not being served.
+    for (name, part) in s.ctx.readiness.snapshot() {
+        checks.push(if part.ok {
+            Check::ok(name, Some(part.detail))
+        } else {
+            Check::fail(name, part.detail)
+        });
+    }
     if s.ctx.cfg.chain.enabled {
         for chain in &s.ctx.cfg.chain.chains {
             checks.push(check_chain(&s, chain, timeout).await);

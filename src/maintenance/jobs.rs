@@ -27,7 +27,11 @@ pub const PRUNE: &str = "prune";
 pub struct MaintenancePayload {
     /// Present when the caller waits for the reply: the queue reads it from the raw payload;
     /// declared here only so that it is accepted (and checked to be a uuid).
-    #[serde(default, rename = "request_id")]
+    #[serde(
+        default,
+        rename = "request_id",
+        deserialize_with = "crate::queue::entry::hyphenated_uuid_opt"
+    )]
     _request_id: Option<uuid::Uuid>,
 }
 

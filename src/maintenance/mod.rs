@@ -22,6 +22,10 @@ use crate::ledger::Ledger;
 use crate::ledger::anomalies::{AnomalyRule, builtin_rules};
 use crate::queue::JobHandler;
 
+/// How the maintenance job types (`cleanup_locks`, `detect_anomalies`, `prune`) read their
+/// payload; public for the catalogue test that holds it against the schemas.
+pub use jobs::parse_payload as parse_maintenance_payload;
+
 /// The three maintenance job handlers, built once per process and shared by the queue and the
 /// scheduler.
 #[derive(Clone)]

@@ -3,9 +3,11 @@
 //! Handlers finish one by one, but XACK and LPUSH are cheap only in bulk: one task per process
 //! drains every finished entry that has arrived and sends one pipeline (`XACK` per stream with
 //! all ids, `LPUSH` + `EXPIRE` per reply). Entries reach this task only after their handler's
-//! future resolved, i.e. after its Postgres commit. If Redis refuses the pipeline even after
-//! retries, the entries stay pending and are redelivered: their handlers are idempotent by
-//! request id, so the caller gets the same outcome again.
+//! future resolved, i.e. after its Postgres commit. Each command's result counts on its own: a
+//! reply key of the wrong type loses that one reply (logged; the outcome is in Postgres), not
+//! the batch. If Redis cannot be reached even after retries, the entries stay pending and are
+//! redelivered: their handlers are idempotent by request id, so the caller gets the same
+//! outcome again.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -107,14 +109,30 @@ async fn run(
     }
 }
 
+/// What one command of the pipeline was for, to report its failure precisely.
+enum Sent<'a> {
+    Reply(&'a str),
+    ReplyExpiry(&'a str),
+    Ack(&'a str, usize),
+    Counter,
+    LastErrors,
+}
+
+/// Sends one pipeline. Each command's result is looked at on its own: a key of the wrong type
+/// (e.g. a hash at `{prefix}:reply:<id>`) costs that one reply, never the batch. Only a failure
+/// of the connection itself retries the pipeline.
 async fn send(redis: &ConnectionManager, prefix: &str, group: &str, ttl: i64, acks: &[Ack]) {
     let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    let mut sent: Vec<Sent<'_>> = Vec::new();
     // Replies first: a caller must never find its entry acknowledged but no reply pushed.
     for a in acks {
         if let Some((request_id, json)) = &a.reply {
             let key = reply_key(prefix, request_id);
-            pipe.cmd("LPUSH").arg(&key).arg(json).ignore();
-            pipe.cmd("EXPIRE").arg(&key).arg(ttl).ignore();
+            pipe.cmd("LPUSH").arg(&key).arg(json);
+            sent.push(Sent::Reply(request_id));
+            pipe.cmd("EXPIRE").arg(&key).arg(ttl);
+            sent.push(Sent::ReplyExpiry(request_id));
         }
     }
     let mut by_stream: HashMap<&str, Vec<&str>> = HashMap::new();
@@ -126,7 +144,8 @@ async fn send(redis: &ConnectionManager, prefix: &str, group: &str, ttl: i64, ac
         }
     }
     for (stream, ids) in &by_stream {
-        pipe.cmd("XACK").arg(*stream).arg(group).arg(ids).ignore();
+        pipe.cmd("XACK").arg(*stream).arg(group).arg(ids);
+        sent.push(Sent::Ack(stream, ids.len()));
     }
     let mut per_consumer: HashMap<(&str, &str), u64> = HashMap::new();
     for a in acks {
@@ -136,19 +155,22 @@ async fn send(redis: &ConnectionManager, prefix: &str, group: &str, ttl: i64, ac
         pipe.cmd("HINCRBY")
             .arg(processed_key(prefix, job_type))
             .arg(*consumer)
-            .arg(*n)
-            .ignore();
+            .arg(*n);
+        sent.push(Sent::Counter);
     }
     for (job_type, ids) in &cleared {
         pipe.cmd("HDEL")
             .arg(last_error_key(prefix, job_type))
-            .arg(ids)
-            .ignore();
+            .arg(ids);
+        sent.push(Sent::LastErrors);
     }
     let pipe = &pipe;
     let result = (|| {
         let mut conn = redis.clone();
-        async move { pipe.query_async::<()>(&mut conn).await }
+        async move {
+            pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut conn)
+                .await
+        }
     })
     .retry(
         ExponentialBuilder::default()
@@ -157,23 +179,48 @@ async fn send(redis: &ConnectionManager, prefix: &str, group: &str, ttl: i64, ac
             .with_max_times(5)
             .with_jitter(),
     )
-    .notify(|e, after| tracing::warn!(error = %e, ?after, "ack pipeline failed; retrying"))
+    .notify(|e, after| tracing::warn!(error = %e, ?after, "ack pipeline not sent; retrying"))
     .await;
-    match result {
-        Ok(()) => {
-            let now = now_ms();
-            for a in acks {
-                if let Some(t) = a.enqueued_ms {
-                    let secs = now.saturating_sub(t) as f64 / 1000.0;
-                    metrics::histogram!("tokenwarden_job_latency_seconds", "job_type" => a.job_type.to_string())
-                        .record(secs);
-                }
-            }
+    let results = match result {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                entries = acks.len(),
+                "could not reach Redis to acknowledge entries; they stay pending and will be redelivered"
+            );
+            return;
         }
-        Err(e) => tracing::error!(
-            error = %e,
-            entries = acks.len(),
-            "could not acknowledge entries; they stay pending and will be redelivered"
-        ),
+    };
+    let mut unacked: Vec<&str> = Vec::new();
+    for (what, r) in sent.iter().zip(&results) {
+        let Err(e) = r else { continue };
+        match what {
+            Sent::Reply(rid) => tracing::warn!(
+                request_id = rid,
+                error = %e,
+                "reply not pushed (its outcome stays readable in Postgres); the entry is acknowledged"
+            ),
+            Sent::ReplyExpiry(rid) => {
+                tracing::debug!(request_id = rid, error = %e, "reply expiry not set")
+            }
+            Sent::Ack(stream, n) => {
+                tracing::error!(stream, entries = n, error = %e, "XACK refused; these entries stay pending and will be redelivered");
+                unacked.push(stream);
+            }
+            Sent::Counter => tracing::debug!(error = %e, "processed counter not updated"),
+            Sent::LastErrors => tracing::debug!(error = %e, "last errors not cleared"),
+        }
+    }
+    let now = now_ms();
+    for a in acks {
+        if unacked.contains(&a.stream.as_ref()) {
+            continue;
+        }
+        if let Some(t) = a.enqueued_ms {
+            let secs = now.saturating_sub(t) as f64 / 1000.0;
+            metrics::histogram!("tokenwarden_job_latency_seconds", "job_type" => a.job_type.to_string())
+                .record(secs);
+        }
     }
 }

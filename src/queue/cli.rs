@@ -66,12 +66,8 @@ pub async fn run(cmd: DeadLettersCommand, pool: &PgPool, cfg: &Config) -> Result
             let dl = dead_letter::get(pool, id)
                 .await?
                 .ok_or(CliError::NoSuchDeadLetter(id))?;
-            let serde_json::Value::Object(fields) = &dl.fields else {
-                return Err(CliError::BadDeadLetter {
-                    id,
-                    reason: "fields is not a JSON object",
-                });
-            };
+            let (stream, fields) = dead_letter::replayable(&dl)
+                .map_err(|reason| CliError::BadDeadLetter { id, reason })?;
             if fields.is_empty() {
                 return Err(CliError::BadDeadLetter {
                     id,
@@ -79,12 +75,9 @@ pub async fn run(cmd: DeadLettersCommand, pool: &PgPool, cfg: &Config) -> Result
                 });
             }
             let mut cmd = redis::cmd("XADD");
-            cmd.arg(&dl.stream).arg("*");
-            for (k, v) in fields {
-                match v {
-                    serde_json::Value::String(s) => cmd.arg(k).arg(s),
-                    other => cmd.arg(k).arg(other.to_string()),
-                };
+            cmd.arg(&stream).arg("*");
+            for (k, v) in &fields {
+                cmd.arg(k).arg(v);
             }
             let mut conn = redis_conn(cfg, Duration::from_secs(10)).await?;
             let new_id: String = cmd

@@ -210,7 +210,7 @@ pub async fn run_consumers(ctx: &AppContext, registry: JobRegistry) -> Result<()
             }
             k
         },
-        acker: acker.clone(),
+        reply_ttl_secs: cfg.queue.reply_ttl_secs,
     };
     let sweep_task = tokio::spawn(sweep.run(ctx.shutdown.clone()));
     // Ends with the consumers (also on the early return below).
@@ -224,6 +224,7 @@ pub async fn run_consumers(ctx: &AppContext, registry: JobRegistry) -> Result<()
     for (job_type, handler) in registry.iter() {
         tracing::info!(job_type, "registering queue worker");
         let shared = shared.clone();
+        let health = super::health::StreamHealth::new(ctx.readiness.clone(), job_type);
         monitor = monitor.register(move |restarts| {
             let consumer = reader::consumer_name();
             let inflight = InFlight::default();
@@ -244,6 +245,7 @@ pub async fn run_consumers(ctx: &AppContext, registry: JobRegistry) -> Result<()
                 inflight: inflight.clone(),
                 tx,
                 start_delay,
+                health: health.clone(),
             };
             let reader_task = tokio::spawn(reader.run());
             let dispatch = Arc::new(Dispatch {
@@ -260,7 +262,13 @@ pub async fn run_consumers(ctx: &AppContext, registry: JobRegistry) -> Result<()
                 let stream = super::streams::stream_key(&shared.prefix, job_type);
                 let group = shared.cfg.group.clone();
                 let consumer = consumer.clone();
+                let alive = reader::alive_key(&shared.prefix, &consumer);
                 async move {
+                    let gone: redis::RedisResult<i64> =
+                        redis::cmd("DEL").arg(&alive).query_async(&mut redis).await;
+                    if let Err(e) = gone {
+                        tracing::debug!(error = %e, "could not remove the consumer heartbeat");
+                    }
                     match reader::remove_consumer_if_idle(&mut redis, &stream, &group, &consumer).await {
                         Ok(removed) => tracing::info!(job_type, %consumer, removed, "stream consumer stopped"),
                         Err(e) => tracing::warn!(job_type, %consumer, error = %e, "could not remove stopped consumer"),

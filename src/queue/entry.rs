@@ -13,8 +13,8 @@ pub struct StreamEntry {
     pub stream: Arc<str>,
     /// The entry id (`<ms>-<seq>`).
     pub id: String,
-    /// The raw fields, in no particular order.
-    pub fields: Vec<(String, Vec<u8>)>,
+    /// The raw fields (names and values are bytes: Redis accepts any), in entry order.
+    pub fields: Vec<(Vec<u8>, Vec<u8>)>,
     /// How many times the entry has been delivered, this delivery included.
     pub deliveries: u64,
 }
@@ -36,23 +36,36 @@ pub struct Payload {
 }
 
 impl StreamEntry {
-    /// The raw bytes of field `name`.
+    /// The raw bytes of field `name` (the first, if the entry repeats it).
     pub fn field(&self, name: &str) -> Option<&[u8]> {
         self.fields
             .iter()
-            .find(|(k, _)| k == name)
+            .find(|(k, _)| k == name.as_bytes())
             .map(|(_, v)| v.as_slice())
     }
 
-    /// Reads the `payload` field: it must exist, be UTF-8 JSON, and be an object.
+    /// Reads the `payload` field: it must exist exactly once, be UTF-8 JSON, and be an object.
+    /// Two `payload` fields are refused: which one the caller meant cannot be known, and a
+    /// dead letter retried later must replay what was refused, not pick a side.
     pub fn payload(&self) -> Result<Payload, Malformed> {
-        let Some(raw) = self.field("payload") else {
+        let mut payloads = self.fields.iter().filter(|(k, _)| k == b"payload");
+        let Some((_, raw)) = payloads.next() else {
             return Err(Malformed {
                 reason: "stream entry has no `payload` field".into(),
                 request_id: None,
             });
         };
-        let value: serde_json::Value = match serde_json::from_slice(raw) {
+        let repeats = payloads.count();
+        if repeats > 0 {
+            return Err(Malformed {
+                reason: format!(
+                    "stream entry has {} `payload` fields; an entry must have exactly one",
+                    repeats + 1
+                ),
+                request_id: None,
+            });
+        }
+        let mut value: serde_json::Value = match serde_json::from_slice(raw) {
             Ok(v) => v,
             Err(e) => {
                 return Err(Malformed {
@@ -61,6 +74,7 @@ impl StreamEntry {
                 });
             }
         };
+        integral_numbers(&mut value);
         let request_id = request_id_of(&value);
         if !value.is_object() {
             return Err(Malformed {
@@ -69,22 +83,6 @@ impl StreamEntry {
             });
         }
         Ok(Payload { value, request_id })
-    }
-
-    /// The fields as a JSON object (values as text; bytes that are not UTF-8 are replaced), for
-    /// the dead-letter store.
-    pub fn fields_json(&self) -> serde_json::Value {
-        let map: serde_json::Map<String, serde_json::Value> = self
-            .fields
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    serde_json::Value::String(String::from_utf8_lossy(v).into_owned()),
-                )
-            })
-            .collect();
-        serde_json::Value::Object(map)
     }
 
     /// When the job was enqueued (unix ms): the `enqueued_at` field when it is a number, else
@@ -97,10 +95,69 @@ impl StreamEntry {
     }
 }
 
-/// The `request_id` of a payload, when it is a string holding a UUID.
+/// Largest integer every f64 holds exactly (2^53).
+const MAX_EXACT_FLOAT: f64 = 9_007_199_254_740_992.0;
+
+/// JSON Schema's `integer` is any number without a fractional part, so `2.0` and `1e2` are
+/// valid amounts, TTLs and block heights; serde's integer types refuse them. At the top level of
+/// a payload, such a number becomes the integer it denotes, up to 2^53: above that an f64 may
+/// already be a rounded neighbour of what the caller wrote, so it stays a float and the
+/// handler refuses it (big integers must be written as integer literals). Nested values (e.g.
+/// in `metadata`) are the caller's and stay as written.
+fn integral_numbers(value: &mut serde_json::Value) {
+    let Some(map) = value.as_object_mut() else {
+        return;
+    };
+    for v in map.values_mut() {
+        if let Some(f) = v.as_f64().filter(|_| v.is_f64())
+            && f.fract() == 0.0
+            && f.abs() <= MAX_EXACT_FLOAT
+        {
+            *v = serde_json::Value::from(f as i64);
+        }
+    }
+}
+
+/// The `request_id` of a payload, when it is a string holding a UUID in the hyphenated form
+/// the schemas require (`8-4-4-4-12` hex digits, either case). Other spellings `uuid` accepts
+/// (braced, `urn:uuid:`, 32 bare digits) are not request ids: the schemas refuse them, and a
+/// reply keyed by one spelling while the ledger stores another would never be found.
 pub fn request_id_of(value: &serde_json::Value) -> Option<String> {
     let s = value.get("request_id")?.as_str()?;
-    uuid::Uuid::parse_str(s).ok().map(|_| s.to_string())
+    is_hyphenated_uuid(s).then(|| s.to_string())
+}
+
+/// serde `deserialize_with` for the UUID fields of job payloads: only the hyphenated form the
+/// schemas allow (see [`request_id_of`] for why).
+pub fn hyphenated_uuid<'de, D: serde::Deserializer<'de>>(d: D) -> Result<uuid::Uuid, D::Error> {
+    use serde::de::Error as _;
+    let s = <String as serde::Deserialize>::deserialize(d)?;
+    if !is_hyphenated_uuid(&s) {
+        return Err(D::Error::custom(format!(
+            "`{s}` is not a UUID in the form 8-4-4-4-12 hex digits"
+        )));
+    }
+    uuid::Uuid::parse_str(&s).map_err(D::Error::custom)
+}
+
+/// [`hyphenated_uuid`] for an optional field (absent or `null` is `None`).
+pub fn hyphenated_uuid_opt<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<uuid::Uuid>, D::Error> {
+    #[derive(serde::Deserialize)]
+    struct Wrap(#[serde(deserialize_with = "hyphenated_uuid")] uuid::Uuid);
+    Ok(<Option<Wrap> as serde::Deserialize>::deserialize(d)?.map(|w| w.0))
+}
+
+/// Whether `s` is a UUID written as the schemas' `pattern` requires:
+/// `^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`.
+pub fn is_hyphenated_uuid(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
 }
 
 fn json_kind(v: &serde_json::Value) -> &'static str {
@@ -115,7 +172,7 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
 }
 
 /// One raw entry: id and fields.
-pub type RawEntry = (String, Vec<(String, Vec<u8>)>);
+pub type RawEntry = (String, Vec<(Vec<u8>, Vec<u8>)>);
 
 /// Parses the entry list of an XCLAIM reply, or of one stream in an XREADGROUP reply:
 /// `[[id, [field, value, ...]], ...]`. Entries deleted from the stream come back as `nil`
@@ -140,10 +197,10 @@ pub fn parse_entries(v: redis::Value) -> Vec<RawEntry> {
         let mut fields = Vec::new();
         if let redis::Value::Array(kv) = fields_v {
             let mut it = kv.into_iter();
+            // Names are kept as bytes: a field name that is not UTF-8 must still reach the
+            // dead letter.
             while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                if let Some(k) = text(k) {
-                    fields.push((k, bytes(v)));
-                }
+                fields.push((bytes(k), bytes(v)));
             }
         }
         out.push((id, fields));
@@ -193,7 +250,7 @@ mod tests {
             id: "1700000000000-0".into(),
             fields: fields
                 .iter()
-                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
                 .collect(),
             deliveries: 1,
         }

@@ -45,10 +45,13 @@ pub async fn sample<C: ConnectionLike>(
     match streams::job_streams(conn, prefix).await {
         Ok(keys) => {
             for stream in keys {
-                let job_type = streams::job_type_of(prefix, &stream).unwrap_or(&stream);
-                match stream_figures(conn, &stream, job_type, group).await {
+                let job_type = streams::job_type_of_bytes(prefix, &stream).unwrap_or(&stream);
+                let job_type = streams::shown(job_type).into_owned();
+                match stream_figures(conn, &stream, &job_type, group).await {
                     Ok(f) => out.streams.push(f),
-                    Err(e) => tracing::debug!(stream, error = %e, "cannot sample stream"),
+                    Err(e) => {
+                        tracing::debug!(stream = %streams::shown(&stream), error = %e, "cannot sample stream")
+                    }
                 }
             }
         }
@@ -63,7 +66,7 @@ pub async fn sample<C: ConnectionLike>(
 
 async fn stream_figures<C: ConnectionLike>(
     conn: &mut C,
-    stream: &str,
+    stream: &[u8],
     job_type: &str,
     group: &str,
 ) -> Result<StreamFigures, QueueError> {

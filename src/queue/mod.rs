@@ -21,6 +21,8 @@
 //! | [`acker`] | batched XACK + reply pushes |
 //! | [`dead_letter`] | the `dead_letters` table |
 //! | [`figures`] | the figures behind the queue gauges (depth, pending, lag, oldest age, dead letters) |
+//! | [`quarantine`] | where an entry goes when even its dead letter cannot be stored |
+//! | [`health`] | whether each stream is served, for `/readyz` |
 //! | [`backend`] | the apalis backend over the reader and the acker |
 //! | [`consumer`] | what happens to one entry, and the Monitor running every job type |
 //! | [`unknown`] | the sweep that dead-letters entries of job types nobody serves |
@@ -34,7 +36,9 @@ pub mod dead_letter;
 pub mod entry;
 pub(crate) mod error;
 pub(crate) mod figures;
+pub(crate) mod health;
 pub mod job;
+pub mod quarantine;
 pub(crate) mod reader;
 pub(crate) mod registry;
 pub(crate) mod streams;

@@ -26,9 +26,15 @@ pub fn stream_key(prefix: &str, job_type: &str) -> String {
     format!("{}{job_type}", jobs_head(prefix))
 }
 
-/// The job type of a job stream key (`None` for a key outside `{prefix}:jobs:`).
-pub fn job_type_of<'a>(prefix: &str, stream: &'a str) -> Option<&'a str> {
-    stream.strip_prefix(&jobs_head(prefix))
+/// The job type of a job stream key (`None` for a key outside `{prefix}:jobs:`). Bytes: a
+/// caller may XADD to a key that is not UTF-8.
+pub fn job_type_of_bytes<'a>(prefix: &str, stream: &'a [u8]) -> Option<&'a [u8]> {
+    stream.strip_prefix(jobs_head(prefix).as_bytes())
+}
+
+/// A key as text for logs and errors (bytes that are not UTF-8 replaced).
+pub fn shown(key: &[u8]) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(key)
 }
 
 /// The list a caller waiting for `request_id` BLPOPs.
@@ -49,15 +55,16 @@ pub fn processed_key(prefix: &str, job_type: &str) -> String {
 }
 
 /// Every job stream under `{prefix}:jobs:`, sorted, each once (SCAN may return a key twice).
+/// Keys are bytes: a key name that is not UTF-8 is listed too, not an error.
 pub async fn job_streams<C: ConnectionLike>(
     conn: &mut C,
     prefix: &str,
-) -> Result<Vec<String>, QueueError> {
+) -> Result<Vec<Vec<u8>>, QueueError> {
     let pattern = format!("{}*", jobs_head(prefix));
     let mut cursor: u64 = 0;
     let mut out = Vec::new();
     loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
             .arg(cursor)
             .arg("MATCH")
             .arg(&pattern)
@@ -135,14 +142,14 @@ pub fn age_of(ms: u64) -> Duration {
 /// The consumer groups of `stream` (XINFO GROUPS): pending count, last delivered id, lag.
 pub async fn groups<C: ConnectionLike>(
     conn: &mut C,
-    stream: &str,
+    stream: &[u8],
 ) -> Result<Vec<StreamInfoGroup>, QueueError> {
     let reply: StreamInfoGroupsReply = redis::cmd("XINFO")
         .arg("GROUPS")
         .arg(stream)
         .query_async(conn)
         .await
-        .map_err(QueueError::redis(format!("XINFO GROUPS {stream}")))?;
+        .map_err(QueueError::redis(format!("XINFO GROUPS {}", shown(stream))))?;
     Ok(reply.groups)
 }
 
@@ -151,7 +158,7 @@ pub async fn groups<C: ConnectionLike>(
 /// those. `None` when the stream has no group yet (nothing was consumed, nothing may go).
 pub async fn acked_floor<C: ConnectionLike>(
     conn: &mut C,
-    stream: &str,
+    stream: &[u8],
 ) -> Result<Option<StreamId>, QueueError> {
     let mut floor: Option<StreamId> = None;
     for g in groups(conn, stream).await? {
@@ -164,7 +171,11 @@ pub async fn acked_floor<C: ConnectionLike>(
             .arg(&g.name)
             .query_async(conn)
             .await
-            .map_err(QueueError::redis(format!("XPENDING {stream} {}", g.name)))?;
+            .map_err(QueueError::redis(format!(
+                "XPENDING {} {}",
+                shown(stream),
+                g.name
+            )))?;
         let oldest_pending = match summary {
             StreamPendingReply::Data(d) => StreamId::parse(&d.start_id),
             _ => None,
@@ -179,7 +190,7 @@ pub async fn acked_floor<C: ConnectionLike>(
 /// Returns the number removed, or `None` when the stream has no consumer group yet.
 async fn trim_acked_before<C: ConnectionLike>(
     conn: &mut C,
-    stream: &str,
+    stream: &[u8],
     cutoff_ms: u64,
 ) -> Result<Option<u64>, QueueError> {
     let Some(floor) = acked_floor(conn, stream).await? else {
@@ -194,7 +205,7 @@ async fn trim_acked_before<C: ConnectionLike>(
         .arg(min_id.to_string())
         .query_async(conn)
         .await
-        .map_err(QueueError::redis(format!("XTRIM {stream}")))?;
+        .map_err(QueueError::redis(format!("XTRIM {}", shown(stream))))?;
     Ok(Some(removed))
 }
 
@@ -208,7 +219,8 @@ pub struct Trimmed {
 }
 
 /// Trims, on every job stream, the entries older than `retention` that every group has
-/// acknowledged. Streams without a group keep everything.
+/// acknowledged. Streams without a group keep everything. A stream that cannot be trimmed is
+/// logged and skipped: one odd key must not stop the others being pruned.
 pub async fn trim_job_streams<C: ConnectionLike>(
     conn: &mut C,
     prefix: &str,
@@ -218,27 +230,33 @@ pub async fn trim_job_streams<C: ConnectionLike>(
         now_ms().saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
     let mut out = Trimmed::default();
     for stream in job_streams(conn, prefix).await? {
-        if let Some(removed) = trim_acked_before(conn, &stream, cutoff_ms).await? {
-            out.streams += 1;
-            out.entries += removed;
+        match trim_acked_before(conn, &stream, cutoff_ms).await {
+            Ok(Some(removed)) => {
+                out.streams += 1;
+                out.entries += removed;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(stream = %shown(&stream), error = %e, "stream not trimmed; the others are")
+            }
         }
     }
     Ok(out)
 }
 
 /// Entries in `stream` (XLEN), acknowledged ones included until they are trimmed.
-pub async fn length<C: ConnectionLike>(conn: &mut C, stream: &str) -> Result<u64, QueueError> {
+pub async fn length<C: ConnectionLike>(conn: &mut C, stream: &[u8]) -> Result<u64, QueueError> {
     redis::cmd("XLEN")
         .arg(stream)
         .query_async(conn)
         .await
-        .map_err(QueueError::redis(format!("XLEN {stream}")))
+        .map_err(QueueError::redis(format!("XLEN {}", shown(stream))))
 }
 
 /// The id of the first entry of `stream` at or after `start` (`-` for the first entry).
 pub async fn first_id_from<C: ConnectionLike>(
     conn: &mut C,
-    stream: &str,
+    stream: &[u8],
     start: &str,
 ) -> Result<Option<StreamId>, QueueError> {
     let entries: Vec<(String, redis::Value)> = redis::cmd("XRANGE")
@@ -249,7 +267,10 @@ pub async fn first_id_from<C: ConnectionLike>(
         .arg(1)
         .query_async(conn)
         .await
-        .map_err(QueueError::redis(format!("XRANGE {stream} {start}")))?;
+        .map_err(QueueError::redis(format!(
+            "XRANGE {} {start}",
+            shown(stream)
+        )))?;
     Ok(entries.first().and_then(|(id, _)| StreamId::parse(id)))
 }
 
@@ -261,9 +282,9 @@ mod tests {
     fn keys_and_job_types_round_trip() {
         let key = stream_key("tw", "prune");
         assert_eq!(key, "tw:jobs:prune");
-        assert_eq!(job_type_of("tw", &key), Some("prune"));
-        assert_eq!(job_type_of("tw", "tw:reply:x"), None);
-        assert_eq!(job_type_of("other", &key), None);
+        assert_eq!(job_type_of_bytes("tw", key.as_bytes()), Some(&b"prune"[..]));
+        assert_eq!(job_type_of_bytes("tw", b"tw:reply:x"), None);
+        assert_eq!(job_type_of_bytes("other", key.as_bytes()), None);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::queue::job::{JobError, JobFuture, JobHandler, Rejected};
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Payload {
+    #[serde(deserialize_with = "crate::queue::entry::hyphenated_uuid")]
     request_id: Uuid,
     source: SnapshotSource,
     chain: ChainArg,

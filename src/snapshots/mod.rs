@@ -23,7 +23,7 @@ pub(crate) mod own_index;
 pub(crate) mod service;
 pub mod store;
 
-pub use job::SnapshotCreateHandler;
+pub use job::{SnapshotCreateHandler, parse_payload as parse_snapshot_payload};
 pub use service::{
     InvalidRequest, SnapshotError, SnapshotOutcome, SnapshotRequest, SnapshotService,
     SnapshotSource,

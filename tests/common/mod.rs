@@ -334,6 +334,50 @@ pub async fn xadd(
     cmd.query_async(conn).await.expect("XADD")
 }
 
+/// XADDs one entry whose stream name, field names and values are any bytes (hostile input);
+/// returns its id.
+pub async fn xadd_bytes(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &[u8],
+    fields: &[(&[u8], &[u8])],
+) -> String {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream).arg("*");
+    for (k, v) in fields {
+        cmd.arg(*k).arg(*v);
+    }
+    cmd.query_async(conn).await.expect("XADD")
+}
+
+/// Entries of the consumer group `tokenwarden` on `stream` that are delivered and not
+/// acknowledged (0 when the stream or group does not exist).
+pub async fn pending_count(conn: &mut redis::aio::MultiplexedConnection, stream: &[u8]) -> i64 {
+    let v: redis::RedisResult<redis::Value> = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg("tokenwarden")
+        .query_async(conn)
+        .await;
+    match v {
+        Ok(redis::Value::Array(a)) => match a.first() {
+            Some(redis::Value::Int(n)) => *n,
+            _ => 0,
+        },
+        _ => 0,
+    }
+}
+
+/// The consumer names of group `tokenwarden` on `stream`.
+pub async fn consumers(conn: &mut redis::aio::MultiplexedConnection, stream: &[u8]) -> Vec<String> {
+    let info: redis::RedisResult<redis::streams::StreamInfoConsumersReply> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(stream)
+        .arg("tokenwarden")
+        .query_async(conn)
+        .await;
+    info.map(|i| i.consumers.into_iter().map(|c| c.name).collect())
+        .unwrap_or_default()
+}
+
 /// BLPOPs the reply at `key` (60 s: the first reply also waits for a freshly spawned worker to
 /// start, which takes seconds on a loaded 2-core machine) and parses it.
 pub async fn blpop(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> serde_json::Value {
