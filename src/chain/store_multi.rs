@@ -266,9 +266,10 @@ impl ChainStore {
         token_id: U256,
     ) -> Result<Vec<(Address, U256)>, ChainStoreError> {
         let rows: Vec<(String, String)> = sqlx::query_as(
-            "SELECT holder, balance::text FROM public.chain_erc1155_balances \
-             WHERE chain_id = $1 AND token = $2 AND token_id = $3::numeric AND balance > 0 \
-             ORDER BY balance DESC, holder",
+            // Ordered by the numeric column, not by the text output of the same name.
+            "SELECT b.holder, b.balance::text FROM public.chain_erc1155_balances b \
+             WHERE b.chain_id = $1 AND b.token = $2 AND b.token_id = $3::numeric AND b.balance > 0 \
+             ORDER BY b.balance DESC, b.holder",
         )
         .bind(self.id())
         .bind(addr_hex(&token))

@@ -1,0 +1,493 @@
+//! ERC-1155 indexing against real anvil + real Postgres + real Redis, with the hand-written
+//! `contracts/TestMulti1155.sol`: seeded random histories of `TransferSingle` and
+//! `TransferBatch` (mints, batch mints with repeated ids, transfers, batch transfers, burns,
+//! self and zero-value transfers, a malformed batch) indexed by backfill and at the head, a
+//! reorg that drops a `TransferBatch`, `index reconcile` against `balanceOfBatch`, and SIGKILL
+//! of the worker mid-indexing. Every scenario ends by comparing every (holder, id) balance and
+//! every id's supply with the chain.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use alloy::primitives::{Address, B256, Bytes, U256};
+use alloy::providers::Provider;
+use alloy::sol_types::{SolCall, SolEvent};
+use common::anvil::{Anvil, TestMulti1155};
+use common::chain::{
+    ANVIL_CHAIN_ID, InProcIndexer, anvil_chain, anvil_checkpoint, indexer_config,
+    wait_head_indexed,
+};
+use common::{Child, TestEnv, wait_until};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokenwarden::chain::store::ChainStore;
+use tokenwarden::config::{TokenConfig, TokenStandard};
+
+const IDS: u64 = 6;
+
+fn holder(i: u8) -> Address {
+    let mut b = [0u8; 20];
+    b[17] = 0x11;
+    b[19] = i;
+    Address::from(b)
+}
+
+/// Generates valid random ERC-1155 transactions, reading the balances it needs from the chain
+/// (so it stays valid after a reorg replaced history).
+struct Multi {
+    rng: StdRng,
+    token: Address,
+    holders: Vec<Address>,
+}
+
+impl Multi {
+    fn new(seed: u64, token: Address) -> Multi {
+        Multi {
+            rng: StdRng::seed_from_u64(seed),
+            token,
+            holders: (1..=8).map(holder).collect(),
+        }
+    }
+
+    fn pick(&mut self) -> Address {
+        let i = self.rng.random_range(0..self.holders.len());
+        self.holders[i]
+    }
+
+    fn id(&mut self) -> U256 {
+        U256::from(self.rng.random_range(1..=IDS))
+    }
+
+    /// Every (holder, id) pair the history can touch.
+    fn pairs(&self) -> Vec<(Address, U256)> {
+        self.holders
+            .iter()
+            .flat_map(|h| (1..=IDS).map(move |i| (*h, U256::from(i))))
+            .collect()
+    }
+
+    /// One random transaction; returns its hash.
+    async fn random_tx(&mut self, anvil: &Anvil) -> B256 {
+        let from = self.pick();
+        let mut to = self.pick();
+        let ids: Vec<U256> = (1..=IDS).map(U256::from).collect();
+        let held = anvil
+            .balance_of_batch(self.token, &ids.iter().map(|i| (from, *i)).collect::<Vec<_>>())
+            .await;
+        let owned: Vec<(U256, U256)> = ids
+            .iter()
+            .zip(&held)
+            .filter(|(_, b)| !b.is_zero())
+            .map(|(i, b)| (*i, *b))
+            .collect();
+        let kind = self.rng.random_range(0..10);
+        if self.rng.random_bool(0.1) {
+            to = from; // a self transfer moves nothing
+        }
+        let data = match kind {
+            _ if owned.is_empty() || kind < 2 => TestMulti1155::mintCall {
+                to: from,
+                id: self.id(),
+                value: U256::from(self.rng.random_range(1u64..1_000_000)),
+            }
+            .abi_encode(),
+            2 | 3 => {
+                // Repeated ids in one batch are legal and must add up.
+                let k = self.rng.random_range(1..=5);
+                let ids: Vec<U256> = (0..k).map(|_| self.id()).collect();
+                let values = (0..k)
+                    .map(|_| U256::from(self.rng.random_range(0u64..1_000_000)))
+                    .collect();
+                TestMulti1155::mintBatchCall { to, ids, values }.abi_encode()
+            }
+            4 | 5 => {
+                let (id, bal) = owned[self.rng.random_range(0..owned.len())];
+                let value = self.upto(bal);
+                TestMulti1155::safeTransferFromCall {
+                    from,
+                    to,
+                    id,
+                    value,
+                    data: Bytes::new(),
+                }
+                .abi_encode()
+            }
+            6 | 7 => {
+                let (ids, values) = self.some_of(&owned);
+                TestMulti1155::safeBatchTransferFromCall {
+                    from,
+                    to,
+                    ids,
+                    values,
+                    data: Bytes::new(),
+                }
+                .abi_encode()
+            }
+            8 => {
+                let (id, bal) = owned[self.rng.random_range(0..owned.len())];
+                let value = self.upto(bal);
+                TestMulti1155::burnCall { from, id, value }.abi_encode()
+            }
+            _ => {
+                let (ids, values) = self.some_of(&owned);
+                TestMulti1155::burnBatchCall { from, ids, values }.abi_encode()
+            }
+        };
+        anvil.send(self.token, data).await
+    }
+
+    /// 0..=bal, sometimes zero, sometimes all of it.
+    fn upto(&mut self, bal: U256) -> U256 {
+        let b: u64 = bal.try_into().unwrap_or(u64::MAX);
+        match self.rng.random_range(0..6) {
+            0 => U256::ZERO,
+            1 => bal,
+            _ => U256::from(self.rng.random_range(0..=b)),
+        }
+    }
+
+    /// A random non-empty subset of the owned ids, distinct, each with an amount it holds.
+    fn some_of(&mut self, owned: &[(U256, U256)]) -> (Vec<U256>, Vec<U256>) {
+        let mut ids = Vec::new();
+        let mut values = Vec::new();
+        for (id, bal) in owned {
+            if ids.is_empty() || self.rng.random_bool(0.6) {
+                ids.push(*id);
+                values.push(self.upto(*bal));
+            }
+        }
+        (ids, values)
+    }
+}
+
+fn token_config(token: Address) -> TokenConfig {
+    TokenConfig {
+        chain_id: ANVIL_CHAIN_ID,
+        address: format!("{token:#x}"),
+        standard: TokenStandard::Erc1155,
+        start_block: 0,
+    }
+}
+
+/// Every stored (holder, id) balance equals `balanceOfBatch` (zero balances too), nothing is
+/// stored for anyone else, each id's stored supply equals `totalSupply(id)`, the store's read
+/// API agrees, and the stored transfers are exactly the chain's (one per TransferSingle, one
+/// per id of a well-formed TransferBatch).
+async fn assert_exact(env: &TestEnv, anvil: &Anvil, m: &Multi) {
+    let token = format!("{:#x}", m.token);
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT holder, token_id::text, balance::text FROM chain_erc1155_balances \
+         WHERE chain_id = $1 AND token = $2",
+    )
+    .bind(ANVIL_CHAIN_ID as i64)
+    .bind(&token)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    let stored: HashMap<(Address, U256), U256> = rows
+        .into_iter()
+        .map(|(h, i, b)| ((h.parse().unwrap(), i.parse().unwrap()), b.parse().unwrap()))
+        .collect();
+    let pairs = m.pairs();
+    let chain = anvil.balance_of_batch(m.token, &pairs).await;
+    for (p, c) in pairs.iter().zip(&chain) {
+        let s = stored.get(p).copied().unwrap_or_default();
+        assert_eq!(s, *c, "balance of {:#x} for id {}", p.0, p.1);
+    }
+    for p in stored.keys() {
+        assert!(pairs.contains(p), "unexpected row {p:?} stored");
+    }
+    let store = ChainStore::new(ANVIL_CHAIN_ID).unwrap();
+    for i in 1..=IDS {
+        let id = U256::from(i);
+        assert_eq!(
+            store.erc1155_supply(&env.pool, m.token, id).await.unwrap(),
+            anvil.supply_of(m.token, id).await,
+            "supply of id {i}"
+        );
+        let mut want: Vec<(Address, U256)> = pairs
+            .iter()
+            .zip(&chain)
+            .filter(|((_, pid), b)| *pid == id && !b.is_zero())
+            .map(|((h, _), b)| (*h, *b))
+            .collect();
+        want.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        assert_eq!(
+            store.erc1155_holders(&env.pool, m.token, id).await.unwrap(),
+            want,
+            "holders of id {i}"
+        );
+    }
+    let (h, id) = pairs[3];
+    assert_eq!(
+        store.erc1155_balance(&env.pool, m.token, id, h).await.unwrap(),
+        chain[3]
+    );
+    assert_eq!(stored_transfers(env, m.token).await, chain_transfers(anvil, m.token).await);
+}
+
+/// The transfers the chain's logs carry: one per TransferSingle, one per id of a TransferBatch
+/// whose arrays agree (a malformed one carries none).
+async fn chain_transfers(anvil: &Anvil, token: Address) -> i64 {
+    let filter = alloy::rpc::types::Filter::new()
+        .address(token)
+        .from_block(0)
+        .to_block(anvil.head().await);
+    let mut n = 0;
+    for log in anvil.provider.get_logs(&filter).await.unwrap() {
+        if let Ok(b) = TestMulti1155::TransferBatch::decode_log_data(log.data()) {
+            if b.ids.len() == b.values.len() {
+                n += b.ids.len() as i64;
+            }
+        } else if TestMulti1155::TransferSingle::decode_log_data(log.data()).is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
+
+async fn stored_transfers(env: &TestEnv, token: Address) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM chain_erc1155_transfers WHERE chain_id = $1 AND token = $2",
+    )
+    .bind(ANVIL_CHAIN_ID as i64)
+    .bind(format!("{token:#x}"))
+    .fetch_one(&env.pool)
+    .await
+    .unwrap()
+}
+
+async fn rows_of_tx(env: &TestEnv, tx: B256) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM chain_erc1155_transfers WHERE tx_hash = $1")
+        .bind(format!("{tx:#x}"))
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_erc1155_histories_backfill_head_reorg_and_reconcile_are_exact() {
+    let env = TestEnv::new().await;
+    let anvil = Anvil::spawn().await;
+    let token = anvil.deploy("TestMulti1155").await;
+    let mut m = Multi::new(11, token);
+    // History before the indexer starts (backfill), with a malformed TransferBatch in it.
+    for _ in 0..40 {
+        m.random_tx(&anvil).await;
+    }
+    let bad = anvil
+        .send(
+            token,
+            TestMulti1155::emitMalformedCall {
+                from: Address::ZERO,
+                to: holder(1),
+                ids: vec![U256::from(1u8), U256::from(2u8), U256::from(3u8)],
+                values: vec![U256::from(5u8), U256::from(5u8)],
+            }
+            .abi_encode(),
+        )
+        .await;
+    for _ in 0..10 {
+        m.random_tx(&anvil).await;
+    }
+    let chain = anvil_chain(&anvil.url, serde_json::json!({"reorg_depth": 6}));
+    let cfg = indexer_config(&env, chain.clone(), vec![token_config(token)]);
+    let indexer = InProcIndexer::start(cfg).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
+    assert_exact(&env, &anvil, &m).await;
+
+    // The malformed batch is kept with its reason and changed nothing.
+    let reasons: Vec<String> =
+        sqlx::query_scalar("SELECT reason FROM chain_rejected_logs WHERE tx_hash = $1")
+            .bind(format!("{bad:#x}"))
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert!(
+        reasons[0].contains("TransferBatch has 3 ids but 2 values"),
+        "{reasons:?}"
+    );
+    assert_eq!(rows_of_tx(&env, bad).await, 0);
+
+    // Head following.
+    for _ in 0..15 {
+        m.random_tx(&anvil).await;
+    }
+    wait_head_indexed(&env, &anvil, Duration::from_secs(30)).await;
+    assert_exact(&env, &anvil, &m).await;
+
+    // A reorg that drops a TransferBatch: the batch's transfers leave the balances, the
+    // supplies and the transfer table, and the replacement blocks' transfers come in.
+    let h = holder(2);
+    anvil
+        .send(
+            token,
+            TestMulti1155::mintBatchCall {
+                to: h,
+                ids: vec![U256::from(1u8), U256::from(2u8), U256::from(1u8)],
+                values: vec![U256::from(50u8), U256::from(60u8), U256::from(70u8)],
+            }
+            .abi_encode(),
+        )
+        .await;
+    let dropped = anvil
+        .send(
+            token,
+            TestMulti1155::safeBatchTransferFromCall {
+                from: h,
+                to: holder(3),
+                ids: vec![U256::from(1u8), U256::from(2u8)],
+                values: vec![U256::from(100u8), U256::from(60u8)],
+                data: Bytes::new(),
+            }
+            .abi_encode(),
+        )
+        .await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(30)).await;
+    assert_eq!(rows_of_tx(&env, dropped).await, 2);
+    let before = anvil_checkpoint(&env).await.unwrap();
+    let replacement = [
+        (
+            TestMulti1155::mintBatchCall {
+                to: holder(4),
+                ids: vec![U256::from(3u8), U256::from(4u8)],
+                values: vec![U256::from(9u8), U256::from(10u8)],
+            }
+            .abi_encode(),
+            0,
+        ),
+        (
+            TestMulti1155::mintCall {
+                to: holder(5),
+                id: U256::from(5u8),
+                value: U256::from(11u8),
+            }
+            .abi_encode(),
+            1,
+        ),
+    ];
+    let pairs: Vec<_> = replacement
+        .into_iter()
+        .map(|(data, block)| serde_json::json!([anvil.reorg_tx_json(token, data), block]))
+        .collect();
+    anvil
+        .raw("anvil_reorg", serde_json::json!([2, pairs]))
+        .await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(30)).await;
+    let after = anvil_checkpoint(&env).await.unwrap();
+    assert_eq!(before.0, after.0, "same height after anvil_reorg");
+    assert_ne!(before.1, after.1, "the indexer followed the new branch");
+    assert_eq!(rows_of_tx(&env, dropped).await, 0, "the dropped batch is gone");
+    assert_exact(&env, &anvil, &m).await;
+    // And the chain goes on.
+    for _ in 0..5 {
+        m.random_tx(&anvil).await;
+    }
+    wait_head_indexed(&env, &anvil, Duration::from_secs(30)).await;
+    assert_exact(&env, &anvil, &m).await;
+    indexer.stop().await;
+
+    // `index reconcile` asks balanceOfBatch for every stored (holder, id) and agrees...
+    let tokens = [token_config(token)];
+    let report = tokenwarden::chain::cli::reconcile(&env.pool, &chain, &tokens)
+        .await
+        .unwrap();
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM chain_erc1155_balances")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert!(report.mismatches.is_empty(), "{:?}", report.mismatches);
+    assert_eq!(report.checked as i64, stored);
+    assert!(stored > 10, "a history worth reconciling: {stored} balances");
+    // ...and names the one balance that differs.
+    let target = holder(3);
+    sqlx::query(
+        "UPDATE chain_erc1155_balances SET balance = balance + 1 \
+         WHERE holder = $1 AND token_id = (SELECT min(token_id) FROM chain_erc1155_balances WHERE holder = $1)",
+    )
+    .bind(format!("{target:#x}"))
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let report = tokenwarden::chain::cli::reconcile(&env.pool, &chain, &tokens)
+        .await
+        .unwrap();
+    assert_eq!(report.mismatches.len(), 1, "{:?}", report.mismatches);
+    assert!(
+        report.mismatches[0].contains(&format!("{target:#x}")),
+        "{:?}",
+        report.mismatches
+    );
+}
+
+fn write_config(dir: &tempfile::TempDir, rpc: &str, token: Address) -> String {
+    let path = dir.path().join("chain.toml");
+    let toml = format!(
+        r#"
+[chain]
+enabled = true
+
+[[chain.chains]]
+chain_id = {ANVIL_CHAIN_ID}
+name = "anvil"
+rpc_urls = ["{rpc}"]
+poll_interval_ms = 50
+reorg_depth = 5
+max_block_range = 1
+fetch_concurrency = 2
+
+[[chain.tokens]]
+chain_id = {ANVIL_CHAIN_ID}
+address = "{token:#x}"
+standard = "erc1155"
+"#
+    );
+    std::fs::write(&path, toml).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_worker_mid_erc1155_indexing_loses_and_duplicates_nothing() {
+    let env = TestEnv::new().await;
+    let anvil = Anvil::spawn().await;
+    let token = anvil.deploy("TestMulti1155").await;
+    let mut m = Multi::new(12, token);
+    for _ in 0..120 {
+        m.random_tx(&anvil).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(&dir, &anvil.url, token);
+    let mut last = None;
+    for _ in 0..5 {
+        let mut child = Child::spawn(&env, &["--config", &cfg, "run"], &[]);
+        let seen = last;
+        let cp = wait_until(Duration::from_secs(30), "indexing progresses", || async {
+            let cp = anvil_checkpoint(&env).await.map(|c| c.0);
+            (cp.is_some() && cp != seen).then_some(cp)
+        })
+        .await;
+        child.signal("KILL");
+        child.wait_exit(Duration::from_secs(10));
+        last = cp;
+    }
+    assert!(
+        last.unwrap() < anvil.head().await,
+        "the kills should land while the history is still being indexed"
+    );
+    let mut worker = Child::spawn(&env, &["--config", &cfg, "run"], &[]);
+    wait_head_indexed(&env, &anvil, Duration::from_secs(90)).await;
+    assert_exact(&env, &anvil, &m).await;
+    worker.signal("TERM");
+    assert!(
+        worker.wait_exit(Duration::from_secs(15)).success(),
+        "clean exit on SIGTERM"
+    );
+    let mut ok = Child::spawn(&env, &["--config", &cfg, "index", "reconcile"], &[]);
+    assert!(
+        ok.wait_exit(Duration::from_secs(60)).success(),
+        "reconcile of an exact ERC-1155 index"
+    );
+}
