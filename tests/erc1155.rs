@@ -16,8 +16,7 @@ use alloy::providers::Provider;
 use alloy::sol_types::{SolCall, SolEvent};
 use common::anvil::{Anvil, TestMulti1155};
 use common::chain::{
-    ANVIL_CHAIN_ID, InProcIndexer, anvil_chain, anvil_checkpoint, indexer_config,
-    wait_head_indexed,
+    ANVIL_CHAIN_ID, InProcIndexer, anvil_chain, anvil_checkpoint, indexer_config, wait_head_indexed,
 };
 use common::{Child, TestEnv, wait_until};
 use rand::rngs::StdRng;
@@ -74,7 +73,10 @@ impl Multi {
         let mut to = self.pick();
         let ids: Vec<U256> = (1..=IDS).map(U256::from).collect();
         let held = anvil
-            .balance_of_batch(self.token, &ids.iter().map(|i| (from, *i)).collect::<Vec<_>>())
+            .balance_of_batch(
+                self.token,
+                &ids.iter().map(|i| (from, *i)).collect::<Vec<_>>(),
+            )
             .await;
         let owned: Vec<(U256, U256)> = ids
             .iter()
@@ -222,10 +224,16 @@ async fn assert_exact(env: &TestEnv, anvil: &Anvil, m: &Multi) {
     }
     let (h, id) = pairs[3];
     assert_eq!(
-        store.erc1155_balance(&env.pool, m.token, id, h).await.unwrap(),
+        store
+            .erc1155_balance(&env.pool, m.token, id, h)
+            .await
+            .unwrap(),
         chain[3]
     );
-    assert_eq!(stored_transfers(env, m.token).await, chain_transfers(anvil, m.token).await);
+    assert_eq!(
+        stored_transfers(env, m.token).await,
+        chain_transfers(anvil, m.token).await
+    );
 }
 
 /// The transfers the chain's logs carry: one per TransferSingle, one per id of a TransferBatch
@@ -380,7 +388,11 @@ async fn random_erc1155_histories_backfill_head_reorg_and_reconcile_are_exact() 
     let after = anvil_checkpoint(&env).await.unwrap();
     assert_eq!(before.0, after.0, "same height after anvil_reorg");
     assert_ne!(before.1, after.1, "the indexer followed the new branch");
-    assert_eq!(rows_of_tx(&env, dropped).await, 0, "the dropped batch is gone");
+    assert_eq!(
+        rows_of_tx(&env, dropped).await,
+        0,
+        "the dropped batch is gone"
+    );
     assert_exact(&env, &anvil, &m).await;
     // And the chain goes on.
     for _ in 0..5 {
@@ -401,7 +413,10 @@ async fn random_erc1155_histories_backfill_head_reorg_and_reconcile_are_exact() 
         .unwrap();
     assert!(report.mismatches.is_empty(), "{:?}", report.mismatches);
     assert_eq!(report.checked as i64, stored);
-    assert!(stored > 10, "a history worth reconciling: {stored} balances");
+    assert!(
+        stored > 10,
+        "a history worth reconciling: {stored} balances"
+    );
     // ...and names the one balance that differs.
     let target = holder(3);
     sqlx::query(
@@ -423,9 +438,10 @@ async fn random_erc1155_histories_backfill_head_reorg_and_reconcile_are_exact() 
     );
 }
 
-fn write_config(dir: &tempfile::TempDir, rpc: &str, token: Address) -> String {
+/// A config file for anvil's chain tracking `tokens` (address, standard).
+fn write_config(dir: &tempfile::TempDir, rpc: &str, tokens: &[(Address, &str)]) -> String {
     let path = dir.path().join("chain.toml");
-    let toml = format!(
+    let mut toml = format!(
         r#"
 [chain]
 enabled = true
@@ -438,15 +454,119 @@ poll_interval_ms = 50
 reorg_depth = 5
 max_block_range = 1
 fetch_concurrency = 2
-
-[[chain.tokens]]
-chain_id = {ANVIL_CHAIN_ID}
-address = "{token:#x}"
-standard = "erc1155"
 "#
     );
+    for (address, standard) in tokens {
+        toml.push_str(&format!(
+            "\n[[chain.tokens]]\nchain_id = {ANVIL_CHAIN_ID}\naddress = \"{address:#x}\"\nstandard = \"{standard}\"\n"
+        ));
+    }
     std::fs::write(&path, toml).unwrap();
     path.to_string_lossy().into_owned()
+}
+
+async fn token_status(env: &TestEnv, token: Address) -> Option<String> {
+    sqlx::query_scalar("SELECT status FROM chain_tokens WHERE address = $1")
+        .bind(format!("{token:#x}"))
+        .fetch_optional(&env.pool)
+        .await
+        .unwrap()
+}
+
+async fn wait_token_status(env: &TestEnv, token: Address, want: &str) {
+    wait_until(
+        Duration::from_secs(60),
+        &format!("token {token:#x} is {want}"),
+        || async { (token_status(env, token).await.as_deref() == Some(want)).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erc1155_token_added_at_run_time_backfills_exactly_and_its_removal_deletes_its_rows() {
+    let env = TestEnv::new().await;
+    let anvil = Anvil::spawn().await;
+    let erc20 = anvil.deploy("TestToken20").await;
+    let token = anvil.deploy("TestMulti1155").await;
+    let mut m = Multi::new(13, token);
+    for i in 0..30u64 {
+        m.random_tx(&anvil).await;
+        let mint = [(Address::ZERO, holder(1), U256::from(i + 1))];
+        anvil.send(erc20, Anvil::erc20_batch(&mint)).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_config(&dir, &anvil.url, &[(erc20, "erc20")]);
+    let chain = anvil_chain(&anvil.url, serde_json::json!({"reorg_depth": 5}));
+    let erc20_config = TokenConfig {
+        standard: TokenStandard::Erc20,
+        ..token_config(erc20)
+    };
+    let indexer = InProcIndexer::start(indexer_config(&env, chain, vec![erc20_config])).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
+    assert_eq!(stored_transfers(&env, token).await, 0);
+
+    let address = format!("{token:#x}");
+    let add = |standard: &str| {
+        env.cli(&[
+            "--config",
+            &file,
+            "index",
+            "token",
+            "add",
+            "--chain-id",
+            "31337",
+            "--address",
+            &address,
+            "--standard",
+            standard,
+            "--start-block",
+            "0",
+        ])
+    };
+    let bad = add("erc1156");
+    assert!(!bad.ok, "an unknown standard is refused");
+    assert!(bad.stderr.contains("erc1155"), "{}", bad.stderr);
+    let added = add("erc1155");
+    assert!(added.ok, "{}", added.stderr);
+    // Its own backfill runs while the chain moves on, then it joins the chain.
+    for _ in 0..8 {
+        m.random_tx(&anvil).await;
+    }
+    wait_token_status(&env, token, "live").await;
+    for _ in 0..5 {
+        m.random_tx(&anvil).await;
+    }
+    wait_head_indexed(&env, &anvil, Duration::from_secs(30)).await;
+    assert_exact(&env, &anvil, &m).await;
+
+    let removed = env.cli(&[
+        "--config",
+        &file,
+        "index",
+        "token",
+        "remove",
+        "--chain-id",
+        "31337",
+        "--address",
+        &address,
+    ]);
+    assert!(removed.ok, "{}", removed.stderr);
+    wait_token_status(&env, token, "removed").await;
+    for table in [
+        "chain_erc1155_transfers",
+        "chain_erc1155_balances",
+        "chain_erc1155_supply",
+    ] {
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {table} WHERE token = $1"
+        )))
+        .bind(&address)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        assert_eq!(n, 0, "{table} rows of the removed token");
+    }
+    indexer.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -459,7 +579,7 @@ async fn sigkill_of_the_worker_mid_erc1155_indexing_loses_and_duplicates_nothing
         m.random_tx(&anvil).await;
     }
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(&dir, &anvil.url, token);
+    let cfg = write_config(&dir, &anvil.url, &[(token, "erc1155")]);
     let mut last = None;
     for _ in 0..5 {
         let mut child = Child::spawn(&env, &["--config", &cfg, "run"], &[]);

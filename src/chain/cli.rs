@@ -400,10 +400,8 @@ pub async fn reconcile(
                     let expected = chunk
                         .iter()
                         .map(|(h, id, b)| {
-                            let what = format!(
-                                "{token_hex} balanceOf({}, {id}) stored {b}",
-                                addr_hex(h)
-                            );
+                            let what =
+                                format!("{token_hex} balanceOf({}, {id}) stored {b}", addr_hex(h));
                             (what, *b)
                         })
                         .collect();

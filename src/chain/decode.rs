@@ -328,8 +328,8 @@ mod tests {
             id: U256::from(4u8),
             value: U256::MAX,
         };
-        let Some(Decoded::Multi(rows)) = decode(&log_of(a(9), e.encode_log_data()), &tokens)
-            .unwrap()
+        let Some(Decoded::Multi(rows)) =
+            decode(&log_of(a(9), e.encode_log_data()), &tokens).unwrap()
         else {
             panic!("a TransferSingle decodes to one ERC-1155 row");
         };
@@ -365,7 +365,10 @@ mod tests {
             value: U256::from(1u8),
         };
         let as1155 = HashMap::from([(a(9), TokenStandard::Erc1155)]);
-        assert_eq!(decode(&log_of(a(9), t.encode_log_data()), &as1155).unwrap(), None);
+        assert_eq!(
+            decode(&log_of(a(9), t.encode_log_data()), &as1155).unwrap(),
+            None
+        );
         let as20 = HashMap::from([(a(9), TokenStandard::Erc20)]);
         assert_eq!(decode(&batch(&[1], &[1]), &as20).unwrap(), None);
     }

@@ -18,7 +18,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::catalogue::{self, CatalogueToken, TokenStatus, Transition};
-use super::decode::{self, Decoded, IERC20, MultiTransferRow, RejectedLog, TOKEN_TOPICS, TransferRow};
+use super::decode::{
+    self, Decoded, IERC20, MultiTransferRow, RejectedLog, TOKEN_TOPICS, TransferRow,
+};
 use super::factory::{self, BadFactory, CreatedToken, FactoryRule};
 use super::lease::Lease;
 use super::netting::Changes;
@@ -800,10 +802,7 @@ impl<S: ChainSource> Indexer<S> {
                 if let Some(bad) = side.off_branch(b.number, b.hash) {
                     return Err(RpcError::InvalidReply {
                         method: "eth_getLogs",
-                        message: format!(
-                            "log of block {} has hash {bad} not {}",
-                            b.number, b.hash
-                        ),
+                        message: format!("log of block {} has hash {bad} not {}", b.number, b.hash),
                     }
                     .into());
                 }

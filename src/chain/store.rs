@@ -332,7 +332,11 @@ pub(super) fn standard_of(s: &str) -> Result<TokenStandard, ChainStoreError> {
         "erc20" => Ok(TokenStandard::Erc20),
         "erc721" => Ok(TokenStandard::Erc721),
         "erc1155" => Ok(TokenStandard::Erc1155),
-        other => Err(corrupt("token standard", other, "not erc20, erc721 or erc1155")),
+        other => Err(corrupt(
+            "token standard",
+            other,
+            "not erc20, erc721 or erc1155",
+        )),
     }
 }
 

@@ -278,7 +278,12 @@ impl ChainStore {
         .await
         .map_err(db("read ERC-1155 holders"))?;
         rows.into_iter()
-            .map(|(h, b)| Ok((address_of("holder", &h)?, amount_of("ERC-1155 balance", &b)?)))
+            .map(|(h, b)| {
+                Ok((
+                    address_of("holder", &h)?,
+                    amount_of("ERC-1155 balance", &b)?,
+                ))
+            })
             .collect()
     }
 
@@ -354,7 +359,10 @@ mod tests {
         };
         let copy = multi_copy(1514, &[row.clone()]).unwrap();
         let line: Vec<&str> = copy.trim_end().split('\t').collect();
-        assert_eq!(line[0..5], ["1514", "7", &hash_hex(&row.block_hash), "3", "2"]);
+        assert_eq!(
+            line[0..5],
+            ["1514", "7", &hash_hex(&row.block_hash), "3", "2"]
+        );
         assert_eq!(line[8], ZERO);
         assert_eq!(line[10], U256::MAX.to_string());
         assert_eq!(line[11], "1000");

@@ -231,11 +231,7 @@ impl Anvil {
     }
 
     /// ERC-1155 `balanceOfBatch(accounts, ids)` at the latest block.
-    pub async fn balance_of_batch(
-        &self,
-        token: Address,
-        pairs: &[(Address, U256)],
-    ) -> Vec<U256> {
+    pub async fn balance_of_batch(&self, token: Address, pairs: &[(Address, U256)]) -> Vec<U256> {
         let data = TestMulti1155::balanceOfBatchCall {
             accounts: pairs.iter().map(|p| p.0).collect(),
             ids: pairs.iter().map(|p| p.1).collect(),
