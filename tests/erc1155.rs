@@ -2,8 +2,9 @@
 //! `contracts/TestMulti1155.sol`: seeded random histories of `TransferSingle` and
 //! `TransferBatch` (mints, batch mints with repeated ids, transfers, batch transfers, burns,
 //! self and zero-value transfers, a malformed batch) indexed by backfill and at the head, a
-//! reorg that drops a `TransferBatch`, `index reconcile` against `balanceOfBatch`, and SIGKILL
-//! of the worker mid-indexing. Every scenario ends by comparing every (holder, id) balance and
+//! reorg that drops a `TransferBatch`, `index reconcile` against `balanceOfBatch`, SIGKILL of
+//! the worker mid-indexing, a token added at run time, and the `erc1155` access-rule leaf (both
+//! database kinds). Every scenario ends by comparing every (holder, id) balance and
 //! every id's supply with the chain.
 
 mod common;
@@ -18,7 +19,7 @@ use common::anvil::{Anvil, TestMulti1155};
 use common::chain::{
     ANVIL_CHAIN_ID, InProcIndexer, anvil_chain, anvil_checkpoint, indexer_config, wait_head_indexed,
 };
-use common::{Child, TestEnv, wait_until};
+use common::{Child, DbKind, TestEnv, begin_as, wait_until};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokenwarden::chain::store::ChainStore;
@@ -610,4 +611,195 @@ async fn sigkill_of_the_worker_mid_erc1155_indexing_loses_and_duplicates_nothing
         ok.wait_exit(Duration::from_secs(60)).success(),
         "reconcile of an exact ERC-1155 index"
     );
+}
+
+/// `access_set_rule` as `service_role`: the version, or the refusal's message.
+async fn set_rule(env: &TestEnv, feature: &str, rule: serde_json::Value) -> Result<i32, String> {
+    let mut tx = begin_as(&env.pool, "service_role", None).await;
+    let r =
+        sqlx::query_scalar::<_, i32>("SELECT public.access_set_rule('creator-1', $1, $2, 'test')")
+            .bind(feature)
+            .bind(rule)
+            .fetch_one(&mut *tx)
+            .await;
+    match r {
+        Ok(v) => {
+            tx.commit().await.unwrap();
+            Ok(v)
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `verify_access_for` as `service_role`.
+async fn decide(env: &TestEnv, user: uuid::Uuid, feature: &str) -> serde_json::Value {
+    let mut tx = begin_as(&env.pool, "service_role", None).await;
+    sqlx::query_scalar("SELECT public.verify_access_for($1, 'creator-1', $2)")
+        .bind(user)
+        .bind(feature)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap()
+}
+
+async fn link(env: &TestEnv, user: uuid::Uuid, wallet: Address) {
+    sqlx::query(
+        "INSERT INTO public.user_wallets (user_id, address, chains, method) \
+         VALUES ($1, $2, ARRAY[$3::bigint], 'eoa')",
+    )
+    .bind(user)
+    .bind(format!("{wallet:#x}"))
+    .bind(ANVIL_CHAIN_ID as i64)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erc1155_access_leaf_is_validated_and_decided_from_the_indexed_balance_of_its_id() {
+    for kind in DbKind::ALL {
+        erc1155_leaf_on(TestEnv::on(kind).await).await;
+    }
+}
+
+async fn erc1155_leaf_on(env: TestEnv) {
+    let kind = env.kind;
+    let anvil = Anvil::spawn().await;
+    let token = anvil.deploy("TestMulti1155").await;
+    let erc20 = anvil.deploy("TestToken20").await;
+    let (w1, w2, w3) = (holder(1), holder(2), holder(3));
+    let id = |n: u8| U256::from(n);
+    for (to, ids, values) in [
+        (w1, vec![id(7), id(8)], vec![id(3), id(10)]),
+        (w2, vec![id(7)], vec![id(2)]),
+        (w3, vec![id(8)], vec![id(9)]),
+    ] {
+        let call = TestMulti1155::mintBatchCall { to, ids, values };
+        anvil.send(token, call.abi_encode()).await;
+    }
+    let chain = anvil_chain(&anvil.url, serde_json::json!({"reorg_depth": 2}));
+    let tokens = vec![
+        token_config(token),
+        TokenConfig {
+            standard: TokenStandard::Erc20,
+            ..token_config(erc20)
+        },
+    ];
+    let indexer = InProcIndexer::start(indexer_config(&env, chain, tokens)).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
+    let (alice, bob) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    link(&env, alice, w1).await;
+    link(&env, alice, w2).await;
+    link(&env, bob, w3).await;
+
+    let leaf = |t: Address, extra: serde_json::Value| {
+        let mut body = serde_json::json!({"chain_id": ANVIL_CHAIN_ID, "token": format!("{t:#x}")});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        serde_json::json!({"condition": {"erc1155": body}})
+    };
+    // Validation names the bad node.
+    for (rule, want) in [
+        (
+            leaf(token, serde_json::json!({"min": "1"})),
+            "$.condition.erc1155.token_id: must be a token id",
+        ),
+        (
+            leaf(token, serde_json::json!({"token_id": "7", "min": "0"})),
+            "$.condition.erc1155.min: must be a positive whole number",
+        ),
+        (
+            leaf(token, serde_json::json!({"token_id": "7", "min": "1.5"})),
+            "$.condition.erc1155.min: must be a positive whole number",
+        ),
+        (
+            leaf(
+                token,
+                serde_json::json!({"token_id": "7", "min": "1", "min_count": 1}),
+            ),
+            "$.condition.erc1155.min_count: unknown key",
+        ),
+        (
+            leaf(erc20, serde_json::json!({"token_id": "7", "min": "1"})),
+            "$.condition.erc1155.token: token is erc20, not erc1155",
+        ),
+        (
+            serde_json::json!({"condition": {"erc721": {"chain_id": ANVIL_CHAIN_ID,
+                "token": format!("{token:#x}"), "min_count": 1}}}),
+            "$.condition.erc721.token: token is erc1155, not erc721",
+        ),
+    ] {
+        let err = set_rule(&env, "BAD", rule).await.expect_err("refused");
+        assert!(err.contains(want), "{kind:?}: {err} (wanted {want})");
+    }
+
+    // Alice holds 3 + 2 of id 7 over two wallets; bob none.
+    set_rule(
+        &env,
+        "VIP",
+        leaf(token, serde_json::json!({"token_id": "7", "min": "5"})),
+    )
+    .await
+    .unwrap();
+    let d = decide(&env, alice, "VIP").await;
+    assert_eq!(d["allowed"], true, "{kind:?}: {d}");
+    let e = &d["evidence"][0];
+    assert_eq!(
+        (
+            e["kind"].as_str(),
+            e["token_id"].as_str(),
+            e["amount"].as_str(),
+            e["minimum"].as_str()
+        ),
+        (Some("erc1155"), Some("7"), Some("5"), Some("5")),
+        "{kind:?}: {d}"
+    );
+    let d = decide(&env, bob, "VIP").await;
+    assert_eq!(
+        (d["allowed"].as_bool(), d["reason"].as_str()),
+        (Some(false), Some("not_met"))
+    );
+    // Per wallet: no single wallet of alice holds 5 of id 7.
+    let mut per = leaf(token, serde_json::json!({"token_id": "7", "min": "5"}));
+    per["per_wallet"] = true.into();
+    set_rule(&env, "VIP", per).await.unwrap();
+    assert_eq!(decide(&env, alice, "VIP").await["allowed"], false);
+    // Another id: bob's 9 of id 8 pass a minimum of 9, alice's 10 too.
+    set_rule(
+        &env,
+        "ID8",
+        leaf(token, serde_json::json!({"token_id": "8", "min": "9"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(decide(&env, bob, "ID8").await["allowed"], true);
+    assert_eq!(decide(&env, alice, "ID8").await["allowed"], true);
+
+    // The decision follows the index: bob sends 1 of id 8 to alice, then fails the rule.
+    let send = TestMulti1155::safeTransferFromCall {
+        from: w3,
+        to: w1,
+        id: id(8),
+        value: id(1),
+        data: Bytes::new(),
+    };
+    anvil.send(token, send.abi_encode()).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(30)).await;
+    let d = decide(&env, bob, "ID8").await;
+    assert_eq!(d["allowed"], false, "{kind:?}: {d}");
+    assert_eq!(d["evidence"][0]["amount"], "8");
+    // No default condition for an ERC-1155 token: verify_token_access needs a rule.
+    let mut tx = begin_as(&env.pool, "service_role", None).await;
+    let d: serde_json::Value =
+        sqlx::query_scalar("SELECT public.verify_token_access_for($1, $2, $3, 'ANY')")
+            .bind(alice)
+            .bind(ANVIL_CHAIN_ID as i64)
+            .bind(format!("{token:#x}"))
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+    assert_eq!(d["reason"], "no_rule", "{kind:?}: {d}");
+    drop(tx);
+    indexer.stop().await;
 }
