@@ -540,6 +540,18 @@ async fn an_erc1155_token_added_at_run_time_backfills_exactly_and_its_removal_de
     wait_head_indexed(&env, &anvil, Duration::from_secs(30)).await;
     assert_exact(&env, &anvil, &m).await;
 
+    // An own-index snapshot has no token id: refused with the reason, kept as a failed snapshot.
+    let snap = env.cli(&[
+        "--config", &file, "snapshot", "create", "--source", "index", "--chain", "31337",
+        "--token", &address,
+    ]);
+    assert!(!snap.ok, "{}", snap.stdout);
+    let said = format!("{}{}", snap.stdout, snap.stderr);
+    assert!(
+        said.contains("is erc1155: a holder snapshot without a token id is not available"),
+        "{said}"
+    );
+
     let removed = env.cli(&[
         "--config",
         &file,
