@@ -357,7 +357,7 @@ mod tests {
             token_id: U256::MAX,
             value: U256::from(1000u64),
         };
-        let copy = multi_copy(1514, &[row.clone()]).unwrap();
+        let copy = multi_copy(1514, std::slice::from_ref(&row)).unwrap();
         let line: Vec<&str> = copy.trim_end().split('\t').collect();
         assert_eq!(
             line[0..5],
