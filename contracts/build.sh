@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 SOLC=../node_modules/.bin/solcjs
-for name in TestToken20 TestNft721 Multicall3Lite TestVaultFactory TestWallet1271 TestAllowlist; do
+for name in TestToken20 TestNft721 Multicall3Lite TestVaultFactory TestWallet1271 TestAllowlist TestMulti1155; do
   node -e '
     const fs = require("fs");
     const name = process.argv[1];

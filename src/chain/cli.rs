@@ -10,7 +10,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::catalogue::{CatalogueToken, TokenStatus};
-use super::decode::{IERC20, IERC721, addr_hex};
+use super::decode::{IERC20, IERC721, IERC1155, addr_hex};
 use super::rpc::{Rpc, RpcError};
 use super::store::{ChainStore, ChainStoreError};
 use super::store_catalogue::TokenRequest;
@@ -26,8 +26,8 @@ pub enum IndexCommand {
     /// The tracked-token catalogue: add, pause, resume, remove, list.
     #[command(subcommand)]
     Token(TokenCommand),
-    /// Compare stored balances and owners with balanceOf/ownerOf at the checkpoint block;
-    /// exits non-zero on any mismatch.
+    /// Compare stored balances and owners with balanceOf/ownerOf (ERC-1155: balanceOfBatch)
+    /// at the checkpoint block; exits non-zero on any mismatch.
     Reconcile {
         #[arg(long)]
         chain_id: Option<u64>,
@@ -44,7 +44,7 @@ pub enum TokenCommand {
         chain_id: u64,
         #[arg(long)]
         address: String,
-        /// erc20 or erc721.
+        /// erc20, erc721 or erc1155.
         #[arg(long)]
         standard: String,
         /// Its deployment block (the first block that can hold a transfer).
@@ -100,7 +100,7 @@ pub enum CliError {
     Mismatches(usize),
     #[error("token address {0:?} is not a 0x-prefixed 20-byte hex address")]
     BadAddress(String),
-    #[error("standard {0:?} is not erc20 or erc721")]
+    #[error("standard {0:?} is not erc20, erc721 or erc1155")]
     BadStandard(String),
 }
 
@@ -119,6 +119,10 @@ sol! {
 const MULTICALL_CHUNK: usize = 500;
 /// Concurrent `eth_call`s when Multicall3 is not deployed.
 const CALL_CONCURRENCY: usize = 16;
+
+/// (holder, id) pairs per ERC-1155 `balanceOfBatch` call: one call answers this many stored
+/// balances, small enough for any node's `eth_call` gas cap.
+const BALANCE_BATCH: usize = 200;
 
 /// Runs one command and prints its result on stdout.
 pub async fn run(
@@ -294,6 +298,7 @@ async fn token(
             let standard = match standard.to_ascii_lowercase().as_str() {
                 "erc20" => TokenStandard::Erc20,
                 "erc721" => TokenStandard::Erc721,
+                "erc1155" => TokenStandard::Erc1155,
                 _ => return Err(CliError::BadStandard(standard)),
             };
             (
@@ -339,8 +344,8 @@ pub struct ReconcileReport {
     pub mismatches: Vec<String>,
 }
 
-/// Reads `balanceOf`/`ownerOf` at the checkpoint block for every stored holder / token id and
-/// lists the disagreements.
+/// Reads `balanceOf`/`ownerOf` (ERC-1155: `balanceOfBatch`, [`BALANCE_BATCH`] pairs a call) at
+/// the checkpoint block for every stored holder / token id and lists the disagreements.
 pub async fn reconcile(
     pool: &PgPool,
     chain: &ChainConfig,
@@ -385,14 +390,48 @@ pub async fn reconcile(
                     ));
                 }
             }
+            TokenStandard::Erc1155 => {
+                let stored = store.erc1155_balances(pool, token).await?;
+                for chunk in stored.chunks(BALANCE_BATCH) {
+                    let call = IERC1155::balanceOfBatchCall {
+                        accounts: chunk.iter().map(|(h, _, _)| *h).collect(),
+                        ids: chunk.iter().map(|(_, id, _)| *id).collect(),
+                    };
+                    let expected = chunk
+                        .iter()
+                        .map(|(h, id, b)| {
+                            let what =
+                                format!("{token_hex} balanceOf({}, {id}) stored {b}", addr_hex(h));
+                            (what, *b)
+                        })
+                        .collect();
+                    checks.push((
+                        format!("{token_hex} balanceOfBatch of {} pairs", chunk.len()),
+                        call.abi_encode(),
+                        Expected::Amounts(expected),
+                    ));
+                }
+            }
         }
-        report.checked += checks.len();
+        report.checked += checks
+            .iter()
+            .map(|(_, _, e)| match e {
+                Expected::Amounts(each) => each.len(),
+                _ => 1,
+            })
+            .sum::<usize>();
         let answers = if multicall {
             via_multicall(&rpc, token, block, &checks).await?
         } else {
             via_calls(&rpc, token, block, &checks).await?
         };
         for ((what, _, expected), answer) in checks.iter().zip(answers) {
+            if let Expected::Amounts(each) = expected {
+                report
+                    .mismatches
+                    .extend(batch_mismatches(what, each, answer.as_ref()));
+                continue;
+            }
             let ok = match (expected, &answer) {
                 (Expected::Amount(b), Some(data)) => {
                     IERC20::balanceOfCall::abi_decode_returns(data).ok() == Some(*b)
@@ -400,7 +439,7 @@ pub async fn reconcile(
                 (Expected::Owner(o), Some(data)) => {
                     IERC721::ownerOfCall::abi_decode_returns(data).ok() == Some(*o)
                 }
-                (_, None) => false,
+                (Expected::Amounts(_), Some(_)) | (_, None) => false,
             };
             if !ok {
                 let got = match &answer {
@@ -409,6 +448,7 @@ pub async fn reconcile(
                             .map_or_else(|_| format!("undecodable {d}"), |v| v.to_string()),
                         Expected::Owner(_) => IERC721::ownerOfCall::abi_decode_returns(d)
                             .map_or_else(|_| format!("undecodable {d}"), |v| addr_hex(&v)),
+                        Expected::Amounts(_) => format!("{d}"),
                     },
                     None => "call reverted".into(),
                 };
@@ -422,6 +462,29 @@ pub async fn reconcile(
 enum Expected {
     Amount(U256),
     Owner(Address),
+    /// One `balanceOfBatch` call: (what, stored balance) per pair, in call order.
+    Amounts(Vec<(String, U256)>),
+}
+
+/// The disagreements of one `balanceOfBatch` answer (`None`: the call reverted) with the
+/// stored balances `each`, one line per pair.
+fn batch_mismatches(what: &str, each: &[(String, U256)], answer: Option<&Bytes>) -> Vec<String> {
+    let got = answer.map(|d| IERC1155::balanceOfBatchCall::abi_decode_returns(d));
+    match got {
+        Some(Ok(values)) if values.len() == each.len() => each
+            .iter()
+            .zip(values)
+            .filter(|((_, stored), chain)| stored != chain)
+            .map(|((w, _), chain)| format!("{w}, chain says {chain}"))
+            .collect(),
+        Some(Ok(values)) => vec![format!(
+            "{what}: chain answered {} balances for {} pairs",
+            values.len(),
+            each.len()
+        )],
+        Some(Err(e)) => vec![format!("{what}: undecodable answer ({e})")],
+        None => vec![format!("{what}: call reverted")],
+    }
 }
 
 async fn via_multicall(

@@ -18,7 +18,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::catalogue::{self, CatalogueToken, TokenStatus, Transition};
-use super::decode::{self, IERC20, RejectedLog, TRANSFER_TOPIC, TransferRow};
+use super::decode::{
+    self, Decoded, IERC20, MultiTransferRow, RejectedLog, TOKEN_TOPICS, TransferRow,
+};
 use super::factory::{self, BadFactory, CreatedToken, FactoryRule};
 use super::lease::Lease;
 use super::netting::Changes;
@@ -242,7 +244,7 @@ impl<S: ChainSource> Indexer<S> {
             tokens: Vec::new(),
             standards: Arc::new(HashMap::new()),
             factories: Arc::new(factories),
-            base_filter: Filter::new().event_signature(TRANSFER_TOPIC),
+            base_filter: Filter::new().event_signature(TOKEN_TOPICS.to_vec()),
             addresses: Vec::new(),
             start_block: 0,
             announcer,
@@ -491,17 +493,19 @@ impl<S: ChainSource> Indexer<S> {
                 rows.push(r);
             }
         }
-        if let Some(r) = side.rejected.iter().find(|r| r.block_hash != h.hash) {
+        if let Some(bad) = side.off_branch(n, h.hash) {
             return Err(RpcError::InvalidReply {
                 method: "eth_getLogs",
-                message: format!("log of block {n} has hash {} not {}", r.block_hash, h.hash),
+                message: format!("log of block {n} has hash {bad} not {}", h.hash),
             }
             .into());
         }
         rows.sort_by_key(|r| r.log_index);
+        side.sort();
         let batch = Batch {
             from_block: n,
             rows,
+            multi: side.multi,
             rejected: side.rejected,
             created: side.created,
             headers: vec![h],
@@ -556,7 +560,7 @@ impl<S: ChainSource> Indexer<S> {
             hash: batch.last.hash,
         });
         metrics::counter!("tokenwarden_indexer_logs_total", "chain_id" => self.label.clone())
-            .increment(batch.rows.len() as u64);
+            .increment((batch.rows.len() + batch.multi.len()) as u64);
         self.report_lag(head);
         self.announce(changes);
         Ok(())
@@ -686,7 +690,7 @@ impl<S: ChainSource> Indexer<S> {
         self.addresses = live.iter().map(|t| t.address).collect();
         self.standards = Arc::new(live.iter().map(|t| (t.address, t.standard)).collect());
         let mut watched = self.addresses.clone();
-        let mut topics = vec![TRANSFER_TOPIC];
+        let mut topics = TOKEN_TOPICS.to_vec();
         for rule in self.factories.values() {
             watched.push(rule.address);
             topics.push(rule.topic0);
@@ -736,7 +740,7 @@ impl<S: ChainSource> Indexer<S> {
         let final_top = head.saturating_sub(self.chain.confirmations + self.chain.reorg_depth);
         let filter = Filter::new()
             .address(t.address)
-            .event_signature(TRANSFER_TOPIC);
+            .event_signature(TOKEN_TOPICS.to_vec());
         let standards = Arc::new(HashMap::from([(t.address, t.standard)]));
         let mut seam = Vec::new();
         let batch = if from <= cp.number.min(final_top) {
@@ -795,8 +799,16 @@ impl<S: ChainSource> Indexer<S> {
                         rows.push(r);
                     }
                 }
+                if let Some(bad) = side.off_branch(b.number, b.hash) {
+                    return Err(RpcError::InvalidReply {
+                        method: "eth_getLogs",
+                        message: format!("log of block {} has hash {bad} not {}", b.number, b.hash),
+                    }
+                    .into());
+                }
             }
             rows.sort_by_key(|r| (r.block_number, r.log_index));
+            side.sort();
             let last = HeaderInfo {
                 number: cp.number,
                 hash: cp.hash,
@@ -805,13 +817,14 @@ impl<S: ChainSource> Indexer<S> {
             Batch {
                 from_block: from,
                 rows,
+                multi: side.multi,
                 rejected: side.rejected,
                 created: Vec::new(),
                 headers: Vec::new(),
                 last,
             }
         };
-        let logs = batch.rows.len() as u64;
+        let logs = (batch.rows.len() + batch.multi.len()) as u64;
         let token = decode::addr_hex(&t.address);
         match self
             .store
@@ -902,9 +915,9 @@ impl<S: ChainSource> Indexer<S> {
             let waited = Instant::now();
             let batch = task.await??;
             let wait_ms = waited.elapsed().as_millis() as u64;
-            logs_done += batch.rows.len() as u64;
+            logs_done += (batch.rows.len() + batch.multi.len()) as u64;
             let at = batch.last.number;
-            let rows = batch.rows.len();
+            let rows = batch.rows.len() + batch.multi.len();
             let committing = Instant::now();
             self.commit(lease, batch, head).await?;
             tracing::debug!(
@@ -946,11 +959,37 @@ impl<S: ChainSource> Indexer<S> {
 /// The configured factory events, by (factory address, topic0).
 type FactoryMap = HashMap<(Address, B256), FactoryRule>;
 
-/// What a range's logs yield besides transfers: rejected logs and factory creations.
+/// What a range's logs yield besides ERC-20/721 transfers: ERC-1155 transfers, rejected logs
+/// and factory creations.
 #[derive(Debug, Default)]
 struct Side {
+    multi: Vec<MultiTransferRow>,
     rejected: Vec<RejectedLog>,
     created: Vec<CreatedToken>,
+}
+
+impl Side {
+    /// The first ERC-1155 transfer or rejected log of block `number` whose block hash is not
+    /// `hash` (a reply mixing two branches).
+    fn off_branch(&self, number: u64, hash: B256) -> Option<B256> {
+        self.multi
+            .iter()
+            .filter(|r| r.block_number == number)
+            .map(|r| r.block_hash)
+            .chain(
+                self.rejected
+                    .iter()
+                    .filter(|r| r.block_number == number)
+                    .map(|r| r.block_hash),
+            )
+            .find(|h| *h != hash)
+    }
+
+    /// Sorts the ERC-1155 transfers into chain order.
+    fn sort(&mut self) {
+        self.multi
+            .sort_by_key(|r| (r.block_number, r.log_index, r.position));
+    }
 }
 
 fn decode_in_range(
@@ -983,19 +1022,29 @@ fn decode_in_range(
         return Ok(None);
     }
     let rejected = &mut side.rejected;
+    let outside = |block: u64| -> IndexerError {
+        RpcError::InvalidReply {
+            method: "eth_getLogs",
+            message: format!("log of block {block} outside asked range {from}..={to}"),
+        }
+        .into()
+    };
     match decode::decode(log, standards) {
-        Ok(Some(r)) => {
+        Ok(Some(Decoded::Transfer(r))) => {
             if r.block_number < from || r.block_number > to {
-                return Err(RpcError::InvalidReply {
-                    method: "eth_getLogs",
-                    message: format!(
-                        "log of block {} outside asked range {from}..={to}",
-                        r.block_number
-                    ),
-                }
-                .into());
+                return Err(outside(r.block_number));
             }
             Ok(Some(r))
+        }
+        Ok(Some(Decoded::Multi(rows))) => {
+            if let Some(r) = rows
+                .iter()
+                .find(|r| r.block_number < from || r.block_number > to)
+            {
+                return Err(outside(r.block_number));
+            }
+            side.multi.extend(rows);
+            Ok(None)
         }
         Ok(None) => Ok(None),
         Err(e) => {
@@ -1133,9 +1182,21 @@ impl<S: ChainSource> FetchJob<S> {
             }
             .into());
         }
+        if let Some(bad) = side.off_branch(to, header.hash) {
+            return Err(RpcError::InvalidReply {
+                method: "eth_getLogs",
+                message: format!(
+                    "log of block {to} has hash {bad} but the block is {}",
+                    header.hash
+                ),
+            }
+            .into());
+        }
+        side.sort();
         Ok(Batch {
             from_block: from,
             rows,
+            multi: side.multi,
             rejected: side.rejected,
             created: side.created,
             headers: vec![header],

@@ -53,7 +53,7 @@ pub struct IndexTokenJob {
 pub enum IndexTokenPayloadError {
     #[error("invalid index_token payload: {0}")]
     Shape(#[from] serde_json::Error),
-    #[error("invalid index_token payload: action add needs a standard (erc20 or erc721)")]
+    #[error("invalid index_token payload: action add needs a standard (erc20, erc721 or erc1155)")]
     MissingStandard,
 }
 

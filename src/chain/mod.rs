@@ -1,5 +1,6 @@
-//! The chain indexer: follows ERC-20 and ERC-721 `Transfer` logs, keeps exact holder balances
-//! and NFT owners in Postgres, survives reorgs, RPC faults and restarts, and announces changes.
+//! The chain indexer: follows ERC-20 and ERC-721 `Transfer` and ERC-1155 `TransferSingle` /
+//! `TransferBatch` logs, keeps exact holder balances (per id for ERC-1155) and NFT owners in
+//! Postgres, survives reorgs, RPC faults and restarts, and announces changes.
 //!
 //! | module | concern |
 //! |---|---|
@@ -13,6 +14,7 @@
 //! | [`reorg`] | the fork base of a reorg: newest remembered block still on the chain |
 //! | [`store`] | the only reader and writer of the chain tables: batches and reorg undo (one transaction each), checkpoints, faults, holdings |
 //! | [`history`] | balances at any block and holder lists at a block, from the stored transfers |
+//! | [`store_multi`] | the store's ERC-1155 statements: batch writes, reorg undo, balances and holders of an id |
 //! | [`store_catalogue`] | the store's catalogue statements: requests, transitions, token backfill commits |
 //! | [`lease`] | one leader per chain across replicas |
 //! | [`notify`] | Redis announcements |
@@ -35,6 +37,7 @@ pub(crate) mod rpc;
 pub(crate) mod source;
 pub mod store;
 pub(crate) mod store_catalogue;
+pub(crate) mod store_multi;
 pub(crate) mod tokens;
 
 /// Starts one indexer task per configured chain (each waits for its lease before indexing;

@@ -1,5 +1,6 @@
 //! The pure half of committing a batch: its transfers netted into one balance delta per
-//! (token, holder), one final owner per ERC-721 id, and the holders whose holdings changed.
+//! (token, holder) (ERC-1155: per (token, id, holder), plus one supply delta per id), one final
+//! owner per ERC-721 id, and the holders whose holdings changed.
 //! No database here, so these rules are unit-tested on their own; [`super::store`] writes the
 //! result. Netting first means the balance upsert gets one row per holder instead of two per
 //! transfer, and an id moved several times in a batch is written once.
@@ -9,7 +10,7 @@ use std::fmt;
 
 use alloy::primitives::{Address, U256};
 
-use super::decode::{TransferRow, addr_hex};
+use super::decode::{MultiTransferRow, TransferRow, addr_hex};
 
 /// Holders whose balance or NFTs changed, per token, with the block of the change: what
 /// [`super::notify`] announces after a commit or a reorg undo.
@@ -101,6 +102,121 @@ pub(crate) struct Netted {
 pub enum NettingError {
     #[error("the transfers of {holder:#x} for token {token:#x} in one batch overflow uint256")]
     Overflow { token: Address, holder: Address },
+    #[error("the mints or burns of id {id} of token {token:#x} in one batch overflow uint256")]
+    SupplyOverflow { token: Address, id: U256 },
+}
+
+/// The signed difference of a sum of credits and a sum of debits; `None` when they cancel.
+fn signed(plus: U256, minus: U256) -> Option<Delta> {
+    match plus.cmp(&minus) {
+        std::cmp::Ordering::Equal => None,
+        std::cmp::Ordering::Greater => Some(Delta::Credit(plus - minus)),
+        std::cmp::Ordering::Less => Some(Delta::Debit(minus - plus)),
+    }
+}
+
+/// One holder's net change of one ERC-1155 id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MultiDelta {
+    pub token: Address,
+    pub token_id: U256,
+    pub holder: Address,
+    pub delta: Delta,
+}
+
+/// The net change of one ERC-1155 id's supply (mints − burns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SupplyDelta {
+    pub token: Address,
+    pub token_id: U256,
+    pub delta: Delta,
+}
+
+/// A batch's ERC-1155 transfers netted (in no particular order).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct MultiNetted {
+    pub deltas: Vec<MultiDelta>,
+    pub supply: Vec<SupplyDelta>,
+}
+
+/// Nets ERC-1155 `rows` (one batch) as [`net`] does ERC-20 ones, per (token, id, holder):
+/// the zero address never gets a balance, mints add to and burns take from the id's supply,
+/// zero-value and self transfers change nothing. The holders that changed go into `changes`.
+pub(crate) fn net_multi(
+    rows: &[MultiTransferRow],
+    changes: &mut Changes,
+) -> Result<MultiNetted, NettingError> {
+    // (credited, debited) per (token, id, holder), and (minted, burned) per (token, id).
+    let mut sums: HashMap<(Address, U256, Address), (U256, U256)> = HashMap::new();
+    let mut supply: HashMap<(Address, U256), (U256, U256)> = HashMap::new();
+    for r in rows {
+        if r.value.is_zero() || r.from == r.to {
+            continue;
+        }
+        changes.add(r.token, r.from, r.to);
+        let overflow = |holder| NettingError::Overflow {
+            token: r.token,
+            holder,
+        };
+        let supply_overflow = || NettingError::SupplyOverflow {
+            token: r.token,
+            id: r.token_id,
+        };
+        if r.from.is_zero() {
+            let s = supply.entry((r.token, r.token_id)).or_default();
+            s.0 = s.0.checked_add(r.value).ok_or_else(supply_overflow)?;
+        } else {
+            let s = sums.entry((r.token, r.token_id, r.from)).or_default();
+            s.1 = s.1.checked_add(r.value).ok_or_else(|| overflow(r.from))?;
+        }
+        if r.to.is_zero() {
+            let s = supply.entry((r.token, r.token_id)).or_default();
+            s.1 = s.1.checked_add(r.value).ok_or_else(supply_overflow)?;
+        } else {
+            let s = sums.entry((r.token, r.token_id, r.to)).or_default();
+            s.0 = s.0.checked_add(r.value).ok_or_else(|| overflow(r.to))?;
+        }
+    }
+    Ok(MultiNetted {
+        deltas: sums
+            .into_iter()
+            .filter_map(|((token, token_id, holder), (plus, minus))| {
+                Some(MultiDelta {
+                    token,
+                    token_id,
+                    holder,
+                    delta: signed(plus, minus)?,
+                })
+            })
+            .collect(),
+        supply: supply
+            .into_iter()
+            .filter_map(|((token, token_id), (plus, minus))| {
+                Some(SupplyDelta {
+                    token,
+                    token_id,
+                    delta: signed(plus, minus)?,
+                })
+            })
+            .collect(),
+    })
+}
+
+/// The block of `holder`'s first debit of id `token_id` of ERC-1155 `token` (lowercase hex and
+/// decimal, as stored) in `rows`.
+pub(crate) fn first_multi_debit_block(
+    rows: &[MultiTransferRow],
+    token: &str,
+    token_id: &str,
+    holder: &str,
+) -> Option<u64> {
+    rows.iter()
+        .find(|r| {
+            addr_hex(&r.token) == token
+                && addr_hex(&r.from) == holder
+                && r.token_id.to_string() == token_id
+        })
+        .map(|r| r.block_number)
 }
 
 /// Nets `rows` (one batch, in chain order) whose last block is `last_block`. ERC-20 rows
@@ -143,15 +259,10 @@ pub(crate) fn net(rows: &[TransferRow], last_block: u64) -> Result<Netted, Netti
     let deltas = sums
         .into_iter()
         .filter_map(|((token, holder), (plus, minus))| {
-            let delta = match plus.cmp(&minus) {
-                std::cmp::Ordering::Equal => return None,
-                std::cmp::Ordering::Greater => Delta::Credit(plus - minus),
-                std::cmp::Ordering::Less => Delta::Debit(minus - plus),
-            };
             Some(BalanceDelta {
                 token,
                 holder,
-                delta,
+                delta: signed(plus, minus)?,
             })
         })
         .collect();
@@ -292,6 +403,78 @@ mod tests {
         );
         let holders: Vec<_> = n.changes.holders[&a(8)].iter().copied().collect();
         assert_eq!(holders, vec![a(1), a(2)]);
+    }
+
+    fn multi(block: u64, from: Address, to: Address, id: u64, value: u64) -> MultiTransferRow {
+        MultiTransferRow {
+            block_number: block,
+            block_hash: B256::with_last_byte(block as u8),
+            log_index: 0,
+            position: 0,
+            tx_hash: B256::ZERO,
+            token: a(7),
+            operator: a(99),
+            from,
+            to,
+            token_id: U256::from(id),
+            value: U256::from(value),
+        }
+    }
+
+    #[test]
+    fn erc1155_transfers_net_per_id_and_holder_with_supply() {
+        let z = Address::ZERO;
+        let rows = [
+            multi(1, z, a(1), 5, 100),   // mint 100 of id 5 to 1
+            multi(1, z, a(1), 6, 3),     // mint 3 of id 6 to 1
+            multi(1, a(1), a(2), 5, 40), // 1 → 2: 40 of id 5
+            multi(2, a(2), z, 5, 10),    // burn 10 of id 5 from 2
+            multi(2, a(1), a(1), 6, 3),  // self: nothing
+            multi(2, a(3), a(4), 6, 0),  // zero value: nothing
+            multi(2, a(1), a(2), 6, 3),  // 1 → 2: 3 of id 6
+            multi(2, a(2), a(1), 6, 3),  // and back: 1 and 2 net to zero on id 6
+        ];
+        let mut changes = Changes::at(2);
+        let n = net_multi(&rows, &mut changes).unwrap();
+        let mut d: Vec<_> = n
+            .deltas
+            .iter()
+            .map(|d| (d.token_id, d.holder, d.delta))
+            .collect();
+        d.sort_by_key(|(i, h, _)| (*i, *h));
+        let u = |v: u64| U256::from(v);
+        assert_eq!(
+            d,
+            vec![
+                (u(5), a(1), Delta::Credit(u(60))),
+                (u(5), a(2), Delta::Credit(u(30))),
+                (u(6), a(1), Delta::Credit(u(3))),
+            ]
+        );
+        let mut s: Vec<_> = n.supply.iter().map(|s| (s.token_id, s.delta)).collect();
+        s.sort_by_key(|(i, _)| *i);
+        assert_eq!(
+            s,
+            vec![(u(5), Delta::Credit(u(90))), (u(6), Delta::Credit(u(3)))]
+        );
+        let holders: Vec<_> = changes.holders[&a(7)].iter().copied().collect();
+        assert_eq!(holders, vec![a(1), a(2)]);
+        let (t, h) = (addr_hex(&a(7)), addr_hex(&a(2)));
+        assert_eq!(first_multi_debit_block(&rows, &t, "5", &h), Some(2));
+        assert_eq!(first_multi_debit_block(&rows, &t, "7", &h), None);
+    }
+
+    #[test]
+    fn an_overflowing_erc1155_mint_names_the_id() {
+        let mut big = multi(1, Address::ZERO, a(1), 5, 0);
+        big.value = U256::MAX;
+        assert_eq!(
+            net_multi(&[big.clone(), big], &mut Changes::at(1)),
+            Err(NettingError::SupplyOverflow {
+                token: a(7),
+                id: U256::from(5u8)
+            })
+        );
     }
 
     #[test]

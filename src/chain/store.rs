@@ -1,7 +1,7 @@
 //! The chain tables' gateway: every statement of `src/` over `chain_tokens`, `chain_transfers`,
 //! `chain_rejected_logs`, `token_balances`, `nft_owners`, `chain_blocks`, `chain_checkpoints`
-//! and `chain_indexer_faults` (migration `20261125000400_chain.sql`) is a method of
-//! [`ChainStore`], so the tables' shape and their invariants (lowercase hex, uint256 as
+//! and `chain_indexer_faults` (migration `20261125000400_chain.sql`) and the ERC-1155 tables
+//! (`chain_erc1155_*`, statements in [`super::store_multi`]) is a method of [`ChainStore`], so the tables' shape and their invariants (lowercase hex, uint256 as
 //! `numeric(78,0)`, the reorg window) are known in one file. The indexer writes through it, and
 //! the index CLI, the readiness probe and own-index snapshots read through it.
 //!
@@ -16,7 +16,7 @@ use alloy::primitives::{Address, B256, U256};
 use sqlx::{Connection, PgConnection, PgExecutor, Row};
 use uuid::Uuid;
 
-use super::decode::{RejectedLog, TransferRow, addr_hex, hash_hex};
+use super::decode::{MultiTransferRow, RejectedLog, TransferRow, addr_hex, hash_hex};
 use super::factory::CreatedToken;
 use super::netting::{self, BalanceDelta, Changes, NettingError, OwnerChange};
 use super::rpc::HeaderInfo;
@@ -69,6 +69,14 @@ pub enum ChainStoreError {
     /// A history question about a token the catalogue does not track.
     #[error("token {token} is not tracked on this chain")]
     NotTracked { token: String },
+    /// A question that has no answer for the token's standard (e.g. an own-index snapshot of
+    /// an ERC-1155 token, whose balances are per id).
+    #[error("token {token} is {standard}: {what} is not available for it")]
+    Unsupported {
+        token: String,
+        standard: &'static str,
+        what: &'static str,
+    },
     #[error("empty block window {from}..={to}")]
     EmptyWindow { from: u64, to: u64 },
     #[error("token {token} moved under its backfill step (paused, removed or reorged); retrying")]
@@ -160,6 +168,9 @@ pub struct Checkpoint {
 pub(crate) struct Batch {
     pub from_block: u64,
     pub rows: Vec<TransferRow>,
+    /// The range's ERC-1155 transfers (one per `TransferSingle`, one per id of a
+    /// `TransferBatch`), in chain order.
+    pub multi: Vec<MultiTransferRow>,
     /// Logs of the range that were rejected, kept with their reason.
     pub rejected: Vec<RejectedLog>,
     /// Tokens factories created in the range: added to the catalogue with the batch.
@@ -320,7 +331,12 @@ pub(super) fn standard_of(s: &str) -> Result<TokenStandard, ChainStoreError> {
     match s {
         "erc20" => Ok(TokenStandard::Erc20),
         "erc721" => Ok(TokenStandard::Erc721),
-        other => Err(corrupt("token standard", other, "not erc20 or erc721")),
+        "erc1155" => Ok(TokenStandard::Erc1155),
+        other => Err(corrupt(
+            "token standard",
+            other,
+            "not erc20, erc721 or erc1155",
+        )),
     }
 }
 
@@ -518,6 +534,13 @@ impl ChainStore {
         block: u64,
     ) -> Result<HoldersWritten, ChainStoreError> {
         let sql = match standard {
+            TokenStandard::Erc1155 => {
+                return Err(ChainStoreError::Unsupported {
+                    token: addr_hex(&token),
+                    standard: standard.as_str(),
+                    what: "a holder snapshot without a token id",
+                });
+            }
             TokenStandard::Erc721 => {
                 "WITH last AS ( \
                    SELECT DISTINCT ON (token_id) token_id, to_address AS owner \
@@ -579,7 +602,8 @@ impl ChainStore {
         expected_checkpoint: Option<u64>,
         batch: &Batch,
     ) -> Result<Changes, ChainStoreError> {
-        let netted = netting::net(&batch.rows, batch.last.number)?;
+        let mut netted = netting::net(&batch.rows, batch.last.number)?;
+        let multi = netting::net_multi(&batch.multi, &mut netted.changes)?;
         let copy = transfers_copy(self.id, &batch.rows)?;
         let mut tx = conn.begin().await.map_err(db("begin batch"))?;
         self.lock_checkpoint(&mut tx, expected_checkpoint).await?;
@@ -588,6 +612,8 @@ impl ChainStore {
             self.apply_deltas(&mut tx, &netted.deltas, batch).await?;
             self.apply_owners(&mut tx, &netted.owners).await?;
         }
+        self.apply_multi(&mut tx, &batch.multi, &multi, batch.last.number)
+            .await?;
         self.remember_blocks(&mut tx, &batch.headers).await?;
         self.keep_rejected(&mut tx, &batch.rejected).await?;
         self.add_created(&mut tx, &batch.created).await?;
@@ -818,8 +844,8 @@ impl ChainStore {
         Ok(())
     }
 
-    /// Undoes every block from `fork` on, in one transaction: ERC-20 balances lose the dropped
-    /// transfers' deltas, each ERC-721 id goes back to the `from` of its earliest dropped
+    /// Undoes every block from `fork` on, in one transaction: ERC-20 and ERC-1155 balances (and
+    /// ERC-1155 supplies) lose the dropped transfers' deltas, each ERC-721 id goes back to the `from` of its earliest dropped
     /// transfer (ids minted in dropped blocks disappear), dropped transfers and block hashes are
     /// deleted and the checkpoint is rewound to `new_checkpoint` (the last block still on the
     /// chain; `None` when nothing indexed survives).
@@ -903,6 +929,8 @@ impl ChainStore {
         .execute(&mut *tx)
         .await
         .map_err(db("restore NFT owners"))?;
+        self.undo_multi(&mut tx, &tokens, fork_i, cp, &mut changes)
+            .await?;
 
         sqlx::query(
             "DELETE FROM public.chain_transfers WHERE chain_id = $1 AND token = ANY($2) AND block_number >= $3",
@@ -933,7 +961,11 @@ impl ChainStore {
                DELETE FROM public.chain_tokens WHERE chain_id = $1 AND origin = 'factory' \
                   AND start_block >= $2 RETURNING address), \
              balances AS ( \
-               DELETE FROM public.token_balances b USING gone WHERE b.chain_id = $1 AND b.token = gone.address) \
+               DELETE FROM public.token_balances b USING gone WHERE b.chain_id = $1 AND b.token = gone.address), \
+             multi AS ( \
+               DELETE FROM public.chain_erc1155_balances b USING gone WHERE b.chain_id = $1 AND b.token = gone.address), \
+             supply AS ( \
+               DELETE FROM public.chain_erc1155_supply s USING gone WHERE s.chain_id = $1 AND s.token = gone.address) \
              DELETE FROM public.nft_owners n USING gone WHERE n.chain_id = $1 AND n.token = gone.address",
         )
         .bind(self.id)

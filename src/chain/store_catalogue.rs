@@ -195,6 +195,9 @@ impl ChainStore {
                     "DELETE FROM public.chain_rejected_logs WHERE chain_id = $1 AND token = $2",
                     "DELETE FROM public.token_balances WHERE chain_id = $1 AND token = $2",
                     "DELETE FROM public.nft_owners WHERE chain_id = $1 AND token = $2",
+                    "DELETE FROM public.chain_erc1155_transfers WHERE chain_id = $1 AND token = $2",
+                    "DELETE FROM public.chain_erc1155_balances WHERE chain_id = $1 AND token = $2",
+                    "DELETE FROM public.chain_erc1155_supply WHERE chain_id = $1 AND token = $2",
                 ] {
                     sqlx::query(statement)
                         .bind(self.id())
@@ -304,7 +307,8 @@ impl ChainStore {
         seam: &[Checkpoint],
         batch: &Batch,
     ) -> Result<Changes, ChainStoreError> {
-        let netted = netting::net(&batch.rows, batch.last.number)?;
+        let mut netted = netting::net(&batch.rows, batch.last.number)?;
+        let multi = netting::net_multi(&batch.multi, &mut netted.changes)?;
         let copy = transfers_copy(self.id(), &batch.rows)?;
         let t = addr_hex(&token);
         let mut tx = conn
@@ -362,6 +366,8 @@ impl ChainStore {
             self.apply_deltas(&mut tx, &netted.deltas, batch).await?;
             self.apply_owners(&mut tx, &netted.owners).await?;
         }
+        self.apply_multi(&mut tx, &batch.multi, &multi, batch.last.number)
+            .await?;
         self.keep_rejected(&mut tx, &batch.rejected).await?;
         let joins = batch.last.number == checkpoint;
         sqlx::query(
@@ -374,7 +380,7 @@ impl ChainStore {
         .bind(self.id())
         .bind(&t)
         .bind(bigint("block number", batch.last.number)?)
-        .bind(batch.rows.len() as i64)
+        .bind((batch.rows.len() + batch.multi.len()) as i64)
         .bind(joins)
         .execute(&mut *tx)
         .await

@@ -123,12 +123,14 @@ fn default_rpc_max_retries() -> u32 {
     10
 }
 
-/// Token standard, which decides how a `Transfer` log is decoded.
+/// Token standard, which decides which logs are read and how they are decoded: ERC-20 and
+/// ERC-721 `Transfer`, ERC-1155 `TransferSingle` / `TransferBatch`.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum TokenStandard {
     Erc20,
     Erc721,
+    Erc1155,
 }
 
 impl TokenStandard {
@@ -137,6 +139,7 @@ impl TokenStandard {
         match self {
             TokenStandard::Erc20 => "erc20",
             TokenStandard::Erc721 => "erc721",
+            TokenStandard::Erc1155 => "erc1155",
         }
     }
 }

@@ -147,7 +147,8 @@ pub async fn snapshot_into(
     let completion = Completion {
         block_height: Some(block),
         decimals: match tok.standard {
-            TokenStandard::Erc721 => Some(0),
+            // ERC-1155 never gets here: holders_at refuses a snapshot without a token id.
+            TokenStandard::Erc721 | TokenStandard::Erc1155 => Some(0),
             TokenStandard::Erc20 => tok.decimals.and_then(|d| u32::try_from(d).ok()),
         },
         total_supply,

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use alloy::network::TransactionBuilder;
-use alloy::primitives::{Address, Bytes, U256};
+use alloy::primitives::{Address, B256, Bytes, U256};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use alloy::rpc::types::TransactionRequest;
 use alloy::sol;
@@ -21,6 +21,19 @@ sol! {
     interface TestNft721 {
         function batch(address[] from, address[] to, uint256[] id) external;
         function ownerOf(uint256 id) external view returns (address);
+    }
+    interface TestMulti1155 {
+        event TransferSingle(address indexed operator, address indexed from, address indexed to, uint256 id, uint256 value);
+        event TransferBatch(address indexed operator, address indexed from, address indexed to, uint256[] ids, uint256[] values);
+        function mint(address to, uint256 id, uint256 value) external;
+        function mintBatch(address to, uint256[] ids, uint256[] values) external;
+        function safeTransferFrom(address from, address to, uint256 id, uint256 value, bytes data) external;
+        function safeBatchTransferFrom(address from, address to, uint256[] ids, uint256[] values, bytes data) external;
+        function burn(address from, uint256 id, uint256 value) external;
+        function burnBatch(address from, uint256[] ids, uint256[] values) external;
+        function emitMalformed(address from, address to, uint256[] ids, uint256[] values) external;
+        function balanceOfBatch(address[] accounts, uint256[] ids) external view returns (uint256[]);
+        function totalSupply(uint256 id) external view returns (uint256);
     }
 }
 
@@ -136,9 +149,9 @@ impl Anvil {
         receipt.contract_address.expect("contract address")
     }
 
-    /// Sends one transaction calling `to` with `data`, waits for it to be mined, and asserts
-    /// it succeeded.
-    pub async fn send(&self, to: Address, data: Vec<u8>) {
+    /// Sends one transaction calling `to` with `data`, waits for it to be mined, asserts it
+    /// succeeded, and returns its hash.
+    pub async fn send(&self, to: Address, data: Vec<u8>) -> B256 {
         // The nonce is read from the chain each time: anvil_reorg replaces history (and nonces).
         let nonce = self
             .provider
@@ -160,6 +173,17 @@ impl Anvil {
             .await
             .expect("receipt");
         assert!(receipt.status(), "transaction reverted");
+        receipt.transaction_hash
+    }
+
+    /// One `anvil_reorg` replacement transaction calling `to` with `data`, as JSON.
+    pub fn reorg_tx_json(&self, to: Address, data: Vec<u8>) -> serde_json::Value {
+        serde_json::json!({
+            "from": self.sender,
+            "to": to,
+            "input": format!("0x{}", hex::encode(data)),
+            "gas": "0x3000000",
+        })
     }
 
     /// A transaction request (for `anvil_reorg` replacement blocks).
@@ -211,6 +235,32 @@ impl Anvil {
             }
             Err(_) => None,
         }
+    }
+
+    /// ERC-1155 `balanceOfBatch(accounts, ids)` at the latest block.
+    pub async fn balance_of_batch(&self, token: Address, pairs: &[(Address, U256)]) -> Vec<U256> {
+        let data = TestMulti1155::balanceOfBatchCall {
+            accounts: pairs.iter().map(|p| p.0).collect(),
+            ids: pairs.iter().map(|p| p.1).collect(),
+        }
+        .abi_encode();
+        let out = self
+            .provider
+            .call(self.tx(token, data))
+            .await
+            .expect("balanceOfBatch");
+        TestMulti1155::balanceOfBatchCall::abi_decode_returns(&out).expect("decode balanceOfBatch")
+    }
+
+    /// ERC-1155 `totalSupply(id)` of the test contract at the latest block.
+    pub async fn supply_of(&self, token: Address, id: U256) -> U256 {
+        let data = TestMulti1155::totalSupplyCall { id }.abi_encode();
+        let out = self
+            .provider
+            .call(self.tx(token, data))
+            .await
+            .expect("totalSupply");
+        TestMulti1155::totalSupplyCall::abi_decode_returns(&out).expect("decode totalSupply")
     }
 
     /// Raw JSON-RPC (anvil_reorg, anvil_mine, evm_snapshot…).

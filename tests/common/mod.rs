@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod anvil;
+pub mod chain;
 pub mod indexed;
 pub mod ops;
 pub mod supabase;
