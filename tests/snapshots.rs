@@ -809,6 +809,31 @@ async fn diff_lists_joined_left_and_changed_holders() {
 }
 
 #[tokio::test]
+async fn top_holders_are_ordered_by_the_numeric_balance_not_its_text() {
+    let env = TestEnv::new().await;
+    let id = snapshot_of(
+        &env,
+        vec![
+            (holder(1), "9".into()),
+            (holder(2), "10".into()),
+            (holder(3), "100000000000000000000000".into()),
+            (holder(4), "2".into()),
+        ],
+        0,
+    )
+    .await;
+    let top = store::top_holders(&env.pool, id, 3).await.unwrap();
+    assert_eq!(
+        top,
+        vec![
+            (holder(3), "100000000000000000000000".to_string()),
+            (holder(2), "10".to_string()),
+            (holder(1), "9".to_string()),
+        ]
+    );
+}
+
+#[tokio::test]
 async fn snapshot_create_job_replies_and_is_idempotent_per_request_id() {
     let env = TestEnv::new().await;
     let server = MockServer::start().await;

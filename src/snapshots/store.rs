@@ -314,9 +314,11 @@ pub async fn top_holders(
     id: Uuid,
     n: i64,
 ) -> Result<Vec<(String, String)>, sqlx::Error> {
+    // `h.balance`, qualified: an unqualified `balance` in ORDER BY names the text output
+    // column, which sorts "9" above "10".
     sqlx::query_as(
-        "SELECT holder, balance::text FROM public.snapshot_holders WHERE snapshot_id = $1 \
-         ORDER BY balance DESC, holder LIMIT $2",
+        "SELECT h.holder, h.balance::text AS balance FROM public.snapshot_holders h \
+         WHERE h.snapshot_id = $1 ORDER BY h.balance DESC, h.holder LIMIT $2",
     )
     .bind(id)
     .bind(n)
