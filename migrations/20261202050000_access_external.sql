@@ -615,12 +615,14 @@ BEGIN
         'source', CASE WHEN v_sources ? 'fallback' THEN 'fallback'
                        WHEN v_sources ? 'external' THEN 'external'
                        WHEN v_sources = '["snapshot"]'::jsonb THEN 'snapshot' ELSE 'index' END,
-        'evidence_age_secs', (SELECT pg_catalog.max((e ->> 'age_secs')::bigint)
-                              FROM pg_catalog.jsonb_array_elements(v_res -> 'evidence') e),
         'as_of_block', (SELECT pg_catalog.min((e ->> 'block')::bigint)
                         FROM pg_catalog.jsonb_array_elements(v_res -> 'evidence') e),
         'stale', (v_res ->> 'stale')::boolean,
-        'evidence', v_res -> 'evidence');
+        'evidence', v_res -> 'evidence')
+        -- Only when a recorded verification was used (absent otherwise, like the Rust type).
+        || coalesce((SELECT pg_catalog.jsonb_build_object('evidence_age_secs', pg_catalog.max((e ->> 'age_secs')::bigint))
+                     FROM pg_catalog.jsonb_array_elements(v_res -> 'evidence') e
+                     WHERE e ? 'age_secs' HAVING pg_catalog.count(*) > 0), '{}'::jsonb);
 END
 $$;
 
