@@ -150,6 +150,9 @@ BEGIN
     WHERE c.user_id = p_user
       AND c.creator_id = p_ctx ->> 'creator_id' AND c.feature = p_ctx ->> 'feature'
       AND c.checked_at >= pg_catalog.now() - pg_catalog.make_interval(secs => v_max_age)
+      -- Only decisions that carry a verifier's answer (not the fallback decisions an outage
+      -- piles up): a rule with an external leaf is decided 'external', 'fallback' or 'cache'.
+      AND c.source IN ('external', 'cache')
       AND e ->> 'path' = p_path AND e ->> 'source' = 'external' AND e ->> 'verifier' = v_name
       AND e ->> 'token' = v_contract AND e ->> 'minimum' = v_min::text
       AND (e ->> 'chain_id')::bigint = v_chain
