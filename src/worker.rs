@@ -56,9 +56,16 @@ pub fn job_registry(
     )));
     let (audit, _) =
         crate::access::audit::AuditRecorder::spawn(ctx.pool.clone(), &ctx.cfg.access.audit);
+    let mut checker = crate::access::AccessChecker::new(ctx.pool.clone());
+    match crate::access::verifiers::Verifiers::from_config(&ctx.cfg.access) {
+        Ok(v) => checker = checker.with_verifiers(Arc::new(v)),
+        Err(e) => {
+            tracing::error!(error = %e, "external verifiers unavailable; external leaves use the fallback")
+        }
+    }
     jobs.register(crate::access::check_job::VerifyAccessHandler::new(
         Arc::new(crate::access::service::AccessService::new(
-            crate::access::AccessChecker::new(ctx.pool.clone()),
+            checker,
             Some(decisions.clone()),
         )),
         audit,

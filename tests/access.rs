@@ -813,7 +813,7 @@ async fn every_rule_kind_matches_anvil_truth() {
     let truth = ix.anvil.balance_of(ix.t20, w1).await + ix.anvil.balance_of(ix.t20, w2).await;
     assert_eq!(
         e.amount,
-        truth.to_string(),
+        Some(truth.to_string()),
         "the evidence is the chain's balance"
     );
     assert_eq!(e.minimum, (100 * TOKEN).to_string());
@@ -1823,7 +1823,7 @@ async fn held_leaves_match_anvil_truth_over_their_window_and_read_indexes() {
     assert!(d.allowed, "carol held 10 throughout: {d:?}");
     let e = &d.evidence[0];
     assert_eq!((e.kind.as_str(), e.window_from), ("held", Some(since)));
-    assert_eq!(e.amount, (10 * TOKEN).to_string());
+    assert_eq!(e.amount, Some((10 * TOKEN).to_string()));
     assert_eq!(e.minimum, (5 * TOKEN).to_string());
     let d = check(bob).await;
     assert_eq!(
@@ -1833,12 +1833,12 @@ async fn held_leaves_match_anvil_truth_over_their_window_and_read_indexes() {
     );
     assert_eq!(
         d.evidence[0].amount,
-        bob_low.to_string(),
+        Some(bob_low.to_string()),
         "the lowest balance anvil showed"
     );
     let d = check(alice).await;
     assert!(d.allowed, "alice's wallets together never dipped: {d:?}");
-    assert_eq!(d.evidence[0].amount, (10 * TOKEN).to_string());
+    assert_eq!(d.evidence[0].amount, Some((10 * TOKEN).to_string()));
     assert_eq!(d.evidence[0].wallets.len(), 2);
     // Per wallet, neither of alice's wallets held 5 throughout.
     set(json!({"condition": held(ix.t20, "5", json!({"since_block": since})), "per_wallet": true}))
@@ -1853,7 +1853,10 @@ async fn held_leaves_match_anvil_truth_over_their_window_and_read_indexes() {
     // Since before the mint: nobody held anything then.
     set(json!({"condition": held(ix.t20, "5", json!({"since_block": 0}))})).await;
     let d = check(carol).await;
-    assert!(!d.allowed && d.evidence[0].amount == "0", "{d:?}");
+    assert!(
+        !d.allowed && d.evidence[0].amount.as_deref() == Some("0"),
+        "{d:?}"
+    );
     // A block the index has not reached: we don't know yet, which is stale, not "held".
     set(json!({"condition": held(ix.t20, "5", json!({"since_block": head(&ix).await + 1000}))}))
         .await;
@@ -2001,6 +2004,7 @@ async fn a_row_postgres_refuses_fails_alone_and_its_batch_is_recorded() {
         as_of_block: None,
         stale: false,
         evidence: Vec::new(),
+        evidence_age_secs: None,
         checked_at: chrono::Utc::now(),
     };
     // 201 characters: more than access_checks.creator_id holds.

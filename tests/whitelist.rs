@@ -244,7 +244,7 @@ async fn places_are_granted_or_refused_with_reason_and_evidence_once_per_user_an
         assert_eq!(a.amount.as_deref(), Some("1"));
         let d = a.decision.clone().expect("a decision");
         assert!(d.allowed);
-        assert_eq!(d.evidence[0].amount, "5");
+        assert_eq!(d.evidence[0].amount.as_deref(), Some("5"));
         assert_eq!(d.evidence[0].minimum, "2");
         assert_eq!(d.evidence[0].block, Some(42));
         // Idempotent: asking again (any request id) returns the same place; nothing counts twice.
@@ -262,7 +262,10 @@ async fn places_are_granted_or_refused_with_reason_and_evidence_once_per_user_an
         assert_eq!(refused(&b), PlaceRefusal::NotMet);
         let bd = b.decision.clone().expect("evidence kept");
         assert_eq!(
-            (bd.reason, bd.evidence[0].amount.as_str()),
+            (
+                bd.reason,
+                bd.evidence[0].amount.as_deref().unwrap_or_default()
+            ),
             (Some(DenyReason::NotMet), "1")
         );
         assert_eq!(store.request(id, bob, rb, None).await.unwrap(), b);

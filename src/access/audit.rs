@@ -65,11 +65,7 @@ fn reason_str(r: DenyReason) -> &'static str {
 
 /// The value stored in `access_checks.source`.
 fn source_str(s: Source) -> &'static str {
-    match s {
-        Source::Cache => "cache",
-        Source::Index => "index",
-        Source::Snapshot => "snapshot",
-    }
+    s.as_str()
 }
 
 /// Who asked, when the caller says so: bounded and checked before it reaches the table.

@@ -1,11 +1,15 @@
 //! Access checks (the seed's TokenVerificationService): the Rust door to `tw_access_evaluate`,
 //! the one evaluation the SQL doors use too, so every door gives the same decision.
 
+use std::sync::Arc;
+
 use alloy::primitives::Address;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::decision::Decision;
+use super::verifiers::Verifiers;
+use super::verifiers::resolve::{ExternalQuestion, answers};
 use crate::chain::decode::addr_hex;
 
 /// A check could not be answered (a denial is a [`Decision`], not an error).
@@ -58,19 +62,47 @@ impl Question {
     }
 }
 
-/// Answers access questions from the index and snapshots.
+/// Answers access questions from the index and snapshots, and (with verifiers) asks the
+/// external verifiers a rule names.
 #[derive(Debug, Clone)]
 pub struct AccessChecker {
     pool: PgPool,
+    verifiers: Option<Arc<Verifiers>>,
 }
 
 impl AccessChecker {
+    /// A checker that asks no verifier: external leaves are decided by the fallback.
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            verifiers: None,
+        }
     }
 
-    /// The decision for `user` on `question`, read now.
+    /// Asks these verifiers for the rules' external leaves.
+    pub fn with_verifiers(mut self, verifiers: Arc<Verifiers>) -> Self {
+        self.verifiers = (!verifiers.is_empty()).then_some(verifiers);
+        self
+    }
+
+    /// The decision for `user` on `question`, read now. A rule with external leaves has them
+    /// asked first (two statements instead of one); SQL decides the tree with the answers.
     pub async fn evaluate(&self, user: Uuid, question: &Question) -> Result<Decision, CheckError> {
+        if let Some(verifiers) = &self.verifiers {
+            let questions: Vec<ExternalQuestion> = sqlx::query_as(
+                "SELECT leaf_path, leaf, wallets FROM public.tw_access_external_questions($1, $2, $3)",
+            )
+            .bind(user)
+            .bind(question.creator_id())
+            .bind(question.feature())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("list the external leaves of an access rule"))?;
+            if !questions.is_empty() {
+                let external = answers(verifiers, &questions).await;
+                return self.evaluate_resolved(user, question, external).await;
+            }
+        }
         let v: serde_json::Value = match question {
             Question::Creator {
                 creator_id,
@@ -95,6 +127,38 @@ impl AccessChecker {
                 .await
                 .map_err(db("evaluate a token access rule"))?,
         };
+        Ok(serde_json::from_value(v)?)
+    }
+
+    async fn evaluate_resolved(
+        &self,
+        user: Uuid,
+        question: &Question,
+        external: serde_json::Value,
+    ) -> Result<Decision, CheckError> {
+        let default = match question {
+            Question::Creator { .. } => None,
+            Question::Token {
+                chain_id, token, ..
+            } => Some((
+                i64::try_from(*chain_id).unwrap_or(i64::MAX),
+                addr_hex(token),
+            )),
+        };
+        let v: serde_json::Value = sqlx::query_scalar(
+            "SELECT public.tw_access_evaluate_resolved($1, $2, $3, \
+               CASE WHEN $4::bigint IS NULL THEN NULL \
+                    ELSE public.tw_access_default_condition($4, $5) END, $6)",
+        )
+        .bind(user)
+        .bind(question.creator_id())
+        .bind(question.feature())
+        .bind(default.as_ref().map(|d| d.0))
+        .bind(default.as_ref().map(|d| d.1.clone()))
+        .bind(external)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db("evaluate an access rule with the verifiers' answers"))?;
         Ok(serde_json::from_value(v)?)
     }
 

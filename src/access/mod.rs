@@ -25,6 +25,7 @@
 //! | [`transitions`] | `access_grants` and `access_events`: who passes each rule, every change |
 //! | [`monitor`] | the leader that turns announcements into transitions and publishes them |
 //! | [`recheck`] | the scheduled full re-check (`access_recheck`), backstop of the monitor |
+//! | [`verifiers`] | external verifiers (tomo, alchemy): HTTP, retries, circuit breaker, answers |
 //! | [`cli`] | `tokenwarden access rule …`, `access check`, `access wallets` |
 
 pub mod audit;
@@ -46,6 +47,7 @@ pub mod rules;
 pub mod service;
 pub mod settings;
 pub mod transitions;
+pub mod verifiers;
 pub mod wallets;
 
 pub use checks::{AccessChecker, CheckError, Question};

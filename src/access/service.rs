@@ -1,5 +1,6 @@
 //! The queue door's checks: the decision cache in front of the evaluation. A cache failure
-//! never denies: the check goes to the index instead.
+//! never denies: the check goes to the index instead. The cache is also the first step of the
+//! external verifiers' fallback: a fresh cached decision is answered without asking them.
 
 use std::sync::Arc;
 
@@ -39,7 +40,10 @@ impl AccessService {
         }
         let decision = self.checker.evaluate(user, question).await?;
         count(decision.source);
+        // A fallback decision is not cached: the next check asks the verifier again (its
+        // breaker makes that cheap while it is down).
         if let (Some(cache), Some(epochs)) = (&self.cache, epochs)
+            && decision.source != Source::Fallback
             && let Err(e) = cache.put(user, &rule, epochs, &decision).await
         {
             tracing::warn!(error = %e, "cannot cache a decision");
@@ -49,10 +53,5 @@ impl AccessService {
 }
 
 fn count(source: Source) {
-    let source = match source {
-        Source::Cache => "cache",
-        Source::Index => "index",
-        Source::Snapshot => "snapshot",
-    };
-    metrics::counter!("tokenwarden_access_checks_total", "source" => source).increment(1);
+    metrics::counter!("tokenwarden_access_checks_total", "source" => source.as_str()).increment(1);
 }

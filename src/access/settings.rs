@@ -1,14 +1,18 @@
 //! `tw_access_settings`: the `[access]` values the SQL side enforces (nonce bounds, the
-//! staleness threshold), written by the worker at start so every door applies the same ones.
+//! staleness threshold; the verifiers in `tw_access_verifiers`), written by the worker at start so every door applies the same ones.
 
 use sqlx::PgPool;
 
 use crate::config::AccessConfig;
 
-/// Writing the settings row failed.
+/// Writing the settings row or the verifiers failed.
 #[derive(Debug, thiserror::Error)]
-#[error("write tw_access_settings: {0}")]
-pub struct SettingsError(#[from] sqlx::Error);
+pub enum SettingsError {
+    #[error("write tw_access_settings: {0}")]
+    Settings(#[from] sqlx::Error),
+    #[error(transparent)]
+    Verifiers(#[from] super::verifiers::RegisterError),
+}
 
 /// Puts `cfg`'s SQL-enforced values into `tw_access_settings`.
 pub async fn write_settings(pool: &PgPool, cfg: &AccessConfig) -> Result<(), SettingsError> {
@@ -21,5 +25,7 @@ pub async fn write_settings(pool: &PgPool, cfg: &AccessConfig) -> Result<(), Set
     .bind(i64::try_from(cfg.stale_after_blocks).unwrap_or(i64::MAX))
     .execute(pool)
     .await?;
+    // The verifier names an external leaf may use, and their fallback settings.
+    super::verifiers::register(pool, cfg).await?;
     Ok(())
 }

@@ -1,5 +1,7 @@
 //! `[access]`: access checks, starting with proven wallets (Sign-In with Ethereum).
 
+use std::collections::BTreeMap;
+
 use secrecy::SecretString;
 use serde::Deserialize;
 
@@ -47,6 +49,197 @@ pub struct AccessConfig {
     pub recheck_batch: u32,
     /// `[access.audit]`: the record of every check.
     pub audit: AuditConfig,
+    /// `[access.verifiers.<name>]`: the HTTP verifiers an `external` rule leaf may name.
+    #[serde(default)]
+    pub verifiers: BTreeMap<String, VerifierConfig>,
+}
+
+/// The request and response shape a verifier speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerifierProfile {
+    /// The second seed's TomoIntegrationService: POST `{wallet_address, contract_address,
+    /// chain_id, min_amount}` → `{has_tokens}`.
+    Tomo,
+    /// Alchemy's `alchemy_getTokenBalances` JSON-RPC (ERC-20 balances of one wallet).
+    Alchemy,
+}
+
+impl VerifierProfile {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerifierProfile::Tomo => "tomo",
+            VerifierProfile::Alchemy => "alchemy",
+        }
+    }
+}
+
+/// What a leaf gets when its verifier cannot answer and no recent verification is on record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FallbackPolicy {
+    /// The leaf fails (the seed's default).
+    #[default]
+    Restrictive,
+    /// The leaf passes (`TOKEN_VERIFICATION_FALLBACK_POLICY = PERMISSIVE`).
+    Permissive,
+}
+
+impl FallbackPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FallbackPolicy::Restrictive => "restrictive",
+            FallbackPolicy::Permissive => "permissive",
+        }
+    }
+}
+
+/// `[access.verifiers.<name>]`: one external verifier, its retries, breaker and fallback.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifierConfig {
+    pub profile: VerifierProfile,
+    /// Endpoint (`tomo`: the `/verify` URL; `alchemy`: `https://<network>.g.alchemy.com/v2`).
+    pub url: String,
+    /// `alchemy`: the chain its URL serves; a leaf on another chain is not asked (fallback).
+    #[serde(default)]
+    pub chain_id: Option<u64>,
+    /// Timeout of one HTTP call (ms), connection included.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Name of the environment variable holding the API key (empty: no key). The key is sent
+    /// in `key_header`, never in a body or a URL, and never logged.
+    #[serde(default)]
+    pub key_env: String,
+    /// Header carrying the key; `authorization` gets `Bearer <key>`. Default: `x-api-key`
+    /// (tomo), `authorization` (alchemy).
+    #[serde(default)]
+    pub key_header: Option<String>,
+    /// Retries of a retryable failure (network error, timeout, 5xx, 429) after the first call.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// Jittered exponential backoff between retries (ms), at least `Retry-After`.
+    #[serde(default = "default_retry_min_delay_ms")]
+    pub retry_min_delay_ms: u64,
+    #[serde(default = "default_retry_max_delay_ms")]
+    pub retry_max_delay_ms: u64,
+    /// A `Retry-After` longer than this is not waited for: the call fails (fallback).
+    #[serde(default = "default_max_retry_after_secs")]
+    pub max_retry_after_secs: u64,
+    /// The breaker opens when the failure rate over `breaker_window_secs` exceeds this (0–1),
+    /// once `breaker_min_calls` calls were made in the window.
+    #[serde(default = "default_failure_rate")]
+    pub breaker_failure_rate: f64,
+    #[serde(default = "default_min_calls")]
+    pub breaker_min_calls: u32,
+    #[serde(default = "default_window_secs")]
+    pub breaker_window_secs: u64,
+    /// How long an open breaker fails fast before letting one probe through (half-open).
+    #[serde(default = "default_open_secs")]
+    pub breaker_open_secs: u64,
+    /// The last successful verification of the same question counts for this long (seconds).
+    #[serde(default = "default_fallback_max_age_secs")]
+    pub fallback_max_age_secs: u64,
+    #[serde(default)]
+    pub fallback_policy: FallbackPolicy,
+}
+
+fn default_timeout_ms() -> u64 {
+    2000
+}
+fn default_max_retries() -> u32 {
+    2
+}
+fn default_retry_min_delay_ms() -> u64 {
+    100
+}
+fn default_retry_max_delay_ms() -> u64 {
+    2000
+}
+fn default_max_retry_after_secs() -> u64 {
+    10
+}
+fn default_failure_rate() -> f64 {
+    0.5
+}
+fn default_min_calls() -> u32 {
+    10
+}
+fn default_window_secs() -> u64 {
+    30
+}
+fn default_open_secs() -> u64 {
+    30
+}
+fn default_fallback_max_age_secs() -> u64 {
+    86_400
+}
+
+impl VerifierConfig {
+    /// The header the key goes in.
+    pub fn key_header(&self) -> &str {
+        match (&self.key_header, self.profile) {
+            (Some(h), _) => h,
+            (None, VerifierProfile::Tomo) => "x-api-key",
+            (None, VerifierProfile::Alchemy) => "authorization",
+        }
+    }
+
+    fn validate(&self, name: &str) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("access.verifiers.{name}.{k}");
+        let valid_name = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if !valid_name {
+            return Err(ConfigError::invalid(
+                format!("access.verifiers.{name}"),
+                "a verifier name is 1 to 64 of a-z, 0-9, _ and -",
+            ));
+        }
+        match url::Url::parse(&self.url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+            _ => return Err(ConfigError::invalid(key("url"), "must be an http(s) URL")),
+        }
+        if self.timeout_ms == 0 || self.timeout_ms > 60_000 {
+            return Err(ConfigError::invalid(
+                key("timeout_ms"),
+                "must be between 1 and 60000",
+            ));
+        }
+        if reqwest::header::HeaderName::from_bytes(self.key_header().as_bytes()).is_err() {
+            return Err(ConfigError::invalid(
+                key("key_header"),
+                "not a valid header name",
+            ));
+        }
+        if self.retry_min_delay_ms > self.retry_max_delay_ms {
+            return Err(ConfigError::invalid(
+                key("retry_min_delay_ms"),
+                "must not exceed retry_max_delay_ms",
+            ));
+        }
+        if !(self.breaker_failure_rate > 0.0 && self.breaker_failure_rate <= 1.0) {
+            return Err(ConfigError::invalid(
+                key("breaker_failure_rate"),
+                "must be in (0, 1]",
+            ));
+        }
+        if self.breaker_window_secs == 0 || self.breaker_open_secs == 0 {
+            return Err(ConfigError::invalid(
+                key("breaker_window_secs"),
+                "breaker_window_secs and breaker_open_secs must be at least 1",
+            ));
+        }
+        if self.fallback_max_age_secs == 0 || self.fallback_max_age_secs > 366 * 86_400 {
+            return Err(ConfigError::invalid(
+                key("fallback_max_age_secs"),
+                "must be between 1 and 31622400 (366 days)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[access.audit]`: every decision is recorded in `access_checks`.
@@ -133,6 +326,9 @@ impl AccessConfig {
                 "access.audit.prune_batch_rows",
                 "must be at least 1",
             ));
+        }
+        for (name, v) in &self.verifiers {
+            v.validate(name)?;
         }
         if self.head_poll_secs == 0 {
             return Err(ConfigError::invalid(

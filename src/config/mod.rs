@@ -31,7 +31,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-pub use access::{AccessConfig, AuditConfig};
+pub use access::{AccessConfig, AuditConfig, FallbackPolicy, VerifierConfig, VerifierProfile};
 pub use chain::{ChainConfig, ChainSection, FactoryConfig, TokenArg, TokenConfig, TokenStandard};
 pub use error::ConfigError;
 pub use ledger::LedgerConfig;

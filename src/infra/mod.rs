@@ -2,6 +2,7 @@
 //! migrations, logging, and webhook delivery with its retry policy. Nothing here knows about ledgers, chains or snapshots.
 
 mod connect;
+pub mod retry_after;
 mod telemetry;
 pub mod webhook;
 

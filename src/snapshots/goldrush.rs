@@ -3,7 +3,6 @@
 //! envelope (numbers that arrive as strings, fields that arrive as null).
 
 use std::fmt;
-use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 
 use alloy::primitives::U256;
@@ -449,16 +448,7 @@ impl GoldRushClient {
     }
 }
 
-/// Parses `Retry-After`: delta-seconds or an HTTP date (RFC 9110 §10.2.3). A date in the past
-/// means "now".
-pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
-    let value = value.trim();
-    if let Ok(secs) = u64::from_str(value) {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
-}
+pub use crate::infra::retry_after::parse_retry_after;
 
 /// Validates a 2xx body into a [`HolderPage`].
 fn parse_page(body: &[u8], page: u32, token: &str) -> Result<HolderPage, String> {
