@@ -58,6 +58,9 @@ struct StreamReader {
     redis: redis::aio::MultiplexedConnection,
     key: String,
     last: String,
+    /// Event ids already returned: publishing is at least once (a leader stopped between the
+    /// XADD and marking the row published publishes it again), and consumers dedupe by id.
+    seen: std::collections::HashSet<i64>,
 }
 
 impl StreamReader {
@@ -66,10 +69,11 @@ impl StreamReader {
             redis: env.redis().await,
             key: changes_stream(&env.redis_prefix),
             last: "0-0".into(),
+            seen: Default::default(),
         }
     }
 
-    /// The next event on the stream, waiting up to `timeout`.
+    /// The next event on the stream not seen before, waiting up to `timeout`.
     async fn next(&mut self, timeout: Duration) -> AccessEvent {
         let deadline = Instant::now() + timeout;
         loop {
@@ -90,7 +94,10 @@ impl StreamReader {
                 let id: i64 = entry.get("id").expect("id field");
                 let event: AccessEvent = serde_json::from_str(&body).expect("event JSON");
                 assert_eq!(event.id, id);
-                return event;
+                if self.seen.insert(id) {
+                    return event;
+                }
+                continue;
             }
             assert!(
                 Instant::now() < deadline,

@@ -436,7 +436,15 @@ async fn timeouts_are_retried_and_garbage_bodies_are_not_both_fall_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_breaker_opens_fails_fast_lets_one_probe_through_and_closes_on_success() {
-    let s = Setup::new(DbKind::Plain, "tomo", json!({"max_retries": 0}), 1, false).await;
+    // Open for 3 s: long enough that 20 checks on a loaded machine all fall in the open period.
+    let s = Setup::new(
+        DbKind::Plain,
+        "tomo",
+        json!({"max_retries": 0, "breaker_open_secs": 3}),
+        1,
+        false,
+    )
+    .await;
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(500))
         .mount(&s.server)
@@ -461,7 +469,7 @@ async fn the_breaker_opens_fails_fast_lets_one_probe_through_and_closes_on_succe
         "no request reaches the verifier while open"
     );
     assert!(
-        started.elapsed() < Duration::from_secs(1),
+        started.elapsed() < Duration::from_secs(3),
         "fail fast: 20 checks in {:?}",
         started.elapsed()
     );
@@ -473,8 +481,8 @@ async fn the_breaker_opens_fails_fast_lets_one_probe_through_and_closes_on_succe
         .respond_with(tomo_ok(true).set_delay(Duration::from_millis(300)))
         .mount(&s.server)
         .await;
-    // The open period is the behaviour under test: let it pass (1 s, plus a margin).
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    // The open period is the behaviour under test: let it pass (3 s from opening, plus a margin).
+    tokio::time::sleep(Duration::from_millis(3300)).await;
     let checks: Vec<_> = (0..8).map(|_| s.check()).collect();
     let decisions = futures::future::join_all(checks).await;
     assert_eq!(s.received().await, 1, "one probe while half-open");
@@ -692,7 +700,7 @@ async fn throughput_while_the_verifier_is_down_the_breaker_keeps_checks_off_time
     let s = Setup::new(
         DbKind::Plain,
         "tomo",
-        json!({"max_retries": 0, "breaker_open_secs": 600}),
+        json!({"max_retries": 0, "breaker_open_secs": 600, "timeout_ms": 3000, "breaker_window_secs": 10}),
         1,
         false,
     )
@@ -702,8 +710,10 @@ async fn throughput_while_the_verifier_is_down_the_breaker_keeps_checks_off_time
         .mount(&s.server)
         .await;
     let opening = Instant::now();
-    wait_until(Duration::from_secs(15), "the breaker opens", || async {
-        s.check().await;
+    // Four concurrent checks per round: each waits out the 3 s timeout, so the breaker's
+    // minimum of 3 calls falls within its 10 s window after one round.
+    wait_until(Duration::from_secs(30), "the breaker opens", || async {
+        futures::future::join_all((0..4).map(|_| s.check())).await;
         (s.breaker("tomo") == BreakerState::Open).then_some(())
     })
     .await;
@@ -727,15 +737,16 @@ async fn throughput_while_the_verifier_is_down_the_breaker_keeps_checks_off_time
     let elapsed = started.elapsed();
     let rate = n as f64 / elapsed.as_secs_f64();
     println!(
-        "external leaf, verifier down (5 s hang, timeout 2 s), breaker open: {n} checks in {:.2} s = {rate:.0} checks/s through the queue door (audit included), slowest {:?}; breaker opened after {:?}; without it each check would wait 2 s: at most {:.0} checks/s at {concurrency} in flight",
+        "external leaf, verifier down (5 s hang, timeout 3 s), breaker open: {n} checks in {:.2} s = {rate:.0} checks/s through the queue door (audit included), slowest {:?}; breaker opened after {:?}; without it each check would wait 3 s: at most {:.0} checks/s at {concurrency} in flight",
         elapsed.as_secs_f64(),
         slowest,
         opened_after,
-        concurrency as f64 / 2.0,
+        concurrency as f64 / 3.0,
     );
     assert_eq!(s.received().await, before, "no request while open");
+    // A check that waited on the verifier would take the whole 3 s timeout (the mock hangs 5 s).
     assert!(
-        slowest < Duration::from_millis(400),
+        slowest < Duration::from_millis(2500),
         "a check waited on a timeout: {slowest:?}"
     );
 }
