@@ -441,8 +441,10 @@ async fn capacity_holds_when_1000_users_ask_at_once_for_100_places() {
             .open(&open_request(holds(snap, "1"), Some(100)))
             .await
             .unwrap();
+        // 16 sessions race for the places: enough to interleave every step of a request, and
+        // few enough to leave the server's 100 connections to the tests running beside this one.
         let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(32)
+            .max_connections(16)
             .acquire_timeout(Duration::from_secs(60))
             .connect(&env.db_url)
             .await
