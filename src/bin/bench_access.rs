@@ -1059,23 +1059,61 @@ start_block = {}
         Address::from(U160::from(0x51_4b00_0000u64))
     }
 
+    fn batch_tx(
+        &self,
+        from: Vec<Address>,
+        to: Vec<Address>,
+        value: Vec<U256>,
+    ) -> TransactionRequest {
+        let data = TestToken20::batchCall { from, to, value }.abi_encode();
+        TransactionRequest::default()
+            .from(self.deployer)
+            .to(self.token)
+            .input(Bytes::from(data).into())
+    }
+
     async fn send_batch(
         &self,
         from: Vec<Address>,
         to: Vec<Address>,
         value: Vec<U256>,
     ) -> Result<()> {
-        let data = TestToken20::batchCall { from, to, value }.abi_encode();
-        let tx = TransactionRequest::default()
-            .from(self.deployer)
-            .to(self.token)
-            .input(Bytes::from(data).into());
+        let tx = self.batch_tx(from, to, value);
         let receipt = self
             .provider
             .send_transaction(tx)
             .await?
             .get_receipt()
             .await?;
+        if !receipt.status() {
+            bail!("token batch reverted");
+        }
+        Ok(())
+    }
+
+    /// Sends the batch while automine is off, mines its block with `evm_mine` and returns when
+    /// that block exists (the lag's clock starts there), with the transaction's hash.
+    async fn mine_batch(
+        &self,
+        from: Vec<Address>,
+        to: Vec<Address>,
+        value: Vec<U256>,
+    ) -> Result<(Instant, alloy::primitives::TxHash)> {
+        let tx = self.batch_tx(from, to, value);
+        let hash = *self.provider.send_transaction(tx).await?.tx_hash();
+        let _: serde_json::Value = self
+            .provider
+            .raw_request("evm_mine".into(), serde_json::json!([]))
+            .await?;
+        Ok((Instant::now(), hash))
+    }
+
+    async fn check_receipt(&self, hash: alloy::primitives::TxHash) -> Result<()> {
+        let receipt = self
+            .provider
+            .get_transaction_receipt(hash)
+            .await?
+            .context("a mined batch has a receipt")?;
         if !receipt.status() {
             bail!("token batch reverted");
         }
@@ -1188,6 +1226,11 @@ start_block = {}
         let mut revoke = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
         let mut grant = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
         let amount = U256::from(150 * WHOLE);
+        // Blocks are mined on demand in this phase, so the clock starts at the block itself.
+        let _: serde_json::Value = self
+            .provider
+            .raw_request("evm_setAutomine".into(), serde_json::json!([false]))
+            .await?;
         for s in 0..args.sales() {
             let k = s % MEMBERS;
             let (member, user) = (Self::member(k), Self::member_user(k));
@@ -1198,21 +1241,25 @@ start_block = {}
             if let Some((id, _)) = last.first() {
                 from = id.clone();
             }
-            // anvil mines the transaction before the receipt exists (automine): the clock
-            // starts when the block is there.
-            self.send_batch(vec![member], vec![Self::sink()], vec![amount])
+            let (mined, hash) = self
+                .mine_batch(vec![member], vec![Self::sink()], vec![amount])
                 .await?;
-            let mined = Instant::now();
             self.wait_change(&mut conn, &mut from, user, "revoked")
                 .await?;
             revoke.record(mined.elapsed().as_micros() as u64)?;
-            self.send_batch(vec![Self::sink()], vec![member], vec![amount])
+            self.check_receipt(hash).await?;
+            let (mined, hash) = self
+                .mine_batch(vec![Self::sink()], vec![member], vec![amount])
                 .await?;
-            let mined = Instant::now();
             self.wait_change(&mut conn, &mut from, user, "granted")
                 .await?;
             grant.record(mined.elapsed().as_micros() as u64)?;
+            self.check_receipt(hash).await?;
         }
+        let _: serde_json::Value = self
+            .provider
+            .raw_request("evm_setAutomine".into(), serde_json::json!([true]))
+            .await?;
         let q = |h: &Histogram<u64>| {
             (
                 h.value_at_quantile(0.5) as f64 / 1000.0,
