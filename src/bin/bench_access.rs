@@ -114,7 +114,7 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     runs: usize,
     /// Longest a queue phase may take before it is reported as incomplete.
-    #[arg(long, default_value_t = 90)]
+    #[arg(long, default_value_t = 300)]
     phase_timeout_secs: u64,
     /// Keep the benchmark database instead of dropping it.
     #[arg(long)]
