@@ -13,7 +13,7 @@
 -- caller writes AFTER the check in the same transaction (a debit through
 -- consume_tokens_atomic, say): that would not be acceptable. A deferred constraint trigger
 -- runs at commit and puts the caller's setting back if the transaction wrote any row outside
--- access_checks (pg_stat_xact_user_tables counts this transaction's inserts, updates and
+-- access_checks (pg_stat_get_xact_tuples_* count this transaction's inserts, updates and
 -- deletes per table, subtransactions included). What it cannot see: TRUNCATE and DDL after a
 -- check in the same transaction; those commit asynchronously (documented).
 -- A transaction that wrote before the check keeps its own setting untouched.
@@ -56,9 +56,17 @@ BEGIN
         RETURN NULL;
     END IF;
     PERFORM pg_catalog.set_config('tokenwarden.audit_commit', '', true);
-    IF EXISTS (SELECT FROM pg_catalog.pg_stat_xact_user_tables s
-               WHERE s.relid <> 'public.access_checks'::pg_catalog.regclass
-                 AND s.n_tup_ins + s.n_tup_upd + s.n_tup_del > 0) THEN
+    -- pg_class directly, not the pg_stat_xact_user_tables view: the view's join with
+    -- pg_index and GROUP BY cost ~0.7 ms per commit on the loaded 2-core machine, this ~0.17 ms.
+    -- Tables, partitions and materialized views outside pg_catalog (TOAST rows go with their
+    -- table); the counters include this transaction's live subtransactions.
+    IF EXISTS (SELECT FROM pg_catalog.pg_class c
+               WHERE c.relkind IN ('r', 'p', 'm')
+                 AND c.relnamespace <> 'pg_catalog'::pg_catalog.regnamespace
+                 AND c.oid <> 'public.access_checks'::pg_catalog.regclass
+                 AND pg_catalog.pg_stat_get_xact_tuples_inserted(c.oid)
+                   + pg_catalog.pg_stat_get_xact_tuples_updated(c.oid)
+                   + pg_catalog.pg_stat_get_xact_tuples_deleted(c.oid) > 0) THEN
         PERFORM pg_catalog.set_config('synchronous_commit', v_commit, true);
     END IF;
     RETURN NULL;
