@@ -13,11 +13,36 @@
 -- caller writes AFTER the check in the same transaction (a debit through
 -- consume_tokens_atomic, say): that would not be acceptable. A deferred constraint trigger
 -- runs at commit and puts the caller's setting back if the transaction wrote any row outside
--- access_checks (pg_stat_get_xact_tuples_* count this transaction's inserts, updates and
--- deletes per table, subtransactions included). What it cannot see: TRUNCATE and DDL after a
+-- access_checks (tw_access_rows_written, read when the record goes asynchronous and again at
+-- commit). What it cannot see: TRUNCATE and DDL after a
 -- check in the same transaction; those commit asynchronously (documented).
 -- A transaction that wrote before the check keeps its own setting untouched.
 -- The worker's queue door does not use this function: its batches stay durable before the reply.
+
+-- Rows this backend inserted, updated or deleted in tables other than access_checks, as the
+-- statistics system counts them: this transaction's writes (live subtransactions included)
+-- plus those of earlier transactions not yet flushed to the shared statistics (flushed at most
+-- once a second, never inside a transaction). So within one transaction the number only grows,
+-- and it grows exactly when the transaction writes such a row: the guard compares it with its
+-- value when the record went asynchronous. pg_class directly, not the pg_stat_xact_user_tables
+-- view: the view's join with pg_index and GROUP BY cost ~0.7 ms per call on the loaded 2-core
+-- machine, this ~0.17 ms (PL/pgSQL: its plan is cached). Tables, partitions and materialized views outside pg_catalog (TOAST
+-- rows go with their table).
+CREATE FUNCTION public.tw_access_rows_written()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN (SELECT coalesce(pg_catalog.sum(pg_catalog.pg_stat_get_xact_tuples_inserted(c.oid)
+                                         + pg_catalog.pg_stat_get_xact_tuples_updated(c.oid)
+                                         + pg_catalog.pg_stat_get_xact_tuples_deleted(c.oid)), 0)::bigint
+            FROM pg_catalog.pg_class c
+            WHERE c.relkind IN ('r', 'p', 'm')
+              AND c.relnamespace <> 'pg_catalog'::pg_catalog.regnamespace
+              AND c.oid <> 'public.access_checks'::pg_catalog.regclass);
+END
+$$;
 
 CREATE OR REPLACE FUNCTION public.tw_access_record(p_decisions jsonb[])
 RETURNS void
@@ -30,6 +55,8 @@ BEGIN
     IF pg_catalog.txid_current_if_assigned() IS NULL AND v_commit <> 'off' THEN
         -- Remember the caller's setting: the commit-time guard restores it if needed.
         PERFORM pg_catalog.set_config('tokenwarden.audit_commit', v_commit, true);
+        PERFORM pg_catalog.set_config('tokenwarden.audit_rows_before',
+                                      public.tw_access_rows_written()::text, true);
         PERFORM pg_catalog.set_config('synchronous_commit', 'off', true);
     END IF;
     INSERT INTO public.access_checks (decided_at, user_id, creator_id, feature, rule_version,
@@ -44,29 +71,24 @@ $$;
 
 -- At commit: a transaction the record made asynchronous gets its caller's setting back when
 -- it wrote rows of any other table. Once per transaction (the marker is cleared).
+-- SECURITY DEFINER: a deferred trigger runs as the committing role (service_role, say), which
+-- may not call tw_access_rows_written.
 CREATE FUNCTION public.tw_access_checks_commit_guard()
 RETURNS trigger
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_commit text := pg_catalog.current_setting('tokenwarden.audit_commit', true);
+    v_base   bigint;
 BEGIN
     IF v_commit IS NULL OR v_commit = '' THEN
         RETURN NULL;
     END IF;
+    v_base := pg_catalog.current_setting('tokenwarden.audit_rows_before')::bigint;
     PERFORM pg_catalog.set_config('tokenwarden.audit_commit', '', true);
-    -- pg_class directly, not the pg_stat_xact_user_tables view: the view's join with
-    -- pg_index and GROUP BY cost ~0.7 ms per commit on the loaded 2-core machine, this ~0.17 ms.
-    -- Tables, partitions and materialized views outside pg_catalog (TOAST rows go with their
-    -- table); the counters include this transaction's live subtransactions.
-    IF EXISTS (SELECT FROM pg_catalog.pg_class c
-               WHERE c.relkind IN ('r', 'p', 'm')
-                 AND c.relnamespace <> 'pg_catalog'::pg_catalog.regnamespace
-                 AND c.oid <> 'public.access_checks'::pg_catalog.regclass
-                 AND pg_catalog.pg_stat_get_xact_tuples_inserted(c.oid)
-                   + pg_catalog.pg_stat_get_xact_tuples_updated(c.oid)
-                   + pg_catalog.pg_stat_get_xact_tuples_deleted(c.oid) > 0) THEN
+    IF public.tw_access_rows_written() > v_base THEN
         PERFORM pg_catalog.set_config('synchronous_commit', v_commit, true);
     END IF;
     RETURN NULL;

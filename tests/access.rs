@@ -1745,6 +1745,31 @@ async fn a_sql_door_check_alone_commits_without_a_flush_and_other_writes_stay_du
         );
         tx.rollback().await.unwrap();
 
+        // Writes of an earlier transaction on the same connection (still counted by the
+        // statistics until their flush, at most once a second) do not make a check alone durable.
+        let mut conn = env.pool.acquire().await.unwrap();
+        sqlx::query(
+            "INSERT INTO public.tw_access_chain_heads (chain_id, head) VALUES (434343, 1) \
+             ON CONFLICT (chain_id) DO UPDATE SET head = excluded.head + 1",
+        )
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+        sqlx::query(check)
+            .bind(user)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        fire_guard(&mut tx).await;
+        assert_eq!(
+            setting(&mut tx).await,
+            "off",
+            "{kind:?}: an earlier transaction's writes are not this one's"
+        );
+        tx.commit().await.unwrap();
+        drop(conn);
+
         // A caller who chose `remote_apply` gets exactly that back.
         let mut tx = env.pool.begin().await.unwrap();
         sqlx::query("SET LOCAL synchronous_commit = remote_apply")
