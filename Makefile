@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: run test services tools ops-tools build lint fmt check-fmt clean-test-dbs bench-ledger bench-index bench-snapshots chaos soak docs docs-check
+.PHONY: run test services tools ops-tools build lint fmt check-fmt clean-test-dbs bench-ledger bench-index bench-snapshots bench-access chaos soak docs docs-check
 
 ## Start Postgres and Redis if none is running (installing them if missing).
 services:
@@ -46,6 +46,10 @@ bench-ledger: services tools
 ## Indexer benchmark: 200k+ Transfer logs on anvil, logs/s vs one eth_getLogs, RSS, head lag.
 bench-index: services tools
 	@scripts/bench-index.sh
+
+## Access-check benchmark: SQL and queue doors on a 1M-holder index, revocation lag, balanceOf baseline.
+bench-access: services tools
+	@scripts/bench-access.sh $(BENCH_ARGS)
 
 ## Snapshot benchmark: 1,000,000-holder GoldRush crawl from the local mock.
 bench-snapshots: services tools

@@ -260,6 +260,10 @@ REVOKE ALL ON FUNCTION public.tw_access_request_meta() FROM PUBLIC, anon, authen
 ALTER FUNCTION public.tw_access_request_meta() SET search_path = pg_catalog, pg_temp;
 REVOKE ALL ON FUNCTION public.tw_access_record(jsonb[]) FROM PUBLIC, anon, authenticated, service_role;
 ALTER FUNCTION public.tw_access_record(jsonb[]) SET search_path = pg_catalog, pg_temp;
+REVOKE ALL ON FUNCTION public.tw_access_checks_commit_guard() FROM PUBLIC, anon, authenticated, service_role;
+ALTER FUNCTION public.tw_access_checks_commit_guard() SET search_path = pg_catalog, pg_temp;
+REVOKE ALL ON FUNCTION public.tw_access_rows_written() FROM PUBLIC, anon, authenticated, service_role;
+ALTER FUNCTION public.tw_access_rows_written() SET search_path = pg_catalog, pg_temp;
 REVOKE ALL ON FUNCTION public.tw_access_sample_head() FROM PUBLIC, anon, authenticated, service_role;
 ALTER FUNCTION public.tw_access_sample_head() SET search_path = pg_catalog, pg_temp;
 REVOKE ALL ON FUNCTION public.tw_access_held_from(bigint,jsonb) FROM PUBLIC, anon, authenticated, service_role;

@@ -1656,6 +1656,141 @@ async fn the_sql_doors_record_their_decisions_and_users_read_only_their_own_chec
     }
 }
 
+/// The SQL doors' record skips its own WAL flush only when it is the transaction's only write:
+/// a check alone commits with `synchronous_commit = off`; a transaction that wrote before the
+/// check, or writes another table after it, commits with the caller's setting (the commit-time
+/// guard, fired here early with `SET CONSTRAINTS ALL IMMEDIATE` so the test can read it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sql_door_check_alone_commits_without_a_flush_and_other_writes_stay_durable() {
+    async fn setting(tx: &mut sqlx::PgConnection) -> String {
+        sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
+            .fetch_one(tx)
+            .await
+            .unwrap()
+    }
+    async fn fire_guard(tx: &mut sqlx::PgConnection) {
+        sqlx::query("SET CONSTRAINTS ALL IMMEDIATE")
+            .execute(tx)
+            .await
+            .unwrap();
+    }
+    for kind in DbKind::ALL {
+        let env = TestEnv::on(kind).await;
+        let user = Uuid::new_v4();
+        let check = "SELECT public.verify_access_for($1, 'c', 'CHAT')";
+
+        // A check alone (PostgREST's one call per transaction): asynchronous commit.
+        let mut tx = begin_as(&env.pool, "service_role", None).await;
+        assert_eq!(setting(&mut tx).await, "on", "{kind:?}");
+        sqlx::query(check)
+            .bind(user)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(setting(&mut tx).await, "off", "{kind:?}: the check alone");
+        fire_guard(&mut tx).await;
+        assert_eq!(
+            setting(&mut tx).await,
+            "off",
+            "{kind:?}: nothing else written"
+        );
+        tx.commit().await.unwrap();
+
+        // A batch alone too; the rows are there after the commit.
+        let mut tx = begin_as(&env.pool, "service_role", None).await;
+        sqlx::query("SELECT * FROM public.verify_access_batch($1, 'c', 'CHAT')")
+            .bind(vec![user, user])
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(setting(&mut tx).await, "off", "{kind:?}: the batch alone");
+        tx.commit().await.unwrap();
+        assert_eq!(audit_rows(&env.pool, user).await.len(), 3, "{kind:?}");
+
+        // A write after the check: the guard gives the transaction its durable commit back.
+        let mut tx = env.pool.begin().await.unwrap();
+        sqlx::query(check)
+            .bind(user)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(setting(&mut tx).await, "off", "{kind:?}");
+        sqlx::query("INSERT INTO public.tw_access_chain_heads (chain_id, head) VALUES (424242, 1)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        fire_guard(&mut tx).await;
+        assert_eq!(
+            setting(&mut tx).await,
+            "on",
+            "{kind:?}: a write after the check commits durably"
+        );
+        tx.rollback().await.unwrap();
+
+        // A write before the check: the record leaves the setting alone.
+        let mut tx = env.pool.begin().await.unwrap();
+        sqlx::query("INSERT INTO public.tw_access_chain_heads (chain_id, head) VALUES (424242, 1)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        sqlx::query(check)
+            .bind(user)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(
+            setting(&mut tx).await,
+            "on",
+            "{kind:?}: a write before the check commits durably"
+        );
+        tx.rollback().await.unwrap();
+
+        // Writes of an earlier transaction on the same connection (still counted by the
+        // statistics until their flush, at most once a second) do not make a check alone durable.
+        let mut conn = env.pool.acquire().await.unwrap();
+        sqlx::query(
+            "INSERT INTO public.tw_access_chain_heads (chain_id, head) VALUES (434343, 1) \
+             ON CONFLICT (chain_id) DO UPDATE SET head = excluded.head + 1",
+        )
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+        sqlx::query(check)
+            .bind(user)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        fire_guard(&mut tx).await;
+        assert_eq!(
+            setting(&mut tx).await,
+            "off",
+            "{kind:?}: an earlier transaction's writes are not this one's"
+        );
+        tx.commit().await.unwrap();
+        drop(conn);
+
+        // A caller who chose `remote_apply` gets exactly that back.
+        let mut tx = env.pool.begin().await.unwrap();
+        sqlx::query("SET LOCAL synchronous_commit = remote_apply")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        sqlx::query(check)
+            .bind(user)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO public.tw_access_chain_heads (chain_id, head) VALUES (424242, 1)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        fire_guard(&mut tx).await;
+        assert_eq!(setting(&mut tx).await, "remote_apply", "{kind:?}");
+        tx.rollback().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_than_20_checks_in_5_minutes_is_a_verification_storm_and_20_is_not() {
     for kind in DbKind::ALL {
