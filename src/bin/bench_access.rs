@@ -193,6 +193,8 @@ struct Bench {
     token: Address,
     deploy_block: u64,
     worker_bin: Option<PathBuf>,
+    /// An HTTP verifier that accepts connections and never answers (issue 11's outage).
+    verifier_url: String,
     _anvil: Killed,
 }
 
@@ -284,6 +286,17 @@ impl Bench {
         let token = receipt.contract_address.context("no contract address")?;
         let deploy_block = receipt.block_number.context("no block number")?;
 
+        // The verifier of the "verifier down" phase: it accepts connections and never answers,
+        // so every call ends in its timeout until the breaker opens.
+        let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let verifier_url = format!("http://{}/verify", hang.local_addr()?);
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((sock, _)) = hang.accept().await {
+                held.push(sock);
+            }
+        });
+
         // A fresh database.
         let id = Uuid::new_v4().simple().to_string();
         let db_name = format!("tw_bench_{}", &id[..12]);
@@ -326,6 +339,7 @@ impl Bench {
             token,
             deploy_block,
             worker_bin: args.worker_bin.clone(),
+            verifier_url,
             _anvil: anvil,
         };
         bench.load_index(args).await?;
@@ -523,6 +537,8 @@ impl Bench {
         let warm = self.queue_warm(args, worker).await?;
         f.add("queue door warm /s", warm.0);
         f.add("queue door warm cache share %", warm.1);
+        let down = self.external_down(args, worker).await?;
+        f.add("queue door external leaf, verifier down /s", down);
         f.add("ratio queue warm / baseline", warm.0 / base);
         f.add("ratio queue cold / baseline", cold.0 / base);
         f.add("ratio SQL door / baseline", door / base);
@@ -705,8 +721,13 @@ chain_id = {ANVIL_CHAIN}
 address = "{:#x}"
 standard = "erc20"
 start_block = {}
+[access.verifiers.down]
+profile = "tomo"
+url = "{}"
+timeout_ms = 1000
+max_retries = 0
 "#,
-                self.rpc_url, self.ws_url, self.token, self.deploy_block
+                self.rpc_url, self.ws_url, self.token, self.deploy_block, self.verifier_url
             ),
         )?;
         let log = dir.join("worker.log");
@@ -937,6 +958,55 @@ start_block = {}
             false,
         )
         .await
+    }
+
+    /// Issue 11's line: checks of a rule with one `external` leaf while its verifier hangs. Once
+    /// the breaker is open every check falls back at once (restrictive policy: denied), so the
+    /// rate must stay near the cold rate instead of `in flight / timeout`.
+    async fn external_down(&self, args: &Args, worker: &mut Child) -> Result<f64> {
+        let rule = serde_json::json!({"condition": {"external": {
+            "verifier": "down", "chain_id": 8453,
+            "contract": "0x833589fcd6edb6e08f4c7c32d4f71b54bda02913"}}});
+        sqlx::query("SELECT public.access_set_rule('creator-external', 'CHAT', $1, 'bench')")
+            .bind(&rule)
+            .execute(&self.pool)
+            .await?;
+        let pairs = |n: usize, from: usize| -> Vec<(Uuid, String)> {
+            (0..n)
+                .map(|i| {
+                    let u = self.users[(from + i) % self.users.len()];
+                    (u, "creator-external".to_string())
+                })
+                .collect()
+        };
+        // Until the breaker opens, checks wait out the 1 s timeout: not timed. Open means a
+        // round of 64 checks answered in well under one timeout.
+        let timeout = Duration::from_secs(args.phase_timeout_secs);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut round = 0;
+        loop {
+            let t = Instant::now();
+            self.queue_phase("breaker opening", &pairs(64, round * 64), timeout, worker, true)
+                .await?;
+            if t.elapsed() < Duration::from_millis(500) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the verifier's breaker did not open within 120 s");
+            }
+            round += 1;
+        }
+        let n = (args.cold_jobs() as usize).min(20_000);
+        let (rate, _) = self
+            .queue_phase(
+                "queue door, external leaf, verifier down (breaker open)",
+                &pairs(n, 100_000),
+                timeout,
+                worker,
+                false,
+            )
+            .await?;
+        Ok(rate)
     }
 
     /// Entries the consumer group has read and acknowledged: `entries-read - pending`.
