@@ -654,7 +654,7 @@ pub(crate) mod generated {
     use crate::config::TokenStandard;
 
     /// Cases per property (the report's "cases run").
-    const CASES: u32 = 1500;
+    const CASES: u32 = 1000;
 
     /// Any JSON value, nested a few levels (shared with the GoldRush page properties).
     pub(crate) fn json_value() -> impl Strategy<Value = Value> {

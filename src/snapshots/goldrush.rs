@@ -601,7 +601,7 @@ mod generated {
     use crate::chain::rpc::generated::{json_value, mutated};
 
     /// Cases per property (the report's "cases run").
-    const CASES: u32 = 3000;
+    const CASES: u32 = 2000;
 
     const TOKEN: &str = "0x7c58d971a5dabd46bc85e81fdae87b511431452e";
     const FIXTURE: &[u8] = include_bytes!(
