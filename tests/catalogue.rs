@@ -12,13 +12,15 @@ use std::time::Duration;
 use alloy::primitives::{Address, U256};
 use alloy::providers::Provider;
 use common::anvil::Anvil;
+use common::chain::{
+    ANVIL_CHAIN_ID, InProcIndexer, anvil_chain, indexer_config, wait_head_indexed,
+};
 use common::{Child, TestEnv, wait_until};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tokenwarden::app::AppContext;
 use tokenwarden::config::{ChainConfig, Config, TokenConfig, TokenStandard};
 
-const CHAIN_ID: u64 = 31337;
+const CHAIN_ID: u64 = ANVIL_CHAIN_ID;
 
 fn holder(i: u8) -> Address {
     let mut b = [0u8; 20];
@@ -78,30 +80,9 @@ impl Model {
     }
 }
 
-fn chain_config(rpc: &str, extra: serde_json::Value) -> ChainConfig {
-    let mut v = serde_json::json!({
-        "chain_id": CHAIN_ID,
-        "name": "anvil",
-        "rpc_urls": [rpc],
-        "poll_interval_ms": 50,
-        "reorg_depth": 8,
-        "max_block_range": 4,
-        "fetch_concurrency": 3,
-        "rpc_timeout_ms": 2000,
-    });
-    if let serde_json::Value::Object(m) = extra {
-        for (k, x) in m {
-            v[k] = x;
-        }
-    }
-    serde_json::from_value(v).expect("chain config")
-}
-
+/// The indexer config with `tokens` as ERC-20 tokens from block 0.
 fn config_with(env: &TestEnv, chain: ChainConfig, tokens: &[Address]) -> Config {
-    let mut cfg = env.config();
-    cfg.chain.enabled = true;
-    cfg.chain.chains = vec![chain];
-    cfg.chain.tokens = tokens
+    let tokens = tokens
         .iter()
         .map(|t| TokenConfig {
             chain_id: CHAIN_ID,
@@ -110,31 +91,7 @@ fn config_with(env: &TestEnv, chain: ChainConfig, tokens: &[Address]) -> Config 
             start_block: 0,
         })
         .collect();
-    cfg.validate().expect("valid config");
-    cfg
-}
-
-struct InProc {
-    ctx: AppContext,
-    handles: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl InProc {
-    async fn start(cfg: Config) -> InProc {
-        let ctx = AppContext::connect(cfg).await.expect("connect");
-        let handles = tokenwarden::chain::spawn_indexers(&ctx);
-        InProc { ctx, handles }
-    }
-
-    async fn stop(self) {
-        self.ctx.shutdown.cancel();
-        for h in self.handles {
-            tokio::time::timeout(Duration::from_secs(15), h)
-                .await
-                .expect("indexer stops on shutdown")
-                .expect("indexer task");
-        }
-    }
+    indexer_config(env, chain, tokens)
 }
 
 async fn request(env: &TestEnv, token: Address, action: &str, keep_rows: bool) -> String {
@@ -161,31 +118,6 @@ async fn wait_status(env: &TestEnv, token: Address, want: &str, timeout: Duratio
     wait_until(timeout, &format!("token {token:#x} is {want}"), || async {
         (status(env, token).await.as_deref() == Some(want)).then_some(())
     })
-    .await;
-}
-
-/// Waits until the checkpoint is the chain head (same hash).
-async fn wait_synced(env: &TestEnv, anvil: &Anvil) {
-    wait_until(
-        Duration::from_secs(60),
-        "index reaches the head",
-        || async {
-            let head = anvil.head().await;
-            let block = anvil
-                .provider
-                .get_block_by_number(head.into())
-                .await
-                .ok()??;
-            let (n, h): (i64, String) = sqlx::query_as(
-                "SELECT block_number, block_hash FROM chain_checkpoints WHERE chain_id = $1",
-            )
-            .bind(CHAIN_ID as i64)
-            .fetch_optional(&env.pool)
-            .await
-            .ok()??;
-            (n as u64 == head && h == format!("{:#x}", block.header.hash)).then_some(())
-        },
-    )
     .await;
 }
 
@@ -254,9 +186,9 @@ async fn a_token_added_at_run_time_backfills_and_joins_exactly_then_pauses_resum
         model.tx(&anvil, a, 6).await;
         model.tx(&anvil, b, 6).await;
     }
-    let cfg = config_with(&env, chain_config(&anvil.url, serde_json::json!({})), &[a]);
-    let indexer = InProc::start(cfg).await;
-    wait_synced(&env, &anvil).await;
+    let cfg = config_with(&env, anvil_chain(&anvil.url, serde_json::json!({})), &[a]);
+    let indexer = InProcIndexer::start(cfg).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
     assert_exact(&env, &anvil, &model, a).await;
     assert_eq!(stored_transfers(&env, b).await, 0);
 
@@ -270,7 +202,7 @@ async fn a_token_added_at_run_time_backfills_and_joins_exactly_then_pauses_resum
     for _ in 0..4 {
         model.tx(&anvil, b, 4).await;
     }
-    wait_synced(&env, &anvil).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
     assert_exact(&env, &anvil, &model, a).await;
     assert_exact(&env, &anvil, &model, b).await;
     let (symbol,): (Option<String>,) =
@@ -288,7 +220,7 @@ async fn a_token_added_at_run_time_backfills_and_joins_exactly_then_pauses_resum
     for _ in 0..5 {
         model.tx(&anvil, a, 3).await;
     }
-    wait_synced(&env, &anvil).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
     assert_eq!(
         stored_transfers(&env, a).await,
         before,
@@ -296,7 +228,7 @@ async fn a_token_added_at_run_time_backfills_and_joins_exactly_then_pauses_resum
     );
     request(&env, a, "resume", false).await;
     wait_status(&env, a, "live", Duration::from_secs(60)).await;
-    wait_synced(&env, &anvil).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
     assert_exact(&env, &anvil, &model, a).await;
     assert_exact(&env, &anvil, &model, b).await;
 
@@ -305,10 +237,10 @@ async fn a_token_added_at_run_time_backfills_and_joins_exactly_then_pauses_resum
     wait_status(&env, b, "removed", Duration::from_secs(20)).await;
     assert!(stored_transfers(&env, b).await > 0, "rows kept");
     model.tx(&anvil, b, 3).await;
-    wait_synced(&env, &anvil).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
     assert_eq!(request(&env, b, "add", false).await, "live");
     wait_status(&env, b, "live", Duration::from_secs(60)).await;
-    wait_synced(&env, &anvil).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
     assert_exact(&env, &anvil, &model, b).await;
     request(&env, b, "remove", false).await;
     wait_status(&env, b, "removed", Duration::from_secs(20)).await;
@@ -381,7 +313,7 @@ async fn sigkill_in_the_middle_of_a_token_backfill_loses_and_duplicates_nothing(
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(&dir, &anvil.url, a);
     let mut worker = Child::spawn(&env, &["--config", &cfg, "run"], &[]);
-    wait_synced(&env, &anvil).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
     // The index command (not SQL) adds it; the running leader picks it up.
     let mut add = Child::spawn(
         &env,
@@ -437,7 +369,7 @@ async fn sigkill_in_the_middle_of_a_token_backfill_loses_and_duplicates_nothing(
     );
     wait_status(&env, b, "live", Duration::from_secs(120)).await;
     model.tx(&anvil, b, 3).await;
-    wait_synced(&env, &anvil).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
     assert_exact(&env, &anvil, &model, a).await;
     assert_exact(&env, &anvil, &model, b).await;
     worker.signal("TERM");
@@ -454,7 +386,7 @@ async fn a_reorg_at_the_seam_of_a_token_backfill_is_undone_exactly() {
     model.tx(&anvil, a, 3).await;
     let cfg = config_with(
         &env,
-        chain_config(&anvil.url, serde_json::json!({"max_block_range": 1})),
+        anvil_chain(&anvil.url, serde_json::json!({"max_block_range": 1})),
         &[a],
     );
     for round in 0..3u64 {
@@ -463,8 +395,8 @@ async fn a_reorg_at_the_seam_of_a_token_backfill_is_undone_exactly() {
             model.tx(&anvil, b, 3).await;
             model.tx(&anvil, a, 2).await;
         }
-        let indexer = InProc::start(cfg.clone()).await;
-        wait_synced(&env, &anvil).await;
+        let indexer = InProcIndexer::start(cfg.clone()).await;
+        wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
         if round == 0 {
             request(&env, b, "add", false).await;
         } else {
@@ -498,7 +430,7 @@ async fn a_reorg_at_the_seam_of_a_token_backfill_is_undone_exactly() {
             .await;
         resync(&mut model, &anvil, &[a, b]).await;
         wait_status(&env, b, "live", Duration::from_secs(60)).await;
-        wait_synced(&env, &anvil).await;
+        wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
         assert_exact(&env, &anvil, &model, a).await;
         assert_exact(&env, &anvil, &model, b).await;
         request(&env, b, "pause", false).await;
@@ -518,9 +450,9 @@ async fn finalized_block_follows_the_chains_finalized_tag() {
     for _ in 0..12 {
         model.tx(&anvil, a, 2).await;
     }
-    let cfg = config_with(&env, chain_config(&anvil.url, serde_json::json!({})), &[a]);
-    let indexer = InProc::start(cfg).await;
-    wait_synced(&env, &anvil).await;
+    let cfg = config_with(&env, anvil_chain(&anvil.url, serde_json::json!({})), &[a]);
+    let indexer = InProcIndexer::start(cfg).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
     // The tag is read at most every 5 s: new blocks until a commit has read it.
     let (cp, finalized) = wait_until(
         Duration::from_secs(30),
@@ -608,7 +540,7 @@ async fn factory_created_tokens_are_indexed_and_a_reorged_creation_disappears() 
     for _ in 0..5 {
         model.tx(&anvil, v1, 3).await;
     }
-    let mut cfg = config_with(&env, chain_config(&anvil.url, serde_json::json!({})), &[]);
+    let mut cfg = config_with(&env, anvil_chain(&anvil.url, serde_json::json!({})), &[]);
     cfg.chain.factories = vec![tokenwarden::config::FactoryConfig {
         chain_id: CHAIN_ID,
         address: format!("{factory:#x}"),
@@ -618,9 +550,9 @@ async fn factory_created_tokens_are_indexed_and_a_reorged_creation_disappears() 
         start_block: 0,
     }];
     cfg.validate().expect("valid config");
-    let indexer = InProc::start(cfg).await;
+    let indexer = InProcIndexer::start(cfg).await;
     wait_status(&env, v1, "live", Duration::from_secs(60)).await;
-    wait_synced(&env, &anvil).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
     assert_exact(&env, &anvil, &model, v1).await;
 
     // Created while the indexer follows the head, then used at once.
@@ -629,7 +561,7 @@ async fn factory_created_tokens_are_indexed_and_a_reorged_creation_disappears() 
     model.tx(&anvil, v1, 3).await;
     wait_status(&env, v2, "live", Duration::from_secs(60)).await;
     model.tx(&anvil, v2, 3).await;
-    wait_synced(&env, &anvil).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
     assert_exact(&env, &anvil, &model, v1).await;
     assert_exact(&env, &anvil, &model, v2).await;
     let (origin, start): (String, i64) =
@@ -647,13 +579,13 @@ async fn factory_created_tokens_are_indexed_and_a_reorged_creation_disappears() 
         catalogued(&env, v3).await.then_some(())
     })
     .await;
-    wait_synced(&env, &anvil).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
     anvil.raw("anvil_reorg", serde_json::json!([1, []])).await;
     wait_until(Duration::from_secs(30), "v3 forgotten", || async {
         (!catalogued(&env, v3).await).then_some(())
     })
     .await;
-    wait_synced(&env, &anvil).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
     let left: i64 = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM chain_transfers WHERE token = $1) \
               + (SELECT count(*) FROM token_balances WHERE token = $1)",

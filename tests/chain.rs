@@ -13,14 +13,16 @@ use std::time::{Duration, Instant};
 use alloy::primitives::{Address, B256, U256};
 use alloy::providers::Provider;
 use common::anvil::Anvil;
+use common::chain::{
+    ANVIL_CHAIN_ID, InProcIndexer, anvil_chain, anvil_checkpoint, indexer_config, wait_head_indexed,
+};
 use common::{Child, TestEnv, wait_until};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tokenwarden::app::AppContext;
-use tokenwarden::config::Config;
-use tokenwarden::config::{ChainConfig, TokenConfig, TokenStandard};
 
-const CHAIN_ID: u64 = 31337;
+use tokenwarden::config::{TokenConfig, TokenStandard};
+
+const CHAIN_ID: u64 = ANVIL_CHAIN_ID;
 const NFT_IDS: u64 = 40;
 
 fn holder(i: u8) -> Address {
@@ -153,28 +155,6 @@ fn amount_upto(rng: &mut StdRng, max: U256) -> U256 {
     U256::from(rng.random_range(1..=m))
 }
 
-fn chain_config(rpc: &str, ws: Option<&str>, extra: serde_json::Value) -> ChainConfig {
-    let mut v = serde_json::json!({
-        "chain_id": CHAIN_ID,
-        "name": "anvil",
-        "rpc_urls": [rpc],
-        "poll_interval_ms": 50,
-        "reorg_depth": 8,
-        "max_block_range": 4,
-        "fetch_concurrency": 3,
-        "rpc_timeout_ms": 2000,
-    });
-    if let Some(ws) = ws {
-        v["ws_url"] = ws.into();
-    }
-    if let serde_json::Value::Object(m) = extra {
-        for (k, x) in m {
-            v[k] = x;
-        }
-    }
-    serde_json::from_value(v).expect("chain config")
-}
-
 fn token_configs(erc20: Address, nft: Address) -> Vec<TokenConfig> {
     vec![
         TokenConfig {
@@ -190,66 +170,6 @@ fn token_configs(erc20: Address, nft: Address) -> Vec<TokenConfig> {
             start_block: 0,
         },
     ]
-}
-
-fn config_with(env: &TestEnv, chain: ChainConfig, tokens: Vec<TokenConfig>) -> Config {
-    let mut cfg = env.config();
-    cfg.chain.enabled = true;
-    cfg.chain.chains = vec![chain];
-    cfg.chain.tokens = tokens;
-    cfg.validate().expect("valid config");
-    cfg
-}
-
-/// The indexer running inside the test process.
-struct InProc {
-    ctx: AppContext,
-    handles: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl InProc {
-    async fn start(cfg: Config) -> InProc {
-        let ctx = AppContext::connect(cfg).await.expect("connect");
-        let handles = tokenwarden::chain::spawn_indexers(&ctx);
-        assert_eq!(handles.len(), 1);
-        InProc { ctx, handles }
-    }
-
-    async fn stop(self) {
-        self.ctx.shutdown.cancel();
-        for h in self.handles {
-            tokio::time::timeout(Duration::from_secs(15), h)
-                .await
-                .expect("indexer stops on shutdown")
-                .expect("indexer task");
-        }
-    }
-}
-
-async fn checkpoint(env: &TestEnv) -> Option<(u64, String)> {
-    sqlx::query_as::<_, (i64, String)>(
-        "SELECT block_number, block_hash FROM chain_checkpoints WHERE chain_id = $1",
-    )
-    .bind(CHAIN_ID as i64)
-    .fetch_optional(&env.pool)
-    .await
-    .expect("read checkpoint")
-    .map(|(n, h)| (n as u64, h))
-}
-
-/// Waits until the committed checkpoint is the chain's current head block (same hash).
-async fn wait_synced(env: &TestEnv, anvil: &Anvil, timeout: Duration) {
-    wait_until(timeout, "index reaches the chain head", || async {
-        let head = anvil.head().await;
-        let block = anvil
-            .provider
-            .get_block_by_number(head.into())
-            .await
-            .ok()??;
-        let cp = checkpoint(env).await?;
-        (cp.0 == head && cp.1 == format!("{:#x}", block.header.hash)).then_some(())
-    })
-    .await;
 }
 
 /// Every holder's stored balance equals balanceOf (zero balances too), every NFT owner equals
@@ -339,13 +259,13 @@ async fn random_histories_backfill_and_head_are_exact() {
     let ops = model.nft_ops(60);
     anvil.send(model.nft, Anvil::erc721_batch(&ops)).await;
 
-    let cfg = config_with(
+    let cfg = indexer_config(
         &env,
-        chain_config(&anvil.url, Some(&anvil.ws_url), serde_json::json!({})),
+        anvil_chain(&anvil.url, serde_json::json!({"ws_url": anvil.ws_url})),
         token_configs(model.erc20, model.nft),
     );
-    let indexer = InProc::start(cfg.clone()).await;
-    wait_synced(&env, &anvil, Duration::from_secs(60)).await;
+    let indexer = InProcIndexer::start(cfg.clone()).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
     assert_exact(&env, &anvil, &model).await;
     assert_eq!(
         stored_transfer_count(&env).await,
@@ -425,7 +345,7 @@ async fn random_histories_backfill_and_head_are_exact() {
         for _ in 0..8 {
             model.random_tx(&anvil, 15).await;
         }
-        wait_synced(&env, &anvil, Duration::from_secs(30)).await;
+        wait_head_indexed(&env, &anvil, Duration::from_secs(30)).await;
         assert_exact(&env, &anvil, &model).await;
     }
     assert_eq!(
@@ -521,23 +441,23 @@ async fn reorgs_of_depth_1_to_5_at_the_head_are_undone_exactly() {
     for _ in 0..12 {
         model.random_tx(&anvil, 10).await;
     }
-    let cfg = config_with(
+    let cfg = indexer_config(
         &env,
-        chain_config(&anvil.url, None, serde_json::json!({"reorg_depth": 10})),
+        anvil_chain(&anvil.url, serde_json::json!({"reorg_depth": 10})),
         token_configs(model.erc20, model.nft),
     );
-    let indexer = InProc::start(cfg).await;
-    wait_synced(&env, &anvil, Duration::from_secs(60)).await;
+    let indexer = InProcIndexer::start(cfg).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
     assert_exact(&env, &anvil, &model).await;
     for depth in 1..=5u64 {
         for _ in 0..depth + 1 {
             model.random_tx(&anvil, 8).await;
         }
-        wait_synced(&env, &anvil, Duration::from_secs(30)).await;
-        let before = checkpoint(&env).await.unwrap();
+        wait_head_indexed(&env, &anvil, Duration::from_secs(30)).await;
+        let before = anvil_checkpoint(&env).await.unwrap();
         reorg(&anvil, &mut model, depth, depth).await;
-        wait_synced(&env, &anvil, Duration::from_secs(30)).await;
-        let after = checkpoint(&env).await.unwrap();
+        wait_head_indexed(&env, &anvil, Duration::from_secs(30)).await;
+        let after = anvil_checkpoint(&env).await.unwrap();
         assert_eq!(before.0, after.0, "same height after anvil_reorg");
         assert_ne!(before.1, after.1, "the indexer followed the new branch");
         assert_exact(&env, &anvil, &model).await;
@@ -547,7 +467,7 @@ async fn reorgs_of_depth_1_to_5_at_the_head_are_undone_exactly() {
         );
         // Then the chain goes on.
         model.random_tx(&anvil, 8).await;
-        wait_synced(&env, &anvil, Duration::from_secs(30)).await;
+        wait_head_indexed(&env, &anvil, Duration::from_secs(30)).await;
         assert_exact(&env, &anvil, &model).await;
     }
     indexer.stop().await;
@@ -559,22 +479,22 @@ async fn reorg_while_stopped_is_caught_at_start() {
     for _ in 0..15 {
         model.random_tx(&anvil, 10).await;
     }
-    let cfg = config_with(
+    let cfg = indexer_config(
         &env,
-        chain_config(&anvil.url, None, serde_json::json!({"reorg_depth": 10})),
+        anvil_chain(&anvil.url, serde_json::json!({"reorg_depth": 10})),
         token_configs(model.erc20, model.nft),
     );
-    let indexer = InProc::start(cfg.clone()).await;
-    wait_synced(&env, &anvil, Duration::from_secs(60)).await;
+    let indexer = InProcIndexer::start(cfg.clone()).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
     assert_exact(&env, &anvil, &model).await;
     indexer.stop().await;
 
     reorg(&anvil, &mut model, 3, 7).await;
-    let stale = checkpoint(&env).await.unwrap();
+    let stale = anvil_checkpoint(&env).await.unwrap();
 
-    let indexer = InProc::start(cfg).await;
-    wait_synced(&env, &anvil, Duration::from_secs(30)).await;
-    assert_ne!(checkpoint(&env).await.unwrap().1, stale.1);
+    let indexer = InProcIndexer::start(cfg).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(30)).await;
+    assert_ne!(anvil_checkpoint(&env).await.unwrap().1, stale.1);
     assert_exact(&env, &anvil, &model).await;
     assert_eq!(
         stored_transfer_count(&env).await,
@@ -589,13 +509,13 @@ async fn reorg_deeper_than_the_window_stops_the_indexer_without_touching_balance
     for _ in 0..10 {
         model.random_tx(&anvil, 10).await;
     }
-    let cfg = config_with(
+    let cfg = indexer_config(
         &env,
-        chain_config(&anvil.url, None, serde_json::json!({"reorg_depth": 2})),
+        anvil_chain(&anvil.url, serde_json::json!({"reorg_depth": 2})),
         token_configs(model.erc20, model.nft),
     );
-    let indexer = InProc::start(cfg).await;
-    wait_synced(&env, &anvil, Duration::from_secs(60)).await;
+    let indexer = InProcIndexer::start(cfg).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
     let snapshot = |env: &TestEnv| {
         let pool = env.pool.clone();
         async move {
@@ -608,7 +528,7 @@ async fn reorg_deeper_than_the_window_stops_the_indexer_without_touching_balance
         }
     };
     let before = snapshot(&env).await;
-    let cp_before = checkpoint(&env).await.unwrap();
+    let cp_before = anvil_checkpoint(&env).await.unwrap();
     reorg(&anvil, &mut model, 5, 9).await;
     let reason: String = wait_until(
         Duration::from_secs(30),
@@ -624,14 +544,9 @@ async fn reorg_deeper_than_the_window_stops_the_indexer_without_touching_balance
     .await;
     assert!(reason.contains("deeper than reorg_depth"), "{reason}");
     // The task ends by itself; nothing was changed.
-    for h in indexer.handles {
-        tokio::time::timeout(Duration::from_secs(10), h)
-            .await
-            .expect("stopped indexer task ends")
-            .unwrap();
-    }
+    indexer.ended(Duration::from_secs(10)).await;
     assert_eq!(snapshot(&env).await, before);
-    assert_eq!(checkpoint(&env).await.unwrap(), cp_before);
+    assert_eq!(anvil_checkpoint(&env).await.unwrap(), cp_before);
 }
 
 /// A JSON-RPC proxy in front of anvil that injects faults on a fixed schedule.
@@ -737,22 +652,21 @@ async fn rpc_faults_do_not_change_the_result() {
         model.random_tx(&anvil, 10).await;
     }
     let (proxy, counts) = fault_proxy::start(anvil.url.clone()).await;
-    let cfg = config_with(
+    let cfg = indexer_config(
         &env,
-        chain_config(
+        anvil_chain(
             &proxy,
-            None,
             serde_json::json!({"reorg_depth": 5, "max_block_range": 2000, "rpc_timeout_ms": 700, "rpc_max_retries": 30}),
         ),
         token_configs(model.erc20, model.nft),
     );
-    let indexer = InProc::start(cfg).await;
-    wait_synced(&env, &anvil, Duration::from_secs(90)).await;
+    let indexer = InProcIndexer::start(cfg).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(90)).await;
     assert_exact(&env, &anvil, &model).await;
     for _ in 0..6 {
         model.random_tx(&anvil, 10).await;
     }
-    wait_synced(&env, &anvil, Duration::from_secs(60)).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
     assert_exact(&env, &anvil, &model).await;
     assert_eq!(
         stored_transfer_count(&env).await,
@@ -819,7 +733,7 @@ async fn sigkill_between_fetch_and_commit_loses_and_duplicates_nothing() {
         let mut child = Child::spawn(&env, &["--config", &cfg, "run"], &[]);
         let seen = last;
         let cp = wait_until(Duration::from_secs(30), "indexing progresses", || async {
-            let cp = checkpoint(&env).await.map(|c| c.0);
+            let cp = anvil_checkpoint(&env).await.map(|c| c.0);
             (cp.is_some() && cp != seen).then_some(cp)
         })
         .await;
@@ -833,7 +747,7 @@ async fn sigkill_between_fetch_and_commit_loses_and_duplicates_nothing() {
         "the kills should land while the history is still being indexed"
     );
     let mut worker = Child::spawn(&env, &["--config", &cfg, "run"], &[]);
-    wait_synced(&env, &anvil, Duration::from_secs(60)).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
     assert_exact(&env, &anvil, &model).await;
     assert_eq!(
         stored_transfer_count(&env).await,
@@ -889,7 +803,7 @@ async fn a_standby_replica_takes_over_within_ten_seconds() {
     let cfg = write_config(&dir, &anvil.url, &model, "");
     let mut a = Some(Child::spawn(&env, &["--config", &cfg, "run"], &[]));
     let mut b = Some(Child::spawn(&env, &["--config", &cfg, "run"], &[]));
-    wait_synced(&env, &anvil, Duration::from_secs(60)).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
     assert_exact(&env, &anvil, &model).await;
     let leader = wait_until(Duration::from_secs(10), "a leader holds the lease", || {
         leader_pid(&env)
@@ -912,7 +826,7 @@ async fn a_standby_replica_takes_over_within_ten_seconds() {
     for _ in 0..5 {
         model.random_tx(&anvil, 10).await;
     }
-    wait_synced(&env, &anvil, Duration::from_secs(10)).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(10)).await;
     assert!(
         killed_at.elapsed() < Duration::from_secs(10),
         "takeover took {:?}",
@@ -944,12 +858,8 @@ async fn a_start_block_after_the_mint_stops_the_indexer_instead_of_storing_a_neg
         standard: TokenStandard::Erc20,
         start_block: minted + 1,
     }];
-    let cfg = config_with(
-        &env,
-        chain_config(&anvil.url, None, serde_json::json!({})),
-        tokens,
-    );
-    let indexer = InProc::start(cfg).await;
+    let cfg = indexer_config(&env, anvil_chain(&anvil.url, serde_json::json!({})), tokens);
+    let indexer = InProcIndexer::start(cfg).await;
     let (reason, at): (String, i64) = wait_until(
         Duration::from_secs(30),
         "negative balance recorded as a fault",
@@ -972,12 +882,7 @@ async fn a_start_block_after_the_mint_stops_the_indexer_instead_of_storing_a_neg
     );
     assert!(reason.contains("start_block"), "{reason}");
     assert_eq!(at as u64, spent);
-    for h in indexer.handles {
-        tokio::time::timeout(Duration::from_secs(10), h)
-            .await
-            .expect("stopped indexer task ends")
-            .unwrap();
-    }
+    indexer.ended(Duration::from_secs(10)).await;
     let negative: i64 = sqlx::query_scalar("SELECT count(*) FROM token_balances WHERE balance < 0")
         .fetch_one(&env.pool)
         .await
@@ -990,7 +895,7 @@ async fn a_start_block_after_the_mint_stops_the_indexer_instead_of_storing_a_neg
             .await
             .unwrap();
     assert_eq!(stored, 0, "the failing batch is rolled back");
-    let cp = checkpoint(&env).await.map(|c| c.0);
+    let cp = anvil_checkpoint(&env).await.map(|c| c.0);
     assert!(
         cp.is_none_or(|c| c < spent),
         "checkpoint {cp:?} stays before block {spent}"
@@ -1053,13 +958,13 @@ async fn malformed_transfers_are_kept_with_their_reason_and_undone_by_reorgs() {
             start_block: 0,
         },
     ];
-    let cfg = config_with(
+    let cfg = indexer_config(
         &env,
-        chain_config(&anvil.url, None, serde_json::json!({"reorg_depth": 10})),
+        anvil_chain(&anvil.url, serde_json::json!({"reorg_depth": 10})),
         tokens,
     );
-    let indexer = InProc::start(cfg).await;
-    wait_synced(&env, &anvil, Duration::from_secs(60)).await;
+    let indexer = InProcIndexer::start(cfg).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
     let on_chain = chain_logs_of(&anvil, model.nft).await;
     assert!(on_chain.len() >= 3);
     assert_eq!(
@@ -1090,11 +995,11 @@ async fn malformed_transfers_are_kept_with_their_reason_and_undone_by_reorgs() {
     // At the head, then a reorg dropping that block: its rejected logs go with it.
     let more = [(Address::ZERO, holder(4), U256::from(4u64))];
     anvil.send(model.nft, Anvil::erc721_batch(&more)).await;
-    wait_synced(&env, &anvil, Duration::from_secs(30)).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(30)).await;
     let with_head = chain_logs_of(&anvil, model.nft).await;
     assert_eq!(with_head.len(), on_chain.len() + 1);
     assert_eq!(stored_rejected(&env).await, with_head);
-    let before = checkpoint(&env).await.unwrap();
+    let before = anvil_checkpoint(&env).await.unwrap();
     let h = holder(5);
     let replacement = vec![(Address::ZERO, h, U256::from(77u64))];
     anvil
@@ -1113,7 +1018,7 @@ async fn malformed_transfers_are_kept_with_their_reason_and_undone_by_reorgs() {
         Duration::from_secs(30),
         "indexer follows the reorg",
         || async {
-            let cp = checkpoint(&env).await?;
+            let cp = anvil_checkpoint(&env).await?;
             (cp.0 == before.0 && cp.1 != before.1).then_some(())
         },
     )

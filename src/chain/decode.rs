@@ -373,3 +373,115 @@ mod tests {
         assert_eq!(decode(&batch(&[1], &[1]), &as20).unwrap(), None);
     }
 }
+
+/// Bad input, generated: any log (random topics, data bytes and missing fields, for any
+/// standard) decodes or is refused with a reason, and a refused log that identifies itself is
+/// kept with that same reason. Never a panic.
+#[cfg(test)]
+mod generated {
+    use std::collections::HashMap;
+
+    use alloy::primitives::{Address, B256, Bytes, LogData};
+    use alloy::rpc::types::Log;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Cases per property (the report's "cases run").
+    const CASES: u32 = 3000;
+
+    fn topic() -> impl Strategy<Value = B256> {
+        prop_oneof![
+            Just(TRANSFER_TOPIC),
+            Just(TRANSFER_SINGLE_TOPIC),
+            Just(TRANSFER_BATCH_TOPIC),
+            any::<[u8; 32]>().prop_map(B256::from),
+            any::<u8>().prop_map(B256::with_last_byte),
+        ]
+    }
+
+    /// Data bytes: random, whole ABI words, or words with huge offsets / lengths (the
+    /// `TransferBatch` arrays are dynamic).
+    fn data() -> impl Strategy<Value = Vec<u8>> {
+        let word = prop_oneof![
+            any::<[u8; 32]>(),
+            any::<u64>().prop_map(|n| {
+                let mut w = [0u8; 32];
+                w[24..].copy_from_slice(&n.to_be_bytes());
+                w
+            }),
+            (0u8..8).prop_map(|n| {
+                let mut w = [0u8; 32];
+                w[31] = n * 32;
+                w
+            }),
+        ];
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..200),
+            proptest::collection::vec(word, 0..12).prop_map(|ws| ws.concat()),
+        ]
+    }
+
+    fn standard() -> impl Strategy<Value = TokenStandard> {
+        prop_oneof![
+            Just(TokenStandard::Erc20),
+            Just(TokenStandard::Erc721),
+            Just(TokenStandard::Erc1155),
+        ]
+    }
+
+    prop_compose! {
+        fn log()(
+            token in 0u8..3,
+            topics in proptest::collection::vec(topic(), 0..6),
+            data in data(),
+            block_number in proptest::option::weighted(0.9, any::<u64>()),
+            block_hash in proptest::option::weighted(0.9, any::<[u8; 32]>()),
+            log_index in proptest::option::weighted(0.9, any::<u64>()),
+            tx_hash in proptest::option::weighted(0.9, any::<[u8; 32]>()),
+            removed in proptest::bool::weighted(0.1),
+        ) -> Log {
+            Log {
+                inner: alloy::primitives::Log {
+                    address: Address::with_last_byte(token),
+                    data: LogData::new_unchecked(topics, Bytes::from(data)),
+                },
+                block_hash: block_hash.map(B256::from),
+                block_number,
+                block_timestamp: None,
+                transaction_hash: tx_hash.map(B256::from),
+                transaction_index: Some(0),
+                log_index,
+                removed,
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: CASES, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_log_decodes_or_is_refused_with_a_reason(log in log(), s1 in standard(), s2 in standard()) {
+            // Token 0 is untracked; 1 and 2 are tracked with random standards.
+            let tokens = HashMap::from([(Address::with_last_byte(1), s1), (Address::with_last_byte(2), s2)]);
+            match decode(&log, &tokens) {
+                Ok(Some(Decoded::Multi(rows))) => {
+                    prop_assert!(rows.iter().enumerate().all(|(i, r)| r.position as usize == i));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let reason = e.to_string();
+                    prop_assert!(!reason.trim().is_empty());
+                    if let DecodeError::Shape { token, .. } = &e {
+                        prop_assert!(reason.contains(&addr_hex(token)) || reason.contains(&format!("{token}")), "{}", reason);
+                    }
+                    if let Some(kept) = RejectedLog::of(&log, &e) {
+                        prop_assert_eq!(&kept.reason, &reason);
+                        prop_assert_eq!(&kept.topics[..], log.topics());
+                        prop_assert_eq!(&kept.data, &log.data().data);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -189,6 +189,27 @@ impl Rpc {
         })
     }
 
+    /// An `Rpc` answering from `asserter`'s queue, without retries (the generated tests feed
+    /// it random replies through alloy's real decoding).
+    #[cfg(test)]
+    pub(crate) fn mocked(asserter: alloy::transports::mock::Asserter) -> Rpc {
+        Rpc {
+            inner: Arc::new(RpcInner {
+                chain_id: 1,
+                providers: vec![
+                    ProviderBuilder::new()
+                        .connect_mocked_client(asserter)
+                        .erased(),
+                ],
+                current: AtomicUsize::new(0),
+                timeout: Duration::from_secs(5),
+                max_retries: 0,
+                cancel: CancellationToken::new(),
+                secrets: Vec::new(),
+            }),
+        }
+    }
+
     fn provider(&self) -> &DynProvider {
         let i = self.inner.current.load(Ordering::Relaxed) % self.inner.providers.len();
         &self.inner.providers[i]
@@ -548,7 +569,7 @@ pub fn range_limit(message: &str) -> Option<Option<u64>> {
     None
 }
 
-/// Parses "1000", "1,000", "10k" or "0x3e8".
+/// Parses "1000", "1,000", "10k" or "0x3e8"; `None` for anything else or beyond u64.
 fn parse_num(s: &str) -> Option<u64> {
     let s = s.trim().trim_end_matches([',', '.', ':', ';']);
     if let Some(hex) = s.strip_prefix("0x") {
@@ -556,7 +577,8 @@ fn parse_num(s: &str) -> Option<u64> {
     }
     let cleaned: String = s.chars().filter(|c| *c != ',').collect();
     if let Some(k) = cleaned.strip_suffix('k') {
-        return k.parse::<u64>().ok().map(|n| n * 1000);
+        // A count too large for u64 names no workable range.
+        return k.parse::<u64>().ok().and_then(|n| n.checked_mul(1000));
     }
     cleaned.parse().ok()
 }
@@ -607,7 +629,204 @@ mod tests {
             range_limit("logs matched by query exceeds limit of 10000"),
             Some(None)
         );
+        // Found by the generated tests: "k" times a count near u64::MAX overflowed (a panic).
+        assert_eq!(range_limit("max is 18500000000000000k blocks"), None);
         assert_eq!(range_limit("execution reverted"), None);
         assert_eq!(range_limit("header not found"), None);
+    }
+}
+
+/// Bad input, generated: random JSON answers to `eth_blockNumber`, `eth_getBlockByNumber` and
+/// `eth_getLogs` (random values, and the real reply shapes with fields missing, null or of the
+/// wrong type), random JSON-RPC error payloads and random provider messages are decoded or
+/// refused with a reason naming the method. Never a panic.
+#[cfg(test)]
+pub(crate) mod generated {
+    use std::collections::HashMap;
+
+    use alloy::rpc::json_rpc::ErrorPayload;
+    use alloy::transports::mock::Asserter;
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::chain::decode::{TRANSFER_TOPIC, decode};
+    use crate::config::TokenStandard;
+
+    /// Cases per property (the report's "cases run").
+    const CASES: u32 = 1000;
+
+    /// Any JSON value, nested a few levels (shared with the GoldRush page properties).
+    pub(crate) fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(|f| json!(f)),
+            "\\PC{0,12}".prop_map(Value::String),
+            "0x[0-9a-fA-F]{0,70}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 48, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::btree_map("[a-zA-Z_]{0,12}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// `shape` with each field kept, dropped, nulled or replaced by random JSON.
+    pub(crate) fn mutated(shape: Value) -> impl Strategy<Value = Value> {
+        let Value::Object(fields) = shape else {
+            return Just(shape).boxed();
+        };
+        let per_field: Vec<_> = fields
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    Just(k),
+                    prop_oneof![
+                        6 => Just(Some(v)),
+                        1 => Just(None),
+                        1 => Just(Some(Value::Null)),
+                        2 => json_value().prop_map(Some),
+                    ],
+                )
+            })
+            .collect();
+        per_field
+            .prop_map(|fs| {
+                Value::Object(fs.into_iter().filter_map(|(k, v)| Some((k, v?))).collect())
+            })
+            .boxed()
+    }
+
+    fn hex(n: u64) -> Value {
+        Value::String(format!("{n:#x}"))
+    }
+
+    fn word(b: u8) -> Value {
+        Value::String(format!("0x{}", format!("{b:02x}").repeat(32)))
+    }
+
+    /// A real `eth_getLogs` entry (ERC-20 Transfer of token 0x..01).
+    fn log_shape(n: u64) -> Value {
+        json!({
+            "address": format!("0x{}01", "00".repeat(19)),
+            "topics": [format!("{TRANSFER_TOPIC:#x}"), word(1), word(2)],
+            "data": word(0),
+            "blockNumber": hex(n),
+            "blockHash": word(7),
+            "transactionHash": word(8),
+            "transactionIndex": "0x0",
+            "logIndex": hex(n % 7),
+            "removed": false,
+        })
+    }
+
+    /// A real `eth_getBlockByNumber` header (no transactions).
+    fn block_shape(n: u64) -> Value {
+        let z = word(0);
+        json!({
+            "number": hex(n), "hash": word(1), "parentHash": word(2), "sha3Uncles": z,
+            "miner": format!("0x{}", "00".repeat(20)), "stateRoot": z, "transactionsRoot": z,
+            "receiptsRoot": z, "logsBloom": format!("0x{}", "00".repeat(256)),
+            "difficulty": "0x0", "gasLimit": "0x1c9c380", "gasUsed": "0x0",
+            "timestamp": "0x6553f100", "extraData": "0x", "mixHash": z, "nonce": "0x0000000000000000",
+            "baseFeePerGas": "0x7", "uncles": [], "transactions": [], "size": "0x220",
+        })
+    }
+
+    fn reply() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            json_value(),
+            any::<u64>().prop_map(hex),
+            (0u64..1000).prop_flat_map(|n| mutated(block_shape(n))),
+            proptest::collection::vec((0u64..1000).prop_flat_map(|n| mutated(log_shape(n))), 0..4)
+                .prop_map(Value::Array),
+        ]
+    }
+
+    /// An error reply: a JSON-RPC error payload with any code and message (provider range
+    /// limits and rate limits among them).
+    fn failure() -> impl Strategy<Value = ErrorPayload> {
+        let message = prop_oneof![
+            "\\PC{0,40}",
+            "(max is|limited to|maximum block range: |this block range should work: \\[) ?[0-9a-fxk,]{0,24}\\]?",
+            "(retry with the range |try with this block range \\[)[0-9a-fx, -]{0,30}",
+        ];
+        (any::<i64>(), message, proptest::option::of(json_value())).prop_map(
+            |(code, message, data)| ErrorPayload {
+                code,
+                message: message.into(),
+                data: data.and_then(|d| serde_json::value::to_raw_value(&d).ok()),
+            },
+        )
+    }
+
+    fn refused_with_a_reason(e: &RpcError, method: &str) -> Result<(), TestCaseError> {
+        let text = e.to_string();
+        prop_assert!(text.starts_with(method), "{}", text);
+        prop_assert!(text.len() > method.len() + 2, "{}", text);
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: CASES, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Random success bodies for the three calls the indexer makes.
+        #[test]
+        fn any_reply_is_decoded_or_refused_with_a_reason(head in reply(), block in reply(), logs in reply(), n in 0u64..1000) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let asserter = Asserter::new();
+            let rpc = Rpc::mocked(asserter.clone());
+            rt.block_on(async {
+                asserter.push_success(&head);
+                if let Err(e) = rpc.head().await {
+                    refused_with_a_reason(&e, "eth_blockNumber")?;
+                }
+                asserter.push_success(&block);
+                match rpc.header(n).await {
+                    Ok(Some(h)) => prop_assert_eq!(h.number, n),
+                    Ok(None) => prop_assert!(block.is_null()),
+                    Err(e) => refused_with_a_reason(&e, "eth_getBlockByNumber")?,
+                }
+                asserter.push_success(&logs);
+                match rpc.logs_once(&Filter::new()).await {
+                    Ok(got) => {
+                        let tokens = HashMap::from([(Address::with_last_byte(1), TokenStandard::Erc20)]);
+                        for log in &got {
+                            if let Err(e) = decode(log, &tokens) {
+                                prop_assert!(!e.to_string().trim().is_empty());
+                            }
+                        }
+                    }
+                    Err(e) => refused_with_a_reason(&e, "eth_getLogs")?,
+                }
+                Ok(())
+            })?;
+        }
+
+        /// Random error payloads are classified, each with the method and the provider's words.
+        #[test]
+        fn any_error_reply_is_classified_with_a_reason(err in failure()) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let asserter = Asserter::new();
+            let rpc = Rpc::mocked(asserter.clone());
+            asserter.push_failure(err.clone());
+            let e = rt.block_on(rpc.logs_once(&Filter::new())).err();
+            let e = e.ok_or_else(|| TestCaseError::fail("an error reply was accepted"))?;
+            refused_with_a_reason(&e, "eth_getLogs")?;
+            prop_assert!(e.to_string().contains(err.message.as_ref()) || matches!(e, RpcError::RangeLimit { .. }), "{}", e);
+        }
+
+        /// Any provider message: a range-limit reading or none, never a panic (the named block
+        /// counts overflow u64 in "99999999999999999k").
+        #[test]
+        fn any_message_reads_as_a_range_limit_or_not(m in "\\PC{0,60}", k in "(max is |limited to |up to a )[0-9]{1,24}k?") {
+            let _ = range_limit(&m);
+            let _ = range_limit(&k);
+        }
     }
 }

@@ -190,3 +190,133 @@ mod tests {
         assert!(err.to_string().contains("urll"), "{err}");
     }
 }
+
+/// Bad input, generated: random values for every key of `config/default.toml`, random TOML
+/// text and random environment values go through the loader `tokenwarden` uses; each is
+/// accepted (and then valid) or refused with a reason naming the key or the file. Never a
+/// panic.
+#[cfg(test)]
+mod generated {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Cases per property (the report's "cases run").
+    const CASES: u32 = 400;
+
+    /// Every `(section, key)` of the default file.
+    fn known_keys() -> Vec<(String, String)> {
+        let mut section = String::new();
+        let mut keys = Vec::new();
+        for line in DEFAULT_TOML.lines() {
+            if let Some(s) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = s.to_string();
+            } else if let Some((k, _)) = line.split_once(" = ")
+                && !line.starts_with('#')
+            {
+                keys.push((section.clone(), k.trim().to_string()));
+            }
+        }
+        keys
+    }
+
+    /// A TOML value of any type, often the wrong one.
+    fn toml_value() -> impl Strategy<Value = String> {
+        let text = "\\PC{0,16}".prop_map(|s| serde_json::to_string(&s).unwrap_or_default());
+        prop_oneof![
+            any::<i64>().prop_map(|n| n.to_string()),
+            (-2i64..3).prop_map(|n| n.to_string()),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(|f| format!("{f:?}")),
+            any::<bool>().prop_map(|b| b.to_string()),
+            text.clone(),
+            Just("\"\"".to_string()),
+            Just("\"postgres://u@h/db\"".to_string()),
+            Just("\"0 */5 * * * *\"".to_string()),
+            proptest::collection::vec(text, 0..3).prop_map(|v| format!("[{}]", v.join(", "))),
+            Just("{}".to_string()),
+        ]
+    }
+
+    fn refused_with_a_reason(e: &ConfigError, names: &[&str]) -> Result<(), TestCaseError> {
+        let text = e.to_string();
+        if let ConfigError::Invalid { key, reason } = e {
+            prop_assert!(!key.is_empty() && !reason.trim().is_empty(), "{}", text);
+        } else {
+            prop_assert!(
+                names.iter().any(|n| text.contains(n)),
+                "{} does not name {:?}",
+                text,
+                names
+            );
+        }
+        Ok(())
+    }
+
+    fn load_file(
+        body: &str,
+    ) -> Result<
+        (
+            tempfile::TempDir,
+            std::path::PathBuf,
+            Result<Config, ConfigError>,
+        ),
+        TestCaseError,
+    > {
+        let dir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let path = dir.path().join("generated.toml");
+        std::fs::write(&path, body).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let got = Config::load_with_env(Some(&path), Vec::new());
+        Ok((dir, path, got))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: CASES, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// One known key (or a misspelling of it) set to a random value in a config file.
+        #[test]
+        fn any_value_for_a_known_key_loads_or_names_the_key(
+            pick in any::<proptest::sample::Index>(),
+            typo in proptest::bool::weighted(0.1),
+            value in toml_value(),
+        ) {
+            let keys = known_keys();
+            let (section, key) = pick.get(&keys);
+            let key = if typo { format!("{key}x") } else { key.clone() };
+            let (_dir, _path, got) = load_file(&format!("[{section}]\n{key} = {value}\n"))?;
+            match got {
+                Ok(cfg) => prop_assert!(cfg.validate().is_ok()),
+                Err(e) => refused_with_a_reason(&e, &[&key])?,
+            }
+        }
+
+        /// Random text as the config file: a syntax error names the file.
+        #[test]
+        fn any_file_text_loads_or_is_refused_with_a_reason(body in "(\\PC|\n|=|\\[|\\]|\"){0,80}") {
+            let (_dir, path, got) = load_file(&body)?;
+            if let Err(e) = got {
+                // config-rs names the file relative to the working directory: its name and
+                // the line are what an operator needs.
+                let text = e.to_string();
+                let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                prop_assert!(text.contains(&name) || matches!(e, ConfigError::Invalid { .. }), "{}", text);
+                if text.contains("parse error") {
+                    prop_assert!(text.contains("line"), "{}", text);
+                }
+            }
+        }
+
+        /// A random environment value for a known key.
+        #[test]
+        fn any_environment_value_loads_or_names_the_key(pick in any::<proptest::sample::Index>(), value in "\\PC{0,20}") {
+            let keys = known_keys();
+            let (section, key) = pick.get(&keys);
+            let var = format!("TOKENWARDEN__{}__{}", section.replace('.', "__"), key).to_uppercase();
+            match Config::load_with_env(None, vec![(var, value)]) {
+                Ok(cfg) => prop_assert!(cfg.validate().is_ok()),
+                Err(e) => refused_with_a_reason(&e, &[key])?,
+            }
+        }
+    }
+}

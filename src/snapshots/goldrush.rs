@@ -588,3 +588,91 @@ mod tests {
         assert!(p.has_more);
     }
 }
+
+/// Bad input, generated: random JSON, the fixture pages with fields dropped, nulled or
+/// replaced, and the fixture bytes cut or flipped are parsed into a valid page or refused with
+/// a reason naming the page (and the item when one is at fault). Never a panic.
+#[cfg(test)]
+mod generated {
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::chain::rpc::generated::{json_value, mutated};
+
+    /// Cases per property (the report's "cases run").
+    const CASES: u32 = 2000;
+
+    const TOKEN: &str = "0x7c58d971a5dabd46bc85e81fdae87b511431452e";
+    const FIXTURE: &[u8] = include_bytes!(
+        "../../tests/fixtures/covalent/token_holders_v2.matic_mainnet_2024_excerpt.json"
+    );
+
+    fn item() -> impl Strategy<Value = Value> {
+        let shape = json!({
+            "contract_decimals": 18,
+            "contract_address": TOKEN,
+            "address": "0x0fc5b6b99c46cf6adbad2d3d52f591984925c6df",
+            "balance": "2031496567603154511000",
+            "total_supply": "500000000000000000000000000",
+            "block_height": 55468807,
+        });
+        prop_oneof![mutated(shape), json_value()]
+    }
+
+    fn page() -> impl Strategy<Value = Value> {
+        let items = proptest::collection::vec(item(), 0..5).prop_map(Value::Array);
+        let pagination = mutated(json!({"has_more": true, "page_number": 5, "total_count": null}));
+        (items, pagination, json_value()).prop_flat_map(|(items, pagination, other)| {
+            let data = mutated(json!({"items": items, "pagination": pagination}));
+            let envelope = data.prop_flat_map(|data| {
+                mutated(json!({"data": data, "error": false, "error_message": null, "error_code": null}))
+            });
+            prop_oneof![4 => envelope, 1 => Just(other)]
+        })
+    }
+
+    fn check(body: &[u8], page: u32) -> Result<(), TestCaseError> {
+        match parse_page(body, page, TOKEN) {
+            Ok(p) => {
+                prop_assert!(p.holders.len() <= p.item_count);
+                for h in &p.holders {
+                    prop_assert!(
+                        normalize_address(&h.address).as_deref() == Ok(h.address.as_str())
+                    );
+                    prop_assert!(!h.balance.is_zero());
+                }
+            }
+            Err(reason) => {
+                let prefix = format!("page {page}");
+                prop_assert!(reason.starts_with(&prefix), "{}", reason);
+                prop_assert!(reason.len() > prefix.len() + 2, "{}", reason);
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: CASES, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_page_is_parsed_or_refused_with_a_reason(v in page(), page in any::<u32>()) {
+            let body = serde_json::to_vec(&v).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            check(&body, page)?;
+        }
+
+        #[test]
+        fn cut_or_flipped_fixture_bytes_are_refused_with_a_reason(
+            cut in 0..FIXTURE.len(),
+            flips in proptest::collection::vec((0..FIXTURE.len(), any::<u8>()), 0..4),
+        ) {
+            let mut body = FIXTURE[..cut].to_vec();
+            for (at, b) in flips {
+                if let Some(x) = body.get_mut(at) {
+                    *x = b;
+                }
+            }
+            check(&body, 5)?;
+        }
+    }
+}

@@ -58,6 +58,16 @@ impl InProcIndexer {
         InProcIndexer { ctx, handles }
     }
 
+    /// Waits for the indexer tasks to end by themselves (a stopped indexer), within `within`.
+    pub async fn ended(self, within: Duration) {
+        for h in self.handles {
+            tokio::time::timeout(within, h)
+                .await
+                .expect("stopped indexer task ends")
+                .expect("indexer task");
+        }
+    }
+
     pub async fn stop(self) {
         self.ctx.shutdown.cancel();
         for h in self.handles {
