@@ -986,8 +986,14 @@ max_retries = 0
         let mut round = 0;
         loop {
             let t = Instant::now();
-            self.queue_phase("breaker opening", &pairs(64, round * 64), timeout, worker, true)
-                .await?;
+            self.queue_phase(
+                "breaker opening",
+                &pairs(64, round * 64),
+                timeout,
+                worker,
+                true,
+            )
+            .await?;
             if t.elapsed() < Duration::from_millis(500) {
                 break;
             }
