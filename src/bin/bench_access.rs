@@ -423,33 +423,16 @@ impl Bench {
     }
 
     async fn teardown(&self, args: &Args) {
-        if let Ok(mut conn) = self.redis().await {
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("{}:*", self.prefix))
-                .query_async(&mut conn)
-                .await
-                .unwrap_or_default();
-            for chunk in keys.chunks(1000) {
-                let _: redis::RedisResult<()> = conn.del(chunk).await;
-            }
-        }
+        let redis = self.redis().await.ok();
         self.pool.close().await;
-        if args.keep_db {
-            println!("kept database {}", self.db_name);
-            return;
-        }
-        if let Ok(admin) = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&args.admin_url)
-            .await
-        {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.db_name
-            )))
-            .execute(&admin)
-            .await;
-        }
+        support::drop_bench_state(
+            redis,
+            &self.prefix,
+            &args.admin_url,
+            &self.db_name,
+            args.keep_db,
+        )
+        .await;
     }
 
     async fn redis(&self) -> redis::RedisResult<MultiplexedConnection> {
