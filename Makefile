@@ -27,10 +27,12 @@ run: services tools
 test: services tools ops-tools clean-test-dbs
 	$(CARGO) test --locked --all-targets --no-fail-fast -- --test-threads=$${TEST_THREADS:-8}
 
-## Drop databases left behind by earlier test runs.
+## Drop databases left behind by earlier test runs: only those nobody is connected to, so a
+## test run of another engineer on the same server keeps its databases (no FORCE; a database
+## that gains a session in between makes its DROP fail, which is ignored).
 clean-test-dbs:
-	@psql -h 127.0.0.1 -U postgres -d postgres -Atc "select datname from pg_database where datname like 'tw_test_%'" \
-	  | while read -r db; do PGOPTIONS="--client-min-messages=warning" psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists $$db with (force)" >/dev/null; done
+	@psql -h 127.0.0.1 -U postgres -d postgres -Atc "select d.datname from pg_database d where d.datname like 'tw\_test\_%' and not exists (select 1 from pg_stat_activity a where a.datname = d.datname)" \
+	  | while read -r db; do PGOPTIONS="--client-min-messages=warning" psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists \"$$db\"" >/dev/null 2>&1 || true; done
 
 lint:
 	$(CARGO) fmt --all -- --check
