@@ -120,12 +120,6 @@ REVOKE ALL ON FUNCTION public.tw_ledger_fields_sha256(text,uuid,uuid,bigint,text
 ALTER FUNCTION public.tw_ledger_fields_sha256(text,uuid,uuid,bigint,text,integer,jsonb) SET search_path = pg_catalog, pg_temp;
 REVOKE ALL ON FUNCTION public.tw_ledger_apply_single(uuid,text,uuid,bigint,text,uuid,integer,jsonb,integer) FROM PUBLIC, anon, authenticated, service_role;
 ALTER FUNCTION public.tw_ledger_apply_single(uuid,text,uuid,bigint,text,uuid,integer,jsonb,integer) SET search_path = pg_catalog, pg_temp;
-REVOKE ALL ON FUNCTION public.tw_ledger_check_one(text,uuid,uuid,bigint,text,integer,jsonb,integer,integer,integer,integer) FROM PUBLIC, anon, authenticated, service_role;
-ALTER FUNCTION public.tw_ledger_check_one(text,uuid,uuid,bigint,text,integer,jsonb,integer,integer,integer,integer) SET search_path = pg_catalog, pg_temp;
-REVOKE ALL ON FUNCTION public.tw_ledger_decide(text,bigint,boolean,bigint,bigint) FROM PUBLIC, anon, authenticated, service_role;
-ALTER FUNCTION public.tw_ledger_decide(text,bigint,boolean,bigint,bigint) SET search_path = pg_catalog, pg_temp;
-REVOKE ALL ON FUNCTION public.tw_ledger_answer(uuid,text,bigint,bigint,text) FROM PUBLIC, anon, authenticated, service_role;
-ALTER FUNCTION public.tw_ledger_answer(uuid,text,bigint,bigint,text) SET search_path = pg_catalog, pg_temp;
 REVOKE ALL ON FUNCTION public.verify_address_in_snapshot(uuid,text,text) FROM PUBLIC, anon, authenticated, service_role;
 GRANT EXECUTE ON FUNCTION public.verify_address_in_snapshot(uuid,text,text) TO anon, authenticated, service_role;
 ALTER FUNCTION public.verify_address_in_snapshot(uuid,text,text) SET search_path = pg_catalog, pg_temp;
