@@ -177,7 +177,7 @@ REVOKE ALL ON FUNCTION
     ledger_rules.decision(text, bigint, boolean, bigint, bigint),
     ledger_rules.decision_reason(text, bigint, bigint),
     ledger_rules.answer(uuid, text, bigint, bigint, text)
-FROM PUBLIC;
+FROM PUBLIC, anon, authenticated, service_role;
 
 -- tw_ledger_check, redefined: the same result (metadata and rejections of a batch, in order),
 -- from ledger_rules.metadata and ledger_rules.rejection.
