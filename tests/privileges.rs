@@ -512,12 +512,13 @@ async fn the_private_ledger_rules_schema_is_closed_to_the_api_roles() {
                     .expect("has_schema_privilege");
             assert!(!usage, "{kind:?}: {role} has USAGE on schema ledger_rules");
             for (f, _) in &functions {
-                let exec: bool = sqlx::query_scalar("SELECT has_function_privilege($1, $2, 'EXECUTE')")
-                    .bind(role)
-                    .bind(f)
-                    .fetch_one(&env.pool)
-                    .await
-                    .expect("has_function_privilege");
+                let exec: bool =
+                    sqlx::query_scalar("SELECT has_function_privilege($1, $2, 'EXECUTE')")
+                        .bind(role)
+                        .bind(f)
+                        .fetch_one(&env.pool)
+                        .await
+                        .expect("has_function_privilege");
                 assert!(!exec, "{kind:?}: {role} may execute {f}");
             }
         }
