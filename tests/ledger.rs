@@ -2100,3 +2100,92 @@ async fn operations_that_fail_leave_no_account_row() {
         );
     }
 }
+
+/// Calls `call` (one SQL door statement) while `first` (another) holds its transaction open,
+/// waits until the call waits on a lock of that transaction, commits it, and returns both
+/// answers.
+async fn race_sql_door(pool: &PgPool, first: &str, call: &str) -> (Value, Value) {
+    let mut tx = pool.begin().await.expect("begin");
+    let v1: Value = sqlx::query_scalar(sqlx::AssertSqlSafe(first.to_string()))
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap_or_else(|e| panic!("{first}: {e}"));
+    let p = pool.clone();
+    let second = call.to_string();
+    let task = tokio::spawn(async move {
+        sqlx::query_scalar::<_, Value>(sqlx::AssertSqlSafe(second.clone()))
+            .fetch_one(&p)
+            .await
+            .unwrap_or_else(|e| panic!("{second}: {e}"))
+    });
+    common::wait_until(
+        Duration::from_secs(20),
+        "the second call waits on a lock",
+        || {
+            let p = pool.clone();
+            async move {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(&p)
+                .await
+                .expect("read pg_stat_activity");
+                (waiting > 0).then_some(())
+            }
+        },
+    )
+    .await;
+    tx.commit().await.expect("commit");
+    let v2 = task.await.expect("second call");
+    (v1, v2)
+}
+
+/// Two first uses of one request id racing through the SQL door, the second while the first is
+/// not committed: it waits for the first's outcome and answers from it. The same fields get
+/// the stored outcome and are debited once; other fields (another user) get
+/// request_id_conflict and leave their account as it was; a losing grant leaves no account row.
+#[tokio::test]
+async fn racing_first_uses_of_one_request_id_through_the_sql_door_apply_once() {
+    for kind in DbKind::ALL {
+        let env = TestEnv::on(kind).await;
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        add_tokens_sql(&env.pool, a, 100, None).await;
+        add_tokens_sql(&env.pool, b, 100, None).await;
+        let consume = |r: Uuid, u: Uuid| {
+            format!("SELECT public.consume_tokens_atomic('{r}', '{u}', 10, 'chat', '{{}}')")
+        };
+        let grant = |r: Uuid, u: Uuid| {
+            format!("SELECT public.add_tokens('{u}', 10, 'top-up', '{{}}', '{r}')")
+        };
+
+        // Same fields: the second waits on the account, then replays the stored outcome.
+        let r = Uuid::new_v4();
+        let (v1, v2) = race_sql_door(&env.pool, &consume(r, a), &consume(r, a)).await;
+        assert_eq!(v1["status"], json!("consumed"), "{kind:?}: {v1}");
+        assert_eq!(v2, v1, "{kind:?}");
+        assert_eq!(env.account(a).await, Some((90, 0)), "{kind:?}");
+
+        // Another user: the second debits its account, then finds the id taken; undone.
+        let r = Uuid::new_v4();
+        let (v1, v2) = race_sql_door(&env.pool, &consume(r, a), &consume(r, b)).await;
+        assert_eq!(v1["status"], json!("consumed"), "{kind:?}: {v1}");
+        assert_eq!(v2["status"], json!("request_id_conflict"), "{kind:?}: {v2}");
+        assert_eq!(env.account(a).await, Some((80, 0)), "{kind:?}");
+        assert_eq!(env.account(b).await, Some((100, 0)), "{kind:?}");
+        assert_eq!(
+            history_kinds(&env.pool, b).await.len(),
+            1,
+            "{kind:?}: only b's grant is in its history"
+        );
+
+        // A grant to a new user losing the race leaves no account.
+        let (n1, n2) = (Uuid::new_v4(), Uuid::new_v4());
+        let g = Uuid::new_v4();
+        let (v1, v2) = race_sql_door(&env.pool, &grant(g, n1), &grant(g, n2)).await;
+        assert_eq!(v1["status"], json!("granted"), "{kind:?}: {v1}");
+        assert_eq!(v2["status"], json!("request_id_conflict"), "{kind:?}: {v2}");
+        assert_eq!(env.account(n1).await, Some((10, 0)), "{kind:?}");
+        assert_eq!(env.account(n2).await, None, "{kind:?}");
+    }
+}

@@ -481,3 +481,53 @@ fn the_security_tables_in_the_docs_are_generated_from_the_matrix() {
         assert!(ok, "{text}");
     }
 }
+
+/// The ledger's rules live outside `public`, in schema `ledger_rules`, without a pinned
+/// search_path (so they are inlined): no API role, no member of one and not PUBLIC may use the
+/// schema or execute its functions, and each has a SQL-standard body (bound when created, never
+/// looked up through a caller's search_path).
+#[tokio::test]
+async fn the_private_ledger_rules_schema_is_closed_to_the_api_roles() {
+    for kind in DbKind::ALL {
+        let env = TestEnv::on(kind).await;
+        let functions: Vec<(String, bool)> = sqlx::query_as(
+            "SELECT p.oid::regprocedure::text, p.prosqlbody IS NOT NULL
+               FROM pg_proc p WHERE p.pronamespace = 'ledger_rules'::regnamespace",
+        )
+        .fetch_all(&env.pool)
+        .await
+        .expect("list ledger_rules functions");
+        assert!(functions.len() >= 5, "{kind:?}: {functions:?}");
+        for (f, standard_body) in &functions {
+            assert!(standard_body, "{kind:?}: {f} has no SQL-standard body");
+        }
+        let mut who: Vec<&str> = GRANTEES.to_vec();
+        who.extend(MEMBERS.iter().map(|(_, m)| *m));
+        for role in who {
+            let usage: bool =
+                sqlx::query_scalar("SELECT has_schema_privilege($1, 'ledger_rules', 'USAGE')")
+                    .bind(role)
+                    .fetch_one(&env.pool)
+                    .await
+                    .expect("has_schema_privilege");
+            assert!(!usage, "{kind:?}: {role} has USAGE on schema ledger_rules");
+            for (f, _) in &functions {
+                let exec: bool =
+                    sqlx::query_scalar("SELECT has_function_privilege($1, $2, 'EXECUTE')")
+                        .bind(role)
+                        .bind(f)
+                        .fetch_one(&env.pool)
+                        .await
+                        .expect("has_function_privilege");
+                assert!(!exec, "{kind:?}: {role} may execute {f}");
+            }
+        }
+        for (_, member) in MEMBERS {
+            assert_eq!(
+                sqlstate_as(&env, member, "SELECT ledger_rules.metadata(NULL)").await,
+                Some("42501".to_string()),
+                "{kind:?}: {member} called ledger_rules.metadata"
+            );
+        }
+    }
+}
