@@ -605,9 +605,7 @@ fn worker_accepts(job_type: &str, payload: &str) -> Option<Result<(), String>> {
         let general = parse(kind, v);
         // The worker's hot path (bytes straight into the typed payload) must never accept
         // what the general path refuses, nor read it differently.
-        if let Some((rid, op)) =
-            tokenwarden::ledger::jobs::parse_raw(kind, payload.as_bytes())
-        {
+        if let Some((rid, op)) = tokenwarden::ledger::jobs::parse_raw(kind, payload.as_bytes()) {
             assert_eq!(general.as_ref().ok(), Some(&op), "{job_type}: {payload}");
             assert_eq!(request_id.as_deref(), Some(rid.as_str()), "{payload}");
         }

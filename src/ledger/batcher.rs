@@ -327,7 +327,9 @@ mod tests {
     }
 
     fn queue(ops: Vec<LedgerOp>) -> VecDeque<Request> {
-        ops.into_iter().map(|op| (op, oneshot::channel().0)).collect()
+        ops.into_iter()
+            .map(|op| (op, oneshot::channel().0))
+            .collect()
     }
 
     fn flight(ops: &[LedgerOp]) -> Vec<(u64, Footprint)> {
@@ -344,7 +346,11 @@ mod tests {
         let ops = vec![consume(u2), consume(u3), consume(u1), consume(u2)];
         let mut pending = queue(ops.clone());
         let (batch, _) = next_batch(&mut pending, &flight(&[consume(u1)]), 100);
-        assert_eq!(batch.len(), 2, "stops at the first operation of the busy user");
+        assert_eq!(
+            batch.len(),
+            2,
+            "stops at the first operation of the busy user"
+        );
         assert_eq!(batch[0].0, ops[0]);
         assert_eq!(batch[1].0, ops[1]);
         assert_eq!(pending.len(), 2);
@@ -363,9 +369,17 @@ mod tests {
 
         // Settling or releasing a hold (its user is SQL's to know) waits, and makes others wait.
         let mut pending = queue(vec![settle(), consume(u3)]);
-        assert!(next_batch(&mut pending, &flight(&[consume(u1)]), 100).0.is_empty());
+        assert!(
+            next_batch(&mut pending, &flight(&[consume(u1)]), 100)
+                .0
+                .is_empty()
+        );
         let mut pending = queue(vec![consume(u3)]);
-        assert!(next_batch(&mut pending, &flight(&[settle()]), 100).0.is_empty());
+        assert!(
+            next_batch(&mut pending, &flight(&[settle()]), 100)
+                .0
+                .is_empty()
+        );
 
         // Nothing in flight: everything up to max_batch, whoever it touches.
         let mut pending = queue(vec![settle(), consume(u1), consume(u1)]);
@@ -464,7 +478,11 @@ mod tests {
         for (at_once, ids) in &log {
             if *at_once == 2 {
                 let users: HashSet<_> = ids.iter().map(user_of).collect();
-                assert_eq!(users.len(), 1, "a second batch holds one side only: {log:?}");
+                assert_eq!(
+                    users.len(),
+                    1,
+                    "a second batch holds one side only: {log:?}"
+                );
             }
         }
     }

@@ -239,11 +239,15 @@ pub fn parse(kind: LedgerJobKind, payload: serde_json::Value) -> Result<LedgerOp
 /// example, counter-example and 13,000 random payloads to that).
 pub fn parse_raw(kind: LedgerJobKind, raw: &[u8]) -> Option<(String, LedgerOp)> {
     let parsed = match kind {
-        LedgerJobKind::Consume => serde_json::from_slice::<ConsumePayload>(raw).ok()?.into_op(),
+        LedgerJobKind::Consume => serde_json::from_slice::<ConsumePayload>(raw)
+            .ok()?
+            .into_op(),
         LedgerJobKind::Grant => serde_json::from_slice::<GrantPayload>(raw).ok()?.into_op(),
         LedgerJobKind::Hold => serde_json::from_slice::<HoldPayload>(raw).ok()?.into_op(),
         LedgerJobKind::Settle => serde_json::from_slice::<SettlePayload>(raw).ok()?.into_op(),
-        LedgerJobKind::Release => serde_json::from_slice::<ReleasePayload>(raw).ok()?.into_op(),
+        LedgerJobKind::Release => serde_json::from_slice::<ReleasePayload>(raw)
+            .ok()?
+            .into_op(),
     };
     parsed.ok()
 }
@@ -519,10 +523,7 @@ mod tests {
                             held,
                             reason: reason.map(str::to_string),
                         };
-                        assert_eq!(
-                            reply_text(&o).unwrap(),
-                            encode(&o).unwrap().to_string()
-                        );
+                        assert_eq!(reply_text(&o).unwrap(), encode(&o).unwrap().to_string());
                     }
                 }
             }
