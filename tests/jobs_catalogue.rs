@@ -601,7 +601,15 @@ fn worker_accepts(job_type: &str, payload: &str) -> Option<Result<(), String>> {
         .into_iter()
         .find(|k| k.job_type() == job_type)
     {
-        return Some(parse(kind, v).map(|_| ()).map_err(|e| e.reason));
+        let request_id = tokenwarden::queue::entry::request_id_of(&v);
+        let general = parse(kind, v);
+        // The worker's hot path (bytes straight into the typed payload) must never accept
+        // what the general path refuses, nor read it differently.
+        if let Some((rid, op)) = tokenwarden::ledger::jobs::parse_raw(kind, payload.as_bytes()) {
+            assert_eq!(general.as_ref().ok(), Some(&op), "{job_type}: {payload}");
+            assert_eq!(request_id.as_deref(), Some(rid.as_str()), "{payload}");
+        }
+        return Some(general.map(|_| ()).map_err(|e| e.reason));
     }
     Some(match job_type {
         "link_wallet" => tokenwarden::access::jobs::parse_link(v).map(|_| ()),

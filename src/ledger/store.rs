@@ -377,6 +377,9 @@ impl Ledger {
             });
         }
         let mut out = Vec::with_capacity(rows.len());
+        // `tokenwarden_ledger_outcomes_total` is counted per (kind, status) and added once per
+        // chunk: a labelled counter lookup per operation costs more than the count.
+        let mut counted: Vec<((&'static str, OutcomeStatus), u64)> = Vec::new();
         for (position, ((rid, status, balance, held, reason), op)) in
             rows.into_iter().zip(ops).enumerate()
         {
@@ -389,9 +392,16 @@ impl Ledger {
                 });
             }
             let outcome = row_to_outcome(rid, status, balance, held, reason)?;
-            metrics::counter!("tokenwarden_ledger_outcomes_total", "kind" => op.kind(), "status" => outcome.status.as_str())
-                .increment(1);
+            let key = (op.kind(), outcome.status);
+            match counted.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, n)) => *n += 1,
+                None => counted.push((key, 1)),
+            }
             out.push(outcome);
+        }
+        for ((kind, status), n) in counted {
+            metrics::counter!("tokenwarden_ledger_outcomes_total", "kind" => kind, "status" => status.as_str())
+                .increment(n);
         }
         Ok(out)
     }

@@ -213,13 +213,19 @@ async fn send(redis: &ConnectionManager, prefix: &str, group: &str, ttl: i64, ac
         }
     }
     let now = now_ms();
+    // One histogram lookup per job type and pipeline, not per entry.
+    let mut latency: HashMap<&str, metrics::Histogram> = HashMap::new();
     for a in acks {
         if unacked.contains(&a.stream.as_ref()) {
             continue;
         }
         if let Some(t) = a.enqueued_ms {
             let secs = now.saturating_sub(t) as f64 / 1000.0;
-            metrics::histogram!("tokenwarden_job_latency_seconds", "job_type" => a.job_type.to_string())
+            latency
+                .entry(&a.job_type)
+                .or_insert_with(|| {
+                    metrics::histogram!("tokenwarden_job_latency_seconds", "job_type" => a.job_type.to_string())
+                })
                 .record(secs);
         }
     }

@@ -44,6 +44,14 @@ impl StreamEntry {
             .map(|(_, v)| v.as_slice())
     }
 
+    /// The raw bytes of the `payload` field when the entry has exactly one (the hot path's
+    /// input); `None` when it has none or several, which [`StreamEntry::payload`] refuses.
+    pub fn single_payload(&self) -> Option<&[u8]> {
+        let mut payloads = self.fields.iter().filter(|(k, _)| k == b"payload");
+        let (_, raw) = payloads.next()?;
+        payloads.next().is_none().then_some(raw.as_slice())
+    }
+
     /// Reads the `payload` field: it must exist exactly once, be UTF-8 JSON, and be an object.
     /// Two `payload` fields are refused: which one the caller meant cannot be known, and a
     /// dead letter retried later must replay what was refused, not pick a side.
@@ -130,14 +138,33 @@ pub fn request_id_of(value: &serde_json::Value) -> Option<String> {
 /// serde `deserialize_with` for the UUID fields of job payloads: only the hyphenated form the
 /// schemas allow (see [`request_id_of`] for why).
 pub fn hyphenated_uuid<'de, D: serde::Deserializer<'de>>(d: D) -> Result<uuid::Uuid, D::Error> {
-    use serde::de::Error as _;
-    let s = <String as serde::Deserialize>::deserialize(d)?;
-    if !is_hyphenated_uuid(&s) {
-        return Err(D::Error::custom(format!(
-            "`{s}` is not a UUID in the form 8-4-4-4-12 hex digits"
-        )));
+    d.deserialize_str(HyphenatedUuid)
+}
+
+/// Reads a UUID string without copying it (the queue's hot path decodes two per job); the
+/// messages are those of deserializing a `String` then checking it.
+struct HyphenatedUuid;
+
+impl serde::de::Visitor<'_> for HyphenatedUuid {
+    type Value = uuid::Uuid;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a string")
     }
-    uuid::Uuid::parse_str(&s).map_err(D::Error::custom)
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<uuid::Uuid, E> {
+        parse_hyphenated_uuid(s).map_err(E::custom)
+    }
+}
+
+/// `s` as a UUID when it is written as the schemas require, else why not.
+pub fn parse_hyphenated_uuid(s: &str) -> Result<uuid::Uuid, String> {
+    if !is_hyphenated_uuid(s) {
+        return Err(format!(
+            "`{s}` is not a UUID in the form 8-4-4-4-12 hex digits"
+        ));
+    }
+    uuid::Uuid::parse_str(s).map_err(|e| e.to_string())
 }
 
 /// [`hyphenated_uuid`] for an optional field (absent or `null` is `None`).

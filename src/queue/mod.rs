@@ -46,6 +46,6 @@ pub(crate) mod unknown;
 
 pub use consumer::run_consumers;
 pub use error::QueueError;
-pub use job::{JobError, JobFuture, JobHandler, Rejected};
+pub use job::{JobError, JobFuture, JobHandler, RawJob, RawJobFuture, Rejected};
 pub use registry::{JobRegistry, KNOWN_JOB_TYPES};
 pub use streams::{last_error_key, processed_key, reply_key, stream_key};
