@@ -999,6 +999,43 @@ async fn every_rule_kind_matches_anvil_truth() {
             (false, Some(DenyReason::NoWallet))
         ]
     );
+
+    // The queue door's batch (many questions, one statement) gives each question the decision
+    // it gets alone: every leaf kind above, both forms, no rule, no wallet, the default.
+    let token_form = Question::Token {
+        chain_id: CHAIN,
+        token: ix.t20,
+        feature: "CHAT".into(),
+    };
+    let mut asked = Vec::new();
+    for user in [alice, bob, nobody] {
+        for feature in [
+            "CHAT",
+            "DISCOUNT",
+            "NFT",
+            "AFFILIATE",
+            "WHITELIST",
+            "CHAT2",
+            "UNKNOWN",
+        ] {
+            asked.push((user, creator(feature)));
+        }
+        asked.push((user, token_form.clone()));
+    }
+    let pairs: Vec<(Uuid, &Question)> = asked.iter().map(|(u, q)| (*u, q)).collect();
+    let many = checker.evaluate_many(&pairs).await.expect("batch");
+    assert_eq!(many.len(), asked.len());
+    for ((user, q), got) in asked.iter().zip(many) {
+        let alone = check(*user, q.clone()).await;
+        assert_eq!(
+            Decision {
+                checked_at: alone.checked_at,
+                ..got
+            },
+            alone,
+            "{q:?} for {user}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1267,9 +1304,15 @@ impl Replica {
 async fn no_replica_answers_allowed_from_a_cache_after_a_transfer_the_worker_was_told_about() {
     let ix = Indexed::start(DbKind::Plain).await;
     let (w, elsewhere) = (Address::repeat_byte(0x0c), Address::repeat_byte(0x0d));
-    ix.erc20(&[(Address::ZERO, w, 10 * TOKEN)]).await;
-    let member = Uuid::new_v4();
+    let kept = Address::repeat_byte(0x0e);
+    ix.erc20(&[
+        (Address::ZERO, w, 10 * TOKEN),
+        (Address::ZERO, kept, 10 * TOKEN),
+    ])
+    .await;
+    let (member, keeper) = (Uuid::new_v4(), Uuid::new_v4());
     ix.link(member, w).await;
+    ix.link(keeper, kept).await;
     RuleStore::new(ix.env.pool.clone())
         .set(
             "creator-1",
@@ -1317,6 +1360,8 @@ async fn no_replica_answers_allowed_from_a_cache_after_a_transfer_the_worker_was
         "shared through Redis"
     );
     assert_eq!(other.evidence, first.evidence);
+    assert!(b.check(keeper).await.allowed);
+    assert_eq!(b.check(keeper).await.source, Source::Cache);
 
     // The member sends everything away. From the moment replica A acted on the announcement,
     // neither replica answers from a cache — B included, whose own listener may lag.
@@ -1334,6 +1379,22 @@ async fn no_replica_answers_allowed_from_a_cache_after_a_transfer_the_worker_was
         (false, Source::Index, Some(DenyReason::NotMet)),
         "{after_b:?}"
     );
+    // Checks that arrive together share one Redis read of their epochs: each still sees its
+    // own. The member is never allowed (from a cache or not); the keeper, whose wallet did not
+    // change, is still answered from the cache in the same batches.
+    let b_ref = &b;
+    let together = futures::future::join_all((0..40).map(|i| {
+        let user = if i % 2 == 0 { member } else { keeper };
+        async move { (user, b_ref.check(user).await) }
+    }))
+    .await;
+    for (user, d) in together {
+        if user == member {
+            assert!(!d.allowed, "{d:?}");
+        } else {
+            assert_eq!((d.allowed, d.source), (true, Source::Cache), "{d:?}");
+        }
+    }
     // Once B's own listener has acted too (its bump may come after the check above and drop
     // that entry), the next denial it computes is the one both replicas read from the cache.
     b.acted_on_block(head(&ix).await).await;

@@ -3,8 +3,9 @@
 //!
 //! The queue door records through an [`AuditRecorder`]: one task per process that drains the
 //! decisions handlers hand it (up to `access.audit.max_batch`, with no artificial delay, like
-//! the ledger's batcher), writes them with one multi-row INSERT, and only then lets the handlers
-//! resolve, so a reply is sent after its decision is durable. The SQL doors record their own
+//! the ledger's batcher), writes them with one multi-row INSERT (a few INSERTs in flight at
+//! once, so commits overlap), and only then lets the handlers resolve, so a reply is sent after
+//! its decision is durable. The SQL doors record their own
 //! decision in SQL (`tw_access_record`). This module is the one gateway to the table from Rust:
 //! the recording, retention (`prune`) and the `verification_storm` anomaly rule read or write
 //! it here.
@@ -292,33 +293,50 @@ impl AuditRecorder {
     }
 }
 
+/// INSERTs of the recorder in flight at once. While one waits for its commit's WAL flush, the
+/// next batch forms and is written: commits overlap (Postgres flushes them together) instead of
+/// queueing one flush after the other.
+const INSERTS_IN_FLIGHT: usize = 3;
+
 async fn run(pool: PgPool, max_batch: usize, mut rx: mpsc::Receiver<Pending>) {
-    let mut buf: Vec<Pending> = Vec::with_capacity(max_batch);
+    let slots = Arc::new(tokio::sync::Semaphore::new(INSERTS_IN_FLIGHT));
     loop {
-        buf.clear();
+        // A slot first, so the batch takes everything that arrived while all were busy.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut buf: Vec<Pending> = Vec::with_capacity(max_batch);
         if rx.recv_many(&mut buf, max_batch).await == 0 {
             return;
         }
-        let (entries, waiters): (Vec<AuditEntry>, Vec<_>) = buf.drain(..).unzip();
-        match insert(&pool, &entries).await {
-            Ok(_) => {
-                for w in waiters {
-                    let _ = w.send(Ok(()));
-                }
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            record_batch(&pool, buf).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn record_batch(pool: &PgPool, buf: Vec<Pending>) {
+    let (entries, waiters): (Vec<AuditEntry>, Vec<_>) = buf.into_iter().unzip();
+    match insert(pool, &entries).await {
+        Ok(_) => {
+            for w in waiters {
+                let _ = w.send(Ok(()));
             }
-            // One row Postgres refuses must not fail the others: record them one by one.
-            Err(e) if e.is_bad_data() && entries.len() > 1 => {
-                tracing::warn!(error = %e, batch = entries.len(), "an access check was refused; recording the batch row by row");
-                for (entry, w) in entries.iter().zip(waiters) {
-                    let one = insert(&pool, std::slice::from_ref(entry)).await.map(|_| ());
-                    let _ = w.send(one);
-                }
+        }
+        // One row Postgres refuses must not fail the others: record them one by one.
+        Err(e) if e.is_bad_data() && entries.len() > 1 => {
+            tracing::warn!(error = %e, batch = entries.len(), "an access check was refused; recording the batch row by row");
+            for (entry, w) in entries.iter().zip(waiters) {
+                let one = insert(pool, std::slice::from_ref(entry)).await.map(|_| ());
+                let _ = w.send(one);
             }
-            Err(e) => {
-                tracing::warn!(error = %e, batch = entries.len(), "access checks not recorded; their jobs will be redelivered");
-                for w in waiters {
-                    let _ = w.send(Err(e.clone()));
-                }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, batch = entries.len(), "access checks not recorded; their jobs will be redelivered");
+            for w in waiters {
+                let _ = w.send(Err(e.clone()));
             }
         }
     }
