@@ -129,7 +129,9 @@ pub struct AuditEntry {
     door: Door,
     as_of_block: Option<u64>,
     stale: bool,
-    evidence: serde_json::Value,
+    /// The evidence as JSON text: written straight from the typed decision (no `Value` tree
+    /// per check), parsed once by Postgres into the `jsonb` column.
+    evidence: String,
     request_id: Option<Uuid>,
     caller_ip: Option<String>,
     user_agent: Option<String>,
@@ -151,8 +153,7 @@ impl AuditEntry {
             door,
             as_of_block: decision.as_of_block,
             stale: decision.stale,
-            evidence: serde_json::to_value(&decision.evidence)
-                .unwrap_or_else(|_| serde_json::Value::Array(Vec::new())),
+            evidence: serde_json::to_string(&decision.evidence).unwrap_or_else(|_| "[]".into()),
             request_id,
             caller_ip: caller.ip.map(|ip| ip.to_string()),
             user_agent: caller.user_agent.clone(),
@@ -208,11 +209,11 @@ pub async fn insert(pool: &PgPool, entries: &[AuditEntry]) -> Result<u64, AuditE
            rule_version, allowed, reason, source, door, as_of_block, stale, evidence, request_id, \
            caller_ip, user_agent) \
          SELECT x.checked_at, x.decided_at, x.user_id, x.creator_id, x.feature, x.rule_version, \
-                x.allowed, x.reason, x.source, x.door, x.as_of_block, x.stale, x.evidence, \
+                x.allowed, x.reason, x.source, x.door, x.as_of_block, x.stale, x.evidence::jsonb, \
                 x.request_id, x.caller_ip::inet, x.user_agent \
            FROM unnest($1::timestamptz[], $2::timestamptz[], $3::uuid[], $4::text[], $5::text[], \
                        $6::integer[], $7::boolean[], $8::text[], $9::text[], $10::text[], \
-                       $11::bigint[], $12::boolean[], $13::jsonb[], $14::uuid[], $15::text[], \
+                       $11::bigint[], $12::boolean[], $13::text[], $14::uuid[], $15::text[], \
                        $16::text[]) \
              AS x(checked_at, decided_at, user_id, creator_id, feature, rule_version, allowed, \
                   reason, source, door, as_of_block, stale, evidence, request_id, caller_ip, \
@@ -255,7 +256,12 @@ pub async fn insert(pool: &PgPool, entries: &[AuditEntry]) -> Result<u64, AuditE
             .collect::<Vec<_>>(),
     )
     .bind(entries.iter().map(|e| e.stale).collect::<Vec<_>>())
-    .bind(entries.iter().map(|e| &e.evidence).collect::<Vec<_>>())
+    .bind(
+        entries
+            .iter()
+            .map(|e| e.evidence.as_str())
+            .collect::<Vec<_>>(),
+    )
     .bind(entries.iter().map(|e| e.request_id).collect::<Vec<_>>())
     .bind(col(|e| e.caller_ip.clone()))
     .bind(col(|e| e.user_agent.clone()))
