@@ -1488,6 +1488,39 @@ async fn a_decision_computed_before_an_eviction_is_not_stored_after_it() {
     ));
 }
 
+#[tokio::test]
+async fn the_memory_cache_stays_within_its_size_cap() {
+    let env = TestEnv::new().await;
+    let mut cfg = env.config();
+    cfg.access.cache_memory_max_mib = 1;
+    let ctx = tokenwarden::app::AppContext::connect(cfg).await.unwrap();
+    let cache = DecisionCache::new(ctx.redis.clone(), &ctx.cfg.redis.prefix, &ctx.cfg.access);
+    let rule = rule_key("creator-1", "CHAT");
+    // 2,000 decisions with one erc20 leaf each (~1.5 KB weighed): about 3 MiB offered.
+    for _ in 0..2_000 {
+        let user = Uuid::new_v4();
+        let decision: Decision = serde_json::from_value(json!({
+            "allowed": true, "reason": null, "user_id": user, "creator_id": "creator-1",
+            "feature": "CHAT", "rule_version": 1, "source": "index", "as_of_block": 1000,
+            "stale": false, "checked_at": "2026-12-01T00:00:00Z",
+            "evidence": [{"path": "$.condition.erc20", "kind": "erc20", "chain_id": 990001,
+                "token": "0x00000000000000000000000000000000000b1600",
+                "minimum": "8000000000000000000", "amount": "196000000000000000000",
+                "wallets": [{"address": "0x0000000000000000000000000000000000100005",
+                             "amount": "196000000000000000000"}],
+                "block": 1000, "source": "index", "passed": true}]}))
+        .unwrap();
+        let Lookup::Miss(epochs) = cache.get(user, &rule).await.unwrap() else {
+            panic!("a new user is a miss");
+        };
+        cache.put(user, &rule, epochs, &decision).await.unwrap();
+    }
+    let held = cache.memory_bytes().await;
+    // Weighed in bytes (not counted in entries) and full up to about the cap.
+    assert!(held > 512 * 1024, "{held} bytes held");
+    assert!(held <= 1024 * 1024, "{held} bytes held, cap 1 MiB");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Audit (the seed's VerificationAuditService) and the storm rule
 // ---------------------------------------------------------------------------------------------

@@ -341,6 +341,18 @@ impl DecisionCache {
         Ok(())
     }
 
+    /// The estimated bytes the replica's memory level holds now (0 without it), after moka
+    /// has applied its pending evictions: what `access.cache_memory_max_mib` bounds.
+    pub async fn memory_bytes(&self) -> u64 {
+        match &self.memory {
+            Some(memory) => {
+                memory.run_pending_tasks().await;
+                memory.weighted_size()
+            }
+            None => 0,
+        }
+    }
+
     /// Drops every cached decision of `users`, in every replica.
     pub async fn evict_users(&self, users: &[Uuid]) -> Result<(), CacheError> {
         if users.is_empty() {
