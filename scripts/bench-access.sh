@@ -11,4 +11,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked --bin tokenwarden --bin bench_access
-exec target/release/bench_access --root . "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/bench_access" --root . "$@"

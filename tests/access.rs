@@ -999,6 +999,43 @@ async fn every_rule_kind_matches_anvil_truth() {
             (false, Some(DenyReason::NoWallet))
         ]
     );
+
+    // The queue door's batch (many questions, one statement) gives each question the decision
+    // it gets alone: every leaf kind above, both forms, no rule, no wallet, the default.
+    let token_form = Question::Token {
+        chain_id: CHAIN,
+        token: ix.t20,
+        feature: "CHAT".into(),
+    };
+    let mut asked = Vec::new();
+    for user in [alice, bob, nobody] {
+        for feature in [
+            "CHAT",
+            "DISCOUNT",
+            "NFT",
+            "AFFILIATE",
+            "WHITELIST",
+            "CHAT2",
+            "UNKNOWN",
+        ] {
+            asked.push((user, creator(feature)));
+        }
+        asked.push((user, token_form.clone()));
+    }
+    let pairs: Vec<(Uuid, &Question)> = asked.iter().map(|(u, q)| (*u, q)).collect();
+    let many = checker.evaluate_many(&pairs).await.expect("batch");
+    assert_eq!(many.len(), asked.len());
+    for ((user, q), got) in asked.iter().zip(many) {
+        let alone = check(*user, q.clone()).await;
+        assert_eq!(
+            Decision {
+                checked_at: alone.checked_at,
+                ..got
+            },
+            alone,
+            "{q:?} for {user}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1267,9 +1304,15 @@ impl Replica {
 async fn no_replica_answers_allowed_from_a_cache_after_a_transfer_the_worker_was_told_about() {
     let ix = Indexed::start(DbKind::Plain).await;
     let (w, elsewhere) = (Address::repeat_byte(0x0c), Address::repeat_byte(0x0d));
-    ix.erc20(&[(Address::ZERO, w, 10 * TOKEN)]).await;
-    let member = Uuid::new_v4();
+    let kept = Address::repeat_byte(0x0e);
+    ix.erc20(&[
+        (Address::ZERO, w, 10 * TOKEN),
+        (Address::ZERO, kept, 10 * TOKEN),
+    ])
+    .await;
+    let (member, keeper) = (Uuid::new_v4(), Uuid::new_v4());
     ix.link(member, w).await;
+    ix.link(keeper, kept).await;
     RuleStore::new(ix.env.pool.clone())
         .set(
             "creator-1",
@@ -1317,6 +1360,8 @@ async fn no_replica_answers_allowed_from_a_cache_after_a_transfer_the_worker_was
         "shared through Redis"
     );
     assert_eq!(other.evidence, first.evidence);
+    assert!(b.check(keeper).await.allowed);
+    assert_eq!(b.check(keeper).await.source, Source::Cache);
 
     // The member sends everything away. From the moment replica A acted on the announcement,
     // neither replica answers from a cache — B included, whose own listener may lag.
@@ -1334,6 +1379,22 @@ async fn no_replica_answers_allowed_from_a_cache_after_a_transfer_the_worker_was
         (false, Source::Index, Some(DenyReason::NotMet)),
         "{after_b:?}"
     );
+    // Checks that arrive together share one Redis read of their epochs: each still sees its
+    // own. The member is never allowed (from a cache or not); the keeper, whose wallet did not
+    // change, is still answered from the cache in the same batches.
+    let b_ref = &b;
+    let together = futures::future::join_all((0..40).map(|i| {
+        let user = if i % 2 == 0 { member } else { keeper };
+        async move { (user, b_ref.check(user).await) }
+    }))
+    .await;
+    for (user, d) in together {
+        if user == member {
+            assert!(!d.allowed, "{d:?}");
+        } else {
+            assert_eq!((d.allowed, d.source), (true, Source::Cache), "{d:?}");
+        }
+    }
     // Once B's own listener has acted too (its bump may come after the check above and drop
     // that entry), the next denial it computes is the one both replicas read from the cache.
     b.acted_on_block(head(&ix).await).await;
@@ -1425,6 +1486,39 @@ async fn a_decision_computed_before_an_eviction_is_not_stored_after_it() {
         cache.get(user, &rule).await.unwrap(),
         Lookup::Miss(_)
     ));
+}
+
+#[tokio::test]
+async fn the_memory_cache_stays_within_its_size_cap() {
+    let env = TestEnv::new().await;
+    let mut cfg = env.config();
+    cfg.access.cache_memory_max_mib = 1;
+    let ctx = tokenwarden::app::AppContext::connect(cfg).await.unwrap();
+    let cache = DecisionCache::new(ctx.redis.clone(), &ctx.cfg.redis.prefix, &ctx.cfg.access);
+    let rule = rule_key("creator-1", "CHAT");
+    // 2,000 decisions with one erc20 leaf each (~1.5 KB weighed): about 3 MiB offered.
+    for _ in 0..2_000 {
+        let user = Uuid::new_v4();
+        let decision: Decision = serde_json::from_value(json!({
+            "allowed": true, "reason": null, "user_id": user, "creator_id": "creator-1",
+            "feature": "CHAT", "rule_version": 1, "source": "index", "as_of_block": 1000,
+            "stale": false, "checked_at": "2026-12-01T00:00:00Z",
+            "evidence": [{"path": "$.condition.erc20", "kind": "erc20", "chain_id": 990001,
+                "token": "0x00000000000000000000000000000000000b1600",
+                "minimum": "8000000000000000000", "amount": "196000000000000000000",
+                "wallets": [{"address": "0x0000000000000000000000000000000000100005",
+                             "amount": "196000000000000000000"}],
+                "block": 1000, "source": "index", "passed": true}]}))
+        .unwrap();
+        let Lookup::Miss(epochs) = cache.get(user, &rule).await.unwrap() else {
+            panic!("a new user is a miss");
+        };
+        cache.put(user, &rule, epochs, &decision).await.unwrap();
+    }
+    let held = cache.memory_bytes().await;
+    // Weighed in bytes (not counted in entries) and full up to about the cap.
+    assert!(held > 512 * 1024, "{held} bytes held");
+    assert!(held <= 1024 * 1024, "{held} bytes held, cap 1 MiB");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 //!
 //! The queue door records through an [`AuditRecorder`]: one task per process that drains the
 //! decisions handlers hand it (up to `access.audit.max_batch`, with no artificial delay, like
-//! the ledger's batcher), writes them with one multi-row INSERT, and only then lets the handlers
-//! resolve, so a reply is sent after its decision is durable. The SQL doors record their own
+//! the ledger's batcher), writes them with one multi-row INSERT (a few INSERTs in flight at
+//! once, so commits overlap), and only then lets the handlers resolve, so a reply is sent after
+//! its decision is durable. The SQL doors record their own
 //! decision in SQL (`tw_access_record`). This module is the one gateway to the table from Rust:
 //! the recording, retention (`prune`) and the `verification_storm` anomaly rule read or write
 //! it here.
@@ -128,7 +129,9 @@ pub struct AuditEntry {
     door: Door,
     as_of_block: Option<u64>,
     stale: bool,
-    evidence: serde_json::Value,
+    /// The evidence as JSON text: written straight from the typed decision (no `Value` tree
+    /// per check), parsed once by Postgres into the `jsonb` column.
+    evidence: String,
     request_id: Option<Uuid>,
     caller_ip: Option<String>,
     user_agent: Option<String>,
@@ -150,8 +153,7 @@ impl AuditEntry {
             door,
             as_of_block: decision.as_of_block,
             stale: decision.stale,
-            evidence: serde_json::to_value(&decision.evidence)
-                .unwrap_or_else(|_| serde_json::Value::Array(Vec::new())),
+            evidence: serde_json::to_string(&decision.evidence).unwrap_or_else(|_| "[]".into()),
             request_id,
             caller_ip: caller.ip.map(|ip| ip.to_string()),
             user_agent: caller.user_agent.clone(),
@@ -207,11 +209,11 @@ pub async fn insert(pool: &PgPool, entries: &[AuditEntry]) -> Result<u64, AuditE
            rule_version, allowed, reason, source, door, as_of_block, stale, evidence, request_id, \
            caller_ip, user_agent) \
          SELECT x.checked_at, x.decided_at, x.user_id, x.creator_id, x.feature, x.rule_version, \
-                x.allowed, x.reason, x.source, x.door, x.as_of_block, x.stale, x.evidence, \
+                x.allowed, x.reason, x.source, x.door, x.as_of_block, x.stale, x.evidence::jsonb, \
                 x.request_id, x.caller_ip::inet, x.user_agent \
            FROM unnest($1::timestamptz[], $2::timestamptz[], $3::uuid[], $4::text[], $5::text[], \
                        $6::integer[], $7::boolean[], $8::text[], $9::text[], $10::text[], \
-                       $11::bigint[], $12::boolean[], $13::jsonb[], $14::uuid[], $15::text[], \
+                       $11::bigint[], $12::boolean[], $13::text[], $14::uuid[], $15::text[], \
                        $16::text[]) \
              AS x(checked_at, decided_at, user_id, creator_id, feature, rule_version, allowed, \
                   reason, source, door, as_of_block, stale, evidence, request_id, caller_ip, \
@@ -254,7 +256,12 @@ pub async fn insert(pool: &PgPool, entries: &[AuditEntry]) -> Result<u64, AuditE
             .collect::<Vec<_>>(),
     )
     .bind(entries.iter().map(|e| e.stale).collect::<Vec<_>>())
-    .bind(entries.iter().map(|e| &e.evidence).collect::<Vec<_>>())
+    .bind(
+        entries
+            .iter()
+            .map(|e| e.evidence.as_str())
+            .collect::<Vec<_>>(),
+    )
     .bind(entries.iter().map(|e| e.request_id).collect::<Vec<_>>())
     .bind(col(|e| e.caller_ip.clone()))
     .bind(col(|e| e.user_agent.clone()))
@@ -292,33 +299,50 @@ impl AuditRecorder {
     }
 }
 
+/// INSERTs of the recorder in flight at once. While one waits for its commit's WAL flush, the
+/// next batch forms and is written: commits overlap (Postgres flushes them together) instead of
+/// queueing one flush after the other.
+const INSERTS_IN_FLIGHT: usize = 3;
+
 async fn run(pool: PgPool, max_batch: usize, mut rx: mpsc::Receiver<Pending>) {
-    let mut buf: Vec<Pending> = Vec::with_capacity(max_batch);
+    let slots = Arc::new(tokio::sync::Semaphore::new(INSERTS_IN_FLIGHT));
     loop {
-        buf.clear();
+        // A slot first, so the batch takes everything that arrived while all were busy.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut buf: Vec<Pending> = Vec::with_capacity(max_batch);
         if rx.recv_many(&mut buf, max_batch).await == 0 {
             return;
         }
-        let (entries, waiters): (Vec<AuditEntry>, Vec<_>) = buf.drain(..).unzip();
-        match insert(&pool, &entries).await {
-            Ok(_) => {
-                for w in waiters {
-                    let _ = w.send(Ok(()));
-                }
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            record_batch(&pool, buf).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn record_batch(pool: &PgPool, buf: Vec<Pending>) {
+    let (entries, waiters): (Vec<AuditEntry>, Vec<_>) = buf.into_iter().unzip();
+    match insert(pool, &entries).await {
+        Ok(_) => {
+            for w in waiters {
+                let _ = w.send(Ok(()));
             }
-            // One row Postgres refuses must not fail the others: record them one by one.
-            Err(e) if e.is_bad_data() && entries.len() > 1 => {
-                tracing::warn!(error = %e, batch = entries.len(), "an access check was refused; recording the batch row by row");
-                for (entry, w) in entries.iter().zip(waiters) {
-                    let one = insert(&pool, std::slice::from_ref(entry)).await.map(|_| ());
-                    let _ = w.send(one);
-                }
+        }
+        // One row Postgres refuses must not fail the others: record them one by one.
+        Err(e) if e.is_bad_data() && entries.len() > 1 => {
+            tracing::warn!(error = %e, batch = entries.len(), "an access check was refused; recording the batch row by row");
+            for (entry, w) in entries.iter().zip(waiters) {
+                let one = insert(pool, std::slice::from_ref(entry)).await.map(|_| ());
+                let _ = w.send(one);
             }
-            Err(e) => {
-                tracing::warn!(error = %e, batch = entries.len(), "access checks not recorded; their jobs will be redelivered");
-                for w in waiters {
-                    let _ = w.send(Err(e.clone()));
-                }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, batch = entries.len(), "access checks not recorded; their jobs will be redelivered");
+            for w in waiters {
+                let _ = w.send(Err(e.clone()));
             }
         }
     }

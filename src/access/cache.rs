@@ -1,14 +1,17 @@
 //! The decision cache of the queue door (the seed's TokenVerificationCache): per (user,
-//! creator, feature), in each replica's memory (moka, `access.cache_memory_ttl_secs`) and in
-//! Redis shared by the replicas (`access.cache_redis_ttl_secs`).
+//! creator, feature), in each replica's memory (moka, `access.cache_memory_ttl_secs`, bounded by
+//! `access.cache_memory_max_mib`) and in Redis shared by the replicas
+//! (`access.cache_redis_ttl_secs`).
 //!
 //! A cached decision must never outlive a change the worker has been told about, in any
 //! replica. So every entry carries two **epochs** kept in Redis — the user's (bumped when one of
 //! their wallets' balances changes, or a wallet is linked or unlinked) and the rule's (bumped
 //! when the rule changes) — and an entry counts only while both are unchanged. Every lookup
-//! reads the current epochs (one pipelined round trip with the Redis entry), so the moment any
-//! replica bumps an epoch no replica answers from a cache built before it. An entry is written
-//! only if the epochs it was computed under are still current (a Lua compare-and-set), so a
+//! reads the current epochs from Redis after the check arrived, so the moment any replica has
+//! bumped an epoch no replica answers from a cache built before it. The lookups of checks that
+//! arrive together share one pipelined round trip ([`DecisionCache::get_many`]): Redis is asked
+//! once per batch of checks, not once per check. An entry is written only if the epochs it was
+//! computed under are still current (a Lua compare-and-set, one script call per batch), so a
 //! check racing an eviction cannot put back a stale answer.
 //!
 //! Keys: `{prefix}:access:epoch:user:{user}`, `{prefix}:access:epoch:rule:{creator}\x1f{feature}`,
@@ -55,6 +58,9 @@ struct Key {
 struct Entry {
     epochs: Epochs,
     decision: Decision,
+    /// The entry's estimated size in memory (bytes), the moka weight.
+    #[serde(skip)]
+    weight: u32,
 }
 
 /// What a lookup found: a decision, or the epochs to store the fresh one under.
@@ -64,17 +70,46 @@ pub enum Lookup {
     Miss(Epochs),
 }
 
-/// Writes `ARGV[3]` into hash `KEYS[3]` field `ARGV[4]` only if the epochs in `KEYS[1]`,
-/// `KEYS[2]` still equal `ARGV[1]`, `ARGV[2]`; the hash expires after `ARGV[5]` seconds from
-/// its first entry.
+/// Writes the entries of a batch: entry `i` (from 0) has keys `KEYS[3i+1]` (user epoch),
+/// `KEYS[3i+2]` (rule epoch), `KEYS[3i+3]` (the user's hash) and arguments `ARGV[4i+2]`,
+/// `ARGV[4i+3]` (the epochs it was computed under), `ARGV[4i+4]` (the entry JSON),
+/// `ARGV[4i+5]` (the hash field); `ARGV[1]` is the hash's TTL from its first entry. An entry is
+/// written only if both epochs are still the ones it was computed under. Returns 1 (written) or
+/// 0 per entry.
 const PUT_SCRIPT: &str = r"
-local u = tonumber(redis.call('GET', KEYS[1]) or '0')
-local r = tonumber(redis.call('GET', KEYS[2]) or '0')
-if u ~= tonumber(ARGV[1]) or r ~= tonumber(ARGV[2]) then return 0 end
-redis.call('HSET', KEYS[3], ARGV[4], ARGV[3])
-redis.call('EXPIRE', KEYS[3], ARGV[5], 'NX')
-return 1
+local out = {}
+for i = 0, #KEYS / 3 - 1 do
+  local u = tonumber(redis.call('GET', KEYS[3 * i + 1]) or '0')
+  local r = tonumber(redis.call('GET', KEYS[3 * i + 2]) or '0')
+  if u == tonumber(ARGV[4 * i + 2]) and r == tonumber(ARGV[4 * i + 3]) then
+    redis.call('HSET', KEYS[3 * i + 3], ARGV[4 * i + 5], ARGV[4 * i + 4])
+    redis.call('EXPIRE', KEYS[3 * i + 3], ARGV[1], 'NX')
+    out[i + 1] = 1
+  else
+    out[i + 1] = 0
+  end
+end
+return out
 ";
+
+/// Bytes of memory an entry takes besides its JSON-sized content: the key, the moka node, the
+/// `Arc` and the structs' own fields (an estimate: the cap is a bound on memory, not an exact
+/// count).
+const ENTRY_OVERHEAD_BYTES: usize = 256;
+
+/// The moka weight of an entry whose JSON is `json_len` bytes long. A decision held as Rust
+/// values (strings with their capacity, vectors, enum tags) takes about twice its JSON text.
+fn weight_of(json_len: usize) -> u32 {
+    u32::try_from(json_len.saturating_mul(2) + ENTRY_OVERHEAD_BYTES).unwrap_or(u32::MAX)
+}
+
+/// One decision to store with [`DecisionCache::put_many`].
+pub struct Put<'a> {
+    pub user: Uuid,
+    pub rule: &'a str,
+    pub epochs: Epochs,
+    pub decision: &'a Decision,
+}
 
 /// The two-level decision cache.
 #[derive(Clone)]
@@ -90,7 +125,8 @@ impl DecisionCache {
     pub fn new(redis: ConnectionManager, prefix: &str, cfg: &AccessConfig) -> Self {
         let memory = (cfg.cache_memory_ttl_secs > 0).then(|| {
             moka::future::Cache::builder()
-                .max_capacity(cfg.cache_memory_capacity)
+                .max_capacity(cfg.cache_memory_max_mib.saturating_mul(1024 * 1024))
+                .weigher(|_key: &Key, entry: &Arc<Entry>| entry.weight)
                 .time_to_live(Duration::from_secs(cfg.cache_memory_ttl_secs))
                 .build()
         });
@@ -118,40 +154,121 @@ impl DecisionCache {
     /// The cached decision of `user` on rule `rule` (`{creator}\x1f{feature}`), if it is still
     /// valid; its `source` is then `cache`.
     pub async fn get(&self, user: Uuid, rule: &str) -> Result<Lookup, CacheError> {
+        let mut found = self.get_many(&[(user, rule)]).await?;
+        Ok(found
+            .pop()
+            .unwrap_or(Lookup::Miss(Epochs { user: 0, rule: 0 })))
+    }
+
+    /// [`get`](Self::get) for many checks with one Redis round trip: the current epochs of
+    /// every check, and the Redis entry of those the replica's memory does not hold.
+    pub async fn get_many(&self, checks: &[(Uuid, &str)]) -> Result<Vec<Lookup>, CacheError> {
+        let mut in_memory = Vec::with_capacity(checks.len());
+        for (user, rule) in checks {
+            let entry = match &self.memory {
+                Some(memory) => {
+                    memory
+                        .get(&Key {
+                            user: *user,
+                            rule: rule.to_string(),
+                        })
+                        .await
+                }
+                None => None,
+            };
+            in_memory.push(entry);
+        }
+        let mut pipe = redis::pipe();
+        for ((user, rule), entry) in checks.iter().zip(&in_memory) {
+            pipe.get(self.user_epoch_key(*user))
+                .get(self.rule_epoch_key(rule));
+            if entry.is_none() && self.redis_ttl_secs > 0 {
+                pipe.hget(self.hash_key(*user), *rule);
+            }
+        }
         let mut conn = self.redis.clone();
-        let (user_epoch, rule_epoch, stored): (Option<i64>, Option<i64>, Option<String>) =
-            redis::pipe()
-                .get(self.user_epoch_key(user))
-                .get(self.rule_epoch_key(rule))
-                .hget(self.hash_key(user), rule)
+        let replies: Vec<Option<String>> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err("lookup"))?;
+        let mut replies = replies.into_iter();
+        let mut found = Vec::with_capacity(checks.len());
+        for entry in in_memory {
+            let epoch = |v: Option<Option<String>>| {
+                v.flatten().and_then(|s| s.parse::<i64>().ok()).unwrap_or(0)
+            };
+            let epochs = Epochs {
+                user: epoch(replies.next()),
+                rule: epoch(replies.next()),
+            };
+            let stored = if entry.is_none() && self.redis_ttl_secs > 0 {
+                replies.next().flatten()
+            } else {
+                None
+            };
+            found.push((epochs, entry, stored));
+        }
+        // A memory entry from before an eviction: another replica may have stored the fresh
+        // decision in Redis since. Those (rare) are read in a second round trip.
+        let outdated: Vec<usize> = found
+            .iter()
+            .enumerate()
+            .filter(|(_, (epochs, entry, _))| entry.as_ref().is_some_and(|e| e.epochs != *epochs))
+            .map(|(i, _)| i)
+            .collect();
+        if !outdated.is_empty() && self.redis_ttl_secs > 0 {
+            let mut pipe = redis::pipe();
+            for &i in &outdated {
+                let (user, rule) = checks[i];
+                pipe.hget(self.hash_key(user), rule);
+            }
+            let stored: Vec<Option<String>> = pipe
                 .query_async(&mut conn)
                 .await
                 .map_err(redis_err("lookup"))?;
-        let epochs = Epochs {
-            user: user_epoch.unwrap_or(0),
-            rule: rule_epoch.unwrap_or(0),
-        };
-        let key = Key {
-            user,
-            rule: rule.to_string(),
-        };
-        if let Some(memory) = &self.memory
-            && let Some(entry) = memory.get(&key).await
+            for (&i, json) in outdated.iter().zip(stored) {
+                found[i].1 = None;
+                found[i].2 = json;
+            }
+        }
+        let mut out = Vec::with_capacity(checks.len());
+        for ((user, rule), (epochs, entry, stored)) in checks.iter().zip(found) {
+            out.push(self.resolve(*user, rule, epochs, entry, stored).await);
+        }
+        Ok(out)
+    }
+
+    /// The answer of one lookup: the memory entry if its epochs are current, else the Redis
+    /// entry if its epochs are (then kept in memory too), else a miss.
+    async fn resolve(
+        &self,
+        user: Uuid,
+        rule: &str,
+        epochs: Epochs,
+        in_memory: Option<Arc<Entry>>,
+        stored: Option<String>,
+    ) -> Lookup {
+        if let Some(entry) = in_memory
             && entry.epochs == epochs
         {
-            return Ok(Lookup::Hit(Box::new(cached(&entry.decision))));
+            return Lookup::Hit(Box::new(cached(&entry.decision)));
         }
-        if self.redis_ttl_secs > 0
-            && let Some(entry) = stored.and_then(|s| serde_json::from_str::<Entry>(&s).ok())
+        if let Some(json) = stored
+            && let Ok(mut entry) = serde_json::from_str::<Entry>(&json)
             && entry.epochs == epochs
         {
             let decision = cached(&entry.decision);
             if let Some(memory) = &self.memory {
+                entry.weight = weight_of(json.len());
+                let key = Key {
+                    user,
+                    rule: rule.to_string(),
+                };
                 memory.insert(key, Arc::new(entry)).await;
             }
-            return Ok(Lookup::Hit(Box::new(decision)));
+            return Lookup::Hit(Box::new(decision));
         }
-        Ok(Lookup::Miss(epochs))
+        Lookup::Miss(epochs)
     }
 
     /// Stores `decision`, computed under `epochs`, unless an eviction happened since.
@@ -162,42 +279,78 @@ impl DecisionCache {
         epochs: Epochs,
         decision: &Decision,
     ) -> Result<(), CacheError> {
-        let entry = Entry {
+        self.put_many(&[Put {
+            user,
+            rule,
             epochs,
-            decision: decision.clone(),
-        };
-        if self.redis_ttl_secs > 0 {
-            let json = serde_json::to_string(&entry).unwrap_or_default();
+            decision,
+        }])
+        .await
+    }
+
+    /// [`put`](Self::put) for many decisions with one Redis script call.
+    pub async fn put_many(&self, puts: &[Put<'_>]) -> Result<(), CacheError> {
+        if puts.is_empty() {
+            return Ok(());
+        }
+        let entries: Vec<(Entry, String)> = puts
+            .iter()
+            .map(|p| {
+                let mut entry = Entry {
+                    epochs: p.epochs,
+                    decision: p.decision.clone(),
+                    weight: 0,
+                };
+                let json = serde_json::to_string(&entry).unwrap_or_default();
+                entry.weight = weight_of(json.len());
+                (entry, json)
+            })
+            .collect();
+        let stored: Vec<i64> = if self.redis_ttl_secs > 0 {
+            let mut invocation = self.put.prepare_invoke();
+            invocation.arg(self.redis_ttl_secs);
+            for (p, (entry, json)) in puts.iter().zip(&entries) {
+                invocation
+                    .key(self.user_epoch_key(p.user))
+                    .key(self.rule_epoch_key(p.rule))
+                    .key(self.hash_key(p.user))
+                    .arg(entry.epochs.user)
+                    .arg(entry.epochs.rule)
+                    .arg(json.as_str())
+                    .arg(p.rule);
+            }
             let mut conn = self.redis.clone();
-            let stored: i64 = self
-                .put
-                .key(self.user_epoch_key(user))
-                .key(self.rule_epoch_key(rule))
-                .key(self.hash_key(user))
-                .arg(epochs.user)
-                .arg(epochs.rule)
-                .arg(json)
-                .arg(rule)
-                .arg(self.redis_ttl_secs)
+            invocation
                 .invoke_async(&mut conn)
                 .await
-                .map_err(redis_err("store"))?;
-            if stored == 0 {
-                return Ok(());
+                .map_err(redis_err("store"))?
+        } else {
+            vec![1; puts.len()]
+        };
+        if let Some(memory) = &self.memory {
+            for ((p, (entry, _)), ok) in puts.iter().zip(entries).zip(stored) {
+                if ok == 1 {
+                    let key = Key {
+                        user: p.user,
+                        rule: p.rule.to_string(),
+                    };
+                    memory.insert(key, Arc::new(entry)).await;
+                }
             }
         }
-        if let Some(memory) = &self.memory {
-            memory
-                .insert(
-                    Key {
-                        user,
-                        rule: rule.to_string(),
-                    },
-                    Arc::new(entry),
-                )
-                .await;
-        }
         Ok(())
+    }
+
+    /// The estimated bytes the replica's memory level holds now (0 without it), after moka
+    /// has applied its pending evictions: what `access.cache_memory_max_mib` bounds.
+    pub async fn memory_bytes(&self) -> u64 {
+        match &self.memory {
+            Some(memory) => {
+                memory.run_pending_tasks().await;
+                memory.weighted_size()
+            }
+            None => 0,
+        }
     }
 
     /// Drops every cached decision of `users`, in every replica.

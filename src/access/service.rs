@@ -1,54 +1,191 @@
 //! The queue door's checks: the decision cache in front of the evaluation. A cache failure
 //! never denies: the check goes to the index instead. The cache is also the first step of the
 //! external verifiers' fallback: a fresh cached decision is answered without asking them.
+//!
+//! Checks that arrive together are served together: one task takes whatever checks are
+//! waiting (up to [`MAX_BATCH`], with no waiting of its own, like the audit recorder) and hands
+//! them to a batch, of which at most [`BATCHES_IN_FLIGHT`] run at once. A batch reads the cache
+//! with one Redis round trip, evaluates its misses with one SQL statement, and stores the fresh
+//! decisions with one Redis script call. A quiet worker thus serves each check alone, as
+//! before; a busy one pays those round trips once per batch instead of once per check.
 
 use std::sync::Arc;
 
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
-use super::cache::{DecisionCache, Lookup, rule_key};
+use super::cache::{DecisionCache, Lookup, Put, rule_key};
 use super::checks::{AccessChecker, CheckError, Question};
 use super::decision::{Decision, Source};
 
-/// Checks through the cache.
+/// Most checks one batch serves. A batch's misses are one SQL statement: at ~0.1 ms of
+/// evaluation each, 256 keep a statement near 25 ms, and the batches in flight keep both cores
+/// busy.
+const MAX_BATCH: usize = 256;
+/// Batches served at once (each holds at most one Postgres connection while it evaluates).
+const BATCHES_IN_FLIGHT: usize = 4;
+
+type Answer = oneshot::Sender<Result<Decision, Arc<CheckError>>>;
+
+struct Pending {
+    user: Uuid,
+    question: Question,
+    answer: Answer,
+}
+
+/// A check failed (shared by the checks of a batch that failed together).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Check(Arc<CheckError>),
+    #[error("the access check service has stopped")]
+    Stopped,
+}
+
+/// Checks through the cache. Cheap to clone; the batching task ends when the last clone is
+/// dropped.
 #[derive(Clone)]
 pub struct AccessService {
+    tx: mpsc::Sender<Pending>,
+}
+
+impl AccessService {
+    /// Starts the batching task (needs a Tokio runtime).
+    pub fn new(checker: AccessChecker, cache: Option<Arc<DecisionCache>>) -> Self {
+        let (tx, rx) = mpsc::channel(MAX_BATCH * BATCHES_IN_FLIGHT * 4);
+        tokio::spawn(run(Arc::new(Batcher { checker, cache }), rx));
+        Self { tx }
+    }
+
+    /// The decision for `user` on `question`: cached if still valid, else evaluated and cached.
+    pub async fn verify(&self, user: Uuid, question: &Question) -> Result<Decision, ServiceError> {
+        let (answer, rx) = oneshot::channel();
+        self.tx
+            .send(Pending {
+                user,
+                question: question.clone(),
+                answer,
+            })
+            .await
+            .map_err(|_| ServiceError::Stopped)?;
+        rx.await
+            .map_err(|_| ServiceError::Stopped)?
+            .map_err(ServiceError::Check)
+    }
+}
+
+struct Batcher {
     checker: AccessChecker,
     cache: Option<Arc<DecisionCache>>,
 }
 
-impl AccessService {
-    pub fn new(checker: AccessChecker, cache: Option<Arc<DecisionCache>>) -> Self {
-        Self { checker, cache }
+async fn run(batcher: Arc<Batcher>, mut rx: mpsc::Receiver<Pending>) {
+    let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    loop {
+        // A slot first: while every batch is busy, checks keep arriving and the next batch
+        // takes them all.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            return;
+        }
+        let batcher = batcher.clone();
+        tokio::spawn(async move {
+            batcher.serve(batch).await;
+            drop(slot);
+        });
     }
+}
 
-    /// The decision for `user` on `question`: cached if still valid, else evaluated and cached.
-    pub async fn verify(&self, user: Uuid, question: &Question) -> Result<Decision, CheckError> {
-        let rule = rule_key(&question.creator_id(), question.feature());
-        let mut epochs = None;
-        if let Some(cache) = &self.cache {
-            match cache.get(user, &rule).await {
-                Ok(Lookup::Hit(d)) => {
-                    count(Source::Cache);
-                    return Ok(*d);
-                }
-                Ok(Lookup::Miss(e)) => epochs = Some(e),
-                Err(e) => {
-                    tracing::warn!(error = %e, "decision cache unavailable; reading the index")
+impl Batcher {
+    async fn serve(&self, batch: Vec<Pending>) {
+        let rules: Vec<String> = batch
+            .iter()
+            .map(|p| rule_key(&p.question.creator_id(), p.question.feature()))
+            .collect();
+        let mut epochs = vec![None; batch.len()];
+        let mut misses = Vec::with_capacity(batch.len());
+        let mut pending: Vec<Option<Pending>> = batch.into_iter().map(Some).collect();
+        match &self.cache {
+            Some(cache) => {
+                let keys: Vec<(Uuid, &str)> = pending
+                    .iter()
+                    .zip(&rules)
+                    .filter_map(|(p, r)| p.as_ref().map(|p| (p.user, r.as_str())))
+                    .collect();
+                match cache.get_many(&keys).await {
+                    Ok(found) => {
+                        for (i, lookup) in found.into_iter().enumerate() {
+                            match lookup {
+                                Lookup::Hit(d) => {
+                                    count(Source::Cache);
+                                    if let Some(p) = pending[i].take() {
+                                        let _ = p.answer.send(Ok(*d));
+                                    }
+                                }
+                                Lookup::Miss(e) => {
+                                    epochs[i] = Some(e);
+                                    misses.push(i);
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "decision cache unavailable; reading the index");
+                        misses.extend(0..pending.len());
+                    }
                 }
             }
+            None => misses.extend(0..pending.len()),
         }
-        let decision = self.checker.evaluate(user, question).await?;
-        count(decision.source);
+        if misses.is_empty() {
+            return;
+        }
+        let questions: Vec<(Uuid, &Question)> = misses
+            .iter()
+            .filter_map(|&i| pending[i].as_ref().map(|p| (p.user, &p.question)))
+            .collect();
+        let decisions = match self.checker.evaluate_many(&questions).await {
+            Ok(d) => d,
+            Err(e) => {
+                let e = Arc::new(e);
+                for &i in &misses {
+                    if let Some(p) = pending[i].take() {
+                        let _ = p.answer.send(Err(e.clone()));
+                    }
+                }
+                return;
+            }
+        };
         // A fallback decision is not cached: the next check asks the verifier again (its
         // breaker makes that cheap while it is down).
-        if let (Some(cache), Some(epochs)) = (&self.cache, epochs)
-            && decision.source != Source::Fallback
-            && let Err(e) = cache.put(user, &rule, epochs, &decision).await
-        {
-            tracing::warn!(error = %e, "cannot cache a decision");
+        if let Some(cache) = &self.cache {
+            let puts: Vec<Put<'_>> = misses
+                .iter()
+                .zip(&decisions)
+                .filter(|(_, d)| d.source != Source::Fallback)
+                .filter_map(|(&i, d)| {
+                    let p = pending[i].as_ref()?;
+                    Some(Put {
+                        user: p.user,
+                        rule: &rules[i],
+                        epochs: epochs[i]?,
+                        decision: d,
+                    })
+                })
+                .collect();
+            if let Err(e) = cache.put_many(&puts).await {
+                tracing::warn!(error = %e, "cannot cache decisions");
+            }
         }
-        Ok(decision)
+        for (&i, decision) in misses.iter().zip(decisions) {
+            count(decision.source);
+            if let Some(p) = pending[i].take() {
+                let _ = p.answer.send(Ok(decision));
+            }
+        }
     }
 }
 

@@ -32,8 +32,9 @@ pub struct AccessConfig {
     /// How long a decision stays in Redis, shared by the replicas (seconds; the seed's ~10
     /// minutes). Both are backstops: balance changes, rule changes and unlinks evict at once.
     pub cache_redis_ttl_secs: u64,
-    /// Decisions one replica keeps in memory at most.
-    pub cache_memory_capacity: u64,
+    /// Memory one replica's decision cache may take (MiB, estimated from each decision's size:
+    /// about twice its JSON). The least used decisions are dropped beyond it.
+    pub cache_memory_max_mib: u64,
     /// Runs the access monitor in `run` (one replica acts at a time, under a Postgres lease):
     /// re-evaluates the users whose holdings an announcement names and records grants and
     /// revocations.
@@ -292,6 +293,12 @@ impl AccessConfig {
             return Err(ConfigError::invalid(
                 "access.cache_memory_ttl_secs",
                 "must not exceed access.cache_redis_ttl_secs",
+            ));
+        }
+        if self.cache_memory_ttl_secs > 0 && self.cache_memory_max_mib == 0 {
+            return Err(ConfigError::invalid(
+                "access.cache_memory_max_mib",
+                "must be at least 1 while access.cache_memory_ttl_secs is not 0",
             ));
         }
         if let Err(why) = super::webhook::parse_webhook_url(&self.webhook_url) {
