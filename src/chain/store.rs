@@ -77,6 +77,9 @@ pub enum ChainStoreError {
         standard: &'static str,
         what: &'static str,
     },
+    /// Two batches that do not follow each other cannot be merged into one commit.
+    #[error("batch ending at block {last} cannot take a batch starting at block {next}")]
+    NotContiguous { last: u64, next: u64 },
     #[error("empty block window {from}..={to}")]
     EmptyWindow { from: u64, to: u64 },
     #[error("token {token} moved under its backfill step (paused, removed or reorged); retrying")]
@@ -177,6 +180,26 @@ pub(crate) struct Batch {
     pub created: Vec<CreatedToken>,
     pub headers: Vec<HeaderInfo>,
     pub last: HeaderInfo,
+}
+
+impl Batch {
+    /// Appends `next`, the batch of the blocks right after this one's (backfill merges ranges
+    /// fetched apart into one commit). The merged batch remembers both batches' end headers.
+    pub(crate) fn append(&mut self, next: Batch) -> Result<(), ChainStoreError> {
+        if next.from_block != self.last.number + 1 {
+            return Err(ChainStoreError::NotContiguous {
+                last: self.last.number,
+                next: next.from_block,
+            });
+        }
+        self.rows.extend(next.rows);
+        self.multi.extend(next.multi);
+        self.rejected.extend(next.rejected);
+        self.created.extend(next.created);
+        self.headers.extend(next.headers);
+        self.last = next.last;
+        Ok(())
+    }
 }
 
 /// What decides a commit's `finalized_block`.
