@@ -1128,6 +1128,53 @@ mod tests {
         );
     }
 
+    /// A batch of `from..=to` with one transfer in its first block.
+    fn range_batch(from: u64, to: u64) -> Batch {
+        let header = |n: u64| HeaderInfo {
+            number: n,
+            hash: B256::with_last_byte(n as u8),
+            parent_hash: B256::with_last_byte(n.wrapping_sub(1) as u8),
+        };
+        Batch {
+            from_block: from,
+            rows: vec![TransferRow {
+                block_number: from,
+                block_hash: header(from).hash,
+                log_index: 0,
+                tx_hash: B256::ZERO,
+                token: Address::with_last_byte(9),
+                from: Address::ZERO,
+                to: Address::with_last_byte(1),
+                value: U256::from(from),
+                token_id: None,
+            }],
+            multi: Vec::new(),
+            rejected: Vec::new(),
+            created: Vec::new(),
+            headers: vec![header(to)],
+            last: header(to),
+        }
+    }
+
+    #[test]
+    fn merged_batches_keep_chain_order_and_every_batch_end() {
+        let mut b = range_batch(10, 19);
+        b.append(range_batch(20, 29)).unwrap();
+        b.append(range_batch(30, 30)).unwrap();
+        assert_eq!(b.from_block, 10);
+        assert_eq!(b.last.number, 30);
+        let blocks: Vec<u64> = b.rows.iter().map(|r| r.block_number).collect();
+        assert_eq!(blocks, vec![10, 20, 30]);
+        let ends: Vec<u64> = b.headers.iter().map(|h| h.number).collect();
+        assert_eq!(ends, vec![19, 29, 30]);
+        let e = b.append(range_batch(32, 40)).unwrap_err();
+        assert!(
+            matches!(e, ChainStoreError::NotContiguous { last: 30, next: 32 }),
+            "{e}"
+        );
+        assert_eq!(b.last.number, 30, "a refused batch changes nothing");
+    }
+
     #[test]
     fn values_out_of_postgres_range_are_refused_by_name() {
         let row = TransferRow {
