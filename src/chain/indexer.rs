@@ -37,6 +37,16 @@ const CATALOGUE_POLL: Duration = Duration::from_secs(1);
 /// How often the leader reads the chain's `finalized` block tag.
 const FINALIZED_POLL: Duration = Duration::from_secs(5);
 
+/// Logs one step of a token's own backfill aims for. A step runs between two head blocks on
+/// the lease connection, so its fetch and its commit delay the next head block of the live
+/// tokens: small steps keep that delay to tens of milliseconds, at the price of more commits
+/// (and more requests) per token backfilled.
+const TOKEN_STEP_LOGS: u64 = 2_000;
+
+/// Most transfers one backfill commit takes by merging ranges that are already fetched
+/// (bounds the commit's memory: about 30 MB of rows and COPY text).
+const MAX_COMMIT_ROWS: usize = 50_000;
+
 /// Everything one chain's indexer needs.
 pub struct IndexerParams {
     pub chain: ChainConfig,
@@ -206,6 +216,9 @@ struct Indexer<S: ChainSource> {
     cancel: CancellationToken,
     /// Blocks per `eth_getLogs` (adapts).
     range: Arc<AtomicU64>,
+    /// Blocks per `eth_getLogs` of a token's own backfill step (adapts toward
+    /// [`TOKEN_STEP_LOGS`]).
+    token_range: Arc<AtomicU64>,
     /// Largest range a provider said it accepts.
     cap: Arc<AtomicU64>,
     wake: Arc<Notify>,
@@ -251,6 +264,7 @@ impl<S: ChainSource> Indexer<S> {
             _announcer_task: AbortOnDropHandle::new(announcer_task),
             cancel: p.shutdown.clone(),
             range: Arc::new(AtomicU64::new(initial)),
+            token_range: Arc::new(AtomicU64::new(initial)),
             cap: Arc::new(AtomicU64::new(p.chain.max_block_range)),
             wake: Arc::new(Notify::new()),
             ws_task: None,
@@ -745,12 +759,14 @@ impl<S: ChainSource> Indexer<S> {
         let mut seam = Vec::new();
         let batch = if from <= cp.number.min(final_top) {
             let size = self
-                .range
+                .token_range
                 .load(Ordering::Relaxed)
                 .clamp(1, self.chain.max_block_range);
             let end = from.saturating_add(size - 1).min(cp.number.min(final_top));
             let mut job = self.fetch_job(filter, standards);
             job.factories = Arc::new(FactoryMap::new());
+            job.range = self.token_range.clone();
+            job.target_logs = TOKEN_STEP_LOGS.min(self.chain.target_logs_per_request);
             job.fetch(from, end).await?
         } else {
             // Inside the reorg window: by the hashes the chain's own data was indexed at.
@@ -913,8 +929,22 @@ impl<S: ChainSource> Indexer<S> {
                 break;
             };
             let waited = Instant::now();
-            let batch = task.await??;
+            let mut batch = task.await??;
             let wait_ms = waited.elapsed().as_millis() as u64;
+            // Far behind, the in-order commit is the bottleneck and the ranges after this one
+            // are fetched while it runs: the ones already here join this commit, so a commit
+            // carries up to `fetch_concurrency` ranges. Fewer, larger commits net more
+            // transfers per holder (one balance upsert per holder per commit) and pay the
+            // per-commit statements once. Near the head nothing is waiting and batches stay
+            // one range each.
+            while batch.rows.len() + batch.multi.len() < MAX_COMMIT_ROWS
+                && inflight.front().is_some_and(|t| t.is_finished())
+            {
+                let Some(task) = inflight.pop_front() else {
+                    break;
+                };
+                batch.append(task.await??)?;
+            }
             logs_done += (batch.rows.len() + batch.multi.len()) as u64;
             let at = batch.last.number;
             let rows = batch.rows.len() + batch.multi.len();
@@ -1227,6 +1257,9 @@ async fn watch_heads(url: String, chain_id: u64, wake: Arc<Notify>, cancel: Canc
             let provider = ProviderBuilder::new()
                 .connect_ws(WsConnect::new(url.clone()))
                 .await?;
+            metrics::counter!("tokenwarden_rpc_requests_total",
+                "chain_id" => chain_id.to_string(), "method" => "eth_subscribe")
+            .increment(1);
             let mut stream = provider.subscribe_blocks().await?.into_stream();
             while stream.next().await.is_some() {
                 wake.notify_one();

@@ -264,11 +264,15 @@ impl Rpc {
         self.pause(d).await
     }
 
-    /// One attempt with the per-call timeout, classified.
+    /// One attempt with the per-call timeout, classified. Every attempt is one request a
+    /// paid RPC bills: counted in `tokenwarden_rpc_requests_total` by method.
     async fn once<T, F>(&self, method: &'static str, fut: F) -> Result<T, RpcError>
     where
         F: Future<Output = Result<T, TransportError>>,
     {
+        metrics::counter!("tokenwarden_rpc_requests_total",
+            "chain_id" => self.inner.chain_id.to_string(), "method" => method)
+        .increment(1);
         tokio::select! {
             _ = self.inner.cancel.cancelled() => Err(RpcError::Cancelled),
             r = tokio::time::timeout(self.inner.timeout, fut) => match r {

@@ -77,6 +77,9 @@ pub enum ChainStoreError {
         standard: &'static str,
         what: &'static str,
     },
+    /// Two batches that do not follow each other cannot be merged into one commit.
+    #[error("batch ending at block {last} cannot take a batch starting at block {next}")]
+    NotContiguous { last: u64, next: u64 },
     #[error("empty block window {from}..={to}")]
     EmptyWindow { from: u64, to: u64 },
     #[error("token {token} moved under its backfill step (paused, removed or reorged); retrying")]
@@ -177,6 +180,26 @@ pub(crate) struct Batch {
     pub created: Vec<CreatedToken>,
     pub headers: Vec<HeaderInfo>,
     pub last: HeaderInfo,
+}
+
+impl Batch {
+    /// Appends `next`, the batch of the blocks right after this one's (backfill merges ranges
+    /// fetched apart into one commit). The merged batch remembers both batches' end headers.
+    pub(crate) fn append(&mut self, next: Batch) -> Result<(), ChainStoreError> {
+        if next.from_block != self.last.number + 1 {
+            return Err(ChainStoreError::NotContiguous {
+                last: self.last.number,
+                next: next.from_block,
+            });
+        }
+        self.rows.extend(next.rows);
+        self.multi.extend(next.multi);
+        self.rejected.extend(next.rejected);
+        self.created.extend(next.created);
+        self.headers.extend(next.headers);
+        self.last = next.last;
+        Ok(())
+    }
 }
 
 /// What decides a commit's `finalized_block`.
@@ -1103,6 +1126,53 @@ mod tests {
                 .map(|c| c.split(',').count()),
             Some(lines[0].len())
         );
+    }
+
+    /// A batch of `from..=to` with one transfer in its first block.
+    fn range_batch(from: u64, to: u64) -> Batch {
+        let header = |n: u64| HeaderInfo {
+            number: n,
+            hash: B256::with_last_byte(n as u8),
+            parent_hash: B256::with_last_byte(n.wrapping_sub(1) as u8),
+        };
+        Batch {
+            from_block: from,
+            rows: vec![TransferRow {
+                block_number: from,
+                block_hash: header(from).hash,
+                log_index: 0,
+                tx_hash: B256::ZERO,
+                token: Address::with_last_byte(9),
+                from: Address::ZERO,
+                to: Address::with_last_byte(1),
+                value: U256::from(from),
+                token_id: None,
+            }],
+            multi: Vec::new(),
+            rejected: Vec::new(),
+            created: Vec::new(),
+            headers: vec![header(to)],
+            last: header(to),
+        }
+    }
+
+    #[test]
+    fn merged_batches_keep_chain_order_and_every_batch_end() {
+        let mut b = range_batch(10, 19);
+        b.append(range_batch(20, 29)).unwrap();
+        b.append(range_batch(30, 30)).unwrap();
+        assert_eq!(b.from_block, 10);
+        assert_eq!(b.last.number, 30);
+        let blocks: Vec<u64> = b.rows.iter().map(|r| r.block_number).collect();
+        assert_eq!(blocks, vec![10, 20, 30]);
+        let ends: Vec<u64> = b.headers.iter().map(|h| h.number).collect();
+        assert_eq!(ends, vec![19, 29, 30]);
+        let e = b.append(range_batch(32, 40)).unwrap_err();
+        assert!(
+            matches!(e, ChainStoreError::NotContiguous { last: 30, next: 32 }),
+            "{e}"
+        );
+        assert_eq!(b.last.number, 30, "a refused batch changes nothing");
     }
 
     #[test]
