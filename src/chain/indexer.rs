@@ -399,9 +399,14 @@ impl<S: ChainSource> Indexer<S> {
     }
 
     /// Checks that the committed tip is still on the chain; undoes the dropped part if not.
+    /// Only a block with another hash is a reorg: a node that does not have the tip block
+    /// (`null`: it lags behind, e.g. a load-balanced provider's backend) is asked again at the
+    /// next poll. Taking that `null` for a reorg undid canonical blocks, and stopped the chain
+    /// for good when the node lagged deeper than `reorg_depth`.
     async fn verify_tip(&mut self, lease: &mut Lease, cp: Checkpoint) -> Result<(), IndexerError> {
-        let on_chain = self.source.header(cp.number).await?;
-        if on_chain.map(|h| h.hash) != Some(cp.hash) {
+        if let Some(h) = self.source.header(cp.number).await?
+            && h.hash != cp.hash
+        {
             self.handle_reorg(lease, cp.number + 1).await?;
         }
         Ok(())
