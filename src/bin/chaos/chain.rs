@@ -512,7 +512,6 @@ pub async fn run(args: &ChainArgs, run: &RunArgs, seed: u64, dir: &Path) -> Resu
         let mut report = ChainReport::default();
         let monitor = Monitor::start(pool.clone());
         history(args, &mut model, &anvil, &mut worker, &monitor, &mut report).await?;
-        report.history_secs = args.chain_secs as f64;
         report.ops = std::mem::take(&mut model.ops);
         report.blocks = anvil.head().await?.0.saturating_sub(first_block);
 
@@ -561,6 +560,13 @@ pub async fn run(args: &ChainArgs, run: &RunArgs, seed: u64, dir: &Path) -> Resu
         report.undos_logged = std::fs::read_to_string(dir.join("worker.log"))
             .map(|l| l.matches("reorg: undoing dropped blocks").count())
             .unwrap_or(0);
+        if report.undos_logged > report.reorgs.len() {
+            report.mismatches.push(format!(
+                "{} reorg undos for {} injected reorgs: the indexer undid blocks no reorg dropped",
+                report.undos_logged,
+                report.reorgs.len()
+            ));
+        }
         if !caught {
             report.mismatches.push(format!(
                 "the index did not reach the quiet chain's head {head} within --chain-max-secs (checkpoint {:?})",
@@ -627,7 +633,12 @@ async fn history(
     report: &mut ChainReport,
 ) -> Result<()> {
     let start = Instant::now();
-    let span = Duration::from_secs(args.chain_secs.max(10));
+    // The catch-up and the checks need their share of --chain-max-secs.
+    let span = Duration::from_secs(
+        args.chain_secs
+            .min(args.chain_max_secs.saturating_sub(30))
+            .max(10),
+    );
     let mut events: Vec<(Duration, Event)> = Vec::new();
     for _ in 0..args.chain_reorgs {
         let at = span.mul_f64(model.rng.random_range(0.05..0.95));
@@ -720,6 +731,7 @@ async fn history(
         let pause = model.rng.random_range(20..250);
         tokio::time::sleep(Duration::from_millis(pause)).await;
     }
+    report.history_secs = start.elapsed().as_secs_f64();
     for (i, d) in monitor.catch_ups() {
         if let Some(k) = report.kills.get_mut(i) {
             k.catch_up = Some(d);
