@@ -306,6 +306,13 @@ impl Worker {
     }
 }
 
+/// A run that ends early (an error) must not leave a worker behind.
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
 struct Kill {
     at_block: u64,
     down: Duration,
