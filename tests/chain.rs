@@ -1160,3 +1160,59 @@ async fn a_lagging_node_is_not_taken_for_a_reorg() {
     );
     indexer.stop().await;
 }
+
+/// Found by the chain chaos run: when the tip was reorged out and the head then moved more
+/// than `reorg_depth` ahead before the indexer looked again, the backfill built on the stale
+/// checkpoint: the dropped blocks' transfers stayed counted and the new branch's below the
+/// checkpoint were never read (wrong balances, then "would go below zero" stopped the chain).
+/// The checkpoint must be checked against the chain before a backfill starts from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tip_reorged_out_before_a_backfill_is_undone_first() {
+    let (env, anvil, mut model) = setup(13).await;
+    for _ in 0..10 {
+        model.random_tx(&anvil, 6).await;
+    }
+    let cfg = indexer_config(
+        &env,
+        anvil_chain(&anvil.url, serde_json::json!({"reorg_depth": 5})),
+        token_configs(model.erc20, model.nft),
+    );
+    let indexer = InProcIndexer::start(cfg).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
+    assert_exact(&env, &anvil, &model).await;
+
+    // Hold the indexer between two polls: its next catalogue read (every second, on its lease
+    // connection) waits for this lock.
+    let mut lock = env.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE public.chain_tokens IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the indexer waits for the lock",
+        || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND application_name LIKE 'tokenwarden-indexer-%' AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&env.pool)
+            .await
+            .ok()
+            .filter(|n| *n > 0)
+        },
+    )
+    .await;
+    // Meanwhile the indexed tip is reorged out and the chain moves 20 blocks on.
+    reorg(&anvil, &mut model, 2, 3).await;
+    anvil.mine(20).await;
+    lock.rollback().await.unwrap();
+
+    wait_head_indexed(&env, &anvil, Duration::from_secs(30)).await;
+    assert_exact(&env, &anvil, &model).await;
+    assert_eq!(
+        stored_transfer_count(&env).await,
+        chain_log_count(&anvil, &model).await
+    );
+    indexer.stop().await;
+}
