@@ -1,7 +1,9 @@
 //! anvil for the run-time tools (the chain chaos run, the indexer benchmark): where its binary
 //! is, a child process on a free port killed on drop, the test contracts of `contracts/` and the
 //! calls the tools make on them. Errors are `anyhow` (these are tools, not library code).
-//! `tests/common/anvil.rs` uses the binary lookup and the contract interfaces from here too.
+//! `tests/common/anvil.rs` includes this file for the binary lookup, the ERC-20/721 contract
+//! interfaces and their calldata (its own helpers panic, as tests do), so it uses nothing
+//! else of `support`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -77,7 +79,9 @@ pub struct AnvilProc {
 impl AnvilProc {
     pub async fn spawn(root: &Path) -> Result<AnvilProc> {
         let bin = anvil_bin(root);
-        let port = super::free_port()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let child = Command::new(&bin)
             .args([
                 "--port",
