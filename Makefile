@@ -57,9 +57,11 @@ bench-access: services tools
 bench-snapshots: services tools
 	@scripts/bench-snapshots.sh
 
-## Ledger chaos run: replicas SIGKILLed, Redis and Postgres restarted, outcomes checked against
-## a model (own Postgres and Redis in a temp dir; at most 10 minutes). CHAOS_ARGS="--ops 20000".
-chaos: services
+## Chaos run, ledger part (replicas SIGKILLed, Redis and Postgres restarted, outcomes checked
+## against a model) then chain part (fault proxy, anvil reorgs, worker SIGKILLs, index checked
+## against balanceOf/ownerOf); own Postgres, Redis and anvil; at most 10 minutes.
+## CHAOS_ARGS="--part chain --seed 7".
+chaos: services tools
 	@scripts/chaos.sh $(CHAOS_ARGS)
 
 ## Soak run: 1,000 req/s through the queue door for 10 minutes (SOAK_ARGS="--duration 24h"),

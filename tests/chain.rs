@@ -1032,3 +1032,187 @@ async fn malformed_transfers_are_kept_with_their_reason_and_undone_by_reorgs() {
     );
     indexer.stop().await;
 }
+
+/// A JSON-RPC proxy in front of anvil playing a node that fell behind (a load-balanced
+/// provider's lagging backend): while `lag_head` is set, `eth_blockNumber` answers it and
+/// `eth_getBlockByNumber` answers `null` for any newer block.
+mod lagging_proxy {
+    use super::*;
+    use axum::body::Bytes;
+    use axum::extract::State;
+    use axum::response::{IntoResponse, Response};
+
+    #[derive(Default)]
+    pub struct Lag {
+        /// 0: not lagging.
+        pub lag_head: AtomicU64,
+        /// `null` answers given for blocks above the lagging head.
+        pub nulls: AtomicU64,
+    }
+
+    struct St {
+        upstream: String,
+        client: reqwest::Client,
+        lag: Arc<Lag>,
+    }
+
+    pub async fn start(upstream: String) -> (String, Arc<Lag>) {
+        let lag = Arc::new(Lag::default());
+        let st = Arc::new(St {
+            upstream,
+            client: reqwest::Client::new(),
+            lag: lag.clone(),
+        });
+        let app = axum::Router::new()
+            .route("/", axum::routing::post(handle))
+            .with_state(st);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}"), lag)
+    }
+
+    async fn handle(State(st): State<Arc<St>>, body: Bytes) -> Response {
+        let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let head = st.lag.lag_head.load(Ordering::SeqCst);
+        if head > 0 {
+            let answer = |result: serde_json::Value| {
+                axum::Json(serde_json::json!({"jsonrpc": "2.0", "id": req["id"], "result": result}))
+                    .into_response()
+            };
+            if req["method"] == "eth_blockNumber" {
+                return answer(serde_json::json!(format!("{head:#x}")));
+            }
+            if req["method"] == "eth_getBlockByNumber"
+                && let Some(n) = req["params"][0]
+                    .as_str()
+                    .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+                && n > head
+            {
+                st.lag.nulls.fetch_add(1, Ordering::SeqCst);
+                return answer(serde_json::Value::Null);
+            }
+        }
+        let resp = st
+            .client
+            .post(&st.upstream)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let bytes = resp.bytes().await.unwrap();
+        ([("content-type", "application/json")], bytes).into_response()
+    }
+}
+
+/// Found by the chain chaos run: a node that is behind answers `null` for the indexed tip, and
+/// the tip check took that for a reorg — it undid canonical blocks, and with a lag deeper than
+/// `reorg_depth` stopped the chain's indexer for good ("reorg deeper than reorg_depth").
+/// A block the node does not have yet is not a different block: nothing may be undone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_node_is_not_taken_for_a_reorg() {
+    let (env, anvil, mut model) = setup(12).await;
+    for _ in 0..20 {
+        model.random_tx(&anvil, 6).await;
+    }
+    let (proxy, lag) = lagging_proxy::start(anvil.url.clone()).await;
+    let cfg = indexer_config(
+        &env,
+        anvil_chain(&proxy, serde_json::json!({"reorg_depth": 3})),
+        token_configs(model.erc20, model.nft),
+    );
+    let indexer = InProcIndexer::start(cfg).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
+    let tip = anvil_checkpoint(&env).await.unwrap();
+
+    // The node falls 8 blocks behind (deeper than reorg_depth) while the index is at the tip.
+    lag.lag_head.store(tip.0 - 8, Ordering::SeqCst);
+    wait_until(
+        Duration::from_secs(30),
+        "the indexer asks the lagging node for blocks it does not have",
+        || async { (lag.nulls.load(Ordering::SeqCst) >= 5).then_some(()) },
+    )
+    .await;
+    let faults: Vec<String> =
+        sqlx::query_scalar("SELECT reason FROM chain_indexer_faults WHERE chain_id = $1")
+            .bind(CHAIN_ID as i64)
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert!(faults.is_empty(), "the indexer stopped: {faults:?}");
+    assert_eq!(
+        anvil_checkpoint(&env).await.unwrap(),
+        tip,
+        "nothing undone while the node lags"
+    );
+
+    // The node catches up; the chain goes on and the index follows it exactly.
+    lag.lag_head.store(0, Ordering::SeqCst);
+    for _ in 0..4 {
+        model.random_tx(&anvil, 6).await;
+    }
+    wait_head_indexed(&env, &anvil, Duration::from_secs(30)).await;
+    assert_exact(&env, &anvil, &model).await;
+    assert_eq!(
+        stored_transfer_count(&env).await,
+        chain_log_count(&anvil, &model).await
+    );
+    indexer.stop().await;
+}
+
+/// Found by the chain chaos run: when the tip was reorged out and the head then moved more
+/// than `reorg_depth` ahead before the indexer looked again, the backfill built on the stale
+/// checkpoint: the dropped blocks' transfers stayed counted and the new branch's below the
+/// checkpoint were never read (wrong balances, then "would go below zero" stopped the chain).
+/// The checkpoint must be checked against the chain before a backfill starts from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tip_reorged_out_before_a_backfill_is_undone_first() {
+    let (env, anvil, mut model) = setup(13).await;
+    for _ in 0..10 {
+        model.random_tx(&anvil, 6).await;
+    }
+    let cfg = indexer_config(
+        &env,
+        anvil_chain(&anvil.url, serde_json::json!({"reorg_depth": 5})),
+        token_configs(model.erc20, model.nft),
+    );
+    let indexer = InProcIndexer::start(cfg).await;
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
+    assert_exact(&env, &anvil, &model).await;
+
+    // Hold the indexer between two polls: its next catalogue read (every second, on its lease
+    // connection) waits for this lock.
+    let mut lock = env.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE public.chain_tokens IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the indexer waits for the lock",
+        || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND application_name LIKE 'tokenwarden-indexer-%' AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&env.pool)
+            .await
+            .ok()
+            .filter(|n| *n > 0)
+        },
+    )
+    .await;
+    // Meanwhile the indexed tip is reorged out and the chain moves 20 blocks on.
+    reorg(&anvil, &mut model, 2, 3).await;
+    anvil.mine(20).await;
+    lock.rollback().await.unwrap();
+
+    wait_head_indexed(&env, &anvil, Duration::from_secs(30)).await;
+    assert_exact(&env, &anvil, &model).await;
+    assert_eq!(
+        stored_transfer_count(&env).await,
+        chain_log_count(&anvil, &model).await
+    );
+    indexer.stop().await;
+}

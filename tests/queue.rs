@@ -1279,6 +1279,14 @@ async fn an_entry_whose_dead_letter_cannot_be_stored_is_quarantined_and_the_stre
         })
         .await;
         let kept: serde_json::Value = serde_json::from_str(&kept).expect("quarantine JSON");
+        // What the `tokenwarden_queue_quarantined` gauge shows.
+        assert_eq!(
+            tokenwarden::queue::quarantine::count(&mut r, &env.redis_prefix)
+                .await
+                .expect("count quarantined"),
+            1,
+            "{kind:?}"
+        );
         let reason = kept["reason"].as_str().unwrap_or_default();
         assert!(reason.contains("bad is not allowed"), "{kind:?}: {kept}");
         assert!(reason.contains("could not be stored"), "{kind:?}: {kept}");
@@ -1312,6 +1320,18 @@ async fn an_entry_whose_dead_letter_cannot_be_stored_is_quarantined_and_the_stre
             kept_fields(&rows[0]),
             vec![(b"payload".to_vec(), bad.as_bytes().to_vec())]
         );
+        wait_until(T, "the quarantine count back to 0", || {
+            let mut r = r.clone();
+            let prefix = env.redis_prefix.clone();
+            async move {
+                (tokenwarden::queue::quarantine::count(&mut r, &prefix)
+                    .await
+                    .ok()?
+                    == 0)
+                    .then_some(())
+            }
+        })
+        .await;
         assert!(
             rows[0].4.contains("could not be stored"),
             "{kind:?}: {:?}",

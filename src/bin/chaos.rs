@@ -12,6 +12,10 @@
 //! every user's operations arrive in one known order: the model replays each producer's log
 //! to get the outcome every request id must have.
 //!
+//! The chain part (`--part chain`, [`chain`]) runs after it: a random token history on anvil,
+//! indexed through a fault proxy while anvil reorgs and the worker is SIGKILLed, checked
+//! against `balanceOf` / `ownerOf`. `--part all` (the default) runs both.
+//!
 //! anyhow is used here because this file is a binary's entry point, like `src/main.rs`.
 
 use std::collections::{BTreeMap, HashMap};
@@ -32,7 +36,19 @@ use sqlx::postgres::PgPoolOptions;
 use support::{Postgres, RedisServer, load_average, peak_rss_kib, redis_conn};
 use uuid::Uuid;
 
+#[path = "chaos/chain.rs"]
+mod chain;
+#[path = "chaos/proxy.rs"]
+mod proxy;
 mod support;
+
+/// Which parts of the chaos run to run.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Ledger,
+    Chain,
+    All,
+}
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Ledger chaos run: faults injected, outcomes checked against a model")]
@@ -74,6 +90,12 @@ struct Args {
     /// Seed of every random choice (operations and fault times); random when absent.
     #[arg(long)]
     seed: Option<u64>,
+    /// The ledger part, the chain part, or both (ledger first). With `all`, the ledger part's
+    /// budget is `--max-secs` minus `--chain-max-secs`.
+    #[arg(long, value_enum, default_value_t = Part::All)]
+    part: Part,
+    #[command(flatten)]
+    chain: chain::ChainArgs,
     #[command(flatten)]
     run: support::RunArgs,
 }
@@ -91,11 +113,62 @@ const REQUEST_GIVE_UP: Duration = Duration::from_secs(120);
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let mut code = 0;
+    if args.part != Part::Chain {
+        if args.part == Part::All {
+            args.max_secs = args
+                .max_secs
+                .saturating_sub(args.chain.chain_max_secs)
+                .max(60);
+        }
+        code = ledger_part(&args, seed).await?;
+    }
+    if args.part != Part::Ledger {
+        code = code.max(chain_part(&args, seed).await?);
+    }
+    if code != 0 {
+        std::process::exit(code);
+    }
+    Ok(())
+}
+
+/// The chain part in its own temp dir; returns the exit code (0 passed, 1 failed, 2 aborted).
+async fn chain_part(args: &Args, seed: u64) -> Result<i32> {
+    let started = Instant::now();
+    let dir = std::env::temp_dir().join(format!(
+        "tw-chaos-chain-{}",
+        &Uuid::new_v4().simple().to_string()[..8]
+    ));
+    std::fs::create_dir_all(&dir)?;
+    println!("\nchain chaos run: seed {seed}, temp dir {}", dir.display());
+    let result = chain::run(&args.chain, &args.run, seed, &dir).await;
+    let passed = result.as_ref().is_ok_and(|r| r.passed());
+    if args.run.keep || !passed {
+        println!("kept {} (data and worker log)", dir.display());
+    }
+    match result {
+        Ok(r) => r.print(seed, started.elapsed()),
+        Err(e) => {
+            println!(
+                "\nchain chaos run aborted after {:.0} s: {e:#}",
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(2);
+        }
+    }
+    if !args.run.keep && passed {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(if passed { 0 } else { 1 })
+}
+
+/// The ledger part; returns the exit code (0 passed, 1 failed, 2 aborted).
+async fn ledger_part(args: &Args, seed: u64) -> Result<i32> {
     if args.users < args.producers || args.producers == 0 || args.replicas == 0 {
         bail!("need at least one producer, one replica and one user per producer");
     }
-    let seed = args.seed.unwrap_or_else(rand::random);
     let started = Instant::now();
     let dir = std::env::temp_dir().join(format!(
         "tw-chaos-{}",
@@ -103,7 +176,7 @@ async fn main() -> Result<()> {
     ));
     std::fs::create_dir_all(&dir)?;
     println!("chaos run: seed {seed}, temp dir {}", dir.display());
-    let result = run(&args, seed, &dir, started).await;
+    let result = run(args, seed, &dir, started).await;
     if args.run.keep || result.as_ref().map(|r| !r.passed()).unwrap_or(true) {
         println!("kept {} (data and logs)", dir.display());
     }
@@ -114,17 +187,14 @@ async fn main() -> Result<()> {
                 "\nchaos run aborted after {:.0} s: {e:#}",
                 started.elapsed().as_secs_f64()
             );
-            std::process::exit(2);
+            return Ok(2);
         }
     };
-    report.print(&args, seed, started.elapsed());
+    report.print(args, seed, started.elapsed());
     if !args.run.keep && report.passed() {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    if !report.passed() {
-        std::process::exit(1);
-    }
-    Ok(())
+    Ok(if report.passed() { 0 } else { 1 })
 }
 
 async fn run(args: &Args, seed: u64, dir: &Path, started: Instant) -> Result<Report> {

@@ -81,6 +81,16 @@ pub enum IndexerError {
     Stopped(String),
 }
 
+/// What the chain says of the committed tip.
+enum Tip {
+    /// The chain has it, same hash.
+    OnChain,
+    /// The chain has another block there: the dropped part was undone.
+    Undone,
+    /// The node does not have the block (it lags): nothing can be said yet.
+    Unknown,
+}
+
 impl IndexerError {
     fn is_fatal(&self) -> bool {
         matches!(
@@ -340,6 +350,20 @@ impl<S: ChainSource> Indexer<S> {
                 continue;
             }
             if target - next >= self.chain.reorg_depth {
+                // The range starts right after the checkpoint, which may have been reorged
+                // out while it was near the head (before the head moved this far): only a
+                // checkpoint the chain still has may be built on. Once the backfill starts,
+                // the checkpoint is deeper than `reorg_depth` and stays.
+                if let Some(cp) = self.cp {
+                    match self.verify_tip(lease, cp).await? {
+                        Tip::OnChain => {}
+                        Tip::Undone => continue,
+                        Tip::Unknown => {
+                            self.wait_for_block().await;
+                            continue;
+                        }
+                    }
+                }
                 let safe = target - self.chain.reorg_depth;
                 self.backfill(lease, next, safe, head).await?;
                 continue;
@@ -413,12 +437,19 @@ impl<S: ChainSource> Indexer<S> {
     }
 
     /// Checks that the committed tip is still on the chain; undoes the dropped part if not.
-    async fn verify_tip(&mut self, lease: &mut Lease, cp: Checkpoint) -> Result<(), IndexerError> {
-        let on_chain = self.source.header(cp.number).await?;
-        if on_chain.map(|h| h.hash) != Some(cp.hash) {
-            self.handle_reorg(lease, cp.number + 1).await?;
+    /// Only a block with another hash is a reorg: a node that does not have the tip block
+    /// (`null`: it lags behind, e.g. a load-balanced provider's backend) is asked again at the
+    /// next poll. Taking that `null` for a reorg undid canonical blocks, and stopped the chain
+    /// for good when the node lagged deeper than `reorg_depth`.
+    async fn verify_tip(&mut self, lease: &mut Lease, cp: Checkpoint) -> Result<Tip, IndexerError> {
+        match self.source.header(cp.number).await? {
+            None => Ok(Tip::Unknown),
+            Some(h) if h.hash == cp.hash => Ok(Tip::OnChain),
+            Some(_) => {
+                self.handle_reorg(lease, cp.number + 1).await?;
+                Ok(Tip::Undone)
+            }
         }
-        Ok(())
     }
 
     /// Finds the newest stored block still on the chain (below `detected_at`) and undoes every

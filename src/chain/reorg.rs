@@ -69,8 +69,19 @@ pub(crate) async fn find_fork_base<S: ChainSource>(
         if !window.reaches(stored.number) {
             break;
         }
-        let on_chain = source.header(stored.number).await?;
-        if on_chain.map(|h| h.hash) == Some(stored.hash) {
+        // Every remembered block is below a block the chain has shown with another hash, so a
+        // node without it is behind, not reorged: fail (retried from the checkpoint) instead
+        // of counting the block as dropped.
+        let Some(on_chain) = source.header(stored.number).await? else {
+            return Err(RpcError::InvalidReply {
+                method: "eth_getBlockByNumber",
+                message: format!(
+                    "no block {} while looking for a reorg's fork base: the node is behind",
+                    stored.number
+                ),
+            });
+        };
+        if on_chain.hash == stored.hash {
             return Ok(ForkBase::Block(*stored));
         }
     }
@@ -151,6 +162,18 @@ mod tests {
             *chain.asked_headers.lock().unwrap(),
             vec![30, 29, 28, 27, 26, 25]
         );
+    }
+
+    #[tokio::test]
+    async fn a_node_without_a_remembered_block_is_behind_not_reorged() {
+        // Indexed 0..=20; the node answers only up to block 14 (it lags): an error to retry,
+        // never a fork base below blocks that were not compared (nor a deep reorg).
+        let chain = FakeChain::with_blocks(14, 12, 1);
+        let w = window(20, 10, 0);
+        let err = find_fork_base(&chain, &remembered(10, 20), &w)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("the node is behind"), "{err}");
     }
 
     #[tokio::test]

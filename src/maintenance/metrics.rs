@@ -87,6 +87,10 @@ fn describe() {
         "tokenwarden_dead_letters",
         "Dead letters not yet retried (Postgres dead_letters)"
     );
+    describe_gauge!(
+        "tokenwarden_queue_quarantined",
+        "Entries in the Redis quarantine hashes: past the delivery limit, dead letter refused by Postgres"
+    );
 }
 
 /// Starts the periodic sampler of the queue gauges (see `record_queue_figures`) and the
@@ -122,7 +126,7 @@ pub async fn sample(ctx: &AppContext) {
 }
 
 /// Sets the queue gauges from one sample: per job type depth, pending, lag and oldest
-/// unacknowledged age, and the open dead letters.
+/// unacknowledged age, the open dead letters and the quarantined entries.
 fn record_queue_figures(figures: &QueueFigures) {
     for s in &figures.streams {
         let job = s.job_type.clone();
@@ -139,5 +143,8 @@ fn record_queue_figures(figures: &QueueFigures) {
     }
     if let Some(n) = figures.open_dead_letters {
         metrics::gauge!("tokenwarden_dead_letters").set(n as f64);
+    }
+    if let Some(n) = figures.quarantined {
+        metrics::gauge!("tokenwarden_queue_quarantined").set(n as f64);
     }
 }

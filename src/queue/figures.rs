@@ -8,7 +8,7 @@ use std::time::Duration;
 use redis::aio::ConnectionLike;
 use sqlx::PgPool;
 
-use super::{QueueError, dead_letter, streams};
+use super::{QueueError, dead_letter, quarantine, streams};
 
 /// One job stream's figures.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +31,9 @@ pub struct QueueFigures {
     pub streams: Vec<StreamFigures>,
     /// Dead letters not yet retried; `None` when the table could not be read (logged).
     pub open_dead_letters: Option<i64>,
+    /// Entries in the quarantine hashes (`{prefix}:quarantine:*`); `None` when Redis could
+    /// not be read (logged).
+    pub quarantined: Option<u64>,
 }
 
 /// Reads every figure once. `group` is this process's consumer group (`queue.group`).
@@ -60,6 +63,10 @@ pub async fn sample<C: ConnectionLike>(
     match dead_letter::count_open(pool).await {
         Ok(n) => out.open_dead_letters = Some(n),
         Err(e) => tracing::debug!(error = %e, "cannot count dead letters"),
+    }
+    match quarantine::count(conn, prefix).await {
+        Ok(n) => out.quarantined = Some(n),
+        Err(e) => tracing::debug!(error = %e, "cannot count quarantined entries"),
     }
     out
 }

@@ -59,14 +59,11 @@ pub async fn put<C: ConnectionLike>(
     Ok(())
 }
 
-/// Moves quarantined entries into the dead-letter store once Postgres takes them again (run by
-/// the unknown-type sweep, every 30 s): each stored dead letter is removed from its hash. An
-/// entry Postgres still refuses stays where it is. Returns how many were moved.
-pub async fn drain_into_dead_letters<C: ConnectionLike>(
+/// Every quarantine hash of the queue (`{prefix}:quarantine:*`), as raw key bytes.
+async fn quarantine_keys<C: ConnectionLike>(
     conn: &mut C,
-    pool: &sqlx::PgPool,
     prefix: &str,
-) -> Result<usize, QueueError> {
+) -> Result<Vec<Vec<u8>>, QueueError> {
     let pattern = format!("{prefix}:quarantine:*");
     let mut cursor: u64 = 0;
     let mut keys: Vec<Vec<u8>> = Vec::new();
@@ -90,6 +87,36 @@ pub async fn drain_into_dead_letters<C: ConnectionLike>(
     }
     keys.sort();
     keys.dedup();
+    Ok(keys)
+}
+
+/// How many entries the quarantine hashes hold in all (the `tokenwarden_queue_quarantined`
+/// gauge): anything above 0 is an entry neither processed nor stored as a dead letter.
+pub async fn count<C: ConnectionLike>(conn: &mut C, prefix: &str) -> Result<u64, QueueError> {
+    let mut total = 0;
+    for key in quarantine_keys(conn, prefix).await? {
+        let n: u64 = redis::cmd("HLEN")
+            .arg(&key)
+            .query_async(conn)
+            .await
+            .map_err(QueueError::redis(format!(
+                "HLEN {}",
+                String::from_utf8_lossy(&key)
+            )))?;
+        total += n;
+    }
+    Ok(total)
+}
+
+/// Moves quarantined entries into the dead-letter store once Postgres takes them again (run by
+/// the unknown-type sweep, every 30 s): each stored dead letter is removed from its hash. An
+/// entry Postgres still refuses stays where it is. Returns how many were moved.
+pub async fn drain_into_dead_letters<C: ConnectionLike>(
+    conn: &mut C,
+    pool: &sqlx::PgPool,
+    prefix: &str,
+) -> Result<usize, QueueError> {
+    let keys = quarantine_keys(conn, prefix).await?;
     let mut moved = 0;
     for key in keys {
         let entries: Vec<(String, String)> = redis::cmd("HGETALL")

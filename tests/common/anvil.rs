@@ -12,16 +12,13 @@ use alloy::sol_types::SolCall;
 
 use super::{repo_root, wait_until};
 
+/// The run-time tools' anvil helpers: binary lookup, ERC-20/721 interfaces and calldata.
+#[allow(dead_code)]
+#[path = "../../src/bin/support/anvil.rs"]
+mod tools;
+pub use tools::{TestNft721, TestToken20};
+
 sol! {
-    interface TestToken20 {
-        function batch(address[] from, address[] to, uint256[] value) external;
-        function spam(uint160 base, uint256 holders, uint256 start, uint256 n) external;
-        function balanceOf(address owner) external view returns (uint256);
-    }
-    interface TestNft721 {
-        function batch(address[] from, address[] to, uint256[] id) external;
-        function ownerOf(uint256 id) external view returns (address);
-    }
     interface TestMulti1155 {
         event TransferSingle(address indexed operator, address indexed from, address indexed to, uint256 id, uint256 value);
         event TransferBatch(address indexed operator, address indexed from, address indexed to, uint256[] ids, uint256[] values);
@@ -56,20 +53,9 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// The anvil binary. `node_modules/.bin/anvil` is a Node launcher whose child would outlive a
-/// kill of the launcher, so the platform package's binary is run directly when present.
+/// The anvil binary (the platform package's when present: see `tools::anvil_bin`).
 pub fn anvil_bin() -> std::path::PathBuf {
-    let scoped = repo_root().join("node_modules/@foundry-rs");
-    if let Ok(entries) = std::fs::read_dir(&scoped) {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let bin = e.path().join("bin/anvil");
-            if name.starts_with("anvil-") && bin.exists() {
-                return bin;
-            }
-        }
-    }
-    let bin = repo_root().join("node_modules/.bin/anvil");
+    let bin = tools::anvil_bin(&repo_root());
     assert!(
         bin.exists(),
         "anvil is not installed at {}: run `make tools`",
@@ -197,22 +183,12 @@ impl Anvil {
 
     /// ERC-20 `batch` calldata.
     pub fn erc20_batch(ops: &[(Address, Address, U256)]) -> Vec<u8> {
-        TestToken20::batchCall {
-            from: ops.iter().map(|o| o.0).collect(),
-            to: ops.iter().map(|o| o.1).collect(),
-            value: ops.iter().map(|o| o.2).collect(),
-        }
-        .abi_encode()
+        tools::erc20_batch(ops)
     }
 
     /// ERC-721 `batch` calldata.
     pub fn erc721_batch(ops: &[(Address, Address, U256)]) -> Vec<u8> {
-        TestNft721::batchCall {
-            from: ops.iter().map(|o| o.0).collect(),
-            to: ops.iter().map(|o| o.1).collect(),
-            id: ops.iter().map(|o| o.2).collect(),
-        }
-        .abi_encode()
+        tools::erc721_batch(ops)
     }
 
     /// `balanceOf(holder)` at the latest block.

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use redis::aio::MultiplexedConnection;
 
+pub mod anvil;
 pub mod chart;
 
 /// Options every run-time tool takes: which worker binary, where Postgres's tools are, and
