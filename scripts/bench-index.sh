@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked --bin tokenwarden --bin bench-index
-exec target/release/bench-index --root . --tokenwarden target/release/tokenwarden "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/bench-index" --root . --tokenwarden "${CARGO_TARGET_DIR:-target}/release/tokenwarden" "$@"

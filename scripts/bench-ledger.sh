@@ -10,4 +10,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked --bin tokenwarden --bin bench_ledger
-exec target/release/bench_ledger "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/bench_ledger" "$@"

@@ -6,4 +6,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked --bin bench_snapshots
-exec target/release/bench_snapshots
+exec "${CARGO_TARGET_DIR:-target}/release/bench_snapshots"

@@ -19,4 +19,4 @@ if [ -z "$pg_bin" ] || ! command -v redis-server >/dev/null 2>&1; then
     scripts/services.sh
     pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 fi
-exec target/release/soak --pg-bin-dir "$pg_bin" "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/soak" --pg-bin-dir "$pg_bin" "$@"

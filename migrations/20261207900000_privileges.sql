@@ -202,6 +202,8 @@ REVOKE ALL ON FUNCTION public.tw_access_eval_node(uuid,jsonb,text,boolean,jsonb)
 ALTER FUNCTION public.tw_access_eval_node(uuid,jsonb,text,boolean,jsonb) SET search_path = pg_catalog, pg_temp;
 REVOKE ALL ON FUNCTION public.tw_access_evaluate_resolved(uuid,text,text,jsonb,jsonb) FROM PUBLIC, anon, authenticated, service_role;
 ALTER FUNCTION public.tw_access_evaluate_resolved(uuid,text,text,jsonb,jsonb) SET search_path = pg_catalog, pg_temp;
+REVOKE ALL ON FUNCTION public.tw_access_evaluate_many(uuid[],text[],text[],bigint[],text[],boolean) FROM PUBLIC, anon, authenticated, service_role;
+ALTER FUNCTION public.tw_access_evaluate_many(uuid[],text[],text[],bigint[],text[],boolean) SET search_path = pg_catalog, pg_temp;
 REVOKE ALL ON TABLE public.access_grants FROM PUBLIC, anon, authenticated, service_role;
 GRANT SELECT ON TABLE public.access_grants TO authenticated, service_role;
 ALTER TABLE public.access_grants ENABLE ROW LEVEL SECURITY;
