@@ -35,6 +35,17 @@ fn with_http(mut vars: Vec<(&'static str, String)>, port: u16) -> Vec<(&'static 
     vars
 }
 
+/// CPU time (user + system) the process has used, from /proc (clock ticks of 1/100 s).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')').expect("stat has a command name") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    ticks as f64 / 100.0
+}
+
 fn spawn_run(env: &TestEnv, vars: &[(&'static str, String)]) -> Child {
     let refs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     Child::spawn(env, &["run"], &refs)
@@ -392,6 +403,16 @@ async fn readyz_fails_when_redis_is_unreachable() {
         .expect("postgres check");
     assert_eq!(pg_check["ok"], true, "{body}");
     assert_eq!(get(port, "/healthz").await.map(|r| r.0), Some(200));
+    // With Redis gone the queue consumers fail and are restarted with a back-off: the worker
+    // waits instead of spinning (it once restarted them over a thousand times a second).
+    let before = cpu_secs(w.0.id());
+    // A measuring window, not a wait for a condition.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let used = cpu_secs(w.0.id()) - before;
+    assert!(
+        used < 1.5,
+        "the worker used {used:.2} CPU-seconds in 4 s while Redis was unreachable"
+    );
     w.signal("TERM");
     assert!(w.wait_exit(Duration::from_secs(30)).success());
 }

@@ -151,6 +151,12 @@ impl Reader {
     /// Reads until the receiving side goes away. A Redis or Postgres failure is sent to the
     /// receiver (the apalis worker then fails and the Monitor restarts it with a new reader).
     pub async fn run(self) {
+        // The back-off comes before both halves: the heartbeat connects too, and when it
+        // failed at once (Redis unreachable) a restarted worker failed again at once, without
+        // waiting, over a thousand restarts a second.
+        if !self.start_delay.is_zero() {
+            tokio::time::sleep(self.start_delay).await;
+        }
         let result = tokio::select! {
             r = self.read_loop() => r,
             r = self.heartbeat() => r,
@@ -184,9 +190,6 @@ impl Reader {
     }
 
     async fn read_loop(&self) -> Result<(), QueueError> {
-        if !self.start_delay.is_zero() {
-            tokio::time::sleep(self.start_delay).await;
-        }
         let conn_cfg = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(
