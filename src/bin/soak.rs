@@ -1,6 +1,9 @@
 //! Soak run (`make soak`): a steady open-loop load of `consume_tokens` requests through the
 //! queue door (1,000 requests/s over 10,000 users by default) against one `tokenwarden run`
-//! with its scheduler live, for `--duration` (10 minutes by default; `--duration 24h`).
+//! with its scheduler and its chain indexer live, for `--duration` (10 minutes by default;
+//! `--duration 24h`). The indexer follows an ERC-20 on its own anvil while a transaction of 20
+//! transfers is mined every second; each window records the indexer's lag behind the head, and
+//! at the end every holder's indexed balance must equal `balanceOf` (`--no-chain` leaves it out).
 //! Every 10 s it records p50/p99/max of the enqueue→reply latency of the requests scheduled in
 //! that window, replies and timeouts, the worker's RSS, Postgres connections, Redis memory,
 //! stream lengths, dead letters, and the checkpoints and autovacuum runs Postgres logged; it
@@ -27,6 +30,9 @@ use sqlx::postgres::PgPoolOptions;
 use tokio::sync::{Mutex, Semaphore};
 use uuid::Uuid;
 
+use alloy::primitives::{Address, U256};
+use alloy::providers::Provider;
+use support::anvil::{AnvilProc, erc20_batch};
 use support::chart::{self, Panel, Series};
 use support::{Postgres, RedisServer, load_average, redis_conn, rss_kib};
 
@@ -50,6 +56,9 @@ struct Args {
     /// Where the CSV and the PNG chart are written (`soak.csv`, `soak.png`).
     #[arg(long, default_value = "docs")]
     out_dir: PathBuf,
+    /// Leave the chain indexer out (no anvil, no transfers).
+    #[arg(long)]
+    no_chain: bool,
     #[command(flatten)]
     run: support::RunArgs,
 }
@@ -140,6 +149,8 @@ struct Window {
     dead_letters: i64,
     checkpoints: u64,
     autovacuums: u64,
+    /// Blocks the indexer's checkpoint is behind anvil's head at the window's end (-1: no chain).
+    chain_lag_blocks: i64,
 }
 
 struct Report {
@@ -148,6 +159,7 @@ struct Report {
     png: PathBuf,
     started_utc: chrono::DateTime<chrono::Utc>,
     load_start: String,
+    chain: Option<ChainResult>,
 }
 
 async fn soak(args: &Args, dir: &Path, pg: &Postgres, redis_srv: &RedisServer) -> Result<Report> {
@@ -160,8 +172,31 @@ async fn soak(args: &Args, dir: &Path, pg: &Postgres, redis_srv: &RedisServer) -
     tokenwarden::infra::migrate(&pool).await?;
     let users: Vec<Uuid> = (0..args.users).map(|_| Uuid::new_v4()).collect();
     fund(&pool, &users).await?;
-    let mut worker = start_worker(args, dir, pg, redis_srv)?;
-    let outcome = load(args, &pool, redis_srv, &users, &mut worker, pg.log_path()).await;
+    let chain = if args.no_chain {
+        None
+    } else {
+        Some(Arc::new(SoakChain::start(dir).await?))
+    };
+    let mut worker = start_worker(args, dir, pg, redis_srv, chain.as_deref())?;
+    let traffic = chain.clone().map(SoakChain::spawn_traffic);
+    let outcome = load(
+        args,
+        &pool,
+        redis_srv,
+        &users,
+        &mut worker,
+        pg.log_path(),
+        chain.clone(),
+    )
+    .await;
+    let chain_result = match (chain, traffic) {
+        (Some(chain), Some((stop, task))) => {
+            stop.cancel();
+            let transfers = task.await.context("transfer task")?;
+            Some(chain.check(&pool, transfers).await)
+        }
+        _ => None,
+    };
     let _ = Command::new("kill")
         .arg("-TERM")
         .arg(worker.id().to_string())
@@ -173,7 +208,172 @@ async fn soak(args: &Args, dir: &Path, pg: &Postgres, redis_srv: &RedisServer) -
     let _ = worker.kill();
     let _ = worker.wait();
     pool.close().await;
-    outcome
+    let mut report = outcome?;
+    report.chain = chain_result.transpose()?;
+    Ok(report)
+}
+
+/// anvil's chain id.
+const CHAIN_ID: u64 = 31337;
+/// Holders the soak's transfers go to; the transfers of one transaction: 20 per second.
+const HOLDERS: u8 = 50;
+const TRANSFERS_PER_TX: u8 = 20;
+/// Most blocks the indexer may be behind the head at a window's end.
+const CHAIN_LAG_TARGET: i64 = 5;
+
+/// The soak's chain: its own anvil with an ERC-20 the worker indexes.
+struct SoakChain {
+    anvil: AnvilProc,
+    token: Address,
+    config: PathBuf,
+}
+
+/// What the chain part found at the end.
+struct ChainResult {
+    transfers: u64,
+    head: u64,
+    caught_up_secs: f64,
+    holders_checked: usize,
+    mismatches: Vec<String>,
+}
+
+impl SoakChain {
+    async fn start(dir: &Path) -> Result<SoakChain> {
+        // The soak binary runs from a checkout (like `make chaos`): contracts/ and anvil
+        // (node_modules, `make tools`) are found from the source tree.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let anvil = AnvilProc::spawn(root).await?;
+        let token = anvil.deploy("TestToken20").await?;
+        let config = dir.join("chain.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[chain]
+enabled = true
+
+[[chain.chains]]
+chain_id = {CHAIN_ID}
+name = "anvil"
+rpc_urls = ["{}"]
+ws_url = "{}"
+
+[[chain.tokens]]
+chain_id = {CHAIN_ID}
+address = "{token:#x}"
+standard = "erc20"
+"#,
+                anvil.url, anvil.ws_url
+            ),
+        )?;
+        Ok(SoakChain {
+            anvil,
+            token,
+            config,
+        })
+    }
+
+    fn holder(i: u8) -> Address {
+        Address::repeat_byte(i + 1)
+    }
+
+    /// Mines one transaction of 20 transfers (mints and moves among the holders) per second
+    /// until cancelled; returns the transfers sent.
+    fn spawn_traffic(
+        self: Arc<Self>,
+    ) -> (
+        tokio_util::sync::CancellationToken,
+        tokio::task::JoinHandle<u64>,
+    ) {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let cancelled = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut sent = 0u64;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            for k in 0u64.. {
+                tokio::select! {
+                    _ = cancelled.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let ops: Vec<(Address, Address, U256)> = (0..TRANSFERS_PER_TX)
+                    .map(|j| {
+                        let to = Self::holder(((k * 7 + u64::from(j)) % u64::from(HOLDERS)) as u8);
+                        if k < 5 {
+                            (Address::ZERO, to, U256::from(1_000_000u64))
+                        } else {
+                            let from =
+                                Self::holder(((k + u64::from(j)) % u64::from(HOLDERS)) as u8);
+                            (from, to, U256::from(1 + (k % 7)))
+                        }
+                    })
+                    .collect();
+                match self.anvil.send(self.token, erc20_batch(&ops)).await {
+                    Ok((_, true)) => sent += u64::from(TRANSFERS_PER_TX),
+                    Ok((hash, false)) => eprintln!("soak transfer {hash} reverted"),
+                    Err(e) => eprintln!("soak transfer not sent: {e:#}"),
+                }
+            }
+            sent
+        });
+        (stop, task)
+    }
+
+    /// Blocks the indexer's checkpoint is behind the head.
+    async fn lag(&self, pool: &sqlx::PgPool) -> Result<(i64, u64)> {
+        let head = self.anvil.provider.get_block_number().await?;
+        let cp: Option<i64> = sqlx::query_scalar(
+            "SELECT block_number FROM public.chain_checkpoints WHERE chain_id = $1",
+        )
+        .bind(CHAIN_ID as i64)
+        .fetch_optional(pool)
+        .await?;
+        Ok((head as i64 - cp.unwrap_or(-1), head))
+    }
+
+    /// Waits for the indexer to reach the quiet head, then compares every holder's indexed
+    /// balance with `balanceOf` at that block.
+    async fn check(&self, pool: &sqlx::PgPool, transfers: u64) -> Result<ChainResult> {
+        let t0 = Instant::now();
+        let head = loop {
+            let (lag, head) = self.lag(pool).await?;
+            if lag == 0 {
+                break head;
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                bail!(
+                    "the indexer did not reach the head {head} within 60 s after the load ({lag} blocks behind)"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let caught_up_secs = t0.elapsed().as_secs_f64();
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT holder, balance::text FROM public.token_balances WHERE chain_id = $1 AND token = $2",
+        )
+        .bind(CHAIN_ID as i64)
+        .bind(format!("{:#x}", self.token))
+        .fetch_all(pool)
+        .await?;
+        let mut stored = std::collections::HashMap::new();
+        for (h, b) in rows {
+            stored.insert(h.parse::<Address>()?, b.parse::<U256>()?);
+        }
+        let mut mismatches = Vec::new();
+        for i in 0..HOLDERS {
+            let h = Self::holder(i);
+            let chain = self.anvil.balance_of(self.token, h, head).await?;
+            let s = stored.get(&h).copied().unwrap_or_default();
+            if s != chain {
+                mismatches.push(format!("balance of {h:#x}: indexed {s}, balanceOf {chain}"));
+            }
+        }
+        Ok(ChainResult {
+            transfers,
+            head,
+            caught_up_secs,
+            holders_checked: usize::from(HOLDERS),
+            mismatches,
+        })
+    }
 }
 
 /// Grants every user START_BALANCE through the ledger's batch path.
@@ -198,12 +398,21 @@ async fn fund(pool: &sqlx::PgPool, users: &[Uuid]) -> Result<()> {
     Ok(())
 }
 
-fn start_worker(args: &Args, dir: &Path, pg: &Postgres, redis_srv: &RedisServer) -> Result<Child> {
+fn start_worker(
+    args: &Args,
+    dir: &Path,
+    pg: &Postgres,
+    redis_srv: &RedisServer,
+    chain: Option<&SoakChain>,
+) -> Result<Child> {
     let bin = args.run.worker_bin()?;
     let log = std::fs::File::create(dir.join("worker.log"))?;
     let port = support::free_port()?;
-    Command::new(&bin)
-        .arg("run")
+    let mut cmd = Command::new(&bin);
+    if let Some(chain) = chain {
+        cmd.arg("--config").arg(&chain.config);
+    }
+    cmd.arg("run")
         .env("TOKENWARDEN__DATABASE__URL", pg.url())
         .env("TOKENWARDEN__REDIS__URL", redis_srv.url())
         .env("TOKENWARDEN__REDIS__PREFIX", PREFIX)
@@ -260,6 +469,7 @@ async fn load(
     users: &[Uuid],
     worker: &mut Child,
     pg_log: &Path,
+    chain: Option<Arc<SoakChain>>,
 ) -> Result<Report> {
     let mut conn = redis_conn(&redis_srv.url()).await?;
     warm_up(&mut conn, users[0], worker).await?;
@@ -299,7 +509,12 @@ async fn load(
             let mut samples = Vec::with_capacity(n);
             for k in 1..=n {
                 tokio::time::sleep_until(start + window * k as u32).await;
-                samples.push(sample(&pool, &url, pid).await);
+                let mut w = sample(&pool, &url, pid).await;
+                w.chain_lag_blocks = match &chain {
+                    Some(c) => c.lag(&pool).await.map(|l| l.0).unwrap_or(-1),
+                    None => -1,
+                };
+                samples.push(w);
             }
             samples
         })
@@ -411,6 +626,7 @@ async fn load(
         png,
         started_utc,
         load_start,
+        chain: None,
     })
 }
 
@@ -504,7 +720,7 @@ fn pg_log_events(
 }
 
 /// The columns of a window: (CSV name, short name for the printed table, value as text).
-const COLUMNS: [(&str, &str); 15] = [
+const COLUMNS: [(&str, &str); 16] = [
     ("t_secs", "t s"),
     ("sent", "sent"),
     ("replied", "replied"),
@@ -520,11 +736,12 @@ const COLUMNS: [(&str, &str); 15] = [
     ("dead_letters", "dlq"),
     ("checkpoints", "ckpt"),
     ("autovacuums", "vac"),
+    ("chain_lag_blocks", "lag"),
 ];
 
 impl Window {
     /// The values in COLUMNS order.
-    fn cells(&self) -> [String; 15] {
+    fn cells(&self) -> [String; 16] {
         [
             self.t_secs.to_string(),
             self.sent.to_string(),
@@ -541,6 +758,7 @@ impl Window {
             self.dead_letters.to_string(),
             self.checkpoints.to_string(),
             self.autovacuums.to_string(),
+            self.chain_lag_blocks.to_string(),
         ]
     }
 }
@@ -645,7 +863,7 @@ impl Report {
             load_average()
         );
         let row = |cells: &[String]| {
-            let widths = [6, 6, 7, 5, 8, 8, 8, 8, 5, 8, 9, 7, 5, 4, 4];
+            let widths = [6, 6, 7, 5, 8, 8, 8, 8, 5, 8, 9, 7, 5, 4, 4, 4];
             let line: Vec<String> = cells
                 .iter()
                 .zip(widths)
@@ -710,7 +928,36 @@ impl Report {
             args.rate,
             args.duration.as_secs()
         );
-        over.is_empty()
+        let chain_ok = match &self.chain {
+            None => {
+                println!("chain indexer: not part of this run (--no-chain)");
+                true
+            }
+            Some(c) => {
+                let worst_lag = self
+                    .windows
+                    .iter()
+                    .map(|w| w.chain_lag_blocks)
+                    .max()
+                    .unwrap_or(-1);
+                let lag_ok = (0..=CHAIN_LAG_TARGET).contains(&worst_lag);
+                println!(
+                    "chain indexer live: {} transfers mined (1 tx of {TRANSFERS_PER_TX}/s); lag <= {CHAIN_LAG_TARGET} blocks at every window end: {} (worst {worst_lag}); at the quiet head {} after {:.1} s: {} holders checked, {} mismatches with balanceOf",
+                    c.transfers,
+                    if lag_ok { "MET" } else { "NOT MET" },
+                    c.head,
+                    c.caught_up_secs,
+                    c.holders_checked,
+                    c.mismatches.len()
+                );
+                for m in &c.mismatches {
+                    println!("  {m}");
+                }
+                lag_ok && c.mismatches.is_empty()
+            }
+        };
+        chain_ok
+            && over.is_empty()
             && growth.is_none_or(|g| g <= RSS_GROWTH_TARGET)
             && timeouts == 0
             && lost == 0
