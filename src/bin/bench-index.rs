@@ -289,6 +289,10 @@ async fn main() -> Res<()> {
                 "--silent",
             ])
             .args(["--gas-limit", "1000000000"])
+            // anvil writes old states to ~/.foundry/anvil/tmp once it holds many blocks, about
+            // 12 GB for this history, and a killed anvil never removes them (three runs filled
+            // the disk). The bench reads state at the head only: keep none on disk.
+            .args(["--max-persisted-states", "0"])
             .stdout(std::process::Stdio::null())
             .spawn()?,
     );
