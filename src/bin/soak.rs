@@ -294,12 +294,22 @@ standard = "erc20"
                     _ = cancelled.cancelled() => break,
                     _ = tick.tick() => {}
                 }
+                // The first transactions mint to every holder (so no later move lacks funds),
+                // then each moves a few units between holders.
+                let mints = u64::from(HOLDERS).div_ceil(u64::from(TRANSFERS_PER_TX));
                 let ops: Vec<(Address, Address, U256)> = (0..TRANSFERS_PER_TX)
                     .map(|j| {
-                        let to = Self::holder(((k * 7 + u64::from(j)) % u64::from(HOLDERS)) as u8);
-                        if k < 5 {
-                            (Address::ZERO, to, U256::from(1_000_000u64))
+                        if k < mints {
+                            let to = (k * u64::from(TRANSFERS_PER_TX) + u64::from(j))
+                                % u64::from(HOLDERS);
+                            (
+                                Address::ZERO,
+                                Self::holder(to as u8),
+                                U256::from(1_000_000u64),
+                            )
                         } else {
+                            let to =
+                                Self::holder(((k * 7 + u64::from(j)) % u64::from(HOLDERS)) as u8);
                             let from =
                                 Self::holder(((k + u64::from(j)) % u64::from(HOLDERS)) as u8);
                             (from, to, U256::from(1 + (k % 7)))
