@@ -724,7 +724,7 @@ async fn history(
                     if let (Some(k), Some(at)) = (report.kills.last_mut(), killed_at.take()) {
                         k.down = at.elapsed();
                     }
-                    monitor.expect(report.kills.len() - 1, head);
+                    monitor.watch_catch_up(report.kills.len() - 1, head);
                 }
             }
             continue;
@@ -798,7 +798,8 @@ impl Monitor {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn expect(&self, kill: usize, head: u64) {
+    /// Starts timing how long the restarted worker takes to index up to `head`.
+    fn watch_catch_up(&self, kill: usize, head: u64) {
         self.lock().pending.push((kill, Instant::now(), head));
     }
 
