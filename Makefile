@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: run test services tools ops-tools build lint fmt check-fmt clean-test-dbs bench-ledger bench-index bench-snapshots bench-access chaos soak docs docs-check
+.PHONY: run test services tools ops-tools build lint fmt check-fmt clean-test-dbs bench-ledger bench-ledger-variants bench-index bench-snapshots bench-access chaos soak docs docs-check
 
 ## Start Postgres and Redis if none is running (installing them if missing).
 services:
@@ -44,6 +44,11 @@ fmt:
 ## Ledger benchmark: whole path (Redis → worker → Postgres), with the seed design as baseline.
 bench-ledger: services tools
 	@scripts/bench-ledger.sh
+
+## What one SQL-door debit costs piece by piece: the seed's function, our door and experimental
+## variants (scripts/bench-ledger-door-variants.sql) under pgbench, ratios to the seed's function.
+bench-ledger-variants: services
+	@scripts/bench-ledger-door-variants.sh $(BENCH_ARGS)
 
 ## Indexer benchmark: 200k+ Transfer logs on anvil, logs/s vs one eth_getLogs, RSS, head lag.
 bench-index: services tools
