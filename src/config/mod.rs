@@ -87,6 +87,15 @@ impl Config {
             .into_iter()
             .filter(|(k, _)| k.starts_with("TOKENWARDEN__"))
             .collect();
+        let sources = match (file, env_map.is_empty()) {
+            (Some(path), true) => format!("the defaults and {}", path.display()),
+            (Some(path), false) => format!(
+                "the defaults, {} and the TOKENWARDEN__ environment",
+                path.display()
+            ),
+            (None, true) => "the defaults".to_string(),
+            (None, false) => "the defaults and the TOKENWARDEN__ environment".to_string(),
+        };
         builder = builder.add_source(
             config::Environment::with_prefix("TOKENWARDEN")
                 .separator("__")
@@ -97,7 +106,10 @@ impl Config {
                 .with_list_parse_key("access.siwe_domains")
                 .source(Some(env_map)),
         );
-        let cfg: Config = builder.build()?.try_deserialize()?;
+        let cfg: Config = builder
+            .build()?
+            .try_deserialize()
+            .map_err(|source| ConfigError::Mismatch { sources, source })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -152,6 +164,27 @@ mod tests {
         assert_eq!(cfg.redis.prefix, "other");
         assert_eq!(cfg.database.max_connections, 3);
         assert_eq!(cfg.telemetry.format, LogFormat::Json);
+    }
+
+    /// An unknown section used to be refused as "unknown field `A`" with no word of where it
+    /// came from (found by the random-file property below).
+    #[test]
+    fn unknown_section_names_the_key_and_the_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("extra.toml");
+        std::fs::write(&path, "[A]\n").expect("write");
+        let err = Config::load_with_env(Some(&path), env(&[])).expect_err("unknown section");
+        let text = err.to_string();
+        assert!(
+            text.contains("`A`") && text.contains("extra.toml"),
+            "{text}"
+        );
+        let err = Config::load_with_env(None, env(&[("TOKENWARDEN__A", "1")]))
+            .expect_err("unknown variable");
+        assert!(
+            err.to_string().contains("TOKENWARDEN__ environment"),
+            "{err}"
+        );
     }
 
     #[test]
