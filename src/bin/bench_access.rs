@@ -1096,9 +1096,8 @@ max_retries = 0
         let start = tokio::time::Instant::now() + Duration::from_millis(50);
         let interval = Duration::from_nanos(1_000_000_000 / args.rate);
         let mut tasks = Vec::with_capacity(total as usize);
-        for i in 0..total {
-            let at = start + interval * i as u32;
-            tokio::time::sleep_until(at).await;
+        let mut schedule = support::open_loop_schedule(start, interval, total);
+        while let Some((i, at)) = schedule.recv().await {
             let rid = Uuid::new_v4();
             let (u, c) = pair(i);
             let body = Self::payload(rid, u, &c);

@@ -533,9 +533,8 @@ async fn load(
     let total = args.rate * args.duration.as_secs();
     let interval = Duration::from_nanos(1_000_000_000 / args.rate);
     let mut tasks = Vec::new();
-    for i in 0..total {
-        let at = start + interval * i as u32;
-        tokio::time::sleep_until(at).await;
+    let mut schedule = support::open_loop_schedule(start, interval, total);
+    while let Some((i, at)) = schedule.recv().await {
         let w = ((at - start).as_secs() / args.window_secs) as usize;
         let w = w.min(n_windows - 1);
         let rid = Uuid::new_v4();

@@ -331,3 +331,30 @@ pub async fn drop_bench_state(
         .await;
     }
 }
+
+/// The open-loop schedule of a latency phase: `total` ticks, the i-th due at
+/// `start + i × interval`, each delivered with its due time by a dedicated thread that sleeps
+/// until it. Why not `tokio::time::sleep_until` in the sender: Tokio's timer has a granularity of
+/// 1 ms, so such a sender fires up to 1 ms late, and since latency is measured from the due time
+/// (a stalled system must not hide its queue by slowing the sender down), that lateness would
+/// count as the system's. `std::thread::sleep` wakes within tens of microseconds here.
+pub fn open_loop_schedule(
+    start: tokio::time::Instant,
+    interval: Duration,
+    total: u64,
+) -> tokio::sync::mpsc::UnboundedReceiver<(u64, tokio::time::Instant)> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let start = start.into_std();
+    std::thread::spawn(move || {
+        for i in 0..total {
+            let due = start + interval * i as u32;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if tx.send((i, tokio::time::Instant::from_std(due))).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
