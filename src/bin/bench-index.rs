@@ -18,6 +18,8 @@ use alloy::sol_types::SolCall;
 use futures::StreamExt;
 use rand::{Rng, SeedableRng};
 
+mod support;
+
 sol! {
     interface TestToken20 {
         function spam(uint160 base, uint256 holders, uint256 start, uint256 n) external;
@@ -652,10 +654,15 @@ start_block = {deploy_block}
     );
     drop(worker);
     pool.close().await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"
-    )))
-    .execute(&admin)
+    admin.close().await;
+    // The worker's streams and keys under the prefix go with the database.
+    support::drop_bench_state(
+        client.get_multiplexed_async_connection().await.ok(),
+        &prefix,
+        &a.db_admin,
+        &db_name,
+        false,
+    )
     .await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

@@ -36,7 +36,6 @@ use hdrhistogram::Histogram;
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
 use tokio::sync::{Mutex, Semaphore};
 use uuid::Uuid;
 
@@ -307,38 +306,18 @@ impl Bench {
         });
 
         // A fresh database.
-        let id = Uuid::new_v4().simple().to_string();
-        let db_name = format!("tw_bench_{}", &id[..12]);
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&args.admin_url)
-            .await
-            .with_context(|| {
-                format!(
-                    "Postgres not reachable at {} (start it with `make services`)",
-                    tokenwarden::redact::redact_url(&args.admin_url)
-                )
-            })?;
-        // db_name is generated here from hex digits, so it is safe to splice.
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
-            .execute(&admin)
-            .await?;
-        admin.close().await;
-        let mut url = url::Url::parse(&args.admin_url)?;
-        url.set_path(&format!("/{db_name}"));
-        let db_url = url.to_string();
-        let pool = PgPoolOptions::new()
-            .max_connections(args.connections as u32 + 4)
-            .acquire_timeout(Duration::from_secs(30))
-            .connect(&db_url)
-            .await?;
-        tokenwarden::infra::migrate(&pool).await?;
+        let support::BenchDb {
+            id,
+            name: db_name,
+            url: db_url,
+            pool,
+        } = support::BenchDb::create(&args.admin_url, args.connections as u32 + 4).await?;
         let mut bench = Bench {
             db_name,
             db_url,
             pool,
             redis_url: args.redis_url.clone(),
-            prefix: format!("twbench:{}", &id[..12]),
+            prefix: format!("twbench:{id}"),
             users: Vec::new(),
             creators: Vec::new(),
             rpc_url,

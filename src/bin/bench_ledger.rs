@@ -23,7 +23,6 @@ use hdrhistogram::Histogram;
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
 use tokio::sync::{Mutex, Semaphore};
 use uuid::Uuid;
 
@@ -194,32 +193,12 @@ struct CpuSplit {
 
 impl Bench {
     async fn setup(args: &Args) -> Result<Bench> {
-        let id = Uuid::new_v4().simple().to_string();
-        let db_name = format!("tw_bench_{}", &id[..12]);
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&args.admin_url)
-            .await
-            .with_context(|| {
-                format!(
-                    "Postgres not reachable at {} (start it with `make services`)",
-                    tokenwarden::redact::redact_url(&args.admin_url)
-                )
-            })?;
-        // db_name is generated here from hex digits, so it is safe to splice.
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
-            .execute(&admin)
-            .await?;
-        admin.close().await;
-        let mut url = url::Url::parse(&args.admin_url)?;
-        url.set_path(&format!("/{db_name}"));
-        let db_url = url.to_string();
-        let pool = PgPoolOptions::new()
-            .max_connections(args.baseline_connections as u32 + 2)
-            .acquire_timeout(Duration::from_secs(30))
-            .connect(&db_url)
-            .await?;
-        tokenwarden::infra::migrate(&pool).await?;
+        let support::BenchDb {
+            id,
+            name: db_name,
+            url: db_url,
+            pool,
+        } = support::BenchDb::create(&args.admin_url, args.baseline_connections as u32 + 2).await?;
         let clk = Command::new("getconf").arg("CLK_TCK").output()?;
         let clk_tck: f64 = String::from_utf8_lossy(&clk.stdout)
             .trim()
@@ -230,7 +209,7 @@ impl Bench {
             db_url,
             pool,
             redis_url: args.redis_url.clone(),
-            prefix: format!("twbench:{}", &id[..12]),
+            prefix: format!("twbench:{id}"),
             hot_user: Uuid::new_v4(),
             users: (0..args.users).map(|_| Uuid::new_v4()).collect(),
             clk_tck,

@@ -358,3 +358,50 @@ pub fn open_loop_schedule(
     });
     rx
 }
+
+/// A bench's fresh database `tw_bench_<12 hex digits>` next to `admin_url`, migrated, with a
+/// pool of `max_connections`; `id` (the same 12 digits) also names the bench's Redis prefix.
+/// Removed by [`drop_bench_state`].
+pub struct BenchDb {
+    pub id: String,
+    pub name: String,
+    pub url: String,
+    pub pool: sqlx::PgPool,
+}
+
+impl BenchDb {
+    pub async fn create(admin_url: &str, max_connections: u32) -> Result<BenchDb> {
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let name = format!("tw_bench_{id}");
+        let admin = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(admin_url)
+            .await
+            .with_context(|| {
+                format!(
+                    "Postgres not reachable at {} (start it with `make services`)",
+                    tokenwarden::redact::redact_url(admin_url)
+                )
+            })?;
+        // The name is made here of hex digits, so it is safe to splice.
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await?;
+        admin.close().await;
+        let mut url = url::Url::parse(admin_url)?;
+        url.set_path(&format!("/{name}"));
+        let url = url.to_string();
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect(&url)
+            .await?;
+        tokenwarden::infra::migrate(&pool).await?;
+        Ok(BenchDb {
+            id,
+            name,
+            url,
+            pool,
+        })
+    }
+}
