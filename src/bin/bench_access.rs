@@ -306,18 +306,13 @@ impl Bench {
         });
 
         // A fresh database.
-        let support::BenchDb {
-            id,
-            name: db_name,
-            url: db_url,
-            pool,
-        } = support::BenchDb::create(&args.admin_url, args.connections as u32 + 4).await?;
+        let db = support::BenchDb::create(&args.admin_url, args.connections as u32 + 4).await?;
         let mut bench = Bench {
-            db_name,
-            db_url,
-            pool,
+            db_name: db.name,
+            db_url: db.url,
+            pool: db.pool,
             redis_url: args.redis_url.clone(),
-            prefix: format!("twbench:{id}"),
+            prefix: format!("twbench:{}", db.id),
             users: Vec::new(),
             creators: Vec::new(),
             rpc_url,

@@ -193,23 +193,19 @@ struct CpuSplit {
 
 impl Bench {
     async fn setup(args: &Args) -> Result<Bench> {
-        let support::BenchDb {
-            id,
-            name: db_name,
-            url: db_url,
-            pool,
-        } = support::BenchDb::create(&args.admin_url, args.baseline_connections as u32 + 2).await?;
+        let db =
+            support::BenchDb::create(&args.admin_url, args.baseline_connections as u32 + 2).await?;
         let clk = Command::new("getconf").arg("CLK_TCK").output()?;
         let clk_tck: f64 = String::from_utf8_lossy(&clk.stdout)
             .trim()
             .parse()
             .unwrap_or(100.0);
         Ok(Bench {
-            db_name,
-            db_url,
-            pool,
+            db_name: db.name,
+            db_url: db.url,
+            pool: db.pool,
             redis_url: args.redis_url.clone(),
-            prefix: format!("twbench:{id}"),
+            prefix: format!("twbench:{}", db.id),
             hot_user: Uuid::new_v4(),
             users: (0..args.users).map(|_| Uuid::new_v4()).collect(),
             clk_tck,
