@@ -550,6 +550,34 @@ async fn reorg_deeper_than_the_window_stops_the_indexer_without_touching_balance
 }
 
 /// A JSON-RPC proxy in front of anvil that injects faults on a fixed schedule.
+/// What the test RPC proxies below share: serving on a free local port and passing a request
+/// through to the node unchanged.
+mod rpc_proxy {
+    use axum::body::Bytes;
+    use axum::response::{IntoResponse, Response};
+
+    /// Serves `app` on a free local port; returns its URL.
+    pub async fn serve(app: axum::Router) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        format!("http://{addr}")
+    }
+
+    /// Sends the JSON-RPC `body` to `upstream` and answers with its reply.
+    pub async fn forward(client: &reqwest::Client, upstream: &str, body: Bytes) -> Response {
+        let resp = client
+            .post(upstream)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let bytes = resp.bytes().await.unwrap();
+        ([("content-type", "application/json")], bytes).into_response()
+    }
+}
+
 mod fault_proxy {
     use super::*;
     use axum::body::{Body, Bytes};
@@ -582,10 +610,7 @@ mod fault_proxy {
         let app = axum::Router::new()
             .route("/", axum::routing::post(handle))
             .with_state(st);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        (format!("http://{addr}"), counts)
+        (rpc_proxy::serve(app).await, counts)
     }
 
     fn hex_u64(v: &serde_json::Value) -> Option<u64> {
@@ -632,16 +657,7 @@ mod fault_proxy {
             }
             _ => {}
         }
-        let resp = st
-            .client
-            .post(&st.upstream)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        let bytes = resp.bytes().await.unwrap();
-        ([("content-type", "application/json")], bytes).into_response()
+        rpc_proxy::forward(&st.client, &st.upstream, body).await
     }
 }
 
@@ -1066,10 +1082,7 @@ mod lagging_proxy {
         let app = axum::Router::new()
             .route("/", axum::routing::post(handle))
             .with_state(st);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        (format!("http://{addr}"), lag)
+        (rpc_proxy::serve(app).await, lag)
     }
 
     async fn handle(State(st): State<Arc<St>>, body: Bytes) -> Response {
@@ -1093,16 +1106,7 @@ mod lagging_proxy {
                 return answer(serde_json::Value::Null);
             }
         }
-        let resp = st
-            .client
-            .post(&st.upstream)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        let bytes = resp.bytes().await.unwrap();
-        ([("content-type", "application/json")], bytes).into_response()
+        rpc_proxy::forward(&st.client, &st.upstream, body).await
     }
 }
 
