@@ -284,7 +284,15 @@ impl AuditRecorder {
     pub fn spawn(pool: PgPool, cfg: &AuditConfig) -> (AuditRecorder, tokio::task::JoinHandle<()>) {
         let max_batch = cfg.max_batch.max(1);
         let (tx, rx) = mpsc::channel(max_batch * 4);
-        let task = tokio::spawn(run(pool, max_batch, rx));
+        let task = tokio::spawn(super::batches::serve_in_batches(
+            rx,
+            max_batch,
+            INSERTS_IN_FLIGHT,
+            move |buf| {
+                let pool = pool.clone();
+                async move { record_batch(&pool, buf).await }
+            },
+        ));
         (AuditRecorder { tx }, task)
     }
 
@@ -303,25 +311,6 @@ impl AuditRecorder {
 /// next batch forms and is written: commits overlap (Postgres flushes them together) instead of
 /// queueing one flush after the other.
 const INSERTS_IN_FLIGHT: usize = 3;
-
-async fn run(pool: PgPool, max_batch: usize, mut rx: mpsc::Receiver<Pending>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(INSERTS_IN_FLIGHT));
-    loop {
-        // A slot first, so the batch takes everything that arrived while all were busy.
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let mut buf: Vec<Pending> = Vec::with_capacity(max_batch);
-        if rx.recv_many(&mut buf, max_batch).await == 0 {
-            return;
-        }
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            record_batch(&pool, buf).await;
-            drop(slot);
-        });
-    }
-}
 
 async fn record_batch(pool: &PgPool, buf: Vec<Pending>) {
     let (entries, waiters): (Vec<AuditEntry>, Vec<_>) = buf.into_iter().unzip();

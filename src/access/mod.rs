@@ -29,6 +29,7 @@
 //! | [`cli`] | `tokenwarden access rule …`, `access check`, `access wallets` |
 
 pub mod audit;
+mod batches;
 pub mod cache;
 pub mod check_job;
 pub mod checks;

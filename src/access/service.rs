@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::cache::{DecisionCache, Lookup, Put, rule_key};
@@ -53,7 +53,16 @@ impl AccessService {
     /// Starts the batching task (needs a Tokio runtime).
     pub fn new(checker: AccessChecker, cache: Option<Arc<DecisionCache>>) -> Self {
         let (tx, rx) = mpsc::channel(MAX_BATCH * BATCHES_IN_FLIGHT * 4);
-        tokio::spawn(run(Arc::new(Batcher { checker, cache }), rx));
+        let batcher = Arc::new(Batcher { checker, cache });
+        tokio::spawn(super::batches::serve_in_batches(
+            rx,
+            MAX_BATCH,
+            BATCHES_IN_FLIGHT,
+            move |batch| {
+                let batcher = batcher.clone();
+                async move { batcher.serve(batch).await }
+            },
+        ));
         Self { tx }
     }
 
@@ -77,26 +86,6 @@ impl AccessService {
 struct Batcher {
     checker: AccessChecker,
     cache: Option<Arc<DecisionCache>>,
-}
-
-async fn run(batcher: Arc<Batcher>, mut rx: mpsc::Receiver<Pending>) {
-    let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
-    loop {
-        // A slot first: while every batch is busy, checks keep arriving and the next batch
-        // takes them all.
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let mut batch = Vec::with_capacity(MAX_BATCH);
-        if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
-            return;
-        }
-        let batcher = batcher.clone();
-        tokio::spawn(async move {
-            batcher.serve(batch).await;
-            drop(slot);
-        });
-    }
 }
 
 impl Batcher {
