@@ -23,7 +23,8 @@ done
 command -v pgbench >/dev/null || { echo "pgbench not found: install postgresql-client" >&2; exit 1; }
 pg_isready -q -h 127.0.0.1 -p 5432 || { echo "no PostgreSQL on 127.0.0.1:5432: run make services" >&2; exit 1; }
 bin="${CARGO_TARGET_DIR:-target}/release/tokenwarden"
-[[ -x $bin ]] || cargo build --release --locked --bin tokenwarden
+# Always build: a stale binary would migrate the database to an older schema without a word.
+cargo build --release --locked --bin tokenwarden
 
 db="tw_bench_variants_$$"
 work=$(mktemp -d)
@@ -60,10 +61,21 @@ done
 
 echo "machine: $(nproc) cores; load average at start: $(cut -d' ' -f1-3 /proc/loadavg); $clients connections, ${secs} s per run, $rounds rounds"
 for ((r = 1; r <= rounds; r++)); do
+  # Each round starts with another variant, so that no variant always runs on the freshest or
+  # the most grown tables; each run starts after a VACUUM and a CHECKPOINT.
+  n=${#order[@]}
+  rotated=("${order[@]:$(((r - 1) % n))}" "${order[@]:0:$(((r - 1) % n))}")
   for w in hot 10k; do
-    for v in "${order[@]}"; do
-      tps=$(pgbench -h 127.0.0.1 -U postgres -n -M prepared -c "$clients" -j 2 -T "$secs" \
-              -f "$work/$v-$w.sql" "$db" 2>&1 | awk '/^tps/ {print $3}')
+    for v in "${rotated[@]}"; do
+      psql -h 127.0.0.1 -U postgres -d "$db" -qc "VACUUM ANALYZE" -c "CHECKPOINT"
+      out=$(pgbench -h 127.0.0.1 -U postgres -n -M prepared -c "$clients" -j 2 -T "$secs" \
+              -f "$work/$v-$w.sql" "$db" 2>&1)
+      if grep -qE "aborted|failed transactions: [1-9]" <<<"$out"; then
+        echo "variant $v ($w) failed; pgbench said:" >&2
+        echo "$out" >&2
+        exit 1
+      fi
+      tps=$(awk '/^tps/ {print $3}' <<<"$out")
       echo "$w $v $r $tps" >>"$work/results"
       printf 'round %d  %-4s %-11s %9.0f debits/s\n' "$r" "$w" "$v" "$tps"
     done
@@ -71,15 +83,16 @@ for ((r = 1; r <= rounds; r++)); do
 done
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 
-python3 - "$work/results" <<'EOF'
+python3 - "$work/results" "${order[@]}" <<'EOF'
 import sys, statistics
 rows = [l.split() for l in open(sys.argv[1])]
+variants = sys.argv[2:]
 tps = {}
 for w, v, r, t in rows:
     tps.setdefault((w, v), {})[int(r)] = float(t)
 print("\nworkload variant      min / median / max debits/s      vs seed (median of rounds)")
 for w in ("hot", "10k"):
-    for v in ("seed", "door", "flat", "seed_shape", "floor"):
+    for v in variants:
         xs = tps[(w, v)]
         s = sorted(xs.values())
         ratio = statistics.median(xs[r] / tps[(w, "seed")][r] for r in xs)

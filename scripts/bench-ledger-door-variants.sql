@@ -1,8 +1,9 @@
 -- Variants of a one-debit SQL door, for scripts/bench-ledger-door-variants.sh (issue 12): what a
 -- debit costs with each piece of work, on tokenwarden's own tables, beside the seed's function.
--- Experiments only, in schema `variants` of a throw-away database: nothing here is a door of
--- tokenwarden, and each variant handles only the path the benchmark drives (a valid, first-seen
--- consume with enough balance); any other case returns NULL.
+-- Needs schema `seed` (src/bin/bench_ledger_seed.sql) first. Experiments only, in schema
+-- `variants` of a throw-away database: nothing here is a door of tokenwarden, and each variant
+-- handles only the path the benchmark drives (a valid, first-seen consume with enough balance);
+-- any other case raises, so pgbench counts a failure instead of a fast transaction.
 --   floor       one guarded UPDATE of the account and the commit: no outcome, no history. No
 --               one-debit door with a durable record can be cheaper.
 --   seed_shape  the seed's five statements (look up the request id, SELECT ... FOR UPDATE, UPDATE,
@@ -12,7 +13,8 @@
 --               ledger_rules.rejection; one UPDATE guarded by ledger_rules.decision; one
 --               statement inserting the outcome and the history row (ON CONFLICT), and
 --               ledger_rules.answer. What the door's success path would cost without the
---               general function's second level and its refusal and race branches.
+--               general function's second level, its unlocked read of the account and its
+--               refusal and race branches.
 CREATE SCHEMA variants;
 
 CREATE FUNCTION variants.floor(
@@ -31,7 +33,10 @@ BEGIN
        SET balance = c.balance - p_token_amount
      WHERE c.user_id = p_user_id AND c.balance >= p_token_amount
     RETURNING c.balance INTO v_balance;
-    RETURN pg_catalog.jsonb_build_object('success', FOUND, 'balance', v_balance);
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'variant left the measured path';
+    END IF;
+    RETURN pg_catalog.jsonb_build_object('success', true, 'balance', v_balance);
 END
 $fn$;
 
@@ -53,14 +58,14 @@ BEGIN
       FROM public.ledger_requests l
      WHERE l.request_id = p_request_id;
     IF FOUND THEN
-        RETURN NULL;
+        RAISE EXCEPTION 'variant left the measured path';
     END IF;
     SELECT c.balance, c.held INTO v_balance, v_held
       FROM public.credit_accounts c
      WHERE c.user_id = p_user_id
        FOR UPDATE;
     IF NOT FOUND OR v_balance < p_token_amount THEN
-        RETURN NULL;
+        RAISE EXCEPTION 'variant left the measured path';
     END IF;
     UPDATE public.credit_accounts c
        SET balance = c.balance - p_token_amount,
@@ -108,7 +113,7 @@ BEGIN
       LEFT JOIN public.ledger_requests r ON r.request_id = p_request_id
      WHERE st.id = 1;
     IF v.ex_status IS NOT NULL OR v.rejection IS NOT NULL OR v.blocked THEN
-        RETURN NULL;
+        RAISE EXCEPTION 'variant left the measured path';
     END IF;
     UPDATE public.credit_accounts c
        SET balance = c.balance - p_token_amount,
@@ -118,7 +123,7 @@ BEGIN
                                  c.lifetime_granted) = 'consumed'
     RETURNING c.balance, c.held INTO v_balance, v_held;
     IF NOT FOUND THEN
-        RETURN NULL;
+        RAISE EXCEPTION 'variant left the measured path';
     END IF;
     WITH outcome AS (
         INSERT INTO public.ledger_requests AS l
@@ -136,7 +141,7 @@ BEGIN
            p_operation_type, v_meta, v_now
       FROM outcome o;
     IF NOT FOUND THEN
-        RETURN NULL;
+        RAISE EXCEPTION 'variant left the measured path';
     END IF;
     RETURN ledger_rules.answer(p_request_id, 'consumed', v_balance, v_held, NULL);
 END
