@@ -748,11 +748,17 @@ async fn history(
 }
 
 /// Polls the checkpoint every 50 ms: when it reaches the head a restarted worker had to catch
-/// up with, and the largest head lag seen.
+/// up with. Its polling task stops when the monitor is dropped, also when the run fails early.
 struct Monitor {
     pool: PgPool,
     inner: Arc<Mutex<MonitorState>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 #[derive(Default)]

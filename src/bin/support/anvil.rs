@@ -91,6 +91,10 @@ impl AnvilProc {
                 "--silent",
             ])
             .args(["--gas-limit", "1000000000"])
+            // No historical state on disk: a killed anvil never removes it (bench-index left
+            // 12 GB a run). The chaos and soak runs read state at the head or within the last
+            // few blocks, which anvil keeps in memory.
+            .args(["--max-persisted-states", "0"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
