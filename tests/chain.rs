@@ -398,6 +398,72 @@ async fn random_histories_backfill_and_head_are_exact() {
     );
 }
 
+/// Far behind, a backfill commit writes its transfer rows on other connections than its
+/// balances and checkpoint, and they commit first. One that fails between those commits (here:
+/// a trigger refuses the balances of the later blocks) leaves transfer rows above the
+/// checkpoint; the next pass drops them before writing the range again, so nothing is lost
+/// and nothing counted twice. Without the drop the range never commits again (its rows are
+/// already there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_commit_failing_after_its_transfers_leaves_nothing_behind() {
+    let (env, anvil, mut model) = setup(8).await;
+    for _ in 0..40 {
+        model.random_tx(&anvil, 10).await;
+    }
+    let fail_from = anvil.head().await / 2;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE FUNCTION public.tw_test_refuse_balances() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.updated_block >= {fail_from} THEN \
+           RAISE EXCEPTION 'test: balances from block {fail_from} on are refused'; END IF; \
+         RETURN NEW; END $$; \
+         CREATE TRIGGER tw_test_refuse_balances BEFORE INSERT OR UPDATE ON public.token_balances \
+         FOR EACH ROW EXECUTE FUNCTION public.tw_test_refuse_balances();"
+    )))
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let cfg = indexer_config(
+        &env,
+        anvil_chain(
+            &anvil.url,
+            serde_json::json!({"max_block_range": 2, "fetch_concurrency": 1}),
+        ),
+        token_configs(model.erc20, model.nft),
+    );
+    let indexer = InProcIndexer::start(cfg).await;
+    let above = wait_until(
+        Duration::from_secs(60),
+        "transfer rows above the checkpoint after a failed commit",
+        || async {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM chain_transfers t JOIN chain_checkpoints c USING (chain_id) \
+                 WHERE t.chain_id = $1 AND t.block_number > c.block_number",
+            )
+            .bind(CHAIN_ID as i64)
+            .fetch_one(&env.pool)
+            .await
+            .ok()?;
+            (n > 0).then_some(n)
+        },
+    )
+    .await;
+    assert!(above > 0);
+    sqlx::raw_sql(
+        "DROP TRIGGER tw_test_refuse_balances ON public.token_balances; \
+         DROP FUNCTION public.tw_test_refuse_balances();",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
+    assert_exact(&env, &anvil, &model).await;
+    assert_eq!(
+        stored_transfer_count(&env).await,
+        chain_log_count(&anvil, &model).await
+    );
+    indexer.stop().await;
+}
+
 fn reorg_tx(anvil: &Anvil, to: Address, data: Vec<u8>) -> serde_json::Value {
     serde_json::json!({
         "from": anvil.sender,

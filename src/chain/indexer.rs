@@ -13,6 +13,7 @@ use alloy::providers::{Provider, ProviderBuilder, WsConnect};
 use alloy::rpc::types::{BlockId, Filter};
 use alloy::sol_types::SolCall;
 use futures::StreamExt;
+use sqlx::{Connection, PgConnection};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -46,6 +47,11 @@ const TOKEN_STEP_LOGS: u64 = 2_000;
 /// Most transfers one backfill commit takes by merging ranges that are already fetched
 /// (bounds the commit's memory: about 30 MB of rows and COPY text).
 const MAX_COMMIT_ROWS: usize = 50_000;
+
+/// Extra Postgres connections that write a backfill commit's transfer rows beside the lease
+/// connection's balances and checkpoint ([`ChainStore::commit_backfill_batch`]): far behind, one
+/// backend inserting them was the backfill's bound while the second core idled.
+const BACKFILL_WRITERS: usize = 2;
 
 /// Everything one chain's indexer needs.
 pub struct IndexerParams {
@@ -224,6 +230,8 @@ struct Indexer<S: ChainSource> {
     announcer: tokio::sync::mpsc::UnboundedSender<Changes>,
     _announcer_task: AbortOnDropHandle<()>,
     cancel: CancellationToken,
+    /// Where the backfill's writer connections connect to.
+    database_url: secrecy::SecretString,
     /// Blocks per `eth_getLogs` (adapts).
     range: Arc<AtomicU64>,
     /// Blocks per `eth_getLogs` of a token's own backfill step (adapts toward
@@ -273,6 +281,7 @@ impl<S: ChainSource> Indexer<S> {
             announcer,
             _announcer_task: AbortOnDropHandle::new(announcer_task),
             cancel: p.shutdown.clone(),
+            database_url: p.database_url.clone(),
             range: Arc::new(AtomicU64::new(initial)),
             token_range: Arc::new(AtomicU64::new(initial)),
             cap: Arc::new(AtomicU64::new(p.chain.max_block_range)),
@@ -318,6 +327,17 @@ impl<S: ChainSource> Indexer<S> {
             ))));
         }
         self.cp = self.store.checkpoint(lease.conn()).await?;
+        let dropped = self
+            .store
+            .drop_transfers_above(lease.conn(), self.cp)
+            .await?;
+        if dropped > 0 {
+            tracing::warn!(
+                chain_id = self.chain_id(),
+                dropped,
+                "dropped the transfers an interrupted backfill commit left above the checkpoint"
+            );
+        }
         self.refresh_catalogue(lease, true).await?;
         // A reorg may have happened while no replica was running.
         if let Some(cp) = self.cp {
@@ -556,7 +576,7 @@ impl<S: ChainSource> Indexer<S> {
             headers: vec![h],
             last: h,
         };
-        self.commit(lease, batch, head).await?;
+        self.commit(lease, &mut [], batch, head).await?;
         Ok(true)
     }
 
@@ -578,9 +598,13 @@ impl<S: ChainSource> Indexer<S> {
         )
     }
 
+    /// Commits `batch` after the checkpoint: on the lease connection alone, or with its
+    /// transfer rows on `writers` (backfill only: every block of the batch is below the reorg
+    /// window) once there is a checkpoint to fall back to.
     async fn commit(
         &mut self,
         lease: &mut Lease,
+        writers: &mut [PgConnection],
         batch: Batch,
         head: u64,
     ) -> Result<(), IndexerError> {
@@ -596,10 +620,18 @@ impl<S: ChainSource> Indexer<S> {
         // Tokens a factory created in this batch join the catalogue in its transaction; the
         // next loop turn gives them their own backfill from their creation block.
         self.catalogue_stale |= !batch.created.is_empty();
-        let changes = self
-            .store
-            .commit_batch(lease.conn(), finality, expected, &batch)
-            .await?;
+        let changes = match expected {
+            Some(cp) if !writers.is_empty() && !batch.rows.is_empty() => {
+                self.store
+                    .commit_backfill_batch(lease.conn(), writers, finality, cp, &batch)
+                    .await?
+            }
+            _ => {
+                self.store
+                    .commit_batch(lease.conn(), finality, expected, &batch)
+                    .await?
+            }
+        };
         self.cp = Some(Checkpoint {
             number: batch.last.number,
             hash: batch.last.hash,
@@ -935,6 +967,7 @@ impl<S: ChainSource> Indexer<S> {
         let mut inflight: VecDeque<AbortOnDropHandle<Result<Batch, IndexerError>>> =
             VecDeque::new();
         tracing::info!(chain_id = self.chain_id(), from, to, "backfill started");
+        let mut writers = self.open_writers().await;
         let mut catalogue_changed = false;
         loop {
             if !catalogue_changed && self.catalogue_checked.elapsed() >= CATALOGUE_POLL {
@@ -945,7 +978,17 @@ impl<S: ChainSource> Indexer<S> {
                 catalogue_changed = self.catalogue_version.as_ref() != Some(&version);
                 self.catalogue_stale = catalogue_changed;
             }
-            while !catalogue_changed && inflight.len() < self.chain.fetch_concurrency && next <= to
+            // Up to `fetch_concurrency` requests in flight, and fetched ranges waiting beside
+            // them for up to one more commit: far behind, the commit is the bottleneck, and a
+            // commit of MAX_COMMIT_ROWS transfers pays the balance upsert (one row per holder
+            // it touches, most of them when holders are many) once for all of them.
+            let ahead = (MAX_COMMIT_ROWS as u64 / self.chain.target_logs_per_request.max(1))
+                .clamp(1, 16) as usize;
+            while !catalogue_changed
+                && next <= to
+                && inflight.len() < self.chain.fetch_concurrency + ahead
+                && inflight.iter().filter(|t| !t.is_finished()).count()
+                    < self.chain.fetch_concurrency
             {
                 let size = self
                     .range
@@ -980,7 +1023,7 @@ impl<S: ChainSource> Indexer<S> {
             let at = batch.last.number;
             let rows = batch.rows.len() + batch.multi.len();
             let committing = Instant::now();
-            self.commit(lease, batch, head).await?;
+            self.commit(lease, &mut writers, batch, head).await?;
             tracing::debug!(
                 chain_id = self.chain_id(),
                 block = at,
@@ -1013,7 +1056,39 @@ impl<S: ChainSource> Indexer<S> {
             secs = started.elapsed().as_secs_f64(),
             "backfill reached the reorg window"
         );
+        for w in writers {
+            let _ = w.close().await;
+        }
         Ok(())
+    }
+
+    /// The backfill's writer connections; fewer (none) when Postgres refuses them, and the
+    /// backfill then commits on the lease connection alone: slower, the same result.
+    async fn open_writers(&self) -> Vec<PgConnection> {
+        let opts = match secrecy::ExposeSecret::expose_secret(&self.database_url)
+            .parse::<sqlx::postgres::PgConnectOptions>()
+        {
+            Ok(o) => o.application_name(&format!(
+                "tokenwarden-indexer-{}-writer-pid{}",
+                self.chain_id(),
+                std::process::id()
+            )),
+            Err(e) => {
+                tracing::warn!(chain_id = self.chain_id(), error = %e, "backfill commits on one connection");
+                return Vec::new();
+            }
+        };
+        let mut writers = Vec::with_capacity(BACKFILL_WRITERS);
+        for _ in 0..BACKFILL_WRITERS {
+            match PgConnection::connect_with(&opts).await {
+                Ok(c) => writers.push(c),
+                Err(e) => {
+                    tracing::warn!(chain_id = self.chain_id(), error = %e, "cannot open a backfill writer connection; committing on fewer");
+                    break;
+                }
+            }
+        }
+        writers
     }
 }
 

@@ -632,18 +632,102 @@ impl ChainStore {
         self.lock_checkpoint(&mut tx, expected_checkpoint).await?;
         if !batch.rows.is_empty() {
             copy_transfers(&mut tx, copy).await?;
-            self.apply_deltas(&mut tx, &netted.deltas, batch).await?;
-            self.apply_owners(&mut tx, &netted.owners).await?;
         }
-        self.apply_multi(&mut tx, &batch.multi, &multi, batch.last.number)
-            .await?;
-        self.remember_blocks(&mut tx, &batch.headers).await?;
-        self.keep_rejected(&mut tx, &batch.rejected).await?;
-        self.add_created(&mut tx, &batch.created).await?;
-        self.advance_checkpoint(&mut tx, &batch.last, finality)
+        self.write_batch_state(&mut tx, finality, batch, &netted, &multi)
             .await?;
         tx.commit().await.map_err(db("commit batch"))?;
         Ok(netted.changes)
+    }
+
+    /// Commits one backfill batch (every block of it below the reorg window) on more than one
+    /// Postgres backend, and returns the holders it changed. Far behind the head one batch's
+    /// commit is the indexer's bottleneck, and most of it is one backend inserting the
+    /// transfer rows into `chain_transfers` and its three indexes while the machine's other
+    /// cores idle; here each of `writers` inserts a contiguous part of the rows in a
+    /// transaction of its own, at the same time as `conn`'s transaction writes the balances,
+    /// the block hashes and the checkpoint. The writers commit first, the checkpoint last.
+    ///
+    /// What a crash (or any failure) between those commits leaves: transfer rows above the
+    /// stored checkpoint, which no reader looks at (every history read is bounded by the
+    /// checkpoint) and which [`ChainStore::drop_transfers_above`] deletes when a leader starts.
+    /// Until then they cannot be counted twice either: writing any of them again fails on
+    /// the primary key, which fails the pass and restarts it through that deletion.
+    pub(crate) async fn commit_backfill_batch(
+        &self,
+        conn: &mut PgConnection,
+        writers: &mut [PgConnection],
+        finality: Finality,
+        expected_checkpoint: u64,
+        batch: &Batch,
+    ) -> Result<Changes, ChainStoreError> {
+        let mut netted = netting::net(&batch.rows, batch.last.number)?;
+        let multi = netting::net_multi(&batch.multi, &mut netted.changes)?;
+        let part = batch.rows.len().div_ceil(writers.len().max(1)).max(1);
+        let copies = batch
+            .rows
+            .chunks(part)
+            .map(|rows| transfers_copy(self.id, rows))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut tx = conn.begin().await.map_err(db("begin batch"))?;
+        self.lock_checkpoint(&mut tx, Some(expected_checkpoint))
+            .await?;
+        let transfers = futures::future::try_join_all(writers.iter_mut().zip(copies).map(
+            |(writer, copy)| async move {
+                let mut part = writer.begin().await.map_err(db("begin transfers part"))?;
+                copy_transfers(&mut part, copy).await?;
+                part.commit().await.map_err(db("commit transfers part"))
+            },
+        ));
+        let state = self.write_batch_state(&mut tx, finality, batch, &netted, &multi);
+        let (transfers, state) = tokio::join!(transfers, state);
+        transfers?;
+        state?;
+        tx.commit().await.map_err(db("commit batch"))?;
+        Ok(netted.changes)
+    }
+
+    /// Deletes the transfer rows above the checkpoint (`None`: nothing is indexed, so nothing
+    /// is deleted): those that a [`ChainStore::commit_backfill_batch`] interrupted between its
+    /// commits left behind. Every other writer stays at or below the checkpoint (a token's
+    /// own backfill stops where it joins it). Returns how many rows it deleted.
+    pub(crate) async fn drop_transfers_above(
+        &self,
+        conn: &mut PgConnection,
+        checkpoint: Option<Checkpoint>,
+    ) -> Result<u64, ChainStoreError> {
+        let Some(cp) = checkpoint else { return Ok(0) };
+        let done = sqlx::query(
+            "DELETE FROM public.chain_transfers WHERE chain_id = $1 AND block_number > $2",
+        )
+        .bind(self.id)
+        .bind(bigint("checkpoint block", cp.number)?)
+        .execute(&mut *conn)
+        .await
+        .map_err(db("drop transfers above the checkpoint"))?;
+        Ok(done.rows_affected())
+    }
+
+    /// Everything of a batch but its transfer rows, in the batch's transaction: balances,
+    /// NFT owners, ERC-1155 balances, block hashes, rejected logs, factory creations and the
+    /// checkpoint.
+    async fn write_batch_state(
+        &self,
+        conn: &mut PgConnection,
+        finality: Finality,
+        batch: &Batch,
+        netted: &netting::Netted,
+        multi: &netting::MultiNetted,
+    ) -> Result<(), ChainStoreError> {
+        if !batch.rows.is_empty() {
+            self.apply_deltas(conn, &netted.deltas, batch).await?;
+            self.apply_owners(conn, &netted.owners).await?;
+        }
+        self.apply_multi(conn, &batch.multi, multi, batch.last.number)
+            .await?;
+        self.remember_blocks(conn, &batch.headers).await?;
+        self.keep_rejected(conn, &batch.rejected).await?;
+        self.add_created(conn, &batch.created).await?;
+        self.advance_checkpoint(conn, &batch.last, finality).await
     }
 
     /// Locks the checkpoint row for the batch and checks that it is where the indexer thinks.
