@@ -426,29 +426,13 @@ impl Workers {
     fn stop_all(&self) -> Vec<u64> {
         let mut r = self.lock();
         for rep in r.iter_mut() {
-            if let Some(c) = rep.child.as_mut() {
-                if let Some(k) = peak_rss_kib(c.id()) {
-                    rep.peak_rss_kib = rep.peak_rss_kib.max(k);
-                }
-                let _ = Command::new("kill")
-                    .arg("-TERM")
-                    .arg(c.id().to_string())
-                    .status();
+            if let Some(k) = rep.child.as_ref().and_then(|c| peak_rss_kib(c.id())) {
+                rep.peak_rss_kib = rep.peak_rss_kib.max(k);
             }
         }
-        let until = Instant::now() + Duration::from_secs(30);
-        for rep in r.iter_mut() {
-            if let Some(mut c) = rep.child.take() {
-                while Instant::now() < until {
-                    if let Ok(Some(_)) = c.try_wait() {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
+        let mut children: Vec<Child> = r.iter_mut().filter_map(|rep| rep.child.take()).collect();
+        let mut running: Vec<&mut Child> = children.iter_mut().collect();
+        support::terminate(&mut running, Duration::from_secs(30));
         r.iter().map(|rep| rep.peak_rss_kib).collect()
     }
 }

@@ -197,16 +197,7 @@ async fn soak(args: &Args, dir: &Path, pg: &Postgres, redis_srv: &RedisServer) -
         }
         _ => None,
     };
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(worker.id().to_string())
-        .status();
-    let until = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < until && matches!(worker.try_wait(), Ok(None)) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let _ = worker.kill();
-    let _ = worker.wait();
+    tokio::task::block_in_place(|| support::terminate(&mut [&mut worker], Duration::from_secs(30)));
     pool.close().await;
     let mut report = outcome?;
     report.chain = chain_result.transpose()?;

@@ -25,7 +25,7 @@ use sqlx::postgres::PgPoolOptions;
 
 use super::proxy::{FaultPlan, FaultProxy};
 use super::support::anvil::{AnvilProc, erc20_batch, erc721_batch};
-use super::support::{Postgres, RedisServer, RunArgs, load_average, peak_rss_kib};
+use super::support::{Postgres, RedisServer, RunArgs, load_average, peak_rss_kib, terminate};
 
 const CHAIN_ID: u64 = 31337;
 const HOLDERS: u8 = 12;
@@ -289,19 +289,7 @@ impl Worker {
     fn stop(&mut self) {
         self.sample_rss();
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
-            let until = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < until {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            terminate(&mut [&mut c], Duration::from_secs(20));
         }
     }
 }

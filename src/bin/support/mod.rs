@@ -256,6 +256,27 @@ pub fn run_cmd(c: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Stops workers the way an orchestrator does: SIGTERM to each, then waits for them until
+/// `grace` has passed and SIGKILLs whichever is left. It blocks its thread (polling every
+/// 50 ms) so that it can run in `Drop` too; async callers run it with
+/// `tokio::task::block_in_place` or accept the pause at their end.
+pub fn terminate(children: &mut [&mut Child], grace: Duration) {
+    for c in children.iter() {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+    }
+    let until = Instant::now() + grace;
+    for c in children.iter_mut() {
+        while Instant::now() < until && matches!(c.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
 /// Peak resident set size (VmHWM) of a running process, in KiB.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     proc_status_kib(pid, "VmHWM:")
