@@ -48,11 +48,6 @@ const TOKEN_STEP_LOGS: u64 = 2_000;
 /// (bounds the commit's memory: about 30 MB of rows and COPY text).
 const MAX_COMMIT_ROWS: usize = 50_000;
 
-/// Extra Postgres connections that write a backfill commit's transfer rows beside the lease
-/// connection's balances and checkpoint ([`ChainStore::commit_backfill_batch`]): far behind, one
-/// backend inserting them was the backfill's bound while the second core idled.
-const BACKFILL_WRITERS: usize = 2;
-
 /// Everything one chain's indexer needs.
 pub struct IndexerParams {
     pub chain: ChainConfig,
@@ -1062,9 +1057,15 @@ impl<S: ChainSource> Indexer<S> {
         Ok(())
     }
 
-    /// The backfill's writer connections; fewer (none) when Postgres refuses them, and the
-    /// backfill then commits on the lease connection alone: slower, the same result.
+    /// The backfill's writer connections (`backfill_writers`, see
+    /// [`ChainStore::commit_backfill_batch`]: far behind, one backend inserting the transfer
+    /// rows was the backfill's bound while the second core idled); fewer (none) when Postgres
+    /// refuses them, and the backfill then commits on the lease connection alone: slower, the
+    /// same result.
     async fn open_writers(&self) -> Vec<PgConnection> {
+        if self.chain.backfill_writers == 0 {
+            return Vec::new();
+        }
         let opts = match secrecy::ExposeSecret::expose_secret(&self.database_url)
             .parse::<sqlx::postgres::PgConnectOptions>()
         {
@@ -1078,8 +1079,8 @@ impl<S: ChainSource> Indexer<S> {
                 return Vec::new();
             }
         };
-        let mut writers = Vec::with_capacity(BACKFILL_WRITERS);
-        for _ in 0..BACKFILL_WRITERS {
+        let mut writers = Vec::with_capacity(self.chain.backfill_writers);
+        for _ in 0..self.chain.backfill_writers {
             match PgConnection::connect_with(&opts).await {
                 Ok(c) => writers.push(c),
                 Err(e) => {

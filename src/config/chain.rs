@@ -63,6 +63,10 @@ impl FactoryConfig {
     }
 }
 
+/// Most `backfill_writers` a chain may ask for: beyond the machine's cores more writers only
+/// contend, and each holds a Postgres connection.
+const MAX_BACKFILL_WRITERS: usize = 8;
+
 /// One EVM chain to follow.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -95,6 +99,11 @@ pub struct ChainConfig {
     /// The backfill range adapts so that one `eth_getLogs` returns about this many logs.
     #[serde(default = "default_target_logs")]
     pub target_logs_per_request: u64,
+    /// Extra Postgres connections that write a backfill commit's transfer rows beside the
+    /// leader's lease connection (0: the backfill commits on the lease connection alone). Each
+    /// takes one Postgres connection while the chain backfills.
+    #[serde(default = "default_backfill_writers")]
+    pub backfill_writers: usize,
     /// Retries of one retryable RPC failure (429, timeout, dropped connection) before the
     /// indexer restarts its loop from the committed checkpoint.
     #[serde(default = "default_rpc_max_retries")]
@@ -115,6 +124,9 @@ fn default_rpc_timeout_ms() -> u64 {
 }
 fn default_fetch_concurrency() -> usize {
     4
+}
+fn default_backfill_writers() -> usize {
+    2
 }
 fn default_target_logs() -> u64 {
     10_000
@@ -188,6 +200,12 @@ impl ChainSection {
                 return Err(ConfigError::invalid(
                     format!("chain.chains[{i}]"),
                     "fetch_concurrency, target_logs_per_request and rpc_timeout_ms must be > 0",
+                ));
+            }
+            if c.backfill_writers > MAX_BACKFILL_WRITERS {
+                return Err(ConfigError::invalid(
+                    format!("chain.chains[{i}].backfill_writers"),
+                    format!("at most {MAX_BACKFILL_WRITERS} (each is a Postgres connection)"),
                 ));
             }
             if self.chains[..i].iter().any(|o| o.chain_id == c.chain_id) {

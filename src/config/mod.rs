@@ -194,6 +194,29 @@ mod tests {
         assert!(err.to_string().contains("database.url"), "{err}");
     }
 
+    /// Each backfill writer is a Postgres connection: a number past the bound is refused by
+    /// name before any connection is opened.
+    #[test]
+    fn too_many_backfill_writers_are_refused_by_name() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("chain.toml");
+        let chain = |writers: usize| {
+            format!(
+                "[chain]\nenabled = true\n[[chain.chains]]\nchain_id = 1\nname = \"one\"\n\
+                 rpc_urls = [\"http://127.0.0.1:8545\"]\nbackfill_writers = {writers}\n"
+            )
+        };
+        std::fs::write(&path, chain(9)).expect("write");
+        let err = Config::load_with_env(Some(&path), env(&[])).expect_err("9 writers");
+        assert!(
+            err.to_string().contains("chain.chains[0].backfill_writers"),
+            "{err}"
+        );
+        std::fs::write(&path, chain(0)).expect("write");
+        let cfg = Config::load_with_env(Some(&path), env(&[])).expect("0 writers is valid");
+        assert_eq!(cfg.chain.chains[0].backfill_writers, 0);
+    }
+
     #[test]
     fn wrong_type_names_the_key() {
         let err = Config::load_with_env(
