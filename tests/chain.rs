@@ -239,6 +239,17 @@ async fn stored_transfer_count(env: &TestEnv) -> i64 {
         .unwrap()
 }
 
+/// Waits until the index holds anvil's head block, then checks every balance and owner against
+/// the chain and that each Transfer log is stored exactly once.
+async fn assert_index_matches_chain(env: &TestEnv, anvil: &Anvil, model: &Model, within: Duration) {
+    wait_head_indexed(env, anvil, within).await;
+    assert_exact(env, anvil, model).await;
+    assert_eq!(
+        stored_transfer_count(env).await,
+        chain_log_count(anvil, model).await
+    );
+}
+
 async fn setup(seed: u64) -> (TestEnv, Anvil, Model) {
     let env = TestEnv::new().await;
     let anvil = Anvil::spawn().await;
@@ -265,12 +276,7 @@ async fn random_histories_backfill_and_head_are_exact() {
         token_configs(model.erc20, model.nft),
     );
     let indexer = InProcIndexer::start(cfg.clone()).await;
-    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
-    assert_exact(&env, &anvil, &model).await;
-    assert_eq!(
-        stored_transfer_count(&env).await,
-        chain_log_count(&anvil, &model).await
-    );
+    assert_index_matches_chain(&env, &anvil, &model, Duration::from_secs(60)).await;
 
     // Token metadata was read from the chain.
     let (decimals, symbol): (Option<i32>, Option<String>) = sqlx::query_as(
@@ -455,12 +461,7 @@ async fn a_backfill_commit_failing_after_its_transfers_leaves_nothing_behind() {
     .execute(&env.pool)
     .await
     .unwrap();
-    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
-    assert_exact(&env, &anvil, &model).await;
-    assert_eq!(
-        stored_transfer_count(&env).await,
-        chain_log_count(&anvil, &model).await
-    );
+    assert_index_matches_chain(&env, &anvil, &model, Duration::from_secs(60)).await;
     indexer.stop().await;
 }
 
@@ -748,12 +749,7 @@ async fn rpc_faults_do_not_change_the_result() {
     for _ in 0..6 {
         model.random_tx(&anvil, 10).await;
     }
-    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
-    assert_exact(&env, &anvil, &model).await;
-    assert_eq!(
-        stored_transfer_count(&env).await,
-        chain_log_count(&anvil, &model).await
-    );
+    assert_index_matches_chain(&env, &anvil, &model, Duration::from_secs(60)).await;
     indexer.stop().await;
     for (what, c) in [
         ("429", &counts.rate_limited),
@@ -829,12 +825,7 @@ async fn sigkill_between_fetch_and_commit_loses_and_duplicates_nothing() {
         "the kills should land while the history is still being indexed"
     );
     let mut worker = Child::spawn(&env, &["--config", &cfg, "run"], &[]);
-    wait_head_indexed(&env, &anvil, Duration::from_secs(60)).await;
-    assert_exact(&env, &anvil, &model).await;
-    assert_eq!(
-        stored_transfer_count(&env).await,
-        chain_log_count(&anvil, &model).await
-    );
+    assert_index_matches_chain(&env, &anvil, &model, Duration::from_secs(60)).await;
     worker.signal("TERM");
     assert!(
         worker.wait_exit(Duration::from_secs(15)).success(),
@@ -1222,12 +1213,7 @@ async fn a_lagging_node_is_not_taken_for_a_reorg() {
     for _ in 0..4 {
         model.random_tx(&anvil, 6).await;
     }
-    wait_head_indexed(&env, &anvil, Duration::from_secs(30)).await;
-    assert_exact(&env, &anvil, &model).await;
-    assert_eq!(
-        stored_transfer_count(&env).await,
-        chain_log_count(&anvil, &model).await
-    );
+    assert_index_matches_chain(&env, &anvil, &model, Duration::from_secs(30)).await;
     indexer.stop().await;
 }
 
@@ -1278,11 +1264,6 @@ async fn a_tip_reorged_out_before_a_backfill_is_undone_first() {
     anvil.mine(20).await;
     lock.rollback().await.unwrap();
 
-    wait_head_indexed(&env, &anvil, Duration::from_secs(30)).await;
-    assert_exact(&env, &anvil, &model).await;
-    assert_eq!(
-        stored_transfer_count(&env).await,
-        chain_log_count(&anvil, &model).await
-    );
+    assert_index_matches_chain(&env, &anvil, &model, Duration::from_secs(30)).await;
     indexer.stop().await;
 }
