@@ -372,6 +372,9 @@ async fn main() -> Res<()> {
     let prefix = format!("twbench:{db_name}");
     let dir = std::env::temp_dir().join(&db_name);
     std::fs::create_dir_all(&dir)?;
+    // From here on the database, the Redis prefix and the temp dir exist: a run that fails
+    // half-way removes them too (the worker, `Killed`, is stopped when the block ends).
+    let outcome = async {
     let cfg_path = dir.join("bench.toml");
     std::fs::write(
         &cfg_path,
@@ -653,17 +656,28 @@ start_block = {deploy_block}
         hwm_end as f64 / 1024.0
     );
     drop(worker);
+    Ok::<(), Box<dyn Error + Send + Sync>>(())
+    }
+    .await;
+    if let Err(e) = &outcome {
+        println!(
+            "bench failed: {e}; see {}",
+            dir.join("worker.log").display()
+        );
+    }
     pool.close().await;
     admin.close().await;
     // The worker's streams and keys under the prefix go with the database.
     support::drop_bench_state(
-        client.get_multiplexed_async_connection().await.ok(),
+        support::redis_conn(&a.redis).await.ok(),
         &prefix,
         &a.db_admin,
         &db_name,
         false,
     )
     .await;
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    if outcome.is_ok() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    outcome
 }

@@ -416,6 +416,10 @@ impl Bench {
             args.keep_db,
         )
         .await;
+        // The worker's config and log (see `start_worker`); kept with the database.
+        if !args.keep_db {
+            let _ = std::fs::remove_dir_all(std::env::temp_dir().join(&self.db_name));
+        }
     }
 
     async fn redis(&self) -> redis::RedisResult<MultiplexedConnection> {

@@ -308,7 +308,7 @@ pub async fn redis_conn(url: &str) -> redis::RedisResult<MultiplexedConnection> 
         .await
 }
 
-/// Waits until the replicas answer a grant (migrations applied, consumers reading).
+/// The machine's load averages over 1, 5 and 15 minutes, as `/proc/loadavg` gives them.
 pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
