@@ -1,7 +1,9 @@
 //! One indexer per chain across replicas: a Postgres session advisory lock held on a dedicated
 //! connection. The process that holds it is the chain's leader; its death closes the connection,
 //! which releases the lock, and a standby (retrying every [`RETRY`]) takes over. The same
-//! connection carries the leader's writes, so a replica that lost the lock cannot write.
+//! connection carries the leader's balances and checkpoint, so a replica that lost the lock
+//! cannot change them (its backfill writers can only leave transfer rows above the checkpoint:
+//! `ChainStore::commit_backfill_batch`).
 //! Other single-leader work (the access monitor) takes a lease of its own key with
 //! [`Lease::acquire_key`].
 
