@@ -1244,19 +1244,11 @@ async fn a_tip_reorged_out_before_a_backfill_is_undone_first() {
         .execute(&mut *lock)
         .await
         .unwrap();
-    wait_until(
+    common::wait_for_lock_waiter(
+        &env.pool,
+        "tokenwarden-indexer-%",
         Duration::from_secs(10),
         "the indexer waits for the lock",
-        || async {
-            sqlx::query_scalar::<_, i64>(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                 AND application_name LIKE 'tokenwarden-indexer-%' AND wait_event_type = 'Lock'",
-            )
-            .fetch_one(&env.pool)
-            .await
-            .ok()
-            .filter(|n| *n > 0)
-        },
     )
     .await;
     // Meanwhile the indexed tip is reorged out and the chain moves 20 blocks on.

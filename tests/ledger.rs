@@ -2118,22 +2118,11 @@ async fn race_sql_door(pool: &PgPool, first: &str, call: &str) -> (Value, Value)
             .await
             .unwrap_or_else(|e| panic!("{second}: {e}"))
     });
-    common::wait_until(
+    common::wait_for_lock_waiter(
+        pool,
+        "%",
         Duration::from_secs(20),
         "the second call waits on a lock",
-        || {
-            let p = pool.clone();
-            async move {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity \
-                  WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                )
-                .fetch_one(&p)
-                .await
-                .expect("read pg_stat_activity");
-                (waiting > 0).then_some(())
-            }
-        },
     )
     .await;
     tx.commit().await.expect("commit");

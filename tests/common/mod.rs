@@ -482,6 +482,24 @@ where
     }
 }
 
+/// Waits until a session of this test's database whose `application_name` is LIKE `app`
+/// waits on a lock (`pg_stat_activity.wait_event_type = 'Lock'`): how a test knows that the
+/// call it raced against an open transaction is blocked by it.
+pub async fn wait_for_lock_waiter(pool: &sqlx::PgPool, app: &str, timeout: Duration, what: &str) {
+    wait_until(timeout, what, || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name LIKE $1 AND wait_event_type = 'Lock'",
+        )
+        .bind(app)
+        .fetch_one(pool)
+        .await
+        .ok()
+        .filter(|n| *n > 0)
+    })
+    .await;
+}
+
 /// A `tokenwarden` child process that is killed when dropped.
 pub struct Child(pub std::process::Child);
 
