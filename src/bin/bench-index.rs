@@ -37,6 +37,9 @@ struct Args {
     history_queries: u64,
     second_logs: u64,
     probe_ms: u64,
+    /// `backfill_writers` of the worker's chain; unset: the worker's default (and a config
+    /// that a worker from before the setting also reads).
+    backfill_writers: Option<u64>,
     root: PathBuf,
     tokenwarden: PathBuf,
     db_admin: String,
@@ -271,6 +274,10 @@ async fn main() -> Res<()> {
         history_queries: arg("history-queries", "2000").parse()?,
         second_logs: arg("second-logs", "100000").parse()?,
         probe_ms: arg("probe-ms", "250").parse()?,
+        backfill_writers: match arg("backfill-writers", "").as_str() {
+            "" => None,
+            n => Some(n.parse()?),
+        },
         tokenwarden: PathBuf::from(arg("tokenwarden", "target/release/tokenwarden")),
         db_admin: arg("db", "postgres://postgres@127.0.0.1:5432/postgres"),
         redis: arg("redis", "redis://127.0.0.1:6379"),
@@ -376,6 +383,9 @@ async fn main() -> Res<()> {
     // half-way removes them too (the worker, `Killed`, is stopped when the block ends).
     let outcome = async {
     let cfg_path = dir.join("bench.toml");
+    let writers = a
+        .backfill_writers
+        .map_or(String::new(), |n| format!("backfill_writers = {n}\n"));
     std::fs::write(
         &cfg_path,
         format!(
@@ -389,7 +399,7 @@ ws_url = "ws://127.0.0.1:{port}"
 poll_interval_ms = 1000
 reorg_depth = 64
 max_block_range = 2000
-[[chain.tokens]]
+{writers}[[chain.tokens]]
 chain_id = 31337
 address = "{token:#x}"
 standard = "erc20"
