@@ -392,12 +392,15 @@ pub async fn blpop(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> s
 }
 
 impl Drop for TestEnv {
-    /// Drops this test's database so repeated runs don't fill the disk. Runs on its own thread
-    /// and runtime because the test's runtime may already be shutting down; `WITH (FORCE)` ends
-    /// the pool's and any child worker's connections. A failure here only leaves the database
-    /// for `make clean-test-dbs` (run by `make test`), so it is not a test failure.
+    /// Drops this test's database and deletes its Redis prefix (`{prefix}:*`), so repeated runs
+    /// fill neither the disk nor Redis. Runs on its own thread and runtime because the test's
+    /// runtime may already be shutting down; `WITH (FORCE)` ends the pool's and any child
+    /// worker's connections. A failure here only leaves the database for `make
+    /// clean-test-dbs` (run by `make test`) or the keys behind, so it is not a test failure.
     fn drop(&mut self) {
         let db = self.db_name.clone();
+        let redis_url = self.redis_url.clone();
+        let prefix = self.redis_prefix.clone();
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -420,9 +423,42 @@ impl Drop for TestEnv {
                 .execute(&admin)
                 .await;
                 admin.close().await;
+                delete_prefix(&redis_url, &prefix).await;
             });
         })
         .join();
+    }
+}
+
+/// Deletes every key under `{prefix}:` (SCAN, then DEL in chunks); best effort.
+async fn delete_prefix(redis_url: &str, prefix: &str) {
+    let Ok(client) = redis::Client::open(redis_url) else {
+        return;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    let mut cursor: u64 = 0;
+    loop {
+        let Ok((next, keys)): redis::RedisResult<(u64, Vec<Vec<u8>>)> = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+        else {
+            return;
+        };
+        if !keys.is_empty() {
+            let _: redis::RedisResult<i64> =
+                redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
     }
 }
 
