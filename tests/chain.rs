@@ -437,7 +437,7 @@ async fn a_backfill_commit_failing_after_its_transfers_leaves_nothing_behind() {
         token_configs(model.erc20, model.nft),
     );
     let indexer = InProcIndexer::start(cfg).await;
-    let above = wait_until(
+    wait_until(
         Duration::from_secs(60),
         "transfer rows above the checkpoint after a failed commit",
         || async {
@@ -453,7 +453,6 @@ async fn a_backfill_commit_failing_after_its_transfers_leaves_nothing_behind() {
         },
     )
     .await;
-    assert!(above > 0);
     sqlx::raw_sql(
         "DROP TRIGGER tw_test_refuse_balances ON public.token_balances; \
          DROP FUNCTION public.tw_test_refuse_balances();",
