@@ -963,6 +963,11 @@ impl<S: ChainSource> Indexer<S> {
             VecDeque::new();
         tracing::info!(chain_id = self.chain_id(), from, to, "backfill started");
         let mut writers = self.open_writers().await;
+        // Fetched ranges that may wait for the next commit: far behind, the commit is the
+        // bottleneck, and a commit of MAX_COMMIT_ROWS transfers pays the balance upsert (one row
+        // per holder it touches, most of them when holders are many) once for all of them.
+        let ahead = (MAX_COMMIT_ROWS as u64 / self.chain.target_logs_per_request.max(1))
+            .clamp(1, 16) as usize;
         let mut catalogue_changed = false;
         loop {
             if !catalogue_changed && self.catalogue_checked.elapsed() >= CATALOGUE_POLL {
@@ -974,11 +979,7 @@ impl<S: ChainSource> Indexer<S> {
                 self.catalogue_stale = catalogue_changed;
             }
             // Up to `fetch_concurrency` requests in flight, and fetched ranges waiting beside
-            // them for up to one more commit: far behind, the commit is the bottleneck, and a
-            // commit of MAX_COMMIT_ROWS transfers pays the balance upsert (one row per holder
-            // it touches, most of them when holders are many) once for all of them.
-            let ahead = (MAX_COMMIT_ROWS as u64 / self.chain.target_logs_per_request.max(1))
-                .clamp(1, 16) as usize;
+            // them for up to one more commit (`ahead`).
             while !catalogue_changed
                 && next <= to
                 && inflight.len() < self.chain.fetch_concurrency + ahead
