@@ -416,14 +416,19 @@ impl Bench {
             args.keep_db,
         )
         .await;
-        // The worker's config and log (see `start_worker`); kept with the database.
+        // The worker's config and log; kept with the database.
         if !args.keep_db {
-            let _ = std::fs::remove_dir_all(std::env::temp_dir().join(&self.db_name));
+            let _ = std::fs::remove_dir_all(self.worker_dir());
         }
     }
 
     async fn redis(&self) -> redis::RedisResult<MultiplexedConnection> {
         redis_conn(&self.redis_url).await
+    }
+
+    /// Where the worker's config and log go (one per bench database).
+    fn worker_dir(&self) -> std::path::PathBuf {
+        std::env::temp_dir().join(&self.db_name)
     }
 
     async fn run(&self, args: &Args, figures: &mut Figures) -> Result<()> {
@@ -719,7 +724,7 @@ impl Bench {
                 .context("bench binary has a directory")?
                 .join("tokenwarden"),
         };
-        let dir = std::env::temp_dir().join(&self.db_name);
+        let dir = self.worker_dir();
         std::fs::create_dir_all(&dir)?;
         let cfg = dir.join("bench.toml");
         std::fs::write(
