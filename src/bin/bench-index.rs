@@ -382,14 +382,14 @@ async fn main() -> Res<()> {
     // From here on the database, the Redis prefix and the temp dir exist: a run that fails
     // half-way removes them too (the worker, `Killed`, is stopped when the block ends).
     let outcome = async {
-    let cfg_path = dir.join("bench.toml");
-    let writers = a
-        .backfill_writers
-        .map_or(String::new(), |n| format!("backfill_writers = {n}\n"));
-    std::fs::write(
-        &cfg_path,
-        format!(
-            r#"[chain]
+        let cfg_path = dir.join("bench.toml");
+        let writers = a
+            .backfill_writers
+            .map_or(String::new(), |n| format!("backfill_writers = {n}\n"));
+        std::fs::write(
+            &cfg_path,
+            format!(
+                r#"[chain]
 enabled = true
 [[chain.chains]]
 chain_id = 31337
@@ -405,186 +405,101 @@ address = "{token:#x}"
 standard = "erc20"
 start_block = {deploy_block}
 "#
-        ),
-    )?;
-    let log_path = dir.join("worker.log");
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let worker_cmd = |args: &[&str]| {
-        let mut c = std::process::Command::new(&a.tokenwarden);
-        c.arg("--config")
-            .arg(&cfg_path)
-            .args(args)
-            .env("TOKENWARDEN__DATABASE__URL", &db_url)
-            .env("TOKENWARDEN__REDIS__URL", &a.redis)
-            .env("TOKENWARDEN__REDIS__PREFIX", &prefix)
-            .env("TOKENWARDEN__HTTP__ENABLED", "true")
-            .env(
-                "TOKENWARDEN__HTTP__LISTEN",
-                format!("127.0.0.1:{metrics_port}"),
-            );
-        c
-    };
-    // Migrations run once per deployment, not per backfill: applied (and timed) first.
-    let t_migrate = Instant::now();
-    let status = worker_cmd(&["migrate"])
-        .stderr(std::fs::File::create(dir.join("migrate.log"))?)
-        .status()?;
-    if !status.success() {
-        return Err(format!("tokenwarden migrate failed: {status}").into());
-    }
-    println!(
-        "migrations on the fresh database (untimed below): {:.2}s",
-        t_migrate.elapsed().as_secs_f64()
-    );
-    let t0 = Instant::now();
-    let worker = Killed(
-        worker_cmd(&["run"])
-            .stderr(std::fs::File::create(&log_path)?)
-            .spawn()?,
-    );
-    let pid = worker.0.id();
-    let index = tokenwarden::chain::store::ChainStore::new(31337)?;
-    loop {
-        let cp = index.checkpoint(&pool).await?;
-        if cp.map(|c| c.number) == Some(head) {
-            break;
+            ),
+        )?;
+        let log_path = dir.join("worker.log");
+        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let worker_cmd = |args: &[&str]| {
+            let mut c = std::process::Command::new(&a.tokenwarden);
+            c.arg("--config")
+                .arg(&cfg_path)
+                .args(args)
+                .env("TOKENWARDEN__DATABASE__URL", &db_url)
+                .env("TOKENWARDEN__REDIS__URL", &a.redis)
+                .env("TOKENWARDEN__REDIS__PREFIX", &prefix)
+                .env("TOKENWARDEN__HTTP__ENABLED", "true")
+                .env(
+                    "TOKENWARDEN__HTTP__LISTEN",
+                    format!("127.0.0.1:{metrics_port}"),
+                );
+            c
+        };
+        // Migrations run once per deployment, not per backfill: applied (and timed) first.
+        let t_migrate = Instant::now();
+        let status = worker_cmd(&["migrate"])
+            .stderr(std::fs::File::create(dir.join("migrate.log"))?)
+            .status()?;
+        if !status.success() {
+            return Err(format!("tokenwarden migrate failed: {status}").into());
         }
-        if t0.elapsed() > Duration::from_secs(600) {
-            return Err(format!("no sync after 600 s; see {}", log_path.display()).into());
+        println!(
+            "migrations on the fresh database (untimed below): {:.2}s",
+            t_migrate.elapsed().as_secs_f64()
+        );
+        let t0 = Instant::now();
+        let worker = Killed(
+            worker_cmd(&["run"])
+                .stderr(std::fs::File::create(&log_path)?)
+                .spawn()?,
+        );
+        let pid = worker.0.id();
+        let index = tokenwarden::chain::store::ChainStore::new(31337)?;
+        loop {
+            let cp = index.checkpoint(&pool).await?;
+            if cp.map(|c| c.number) == Some(head) {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(600) {
+                return Err(format!("no sync after 600 s; see {}", log_path.display()).into());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let index_secs = t0.elapsed().as_secs_f64();
-    let hwm_backfill = vm_hwm_kb(pid).unwrap_or(0);
-    let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
-    let after_backfill = rpc_requests(&http, &metrics_url).await?;
+        let index_secs = t0.elapsed().as_secs_f64();
+        let hwm_backfill = vm_hwm_kb(pid).unwrap_or(0);
+        let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+        let after_backfill = rpc_requests(&http, &metrics_url).await?;
 
-    let chain: tokenwarden::config::ChainConfig = serde_json::from_value(serde_json::json!({
-        "chain_id": 31337, "name": "anvil", "rpc_urls": [url]}))?;
-    let tokens = vec![tokenwarden::config::TokenConfig {
-        chain_id: 31337,
-        address: format!("{token:#x}"),
-        standard: tokenwarden::config::TokenStandard::Erc20,
-        start_block: deploy_block,
-    }];
-    let report = tokenwarden::chain::cli::reconcile(&pool, &chain, &tokens).await?;
-    println!(
-        "indexer: start → exact balances at head: {index_secs:.2}s = {:.0} logs/s ({:.2}x the chain's one-call speed); reconciled {} holders at block {:?}: {} mismatches",
-        a.logs as f64 / index_secs,
-        getlogs_secs / index_secs,
-        report.checked,
-        report.block,
-        report.mismatches.len()
-    );
-    if !report.mismatches.is_empty() || report.checked as u64 != a.holders {
-        return Err(format!(
-            "balances are not exact: {:?}",
-            &report.mismatches[..report.mismatches.len().min(5)]
-        )
-        .into());
-    }
-    let (d, total) = requests_between(&BTreeMap::new(), &after_backfill);
-    println!("RPC, start → head: {}", per_10k(&d, total, a.logs));
-
-    // 4. Head lag at one block per second.
-    let client = redis::Client::open(a.redis.as_str())?;
-    let mut pubsub = client.get_async_pubsub().await?;
-    pubsub
-        .subscribe(format!("{prefix}:balance_changes"))
-        .await?;
-    let mut messages = pubsub.on_message();
-    let mut hist = hdrhistogram::Histogram::<u64>::new(3)?;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut start = a.logs.max(a.holders);
-    let before_head = rpc_requests(&http, &metrics_url).await?;
-    for _ in 0..a.lag_blocks {
-        tick.tick().await;
-        let lag = probe(
-            &provider,
-            &mut messages,
-            token,
-            sender,
-            a.holders,
-            start,
-            nonce,
-        )
-        .await?;
-        nonce += 1;
-        start += 20;
-        hist.record(lag.as_micros() as u64)?;
-    }
-    let (d, total) = requests_between(&before_head, &rpc_requests(&http, &metrics_url).await?);
-    println!(
-        "head lag (tx sent → block mined → balances committed and announced), {} blocks at 1/s: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; RPC {total} requests = {:.1} per block {d:?}",
-        hist.len(),
-        ms(&hist, 0.5),
-        ms(&hist, 0.99),
-        hist.max() as f64 / 1000.0,
-        total as f64 / a.lag_blocks.max(1) as f64,
-    );
-
-    // 5. A second token added at run time while the first is live: head lag of the first
-    // token during the second's own backfill against the same probes just before.
-    if let Some((token2, block2)) = second {
-        let mut tick = tokio::time::interval(Duration::from_millis(a.probe_ms));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut before = hdrhistogram::Histogram::<u64>::new(3)?;
-        for _ in 0..40 {
-            tick.tick().await;
-            let lag = probe(
-                &provider,
-                &mut messages,
-                token,
-                sender,
-                a.holders,
-                start,
-                nonce,
-            )
-            .await?;
-            nonce += 1;
-            start += 20;
-            before.record(lag.as_micros() as u64)?;
-        }
-        let before_add = rpc_requests(&http, &metrics_url).await?;
-        let t_add = Instant::now();
-        let out = worker_cmd(&[
-            "index",
-            "token",
-            "add",
-            "--chain-id",
-            "31337",
-            "--address",
-            &format!("{token2:#x}"),
-            "--standard",
-            "erc20",
-            "--start-block",
-            &block2.to_string(),
-        ])
-        .env("TOKENWARDEN__HTTP__ENABLED", "false")
-        .output()?;
-        if !out.status.success() {
+        let chain: tokenwarden::config::ChainConfig = serde_json::from_value(serde_json::json!({
+            "chain_id": 31337, "name": "anvil", "rpc_urls": [url]}))?;
+        let tokens = vec![tokenwarden::config::TokenConfig {
+            chain_id: 31337,
+            address: format!("{token:#x}"),
+            standard: tokenwarden::config::TokenStandard::Erc20,
+            start_block: deploy_block,
+        }];
+        let report = tokenwarden::chain::cli::reconcile(&pool, &chain, &tokens).await?;
+        println!(
+            "indexer: start → exact balances at head: {index_secs:.2}s = {:.0} logs/s ({:.2}x the chain's one-call speed); reconciled {} holders at block {:?}: {} mismatches",
+            a.logs as f64 / index_secs,
+            getlogs_secs / index_secs,
+            report.checked,
+            report.block,
+            report.mismatches.len()
+        );
+        if !report.mismatches.is_empty() || report.checked as u64 != a.holders {
             return Err(format!(
-                "index token add failed: {}",
-                String::from_utf8_lossy(&out.stderr)
+                "balances are not exact: {:?}",
+                &report.mismatches[..report.mismatches.len().min(5)]
             )
             .into());
         }
-        let mut during = hdrhistogram::Histogram::<u64>::new(3)?;
-        let live = loop {
-            let status: Option<String> = sqlx::query_scalar(
-                "SELECT status FROM public.chain_tokens WHERE chain_id = 31337 AND address = $1",
-            )
-            .bind(format!("{token2:#x}"))
-            .fetch_optional(&pool)
+        let (d, total) = requests_between(&BTreeMap::new(), &after_backfill);
+        println!("RPC, start → head: {}", per_10k(&d, total, a.logs));
+
+        // 4. Head lag at one block per second.
+        let client = redis::Client::open(a.redis.as_str())?;
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub
+            .subscribe(format!("{prefix}:balance_changes"))
             .await?;
-            if status.as_deref() == Some("live") {
-                break t_add.elapsed();
-            }
-            if t_add.elapsed() > Duration::from_secs(600) {
-                return Err("the second token did not go live within 600 s".into());
-            }
+        let mut messages = pubsub.on_message();
+        let mut hist = hdrhistogram::Histogram::<u64>::new(3)?;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut start = a.logs.max(a.holders);
+        let before_head = rpc_requests(&http, &metrics_url).await?;
+        for _ in 0..a.lag_blocks {
             tick.tick().await;
             let lag = probe(
                 &provider,
@@ -598,75 +513,160 @@ start_block = {deploy_block}
             .await?;
             nonce += 1;
             start += 20;
-            during.record(lag.as_micros() as u64)?;
-        };
-        let (d, total) = requests_between(&before_add, &rpc_requests(&http, &metrics_url).await?);
-        let tokens2 = vec![tokenwarden::config::TokenConfig {
-            chain_id: 31337,
-            address: format!("{token2:#x}"),
-            standard: tokenwarden::config::TokenStandard::Erc20,
-            start_block: block2,
-        }];
-        let report2 = tokenwarden::chain::cli::reconcile(&pool, &chain, &tokens2).await?;
-        println!(
-            "second token added at run time: {} logs backfilled and live {:.2}s after `index token add` ({:.0} logs/s), reconciled {} holders: {} mismatches; RPC meanwhile (head probes included): {}",
-            a.second_logs,
-            live.as_secs_f64(),
-            a.second_logs as f64 / live.as_secs_f64(),
-            report2.checked,
-            report2.mismatches.len(),
-            per_10k(&d, total, a.second_logs)
-        );
-        println!(
-            "head lag of the first token, a probe every {} ms: before the add ({} probes) p50 {:.1} ms, p99 {:.1} ms; during the second token's backfill ({} probes) p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-            a.probe_ms,
-            before.len(),
-            ms(&before, 0.5),
-            ms(&before, 0.99),
-            during.len(),
-            ms(&during, 0.5),
-            ms(&during, 0.99),
-            during.max() as f64 / 1000.0
-        );
-        if !report2.mismatches.is_empty() || report2.checked as u64 != a.holders.min(a.second_logs)
-        {
-            return Err("the second token's balances are not exact".into());
+            hist.record(lag.as_micros() as u64)?;
         }
-    }
-    let hwm_end = vm_hwm_kb(pid).unwrap_or(0);
+        let (d, total) = requests_between(&before_head, &rpc_requests(&http, &metrics_url).await?);
+        println!(
+            "head lag (tx sent → block mined → balances committed and announced), {} blocks at 1/s: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; RPC {total} requests = {:.1} per block {d:?}",
+            hist.len(),
+            ms(&hist, 0.5),
+            ms(&hist, 0.99),
+            hist.max() as f64 / 1000.0,
+            total as f64 / a.lag_blocks.max(1) as f64,
+        );
 
-    // 6. Balance at any block (access checks): random holders at random blocks of the history.
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let head_now = index.checkpoint(&pool).await?.map_or(head, |c| c.number);
-    let holder_of = |k: u64| Address::from(U160::from(HOLDER_BASE + k));
-    let mut at = hdrhistogram::Histogram::<u64>::new(3)?;
-    let mut since = hdrhistogram::Histogram::<u64>::new(3)?;
-    for _ in 0..a.history_queries {
-        let h = holder_of(rng.random_range(0..a.holders));
-        let b = rng.random_range(deploy_block..=head_now);
-        let t = Instant::now();
-        index.balance_at(&pool, token, h, b).await?;
-        at.record(t.elapsed().as_micros() as u64)?;
-        let from = rng.random_range(deploy_block..=b);
-        let t = Instant::now();
-        index.min_balance_between(&pool, token, h, from, b).await?;
-        since.record(t.elapsed().as_micros() as u64)?;
-    }
-    println!(
-        "balance at a block, {} random (holder, block): balance_at p50 {:.2} ms, p99 {:.2} ms; min_balance_between p50 {:.2} ms, p99 {:.2} ms",
-        at.len(),
-        ms(&at, 0.5),
-        ms(&at, 0.99),
-        ms(&since, 0.5),
-        ms(&since, 0.99)
-    );
-    println!(
-        "peak RSS (VmHWM) of the worker: {:.1} MB after backfill, {:.1} MB at the end",
-        hwm_backfill as f64 / 1024.0,
-        hwm_end as f64 / 1024.0
-    );
-    drop(worker);
-    Ok::<(), Box<dyn Error + Send + Sync>>(())
+        // 5. A second token added at run time while the first is live: head lag of the first
+        // token during the second's own backfill against the same probes just before.
+        if let Some((token2, block2)) = second {
+            let mut tick = tokio::time::interval(Duration::from_millis(a.probe_ms));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut before = hdrhistogram::Histogram::<u64>::new(3)?;
+            for _ in 0..40 {
+                tick.tick().await;
+                let lag = probe(
+                    &provider,
+                    &mut messages,
+                    token,
+                    sender,
+                    a.holders,
+                    start,
+                    nonce,
+                )
+                .await?;
+                nonce += 1;
+                start += 20;
+                before.record(lag.as_micros() as u64)?;
+            }
+            let before_add = rpc_requests(&http, &metrics_url).await?;
+            let t_add = Instant::now();
+            let out = worker_cmd(&[
+                "index",
+                "token",
+                "add",
+                "--chain-id",
+                "31337",
+                "--address",
+                &format!("{token2:#x}"),
+                "--standard",
+                "erc20",
+                "--start-block",
+                &block2.to_string(),
+            ])
+            .env("TOKENWARDEN__HTTP__ENABLED", "false")
+            .output()?;
+            if !out.status.success() {
+                return Err(format!(
+                    "index token add failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+                .into());
+            }
+            let mut during = hdrhistogram::Histogram::<u64>::new(3)?;
+            let live = loop {
+                let status: Option<String> = sqlx::query_scalar(
+                    "SELECT status FROM public.chain_tokens WHERE chain_id = 31337 AND address = $1",
+                )
+                .bind(format!("{token2:#x}"))
+                .fetch_optional(&pool)
+                .await?;
+                if status.as_deref() == Some("live") {
+                    break t_add.elapsed();
+                }
+                if t_add.elapsed() > Duration::from_secs(600) {
+                    return Err("the second token did not go live within 600 s".into());
+                }
+                tick.tick().await;
+                let lag = probe(
+                    &provider,
+                    &mut messages,
+                    token,
+                    sender,
+                    a.holders,
+                    start,
+                    nonce,
+                )
+                .await?;
+                nonce += 1;
+                start += 20;
+                during.record(lag.as_micros() as u64)?;
+            };
+            let (d, total) = requests_between(&before_add, &rpc_requests(&http, &metrics_url).await?);
+            let tokens2 = vec![tokenwarden::config::TokenConfig {
+                chain_id: 31337,
+                address: format!("{token2:#x}"),
+                standard: tokenwarden::config::TokenStandard::Erc20,
+                start_block: block2,
+            }];
+            let report2 = tokenwarden::chain::cli::reconcile(&pool, &chain, &tokens2).await?;
+            println!(
+                "second token added at run time: {} logs backfilled and live {:.2}s after `index token add` ({:.0} logs/s), reconciled {} holders: {} mismatches; RPC meanwhile (head probes included): {}",
+                a.second_logs,
+                live.as_secs_f64(),
+                a.second_logs as f64 / live.as_secs_f64(),
+                report2.checked,
+                report2.mismatches.len(),
+                per_10k(&d, total, a.second_logs)
+            );
+            println!(
+                "head lag of the first token, a probe every {} ms: before the add ({} probes) p50 {:.1} ms, p99 {:.1} ms; during the second token's backfill ({} probes) p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                a.probe_ms,
+                before.len(),
+                ms(&before, 0.5),
+                ms(&before, 0.99),
+                during.len(),
+                ms(&during, 0.5),
+                ms(&during, 0.99),
+                during.max() as f64 / 1000.0
+            );
+            if !report2.mismatches.is_empty() || report2.checked as u64 != a.holders.min(a.second_logs)
+            {
+                return Err("the second token's balances are not exact".into());
+            }
+        }
+        let hwm_end = vm_hwm_kb(pid).unwrap_or(0);
+
+        // 6. Balance at any block (access checks): random holders at random blocks of the history.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let head_now = index.checkpoint(&pool).await?.map_or(head, |c| c.number);
+        let holder_of = |k: u64| Address::from(U160::from(HOLDER_BASE + k));
+        let mut at = hdrhistogram::Histogram::<u64>::new(3)?;
+        let mut since = hdrhistogram::Histogram::<u64>::new(3)?;
+        for _ in 0..a.history_queries {
+            let h = holder_of(rng.random_range(0..a.holders));
+            let b = rng.random_range(deploy_block..=head_now);
+            let t = Instant::now();
+            index.balance_at(&pool, token, h, b).await?;
+            at.record(t.elapsed().as_micros() as u64)?;
+            let from = rng.random_range(deploy_block..=b);
+            let t = Instant::now();
+            index.min_balance_between(&pool, token, h, from, b).await?;
+            since.record(t.elapsed().as_micros() as u64)?;
+        }
+        println!(
+            "balance at a block, {} random (holder, block): balance_at p50 {:.2} ms, p99 {:.2} ms; min_balance_between p50 {:.2} ms, p99 {:.2} ms",
+            at.len(),
+            ms(&at, 0.5),
+            ms(&at, 0.99),
+            ms(&since, 0.5),
+            ms(&since, 0.99)
+        );
+        println!(
+            "peak RSS (VmHWM) of the worker: {:.1} MB after backfill, {:.1} MB at the end",
+            hwm_backfill as f64 / 1024.0,
+            hwm_end as f64 / 1024.0
+        );
+        drop(worker);
+        Ok::<(), Box<dyn Error + Send + Sync>>(())
     }
     .await;
     if let Err(e) = &outcome {
