@@ -1268,11 +1268,15 @@ impl Replica {
         }
     }
 
+    /// A check as the queue door makes it: the decision, once it is cached.
     async fn check(&self, user: Uuid) -> Decision {
-        self.service
+        let (decision, cached) = self
+            .service
             .verify(user, &creator("CHAT"))
             .await
-            .expect("decision")
+            .expect("decision");
+        cached.written().await;
+        decision
     }
 
     fn processed(&self) -> u64 {

@@ -109,27 +109,22 @@ impl JobHandler for VerifyAccessHandler {
         let audit = self.audit.clone();
         Box::pin(async move {
             let req = parse_check(payload).map_err(JobError::Rejected)?;
-            let decision = service
+            let (decision, cached) = service
                 .verify(req.user_id, &req.question)
                 .await
                 .map_err(|e| JobError::Retryable(e.to_string()))?;
             // Durable before the reply: a failed record is retried with the job, unless
-            // Postgres refused the row itself (then no retry can record it).
-            audit
-                .record(AuditEntry::new(
-                    &decision,
-                    Door::Queue,
-                    Some(req.request_id),
-                    &req.caller,
-                ))
-                .await
-                .map_err(|e| {
-                    if e.is_bad_data() {
-                        JobError::Rejected(format!("the check cannot be recorded: {e}"))
-                    } else {
-                        JobError::Retryable(e.to_string())
-                    }
-                })?;
+            // Postgres refused the row itself (then no retry can record it). The decision's
+            // cache write runs meanwhile; the reply waits for both.
+            let entry = AuditEntry::new(&decision, Door::Queue, Some(req.request_id), &req.caller);
+            let (recorded, ()) = tokio::join!(audit.record(entry), cached.written());
+            recorded.map_err(|e| {
+                if e.is_bad_data() {
+                    JobError::Rejected(format!("the check cannot be recorded: {e}"))
+                } else {
+                    JobError::Retryable(e.to_string())
+                }
+            })?;
             let mut reply = serde_json::to_value(&decision)
                 .map_err(|e| JobError::Retryable(format!("cannot encode reply: {e}")))?;
             if let Some(obj) = reply.as_object_mut() {

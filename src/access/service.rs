@@ -8,6 +8,10 @@
 //! with one Redis round trip, evaluates its misses with one SQL statement, and stores the fresh
 //! decisions with one Redis script call. A quiet worker thus serves each check alone, as
 //! before; a busy one pays those round trips once per batch instead of once per check.
+//!
+//! A fresh decision is answered before its cache write ends, with a [`Cached`] that resolves
+//! when it has: the queue door records the check in the audit meanwhile and replies once both
+//! are done, so a reply still means the decision is cached, without the two waits adding up.
 
 use std::sync::Arc;
 
@@ -25,7 +29,20 @@ const MAX_BATCH: usize = 256;
 /// Batches served at once (each holds at most one Postgres connection while it evaluates).
 const BATCHES_IN_FLIGHT: usize = 4;
 
-type Answer = oneshot::Sender<Result<Decision, Arc<CheckError>>>;
+type Answer = oneshot::Sender<Result<(Decision, Cached), Arc<CheckError>>>;
+
+/// Resolves once the decision it came with is in the cache (or its write failed, which is
+/// logged): at once for a decision read from the cache or with no cache configured.
+pub struct Cached(Option<oneshot::Receiver<()>>);
+
+impl Cached {
+    pub async fn written(self) {
+        if let Some(rx) = self.0 {
+            // An error only means the batch dropped the sender: nothing is left to wait for.
+            let _ = rx.await;
+        }
+    }
+}
 
 struct Pending {
     user: Uuid,
@@ -66,8 +83,13 @@ impl AccessService {
         Self { tx }
     }
 
-    /// The decision for `user` on `question`: cached if still valid, else evaluated and cached.
-    pub async fn verify(&self, user: Uuid, question: &Question) -> Result<Decision, ServiceError> {
+    /// The decision for `user` on `question`: cached if still valid, else evaluated and cached
+    /// (the write may still be under way: await the [`Cached`]).
+    pub async fn verify(
+        &self,
+        user: Uuid,
+        question: &Question,
+    ) -> Result<(Decision, Cached), ServiceError> {
         let (answer, rx) = oneshot::channel();
         self.tx
             .send(Pending {
@@ -111,7 +133,7 @@ impl Batcher {
                                 Lookup::Hit(d) => {
                                     count(Source::Cache);
                                     if let Some(p) = pending[i].take() {
-                                        let _ = p.answer.send(Ok(*d));
+                                        let _ = p.answer.send(Ok((*d, Cached(None))));
                                     }
                                 }
                                 Lookup::Miss(e) => {
@@ -148,17 +170,34 @@ impl Batcher {
                 return;
             }
         };
+        // Answered now; each caller gets a receiver the cache write below fires when done.
+        let mut users = Vec::with_capacity(misses.len());
+        let mut written = Vec::with_capacity(misses.len());
+        for (&i, decision) in misses.iter().zip(&decisions) {
+            count(decision.source);
+            users.push(pending[i].take().map(|p| {
+                let cached = if self.cache.is_some() {
+                    let (tx, rx) = oneshot::channel();
+                    written.push(tx);
+                    Cached(Some(rx))
+                } else {
+                    Cached(None)
+                };
+                let _ = p.answer.send(Ok((decision.clone(), cached)));
+                p.user
+            }));
+        }
         // A fallback decision is not cached: the next check asks the verifier again (its
         // breaker makes that cheap while it is down).
         if let Some(cache) = &self.cache {
             let puts: Vec<Put<'_>> = misses
                 .iter()
                 .zip(&decisions)
-                .filter(|(_, d)| d.source != Source::Fallback)
-                .filter_map(|(&i, d)| {
-                    let p = pending[i].as_ref()?;
+                .zip(users)
+                .filter(|((_, d), _)| d.source != Source::Fallback)
+                .filter_map(|((&i, d), user)| {
                     Some(Put {
-                        user: p.user,
+                        user: user?,
                         rule: &rules[i],
                         epochs: epochs[i]?,
                         decision: d,
@@ -169,11 +208,8 @@ impl Batcher {
                 tracing::warn!(error = %e, "cannot cache decisions");
             }
         }
-        for (&i, decision) in misses.iter().zip(decisions) {
-            count(decision.source);
-            if let Some(p) = pending[i].take() {
-                let _ = p.answer.send(Ok(decision));
-            }
+        for tx in written {
+            let _ = tx.send(());
         }
     }
 }
