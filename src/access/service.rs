@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use super::cache::{DecisionCache, Lookup, Put, rule_key};
@@ -33,13 +33,14 @@ type Answer = oneshot::Sender<Result<(Decision, Cached), Arc<CheckError>>>;
 
 /// Resolves once the decision it came with is in the cache (or its write failed, which is
 /// logged): at once for a decision read from the cache or with no cache configured.
-pub struct Cached(Option<oneshot::Receiver<()>>);
+pub struct Cached(Option<watch::Receiver<()>>);
 
 impl Cached {
     pub async fn written(self) {
-        if let Some(rx) = self.0 {
-            // An error only means the batch dropped the sender: nothing is left to wait for.
-            let _ = rx.await;
+        if let Some(mut rx) = self.0 {
+            // The batch never sends: it drops its sender once its cache write is over, and
+            // that ends this wait.
+            let _ = rx.changed().await;
         }
     }
 }
@@ -116,15 +117,16 @@ impl Batcher {
             .iter()
             .map(|p| rule_key(&p.question.creator_id(), p.question.feature()))
             .collect();
+        let users: Vec<Uuid> = batch.iter().map(|p| p.user).collect();
         let mut epochs = vec![None; batch.len()];
         let mut misses = Vec::with_capacity(batch.len());
         let mut pending: Vec<Option<Pending>> = batch.into_iter().map(Some).collect();
         match &self.cache {
             Some(cache) => {
-                let keys: Vec<(Uuid, &str)> = pending
+                let keys: Vec<(Uuid, &str)> = users
                     .iter()
                     .zip(&rules)
-                    .filter_map(|(p, r)| p.as_ref().map(|p| (p.user, r.as_str())))
+                    .map(|(&u, r)| (u, r.as_str()))
                     .collect();
                 match cache.get_many(&keys).await {
                     Ok(found) => {
@@ -170,22 +172,15 @@ impl Batcher {
                 return;
             }
         };
-        // Answered now; each caller gets a receiver the cache write below fires when done.
-        let mut users = Vec::with_capacity(misses.len());
-        let mut written = Vec::with_capacity(misses.len());
+        // Answered now, each with a receiver of the cache write below: dropping `written` at
+        // the end of the batch tells them it is over.
+        let written = self.cache.as_ref().map(|_| watch::channel(()).0);
         for (&i, decision) in misses.iter().zip(&decisions) {
             count(decision.source);
-            users.push(pending[i].take().map(|p| {
-                let cached = if self.cache.is_some() {
-                    let (tx, rx) = oneshot::channel();
-                    written.push(tx);
-                    Cached(Some(rx))
-                } else {
-                    Cached(None)
-                };
+            if let Some(p) = pending[i].take() {
+                let cached = Cached(written.as_ref().map(watch::Sender::subscribe));
                 let _ = p.answer.send(Ok((decision.clone(), cached)));
-                p.user
-            }));
+            }
         }
         // A fallback decision is not cached: the next check asks the verifier again (its
         // breaker makes that cheap while it is down).
@@ -193,11 +188,10 @@ impl Batcher {
             let puts: Vec<Put<'_>> = misses
                 .iter()
                 .zip(&decisions)
-                .zip(users)
-                .filter(|((_, d), _)| d.source != Source::Fallback)
-                .filter_map(|((&i, d), user)| {
+                .filter(|(_, d)| d.source != Source::Fallback)
+                .filter_map(|(&i, d)| {
                     Some(Put {
-                        user: user?,
+                        user: users[i],
                         rule: &rules[i],
                         epochs: epochs[i]?,
                         decision: d,
@@ -208,9 +202,7 @@ impl Batcher {
                 tracing::warn!(error = %e, "cannot cache decisions");
             }
         }
-        for tx in written {
-            let _ = tx.send(());
-        }
+        drop(written);
     }
 }
 
