@@ -225,35 +225,50 @@ fn per_10k(d: &BTreeMap<String, u64>, total: u64, logs: u64) -> String {
     )
 }
 
-/// One head-lag probe: a transaction of 20 transfers of `token`, timed from sending until the
-/// `balance_changes` announcement of its block (or a later one) for that token.
-#[allow(clippy::too_many_arguments)]
-async fn probe(
-    provider: &DynProvider,
-    messages: &mut (impl futures::Stream<Item = redis::Msg> + Unpin),
+/// Head-lag probes: each one is a transaction of 20 transfers of `token` to holders not used
+/// before, timed from sending until the `balance_changes` announcement of its block (or a
+/// later one) for that token.
+struct Prober<'a, S> {
+    provider: &'a DynProvider,
+    messages: S,
     token: Address,
     sender: Address,
     holders: u64,
+    /// First holder index of the next probe's transfers.
     start: u64,
     nonce: u64,
-) -> Res<Duration> {
-    let t_send = Instant::now();
-    let r = provider
-        .send_transaction(spam(token, sender, holders, start, 20, nonce))
-        .await?
-        .get_receipt()
-        .await?;
-    let block = r.block_number.ok_or("no block number")?;
-    let want = format!("{token:#x}");
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), messages.next())
+}
+
+impl<S: futures::Stream<Item = redis::Msg> + Unpin> Prober<'_, S> {
+    async fn lag(&mut self) -> Res<Duration> {
+        let t_send = Instant::now();
+        let r = self
+            .provider
+            .send_transaction(spam(
+                self.token,
+                self.sender,
+                self.holders,
+                self.start,
+                20,
+                self.nonce,
+            ))
             .await?
-            .ok_or("pubsub closed")?;
-        let v: serde_json::Value = serde_json::from_str(&m.get_payload::<String>()?)?;
-        if v["token"].as_str() == Some(want.as_str())
-            && v["block"].as_u64().is_some_and(|b| b >= block)
-        {
-            return Ok(t_send.elapsed());
+            .get_receipt()
+            .await?;
+        self.nonce += 1;
+        self.start += 20;
+        let block = r.block_number.ok_or("no block number")?;
+        let want = format!("{:#x}", self.token);
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(10), self.messages.next())
+                .await?
+                .ok_or("pubsub closed")?;
+            let v: serde_json::Value = serde_json::from_str(&m.get_payload::<String>()?)?;
+            if v["token"].as_str() == Some(want.as_str())
+                && v["block"].as_u64().is_some_and(|b| b >= block)
+            {
+                return Ok(t_send.elapsed());
+            }
         }
     }
 }
@@ -494,26 +509,22 @@ start_block = {deploy_block}
         pubsub
             .subscribe(format!("{prefix}:balance_changes"))
             .await?;
-        let mut messages = pubsub.on_message();
+        let mut prober = Prober {
+            provider: &provider,
+            messages: pubsub.on_message(),
+            token,
+            sender,
+            holders: a.holders,
+            start: a.logs.max(a.holders),
+            nonce,
+        };
         let mut hist = hdrhistogram::Histogram::<u64>::new(3)?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut start = a.logs.max(a.holders);
         let before_head = rpc_requests(&http, &metrics_url).await?;
         for _ in 0..a.lag_blocks {
             tick.tick().await;
-            let lag = probe(
-                &provider,
-                &mut messages,
-                token,
-                sender,
-                a.holders,
-                start,
-                nonce,
-            )
-            .await?;
-            nonce += 1;
-            start += 20;
-            hist.record(lag.as_micros() as u64)?;
+            let lag = prober.lag().await?;
+                hist.record(lag.as_micros() as u64)?;
         }
         let (d, total) = requests_between(&before_head, &rpc_requests(&http, &metrics_url).await?);
         println!(
@@ -533,18 +544,7 @@ start_block = {deploy_block}
             let mut before = hdrhistogram::Histogram::<u64>::new(3)?;
             for _ in 0..40 {
                 tick.tick().await;
-                let lag = probe(
-                    &provider,
-                    &mut messages,
-                    token,
-                    sender,
-                    a.holders,
-                    start,
-                    nonce,
-                )
-                .await?;
-                nonce += 1;
-                start += 20;
+                let lag = prober.lag().await?;
                 before.record(lag.as_micros() as u64)?;
             }
             let before_add = rpc_requests(&http, &metrics_url).await?;
@@ -586,18 +586,7 @@ start_block = {deploy_block}
                     return Err("the second token did not go live within 600 s".into());
                 }
                 tick.tick().await;
-                let lag = probe(
-                    &provider,
-                    &mut messages,
-                    token,
-                    sender,
-                    a.holders,
-                    start,
-                    nonce,
-                )
-                .await?;
-                nonce += 1;
-                start += 20;
+                let lag = prober.lag().await?;
                 during.record(lag.as_micros() as u64)?;
             };
             let (d, total) = requests_between(&before_add, &rpc_requests(&http, &metrics_url).await?);
