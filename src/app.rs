@@ -25,6 +25,29 @@ pub struct AppContext {
     pub shutdown: CancellationToken,
     /// What long-running parts report about themselves, for `/readyz`.
     pub readiness: Readiness,
+    /// The job streams the queue listed last, for the gauges.
+    pub job_streams: JobStreams,
+}
+
+/// The job streams (`{prefix}:jobs:*` keys) the queue's unknown-type sweep found on its last
+/// pass. Listing them is a SCAN of the whole Redis keyspace, which holds Redis a little on
+/// every call; the sweep lists them every 30 s anyway, so the gauge sampler (every
+/// `maintenance.metrics_sample_secs`) reads this list instead of scanning again.
+#[derive(Clone, Default)]
+pub struct JobStreams(Arc<Mutex<Vec<Vec<u8>>>>);
+
+impl JobStreams {
+    /// Replaces the list with the keys of a new pass.
+    pub fn set(&self, keys: Vec<Vec<u8>>) {
+        if let Ok(mut k) = self.0.lock() {
+            *k = keys;
+        }
+    }
+
+    /// The keys of the last pass (empty before the first).
+    pub fn get(&self) -> Vec<Vec<u8>> {
+        self.0.lock().map(|k| k.clone()).unwrap_or_default()
+    }
 }
 
 /// Self-reports of long-running parts (e.g. one per queue stream), read by `/readyz`. A part
@@ -80,6 +103,7 @@ impl AppContext {
             redis,
             shutdown: CancellationToken::new(),
             readiness: Readiness::default(),
+            job_streams: JobStreams::default(),
         })
     }
 }

@@ -1339,6 +1339,68 @@ async fn an_entry_whose_dead_letter_cannot_be_stored_is_quarantined_and_the_stre
             "{kind:?}: {:?}",
             rows[0]
         );
+        // The emptied hash left the index the gauge reads.
+        let named: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(format!("{}:quarantined", env.redis_prefix))
+            .query_async(&mut r)
+            .await
+            .expect("quarantine index");
+        assert!(named.is_empty(), "{kind:?}: {named:?}");
+        w.stop().await;
+    }
+}
+
+/// A quarantine hash written by an earlier version, which kept no index of them, is found
+/// when the worker starts: counted by the gauge and moved into the dead letters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantine_hash_an_earlier_version_left_is_still_drained() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for kind in common::DbKind::ALL {
+        let env = TestEnv::on(kind).await;
+        let mut r = env.redis().await;
+        let s = env.stream("cleanup_locks");
+        let kept = serde_json::json!({
+            "job_type": "cleanup_locks", "stream": s, "entry_id": "1-1", "deliveries": 5,
+            "reason": "refused by an earlier Postgres",
+            "raw_entry": {"stream": b64.encode(&s),
+                          "fields": [[b64.encode("payload"), b64.encode("{\"old\":1}")]]},
+            "truncated_bytes": 0, "quarantined_at_ms": 1,
+        });
+        let key = format!("{}:quarantine:cleanup_locks", env.redis_prefix);
+        let _: i64 = redis::cmd("HSET")
+            .arg(&key)
+            .arg("1-1")
+            .arg(kept.to_string())
+            .query_async(&mut r)
+            .await
+            .expect("hset");
+        let mut reg = JobRegistry::new();
+        reg.register(Echo {
+            calls: Arc::new(AtomicUsize::new(0)),
+        });
+        let w = InProcess::start(config(&env, &[]), reg).await;
+        let rows = wait_until(T, "the old quarantined entry dead-lettered", || async {
+            let d = dead_letter_rows(&env).await;
+            (!d.is_empty()).then_some(d)
+        })
+        .await;
+        assert_eq!(
+            kept_fields(&rows[0]),
+            vec![(b"payload".to_vec(), br#"{"old":1}"#.to_vec())],
+            "{kind:?}"
+        );
+        assert!(
+            rows[0].4.contains("refused by an earlier Postgres"),
+            "{kind:?}: {:?}",
+            rows[0]
+        );
+        let left: i64 = redis::cmd("EXISTS")
+            .arg(&key)
+            .query_async(&mut r)
+            .await
+            .expect("exists");
+        assert_eq!(left, 0, "{kind:?}: the hash is emptied");
         w.stop().await;
     }
 }

@@ -120,6 +120,7 @@ pub async fn sample(ctx: &AppContext) {
         &ctx.pool,
         &ctx.cfg.redis.prefix,
         &ctx.cfg.queue.group,
+        &ctx.job_streams.get(),
     )
     .await;
     record_queue_figures(&figures);

@@ -240,6 +240,7 @@ pub async fn run_consumers(ctx: &AppContext, registry: JobRegistry) -> Result<()
             k
         },
         reply_ttl_secs: cfg.queue.reply_ttl_secs,
+        listed: ctx.job_streams.clone(),
     };
     let sweep_task = tokio::spawn(sweep.run(ctx.shutdown.clone()));
     // Ends with the consumers (also on the early return below).

@@ -36,29 +36,27 @@ pub struct QueueFigures {
     pub quarantined: Option<u64>,
 }
 
-/// Reads every figure once. `group` is this process's consumer group (`queue.group`).
-/// Failures are logged and only leave their figure out: a sample is best effort.
+/// Reads every figure once, for the job streams `listed` (the unknown-type sweep's last list:
+/// listing them again here would be one more SCAN of the whole keyspace per sample). `group`
+/// is this process's consumer group (`queue.group`). Failures are logged and only leave their
+/// figure out: a sample is best effort.
 pub async fn sample<C: ConnectionLike>(
     conn: &mut C,
     pool: &PgPool,
     prefix: &str,
     group: &str,
+    listed: &[Vec<u8>],
 ) -> QueueFigures {
     let mut out = QueueFigures::default();
-    match streams::job_streams(conn, prefix).await {
-        Ok(keys) => {
-            for stream in keys {
-                let job_type = streams::job_type_of_bytes(prefix, &stream).unwrap_or(&stream);
-                let job_type = streams::shown(job_type).into_owned();
-                match stream_figures(conn, &stream, &job_type, group).await {
-                    Ok(f) => out.streams.push(f),
-                    Err(e) => {
-                        tracing::debug!(stream = %streams::shown(&stream), error = %e, "cannot sample stream")
-                    }
-                }
+    for stream in listed {
+        let job_type = streams::job_type_of_bytes(prefix, stream).unwrap_or(stream);
+        let job_type = streams::shown(job_type).into_owned();
+        match stream_figures(conn, stream, &job_type, group).await {
+            Ok(f) => out.streams.push(f),
+            Err(e) => {
+                tracing::debug!(stream = %streams::shown(stream), error = %e, "cannot sample stream")
             }
         }
-        Err(e) => tracing::warn!(error = %e, "cannot list job streams for metrics"),
     }
     match dead_letter::count_open(pool).await {
         Ok(n) => out.open_dead_letters = Some(n),

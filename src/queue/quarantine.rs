@@ -8,6 +8,11 @@
 //! dead letter is), and acknowledged. Nothing is lost and the stream moves on. Every sweep
 //! ([`super::unknown`], 30 s) moves quarantined entries into the dead-letter store once Postgres
 //! takes them again; until then an operator reads the hash (`HGETALL`).
+//!
+//! The set `{prefix}:quarantined` names every quarantine hash holding entries, so the gauge and
+//! the sweep find them without a SCAN of the whole keyspace (which holds Redis for every
+//! other client while it runs). A hash and its name in the set are written in one MULTI, and
+//! a name leaves the set only in the same atomic step that sees its hash empty.
 
 use redis::aio::ConnectionLike;
 
@@ -23,6 +28,11 @@ pub fn quarantine_key(prefix: &str, job_type: &[u8]) -> Vec<u8> {
     let mut k = format!("{prefix}:quarantine:").into_bytes();
     k.extend_from_slice(job_type);
     k
+}
+
+/// The set naming every quarantine hash that holds entries.
+fn index_key(prefix: &str) -> String {
+    format!("{prefix}:quarantined")
 }
 
 /// Keeps `letter` in its job type's quarantine hash with `reason` (the dead letter's reason and
@@ -45,10 +55,12 @@ pub async fn put<C: ConnectionLike>(
         "quarantined_at_ms": super::streams::now_ms(),
     });
     let key = quarantine_key(prefix, letter.job_type);
-    let _: i64 = redis::cmd("HSET")
-        .arg(&key)
-        .arg(letter.entry_id)
-        .arg(value.to_string())
+    let _: () = redis::pipe()
+        .atomic()
+        .hset(&key, letter.entry_id, value.to_string())
+        .ignore()
+        .sadd(index_key(prefix), &key)
+        .ignore()
         .query_async(conn)
         .await
         .map_err(QueueError::redis(format!(
@@ -59,35 +71,56 @@ pub async fn put<C: ConnectionLike>(
     Ok(())
 }
 
-/// Every quarantine hash of the queue (`{prefix}:quarantine:*`), as raw key bytes.
+/// Every quarantine hash named in the index, as raw key bytes, sorted.
 async fn quarantine_keys<C: ConnectionLike>(
     conn: &mut C,
     prefix: &str,
 ) -> Result<Vec<Vec<u8>>, QueueError> {
-    let pattern = format!("{prefix}:quarantine:*");
-    let mut cursor: u64 = 0;
-    let mut keys: Vec<Vec<u8>> = Vec::new();
-    loop {
-        let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .arg("TYPE")
-            .arg("hash")
-            .query_async(conn)
-            .await
-            .map_err(QueueError::redis(format!("SCAN {pattern}")))?;
-        keys.extend(batch);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
+    let index = index_key(prefix);
+    let mut keys: Vec<Vec<u8>> = redis::cmd("SMEMBERS")
+        .arg(&index)
+        .query_async(conn)
+        .await
+        .map_err(QueueError::redis(format!("SMEMBERS {index}")))?;
     keys.sort();
-    keys.dedup();
     Ok(keys)
+}
+
+/// Names in the index the quarantine hashes an earlier version wrote without one (found with
+/// one SCAN, so called once, when the sweep starts). Returns how many it added.
+pub async fn index_unindexed<C: ConnectionLike>(
+    conn: &mut C,
+    prefix: &str,
+) -> Result<u64, QueueError> {
+    let keys = super::streams::scan_keys(conn, &format!("{prefix}:quarantine:*"), "hash").await?;
+    if keys.is_empty() {
+        return Ok(0);
+    }
+    let index = index_key(prefix);
+    redis::cmd("SADD")
+        .arg(&index)
+        .arg(&keys)
+        .query_async(conn)
+        .await
+        .map_err(QueueError::redis(format!("SADD {index}")))
+}
+
+/// Takes `key` out of the index when its hash is empty, in one atomic step: a `put` between
+/// a check and a removal would otherwise leave a hash with entries that nothing names.
+async fn unindex_if_empty<C: ConnectionLike>(
+    conn: &mut C,
+    prefix: &str,
+    key: &[u8],
+) -> Result<(), QueueError> {
+    let _: i64 = redis::Script::new(
+        "if redis.call('EXISTS', KEYS[1]) == 0 then return redis.call('SREM', KEYS[2], KEYS[1]) end return 0",
+    )
+    .key(key)
+    .key(index_key(prefix))
+    .invoke_async(conn)
+    .await
+    .map_err(QueueError::redis("SREM emptied quarantine hash"))?;
+    Ok(())
 }
 
 /// How many entries the quarantine hashes hold in all (the `tokenwarden_queue_quarantined`
@@ -154,6 +187,7 @@ pub async fn drain_into_dead_letters<C: ConnectionLike>(
                 .map_err(QueueError::redis("HDEL quarantined entry"))?;
             moved += 1;
         }
+        unindex_if_empty(conn, prefix, &key).await?;
     }
     Ok(moved)
 }

@@ -4,7 +4,9 @@
 //! oldest-entry gauge starts from).
 //!
 //! Job streams are found with SCAN, not from the registry: streams of job types this process
-//! does not serve (another replica's, or nobody's) are swept, pruned and measured too.
+//! does not serve (another replica's, or nobody's) are swept, pruned and measured too. A SCAN
+//! pass visits every key of the Redis database, so only the unknown-type sweep (every 30 s)
+//! and pruning list the streams; the gauges reuse the sweep's last list.
 
 use std::time::Duration;
 
@@ -12,9 +14,6 @@ use redis::aio::ConnectionLike;
 use redis::streams::{StreamInfoGroup, StreamInfoGroupsReply, StreamPendingReply};
 
 use super::QueueError;
-
-/// Keys SCAN looks at per call while listing the job streams.
-const SCAN_COUNT: u64 = 1000;
 
 /// The head every job stream key starts with.
 fn jobs_head(prefix: &str) -> String {
@@ -54,24 +53,43 @@ pub fn processed_key(prefix: &str, job_type: &str) -> String {
     format!("{prefix}:processed:{job_type}")
 }
 
-/// Every job stream under `{prefix}:jobs:`, sorted, each once (SCAN may return a key twice).
-/// Keys are bytes: a key name that is not UTF-8 is listed too, not an error.
+/// Every job stream under `{prefix}:jobs:`, sorted, each once. Keys are bytes: a key name that
+/// is not UTF-8 is listed too, not an error. One pass over the whole keyspace (see
+/// [`scan_keys`]): the unknown-type sweep and pruning call it, the gauges read what the sweep
+/// found last ([`crate::app::JobStreams`]).
 pub async fn job_streams<C: ConnectionLike>(
     conn: &mut C,
     prefix: &str,
 ) -> Result<Vec<Vec<u8>>, QueueError> {
-    let pattern = format!("{}*", jobs_head(prefix));
+    scan_keys(conn, &format!("{}*", jobs_head(prefix)), "stream").await
+}
+
+/// Keys SCAN looks at per call. SCAN walks the whole keyspace whatever MATCH says, and the
+/// keyspace is mostly the access cache's decisions and reply lists (hundreds of thousands of
+/// keys under load). Redis runs one command at a time, so each call holds every other client
+/// for as long as it takes: ~1 µs per key visited. 1,000 per call held Redis 1–35 ms per call
+/// on the 2-core machine and set the access checks' p99 (docs/benchmarks.md); 100 holds it
+/// ~0.1 ms.
+const SCAN_COUNT: u64 = 100;
+
+/// Every key matching `pattern` whose type is `key_type`, sorted, each once (SCAN may return a
+/// key twice). Costs one pass over the whole keyspace: for periodic work, not per request.
+pub async fn scan_keys<C: ConnectionLike>(
+    conn: &mut C,
+    pattern: &str,
+    key_type: &str,
+) -> Result<Vec<Vec<u8>>, QueueError> {
     let mut cursor: u64 = 0;
     let mut out = Vec::new();
     loop {
         let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
             .arg(cursor)
             .arg("MATCH")
-            .arg(&pattern)
+            .arg(pattern)
             .arg("COUNT")
             .arg(SCAN_COUNT)
             .arg("TYPE")
-            .arg("stream")
+            .arg(key_type)
             .query_async(conn)
             .await
             .map_err(QueueError::redis(format!("SCAN {pattern}")))?;

@@ -10,6 +10,9 @@
 //! mid-sweep leaves the entries pending under the sweep's consumer name; the next sweep reads
 //! them again (dead letters are unique per stream entry, so nothing is stored twice).
 //!
+//! The sweep's list of job streams is also what the queue gauges sample
+//! ([`JobStreams`]): listing is a SCAN of the whole keyspace, done once per sweep.
+//!
 //! One stream never stops the sweep: a stream that fails is logged and the next one is swept;
 //! an entry whose dead letter cannot be stored stays pending and is tried again next sweep,
 //! and after [`quarantine::EXTRA_PASSES`] such sweeps it is quarantined in Redis instead. Each
@@ -28,6 +31,7 @@ use super::entry::{Malformed, StreamEntry, parse_read_reply};
 use super::quarantine;
 use super::reader::ensure_group;
 use super::streams::{self, shown};
+use crate::app::JobStreams;
 
 /// How often the job streams are listed.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(30);
@@ -47,11 +51,24 @@ pub struct Sweep {
     /// The registered job types and the catalogue's (`KNOWN_JOB_TYPES`).
     pub known: Vec<&'static str>,
     pub reply_ttl_secs: u64,
+    /// Where the streams of each pass are left for the gauges.
+    pub listed: JobStreams,
 }
 
 impl Sweep {
     /// Sweeps now, then every [`SWEEP_EVERY`], until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
+        let mut conn = self.redis.clone();
+        match quarantine::index_unindexed(&mut conn, &self.prefix).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                hashes = n,
+                "quarantine hashes of an earlier version indexed"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "quarantine hashes not indexed; an earlier version's stay unread")
+            }
+        }
         loop {
             match self.sweep_once().await {
                 Ok(0) => {}
@@ -71,8 +88,9 @@ impl Sweep {
     /// quarantined). Fails only when the streams cannot be listed.
     pub async fn sweep_once(&self) -> Result<usize, QueueError> {
         let mut conn = self.redis.clone();
-        let unknown: Vec<Vec<u8>> = streams::job_streams(&mut conn, &self.prefix)
-            .await?
+        let listed = streams::job_streams(&mut conn, &self.prefix).await?;
+        self.listed.set(listed.clone());
+        let unknown: Vec<Vec<u8>> = listed
             .into_iter()
             .filter(|k| {
                 streams::job_type_of_bytes(&self.prefix, k)
