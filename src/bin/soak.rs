@@ -34,7 +34,7 @@ use alloy::primitives::{Address, U256};
 use alloy::providers::Provider;
 use support::anvil::{AnvilProc, erc20_batch};
 use support::chart::{self, Panel, Series};
-use support::{Postgres, RedisServer, load_average, redis_conn, rss_kib};
+use support::{Postgres, RedisServer, load_average, redis_conn, rss_kib, scan_keys};
 
 mod support;
 
@@ -657,11 +657,7 @@ async fn sample(pool: &sqlx::PgPool, redis_url: &str, worker_pid: u32) -> Window
             .and_then(|v| v.trim().parse::<f64>().ok())
             .unwrap_or(0.0)
             / 1048576.0;
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{PREFIX}:jobs:*"))
-            .query_async(&mut c)
-            .await
-            .unwrap_or_default();
+        let keys = scan_keys(&mut c, &format!("{PREFIX}:jobs:*")).await;
         for k in keys {
             let len: u64 = redis::cmd("XLEN")
                 .arg(&k)
