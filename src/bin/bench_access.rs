@@ -390,7 +390,9 @@ impl Bench {
         .fetch_one(&self.pool)
         .await?;
         let rules_secs = t.elapsed().as_secs_f64();
-        sqlx::query("ANALYZE").execute(&self.pool).await?;
+        // What autovacuum does to a freshly loaded index in a running database (visibility map,
+        // hint bits, statistics); this machine's Postgres runs with autovacuum off.
+        sqlx::query("VACUUM (ANALYZE)").execute(&self.pool).await?;
         self.users = sqlx::query_scalar(
             "SELECT md5('bench-user-' || i)::uuid FROM generate_series(0, $1 - 1) AS i ORDER BY i",
         )
