@@ -524,7 +524,7 @@ start_block = {deploy_block}
         for _ in 0..a.lag_blocks {
             tick.tick().await;
             let lag = prober.lag().await?;
-                hist.record(lag.as_micros() as u64)?;
+            hist.record(lag.as_micros() as u64)?;
         }
         let (d, total) = requests_between(&before_head, &rpc_requests(&http, &metrics_url).await?);
         println!(
