@@ -24,7 +24,10 @@ pub(super) async fn serve_in_batches<T, F, Fut>(
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let mut batch = Vec::with_capacity(max_batch);
+        // Sized by what arrives, not by `max_batch`: a quiet worker's batches are one or two
+        // items, and reserving the audit's 2,000 rows (~0.5 MB) for each cost more in the
+        // allocator than the batch itself. `recv_many` grows the vector as it fills it.
+        let mut batch = Vec::new();
         if rx.recv_many(&mut batch, max_batch).await == 0 {
             return;
         }
