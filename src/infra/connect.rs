@@ -35,12 +35,32 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
-/// Opens the Postgres pool. Each connection gets a `statement_timeout` so a stuck query cannot
-/// hold row locks forever.
+/// A pooled connection idle longer than this is pinged before it is handed out.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
+/// Opens the Postgres pool.
+///
+/// sqlx pings every connection it hands out by default: one more round trip to Postgres, and
+/// two more wake-ups of each side, before every statement of the hot paths (a check's
+/// evaluation and audit INSERT, a ledger batch). A connection back in the pool less than
+/// [`PING_IF_IDLE_FOR`] ago was working then; one idle longer (a quiet worker, a Postgres
+/// restart in between) is still pinged, the pattern sqlx documents for `before_acquire`. A
+/// connection that breaks in between fails its statement, which every caller already treats
+/// as a transient error. (sqlx also pings a connection when it comes back to the pool; that
+/// one runs in the background and cannot be turned off.)
 pub async fn connect_postgres(cfg: &DatabaseConfig) -> Result<PgPool, StoreError> {
     PgPoolOptions::new()
         .max_connections(cfg.max_connections)
         .acquire_timeout(Duration::from_secs(cfg.acquire_timeout_secs))
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > PING_IF_IDLE_FOR {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
         .connect(cfg.url.expose_secret())
         .await
         .map_err(|source| StoreError::Postgres {
