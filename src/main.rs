@@ -35,14 +35,7 @@ async fn main() -> anyhow::Result<()> {
     let cfg = Config::load(cli.config.as_deref()).context("invalid configuration")?;
     tokenwarden::infra::init_telemetry(&cfg.telemetry);
     match cli.command {
-        // Spawned, not awaited here: apalis polls every job's future inside its monitor's
-        // future, so the thread that polls `run` runs the handlers. Awaited in `main`, that is
-        // the main thread, outside Tokio's worker pool: a quarter of the worker's CPU ran
-        // there at 1,000 checks/s, and every wake-up of a job crossed threads (a third of the
-        // context switches; docs/benchmarks.md).
-        Command::Run => tokio::spawn(tokenwarden::worker::run(cfg))
-            .await
-            .context("the worker's task ended abnormally")??,
+        Command::Run => tokenwarden::worker::run(cfg).await?,
         Command::Migrate => {
             let pool = tokenwarden::infra::connect_postgres(&cfg.database).await?;
             tokenwarden::infra::migrate(&pool).await?;
