@@ -45,9 +45,10 @@ const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 /// evaluation and audit INSERT, a ledger batch). A connection back in the pool less than
 /// [`PING_IF_IDLE_FOR`] ago was working then; one idle longer (a quiet worker, a Postgres
 /// restart in between) is still pinged, the pattern sqlx documents for `before_acquire`. A
-/// connection that breaks in between fails its statement, which every caller already treats
-/// as a transient error. (sqlx also pings a connection when it comes back to the pool; that
-/// one runs in the background and cannot be turned off.)
+/// connection that breaks within that second fails its next statement, as a statement fails
+/// when Postgres goes away while it runs; the chaos run's Postgres restarts check that the
+/// queue doors recover from both. (sqlx also pings a connection when it comes back to the
+/// pool; that one runs in the background and cannot be turned off.)
 pub async fn connect_postgres(cfg: &DatabaseConfig) -> Result<PgPool, StoreError> {
     PgPoolOptions::new()
         .max_connections(cfg.max_connections)
