@@ -44,7 +44,8 @@ const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 /// two more wake-ups of each side, before every statement of the hot paths (a check's
 /// evaluation and audit INSERT, a ledger batch). A connection back in the pool less than
 /// [`PING_IF_IDLE_FOR`] ago was working then; one idle longer (a quiet worker, a Postgres
-/// restart in between) is still pinged, the pattern sqlx documents for `before_acquire`. A
+/// restart in between) is still pinged, the pattern sqlx documents for `before_acquire`
+/// (`tests/stores.rs` ends an idle connection's backend and expects the next statement to run). A
 /// connection that breaks within that second fails its next statement, as a statement fails
 /// when Postgres goes away while it runs; the chaos run's Postgres restarts check that the
 /// queue doors recover from both. (sqlx also pings a connection when it comes back to the
