@@ -127,6 +127,11 @@ struct Args {
     /// Keep the benchmark database instead of dropping it.
     #[arg(long)]
     keep_db: bool,
+    /// Write each answered check of the latency phases to `DIR/latency-<phase>-<start>.csv`:
+    /// its scheduled send time (Unix seconds) and its latency (µs), to line the slow ones up
+    /// with a scheduler recording (docs/benchmarks.md shows how).
+    #[arg(long, value_name = "DIR")]
+    latency_log: Option<std::path::PathBuf>,
 }
 
 impl Args {
@@ -217,6 +222,34 @@ impl Figures {
     fn get(&self, name: &str) -> Vec<f64> {
         self.0.get(name).cloned().unwrap_or_default()
     }
+}
+
+/// Writes one latency phase's log (`--latency-log`): a row per answered check, its scheduled
+/// send time in Unix seconds and its latency in µs, in send order. The file is named for the
+/// phase and its start, so repeated runs (`--runs`) do not overwrite each other.
+fn write_latency_log(
+    dir: &std::path::Path,
+    label: &str,
+    start: std::time::SystemTime,
+    interval: Duration,
+    answered: &[(u64, u64)],
+) -> Result<()> {
+    use std::fmt::Write as _;
+    let start = start
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("the clock is before 1970")?;
+    let mut rows = answered.to_vec();
+    rows.sort_unstable();
+    let mut text = String::from("sent_unix_s,latency_us\n");
+    for (i, us) in rows {
+        let sent = start + interval * u32::try_from(i).context("too many checks to log")?;
+        let _ = writeln!(text, "{:.6},{us}", sent.as_secs_f64());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let path = dir.join(format!("latency-{label}-{}.csv", start.as_secs()));
+    std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+    println!("latency log: {}", path.display());
+    Ok(())
 }
 
 fn min_med_max(v: &[f64]) -> Option<(f64, f64, f64)> {
@@ -1087,7 +1120,13 @@ max_retries = 0
             1, 60_000_000, 3,
         )?));
         let timeouts = Arc::new(AtomicU64::new(0));
+        // (check index, latency µs) of each answered check, when asked for.
+        let log = args
+            .latency_log
+            .as_ref()
+            .map(|_| Arc::new(std::sync::Mutex::new(Vec::with_capacity(total as usize))));
         let start = tokio::time::Instant::now() + Duration::from_millis(50);
+        let start_unix = std::time::SystemTime::now() + Duration::from_millis(50);
         let interval = Duration::from_nanos(1_000_000_000 / args.rate);
         let mut tasks = Vec::with_capacity(total as usize);
         let mut schedule = support::open_loop_schedule(start, interval, total);
@@ -1096,11 +1135,12 @@ max_retries = 0
             let (u, c) = pair(i);
             let body = Self::payload(rid, u, &c);
             let mut sender = sender.clone();
-            let (pool, permits, hist, timeouts) = (
+            let (pool, permits, hist, timeouts, log) = (
                 pool.clone(),
                 permits.clone(),
                 hist.clone(),
                 timeouts.clone(),
+                log.clone(),
             );
             let stream = self.stream();
             let reply_key = format!("{}:reply:{rid}", self.prefix);
@@ -1123,6 +1163,9 @@ max_retries = 0
                         if let Ok(mut h) = hist.lock() {
                             let _ = h.record(us.max(1));
                         }
+                        if let Some(Ok(mut log)) = log.as_ref().map(|l| l.lock()) {
+                            log.push((i, us));
+                        }
                     }
                     None => {
                         timeouts.fetch_add(1, Ordering::Relaxed);
@@ -1138,6 +1181,12 @@ max_retries = 0
             .lock()
             .map_err(|_| anyhow::anyhow!("histogram lock poisoned"))?
             .clone();
+        if let (Some(dir), Some(log)) = (&args.latency_log, log) {
+            let log = log
+                .lock()
+                .map_err(|_| anyhow::anyhow!("latency log lock poisoned"))?;
+            write_latency_log(dir, label, start_unix, interval, &log)?;
+        }
         let q = |p: f64| hist.value_at_quantile(p) as f64 / 1000.0;
         println!(
             "latency {label} at {} checks/s open loop: {} sent, {} answered, {} timeouts; p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms (load {})",
