@@ -131,7 +131,7 @@ struct Args {
     /// its scheduled send time (Unix seconds) and its latency (µs), to line the slow ones up
     /// with a scheduler recording (docs/benchmarks.md shows how).
     #[arg(long, value_name = "DIR")]
-    latency_log: Option<std::path::PathBuf>,
+    latency_log: Option<PathBuf>,
 }
 
 impl Args {
