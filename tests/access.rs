@@ -1664,6 +1664,65 @@ async fn every_queue_decision_is_recorded_in_batches_before_its_reply_cached_one
     );
 }
 
+/// A queue reply means the decision is in the shared cache: another replica asked right after
+/// the reply answers from it. Redis holds every write for a second while the first check runs
+/// (`CLIENT PAUSE … WRITE`, on a Redis of this test's own; reads go on), so a reply that did not
+/// wait for its cache write would come back while that write is still held, and the second
+/// replica, on its own connection, would miss it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_reply_comes_after_its_decision_is_in_the_shared_cache() {
+    use tokenwarden::queue::JobHandler;
+    let redis = common::ops::RedisServer::start().await;
+    let env = TestEnv::new().await;
+    let url = redis.url();
+    let replica = || async {
+        let ctx = env
+            .app_context(&[("TOKENWARDEN__REDIS__URL", url.as_str())])
+            .await;
+        let cache = std::sync::Arc::new(DecisionCache::new(
+            ctx.redis.clone(),
+            &ctx.cfg.redis.prefix,
+            &ctx.cfg.access,
+        ));
+        let service = AccessService::new(AccessChecker::new(env.pool.clone()), Some(cache));
+        (ctx, service)
+    };
+    let (_ctx_a, service_a) = replica().await;
+    let (_ctx_b, service_b) = replica().await;
+    let (audit, _task) = AuditRecorder::spawn(env.pool.clone(), &audit_config(500));
+    let job = VerifyAccessHandler::new(std::sync::Arc::new(service_a), audit);
+
+    let user = Uuid::new_v4();
+    let question = Question::Creator {
+        creator_id: "nobody".into(),
+        feature: "CHAT".into(),
+    };
+    let mut admin = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1_000)
+        .arg("WRITE")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let reply = job
+        .handle(json!({"request_id": Uuid::new_v4(), "user_id": user,
+                       "creator_id": "nobody", "feature": "CHAT"}))
+        .await
+        .expect("decision");
+    assert_eq!(reply["source"], json!("index"), "{reply}");
+    let (other, _) = service_b.verify(user, &question).await.expect("decision");
+    assert_eq!(
+        other.source,
+        Source::Cache,
+        "the other replica, asked right after the reply: {other:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sql_doors_record_their_decisions_and_users_read_only_their_own_checks() {
     for kind in DbKind::ALL {
