@@ -6,9 +6,10 @@ mod common;
 use std::time::Duration;
 
 use common::{DbKind, TestEnv, wait_until};
+use tokenwarden::infra::PING_IF_IDLE_FOR;
 
 /// `connect_postgres` skips sqlx's ping before every statement and pings only a connection that
-/// has been idle for more than a second. A connection whose backend ended while it was idle (a
+/// has been idle for more than [`PING_IF_IDLE_FOR`]. A connection whose backend ended while it was idle (a
 /// Postgres restart, an idle-session timeout, an operator's `pg_terminate_backend`) must then be
 /// found dead and replaced before the next statement runs on it, not fail that statement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -25,6 +26,7 @@ async fn a_pooled_connection_ended_while_idle_is_replaced_before_the_next_statem
             .fetch_one(&pool)
             .await
             .expect("first statement");
+        let idle_since = tokio::time::Instant::now();
 
         let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
             .bind(first)
@@ -48,8 +50,9 @@ async fn a_pooled_connection_ended_while_idle_is_replaced_before_the_next_statem
         )
         .await;
         // Not a synchronisation: the rule under test is about time, so the connection must
-        // really have been idle for longer than the worker pool's one-second threshold.
-        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        // really have been idle for longer than the pool's threshold (the margin covers the
+        // ping sqlx runs when the connection goes back, after which its idle time starts).
+        tokio::time::sleep_until(idle_since + PING_IF_IDLE_FOR + Duration::from_millis(250)).await;
 
         let next: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
             .fetch_one(&pool)

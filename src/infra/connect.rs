@@ -36,7 +36,7 @@ pub enum StoreError {
 }
 
 /// A pooled connection idle longer than this is pinged before it is handed out.
-const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+pub const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
 /// Opens the Postgres pool.
 ///

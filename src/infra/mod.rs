@@ -6,5 +6,7 @@ pub mod retry_after;
 mod telemetry;
 pub mod webhook;
 
-pub use connect::{MIGRATOR, StoreError, connect_postgres, connect_redis, migrate};
+pub use connect::{
+    MIGRATOR, PING_IF_IDLE_FOR, StoreError, connect_postgres, connect_redis, migrate,
+};
 pub use telemetry::init as init_telemetry;
