@@ -41,7 +41,8 @@ def read_checks(path, offset):
 
 
 def read_runs(path):
-    """Per core, the intervals each process ran: (start, end, pid), and a name per pid."""
+    """The intervals each process ran on some core, (start, end, pid) sorted by start, and a
+    name per pid."""
     runs, names, current = [], {}, {}
     with open(path) as f:
         for line in f:
